@@ -1,0 +1,1 @@
+"""The jobgate worker: a gRPC server that runs scripts for the scheduler."""
