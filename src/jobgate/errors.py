@@ -43,3 +43,7 @@ class FailedPrecondition(JobgateError):
 
 class Unavailable(JobgateError):
     code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_s: int = 5):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

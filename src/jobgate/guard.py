@@ -1,10 +1,14 @@
-"""Role checks for gRPC servers, done once in an interceptor.
+"""The one door into every gRPC servicer: role checks and error mapping.
 
 gRPC's server interceptors see only the method name, not the TLS session, so
-the interceptor wraps each handler: the wrapper reads the caller's identity
+:class:`ServerGuard` wraps each handler. The wrapper reads the caller's identity
 from the certificate and refuses callers whose role the policy does not allow
 for that method. Servicers that need the caller's name (a worker may only act
 on itself) read it again with :func:`jobgate.identity.peer_identity`.
+
+The wrapper also turns a :class:`~jobgate.errors.JobgateError` raised by a
+servicer into its gRPC status, and an unexpected exception into a bare
+INTERNAL after logging its traceback once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Iterable, Mapping
 import grpc
 
 from jobgate import identity
+from jobgate.errors import JobgateError
 from jobgate.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -24,7 +29,7 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
 
-class RoleInterceptor(grpc.ServerInterceptor):
+class ServerGuard(grpc.ServerInterceptor):
     """Allow a method only to callers whose certificate role the policy names.
 
     ``policy`` maps a service prefix (``/jobgate.v1.Worker/``) or a full method
@@ -68,13 +73,31 @@ def _check(context, cluster: str, roles: frozenset[str], method: str) -> Identit
     return ident
 
 
+def _abort(context, exc: Exception, method: str):
+    if isinstance(exc, JobgateError):
+        context.abort(exc.code, exc.message)
+    if _is_abort(exc):
+        raise exc  # the servicer aborted on its own: keep its status
+    log.exception("%s failed unexpectedly", method)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service's log")
+
+
+def _is_abort(exc: Exception) -> bool:
+    # grpc raises a bare Exception from context.abort(); recognise it by the
+    # status the context already holds.
+    return type(exc) is Exception
+
+
 def _wrap(handler, cluster, roles, method):
     if handler.unary_unary:
         inner = handler.unary_unary
 
         def unary_unary(request, context):
             _check(context, cluster, roles, method)
-            return inner(request, context)
+            try:
+                return inner(request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped below, never lost
+                _abort(context, exc, method)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary,
@@ -86,7 +109,10 @@ def _wrap(handler, cluster, roles, method):
 
         def unary_stream(request, context):
             _check(context, cluster, roles, method)
-            yield from inner_stream(request, context)
+            try:
+                yield from inner_stream(request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped below, never lost
+                _abort(context, exc, method)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream,
@@ -95,4 +121,4 @@ def _wrap(handler, cluster, roles, method):
         )
     # No client-streaming methods exist in the contract; refuse rather than
     # serve one unchecked if one is ever added without updating this.
-    raise RuntimeError(f"RoleInterceptor cannot guard streaming-request method {method}")
+    raise RuntimeError(f"ServerGuard cannot guard streaming-request method {method}")

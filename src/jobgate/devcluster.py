@@ -1,0 +1,403 @@
+"""A local jobgate cluster of real processes on 127.0.0.1, for development.
+
+``make run`` uses it to bring up one scheduler and two workers with a fresh
+development CA, start the sample job and follow its output; the integration
+tests use the same class, so what the tests exercise is what a developer runs.
+
+    python -m jobgate.devcluster --dir run [--workers worker-1,worker-2] [--once]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parents[2]
+DEVCA = REPO / "certs" / "devca.py"
+EXAMPLE_SCRIPTS = REPO / "examples" / "scripts"
+
+
+class ClusterError(Exception):
+    pass
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """True if an unprivileged account can read files under ``path``."""
+    for p in [path, *path.parents]:
+        mode = p.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            return False
+    return bool(path.stat().st_mode & stat.S_IROTH)
+
+
+class Process:
+    def __init__(self, name: str, argv: list[str], log_path: Path, ready_file: Path):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.ready_file = ready_file
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, env: dict | None = None) -> None:
+        self.ready_file.unlink(missing_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv + ["--ready-file", str(self.ready_file)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        log.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> dict:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                return json.loads(self.ready_file.read_text())
+            if self.proc.poll() is not None:
+                raise ClusterError(
+                    f"{self.name} exited with code {self.proc.returncode}; "
+                    f"log:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)  # waiting on another process's file: nothing to block on
+        raise ClusterError(f"{self.name} was not ready after {timeout}s; log:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.running():
+            self.proc.send_signal(sig)  # type: ignore[union-attr]
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class DevCluster:
+    """Certificates, configs and processes of a local cluster under ``directory``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        cluster: str = "dev",
+        http_processes: int = 2,
+        scripts_dir: Path | None = None,
+        http_port: int = 0,
+        scheduler_extra: str = "",
+        worker_extra: str = "",
+    ):
+        self.dir = directory.resolve()
+        self.cluster = cluster
+        self.http_processes = http_processes
+        self.http_port = http_port
+        self.scheduler_extra = scheduler_extra
+        self.worker_extra = worker_extra
+        self.pki = self.dir / "pki"
+        self.logs = self.dir / "logs"
+        self.scripts_dir = scripts_dir or EXAMPLE_SCRIPTS
+        self._tmp_scripts: Path | None = None
+        self.token = ""
+        self.scheduler: Process | None = None
+        self.scheduler_info: dict = {}
+        self.workers: dict[str, Process] = {}
+        self.worker_info: dict[str, dict] = {}
+
+    # -- set-up ---------------------------------------------------------------
+
+    def devca(self, *args: str) -> None:
+        subprocess.run([sys.executable, str(DEVCA), *args], check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        if not (self.pki / "ca.pem").exists():
+            self.devca("init", "--dir", str(self.pki), "--cluster", self.cluster)
+        if not (self.pki / "scheduler.pem").exists():
+            self.devca("issue", "--dir", str(self.pki), "--role", "scheduler")
+        if os.geteuid() == 0 and not _reachable_by_others(self.scripts_dir):
+            # Jobs run as 'nobody' when the worker is root: give them a copy
+            # they can read.
+            self._tmp_scripts = Path(tempfile.mkdtemp(prefix="jobgate-scripts-"))
+            os.chmod(self._tmp_scripts, 0o755)
+            for f in self.scripts_dir.iterdir():
+                if f.is_file():
+                    shutil.copy(f, self._tmp_scripts / f.name)
+                    os.chmod(self._tmp_scripts / f.name, 0o755)
+            self.scripts_dir = self._tmp_scripts
+        from scheduler.http.auth import hash_token  # noqa: PLC0415 - keep start-up light
+        import secrets
+
+        self.token = secrets.token_urlsafe(32)
+        (self.dir / "tokens").write_text(f"{hash_token(self.token)} dev\n")
+        os.chmod(self.dir / "tokens", 0o600)
+
+    def scheduler_config(self) -> Path:
+        path = self.dir / "scheduler.toml"
+        path.write_text(
+            f"""# Written by jobgate.devcluster; see examples/scheduler.toml for every key.
+[cluster]
+name = "{self.cluster}"
+
+[http]
+bind = "127.0.0.1:{self.http_port}"
+processes = {self.http_processes}
+threads = 8
+
+[grpc]
+bind = "127.0.0.1:0"
+
+[tls]
+ca_file = "pki/ca.pem"
+cert_file = "pki/scheduler.pem"
+key_file = "pki/scheduler.key"
+
+[auth]
+tokens_file = "tokens"
+
+[state]
+path = "state/scheduler.db"
+
+[workers]
+heartbeat_interval_s = 1.0
+heartbeat_timeout_s = 4.0
+rpc_timeout_s = 5.0
+{self.scheduler_extra}
+"""
+        )
+        return path
+
+    def worker_config(self, name: str, labels: dict[str, str] | None = None) -> Path:
+        if not (self.pki / f"{name}.pem").exists():
+            self.devca("issue", "--dir", str(self.pki), "--role", "worker", "--name", name)
+        label_text = ", ".join(f'{k} = "{v}"' for k, v in (labels or {}).items())
+        path = self.dir / f"{name}.toml"
+        path.write_text(
+            f"""# Written by jobgate.devcluster; see examples/worker.toml for every key.
+[worker]
+name = "{name}"
+cluster = "{self.cluster}"
+advertise_host = "127.0.0.1"
+labels = {{ {label_text} }}
+
+[grpc]
+bind = "127.0.0.1:0"
+
+[scheduler]
+address = "127.0.0.1:{self.scheduler_info['grpc_port']}"
+retry_initial_s = 0.2
+retry_max_s = 2.0
+
+[tls]
+ca_file = "pki/ca.pem"
+cert_file = "pki/{name}.pem"
+key_file = "pki/{name}.key"
+
+[jobs]
+scripts_dir = "{self.scripts_dir}"
+state_dir = "state/{name}"
+stop_grace_s = 2.0
+{self.worker_extra}
+"""
+        )
+        return path
+
+    # -- processes --------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.scheduler_info['http_port']}"
+
+    def start_scheduler(self) -> dict:
+        self.scheduler = Process(
+            "scheduler",
+            [sys.executable, "-m", "scheduler.cli", "serve", str(self.scheduler_config())],
+            self.logs / "scheduler.log",
+            self.dir / "scheduler.ready",
+        )
+        self.scheduler.start()
+        self.scheduler_info = self.scheduler.wait_ready()
+        return self.scheduler_info
+
+    def start_worker(self, name: str, labels: dict[str, str] | None = None,
+                     wait: bool = True) -> Process:
+        proc = Process(
+            name,
+            [sys.executable, "-m", "worker.cli", "serve", str(self.worker_config(name, labels))],
+            self.logs / f"{name}.log",
+            self.dir / f"{name}.ready",
+        )
+        self.workers[name] = proc
+        proc.start()
+        if wait:
+            self.worker_info[name] = proc.wait_ready()
+        return proc
+
+    def start(self, workers: tuple[str, ...] = ("worker-1", "worker-2")) -> None:
+        self.prepare()
+        self.start_scheduler()
+        for name in workers:
+            self.start_worker(name, wait=False)
+        for name in workers:
+            self.worker_info[name] = self.workers[name].wait_ready()
+
+    def stop(self) -> None:
+        for proc in self.workers.values():
+            proc.signal(signal.SIGTERM)
+        for proc in self.workers.values():
+            proc.stop()
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self._tmp_scripts is not None:
+            shutil.rmtree(self._tmp_scripts, ignore_errors=True)
+            self._tmp_scripts = None
+
+    def __enter__(self) -> DevCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def write_env(self) -> Path:
+        path = self.dir / "local.env"
+        path.write_text(
+            f"export JOBGATE_URL={self.url}\n"
+            f"export JOBGATE_TOKEN={self.token}\n"
+            f"export JOBGATE_WORKERS={','.join(self.workers)}\n"
+        )
+        os.chmod(path, 0o600)
+        return path
+
+    # -- HTTP -------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body=None, headers=None,
+                token: str | None = None, timeout: float = 30.0):
+        """One HTTP request; returns (status, headers, body bytes)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.scheduler_info["http_port"],
+                                          timeout=timeout)
+        try:
+            hdrs = {"Authorization": f"Bearer {self.token if token is None else token}"}
+            if token == "":
+                hdrs = {}
+            hdrs.update(headers or {})
+            data = None
+            if body is not None:
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                hdrs.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+
+def _follow(cluster: DevCluster, path: str) -> None:
+    url = urlsplit(cluster.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=3600)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {cluster.token}"})
+    resp = conn.getresponse()
+    while chunk := resp.read1(65536):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+    conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobgate.devcluster",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", type=Path, default=Path("run"))
+    parser.add_argument("--workers", default="worker-1,worker-2")
+    parser.add_argument("--http-port", type=int, default=0)
+    parser.add_argument("--once", action="store_true",
+                        help="stop after the sample job instead of waiting for Ctrl-C")
+    args = parser.parse_args(argv)
+    names = tuple(n for n in args.workers.split(",") if n)
+    stop = False
+
+    def on_signal(*_):
+        nonlocal stop
+        stop = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    cluster = DevCluster(args.dir, http_port=args.http_port)
+    try:
+        print(f"jobgate: starting a local cluster in {args.dir}/ ...", flush=True)
+        cluster.start(names)
+        env = cluster.write_env()
+        print(f"""
+jobgate: scheduler at {cluster.url} (pid {cluster.scheduler.pid}), workers: {', '.join(names)}
+jobgate: logs in {cluster.logs}/, settings in {env}:
+    source {env}
+    curl -sH "Authorization: Bearer $JOBGATE_TOKEN" $JOBGATE_URL/v1/workers
+""", flush=True)
+        status, _, body = cluster.request(
+            "POST", f"/v1/workers/{names[0]}/jobs",
+            {"command": "bash", "path": "count.sh", "args": ["5", "0.5"]},
+        )
+        if status != 201:
+            print(f"jobgate: starting count.sh failed: {status} {body.decode()}", file=sys.stderr)
+            return 1
+        job = json.loads(body)
+        print(f"jobgate: started count.sh on {names[0]} as job {job['job_id']}; its output:",
+              flush=True)
+        _follow(cluster, f"/v1/workers/{names[0]}/jobs/{job['job_id']}/output?follow=true")
+        _, _, body = cluster.request("GET", f"/v1/workers/{names[0]}/jobs/{job['job_id']}")
+        final = json.loads(body)
+        print(f"jobgate: job {final['state']} ({final['reason']})", flush=True)
+        if args.once:
+            return 0 if final["state"] == "succeeded" else 1
+        print("jobgate: the cluster keeps running; press Ctrl-C to stop it.", flush=True)
+        while not stop:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    except ClusterError as exc:
+        print(f"jobgate: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("\njobgate: stopping the cluster ...", flush=True)
+        cluster.stop()
+        print("jobgate: stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The jobgate scheduler: HTTP gateway and gRPC membership service."""

@@ -1,0 +1,272 @@
+"""What the HTTP API does, independent of HTTP: the scheduler's use cases.
+
+Both route families (``/v1/...`` and the original ``/start``, ``/stop``,
+``/query``, ``/stream``) call these functions, which resolve the worker,
+make the gRPC call on the channel kept for it, and render plain dicts.
+Errors are :mod:`jobgate.errors` exceptions or ``grpc.RpcError`` from the
+worker; ``scheduler.errors`` maps both to HTTP in one table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from jobgate import identity
+from jobgate.errors import NotFound, Unavailable
+from jobgate.jobstate import JobState
+from jobgate.tls import Credentials, secure_channel
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from scheduler.config import SchedulerConfig
+from scheduler.store import ONLINE, Store, WorkerRow
+
+log = logging.getLogger(__name__)
+
+
+def timestamp(t: float | None) -> str | None:
+    """RFC 3339 UTC with milliseconds, or None."""
+    if t is None:
+        return None
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def job_to_dict(job: common_pb2.Job, worker_id: str) -> dict:
+    return {
+        "job_id": job.job_id,
+        "worker_id": worker_id,
+        "command": job.command,
+        "path": job.path,
+        "args": list(job.args),
+        "state": JobState.from_proto(job.state).value,
+        "exit_code": job.exit_code if job.HasField("exit_code") else None,
+        "signal": job.signal if job.HasField("signal") else None,
+        "pid": job.pid,
+        "started_at": timestamp(job.started_at),
+        "ended_at": timestamp(job.ended_at) if job.HasField("ended_at") else None,
+        "reason": job.reason,
+        "output_bytes": job.output_bytes,
+        "timeout_s": job.timeout_s,
+        "idempotency_key": job.idempotency_key or None,
+    }
+
+
+class ChannelPool:
+    """One long-lived mutual-TLS channel per worker, per process.
+
+    Channels are made lazily, after gunicorn forked this process, and are kept
+    for the life of the process; a worker that re-registers at a new address
+    gets a new channel. Each channel verifies that the peer holds the
+    certificate of the worker it was dialled for.
+    """
+
+    def __init__(self, cluster: str, creds: Credentials):
+        self.cluster = cluster
+        self.creds = creds
+        self._lock = threading.Lock()
+        self._channels: dict[str, tuple[str, grpc.Channel, worker_pb2_grpc.WorkerStub]] = {}
+
+    def stub(self, worker: WorkerRow) -> worker_pb2_grpc.WorkerStub:
+        with self._lock:
+            entry = self._channels.get(worker.id)
+            if entry is not None and entry[0] == worker.address:
+                return entry[2]
+            channel = secure_channel(
+                worker.address,
+                self.creds,
+                identity.dns_name(self.cluster, identity.WORKER, worker.name),
+            )
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            self._channels[worker.id] = (worker.address, channel, stub)
+        if entry is not None:
+            entry[1].close()
+        return stub
+
+    def close(self) -> None:
+        with self._lock:
+            entries, self._channels = list(self._channels.values()), {}
+        for _, channel, _ in entries:
+            channel.close()
+
+
+class Gateway:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        store: Store,
+        pool: ChannelPool,
+        grpc_target: str | None = None,
+    ):
+        self.cfg = cfg
+        self.store = store
+        self.pool = pool
+        self._health = None
+        if grpc_target:
+            channel = secure_channel(
+                grpc_target,
+                pool.creds,
+                identity.dns_name(cfg.cluster.name, identity.SCHEDULER),
+            )
+            self._health = health_pb2_grpc.HealthStub(channel)
+
+    def readiness_problems(self) -> list[str]:
+        """What keeps the scheduler from serving; empty when it is ready."""
+        problems = []
+        if not self.store.writable():
+            problems.append(f"the state database {self.store.path} is not writable")
+        if self._health is None:
+            problems.append("this process does not know the scheduler's gRPC address")
+        else:
+            try:
+                resp = self._health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if resp.status != health_pb2.HealthCheckResponse.SERVING:
+                    problems.append("the gRPC server is not serving")
+            except grpc.RpcError as exc:
+                problems.append(f"the gRPC server does not answer: {exc.code().name}")
+        return problems
+
+    # -- workers ------------------------------------------------------------------
+
+    def worker_to_dict(self, w: WorkerRow, now: float | None = None) -> dict:
+        state = w.effective_state(
+            now if now is not None else time.time(), self.cfg.workers.heartbeat_timeout_s
+        )
+        return {
+            "id": w.id,
+            "name": w.name,
+            "address": w.address,
+            "state": state,
+            "labels": w.labels,
+            "registered_at": timestamp(w.registered_at),
+            "last_seen_at": timestamp(w.last_seen_at),
+            "running_jobs": w.running_jobs if state == ONLINE else 0,
+            "capacity": w.capacity,
+            "version": w.version,
+        }
+
+    def list_workers(self) -> list[dict]:
+        return [self.worker_to_dict(w) for w in self.store.list_workers()]
+
+    def find(self, ref: str) -> WorkerRow:
+        worker = self.store.find_worker(ref)
+        if worker is None:
+            raise NotFound(f"no worker with id or name {ref!r}; GET /v1/workers lists them")
+        return worker
+
+    def get_worker(self, ref: str) -> dict:
+        return self.worker_to_dict(self.find(ref))
+
+    def _reachable(self, ref: str) -> tuple[WorkerRow, worker_pb2_grpc.WorkerStub]:
+        worker = self.find(ref)
+        state = self.worker_to_dict(worker)["state"]
+        if state != ONLINE:
+            raise Unavailable(
+                f"worker {worker.name!r} is {state}; retry when it is online",
+                self.cfg.workers.retry_after_s,
+            )
+        return worker, self.pool.stub(worker)
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def start_job(
+        self,
+        ref: str,
+        command: str,
+        path: str,
+        args: list[str],
+        timeout_s: int = 0,
+        idempotency_key: str = "",
+    ) -> tuple[dict, bool]:
+        """Start a job; returns its status and whether it already existed."""
+        worker, stub = self._reachable(ref)
+        resp = stub.StartJob(
+            worker_pb2.StartJobRequest(
+                command=command,
+                path=path,
+                args=args,
+                timeout_s=timeout_s,
+                idempotency_key=idempotency_key,
+            ),
+            timeout=self.cfg.workers.rpc_timeout_s,
+        )
+        self.store.record_job(resp.job.job_id, worker.id, command, path)
+        if not resp.existing:
+            log.info("started job %s on %s: %s %s", resp.job.job_id, worker.name,
+                     command, path, extra={"JOB_ID": resp.job.job_id, "WORKER_ID": worker.id})
+        return job_to_dict(resp.job, worker.id), resp.existing
+
+    def list_jobs(self, ref: str) -> list[dict]:
+        worker, stub = self._reachable(ref)
+        resp = stub.ListJobs(worker_pb2.ListJobsRequest(), timeout=self.cfg.workers.rpc_timeout_s)
+        return [job_to_dict(j, worker.id) for j in resp.jobs]
+
+    def get_job(self, ref: str, job_id: str) -> dict:
+        worker, stub = self._reachable(ref)
+        job = stub.GetJob(
+            worker_pb2.GetJobRequest(job_id=job_id), timeout=self.cfg.workers.rpc_timeout_s
+        )
+        return job_to_dict(job, worker.id)
+
+    def stop_job(self, ref: str, job_id: str) -> dict:
+        worker, stub = self._reachable(ref)
+        job = stub.StopJob(
+            worker_pb2.StopJobRequest(job_id=job_id), timeout=self.cfg.workers.stop_timeout_s
+        )
+        return job_to_dict(job, worker.id)
+
+    def output(
+        self, ref: str, job_id: str, offset: int = 0, follow: bool = False
+    ) -> OutputStream:
+        """Open the job's output stream; errors surface here, before any byte."""
+        worker, stub = self._reachable(ref)
+        call = stub.StreamOutput(
+            worker_pb2.StreamOutputRequest(job_id=job_id, offset=offset, follow=follow),
+            timeout=self.cfg.workers.stream_timeout_s,
+        )
+        return OutputStream(call, worker.id)
+
+
+class OutputStream:
+    """A job's output as it arrives from the worker.
+
+    Construction waits for the first message, so a missing job or a worker
+    error becomes an HTTP error status rather than a truncated 200.
+    Iterating yields ``(offset, data)``; :attr:`final` holds the job's status
+    once the stream has ended. :meth:`close` cancels the call.
+    """
+
+    def __init__(self, call, worker_id: str):
+        self._call = call
+        self.worker_id = worker_id
+        self.final: dict | None = None
+        try:
+            self._first = next(call)
+        except StopIteration:
+            self._first = None
+        except grpc.RpcError:
+            call.cancel()
+            raise
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        try:
+            msg = self._first
+            self._first = None
+            while msg is not None:
+                if msg.HasField("final"):
+                    self.final = job_to_dict(msg.final, self.worker_id)
+                elif msg.data:
+                    yield msg.offset, msg.data
+                msg = next(self._call, None)
+        finally:
+            self._call.cancel()
+
+    def close(self) -> None:
+        self._call.cancel()

@@ -1,0 +1,32 @@
+"""The Falcon application of the scheduler's HTTP API."""
+
+from __future__ import annotations
+
+import falcon
+
+from scheduler.gateway import Gateway
+from scheduler.http import resources as r
+from scheduler.http.auth import TokenAuth
+from scheduler.http.errors import make_handlers
+
+
+def create_app(gateway: Gateway, tokens: dict[str, str]) -> falcon.App:
+    cfg = gateway.cfg
+    app = falcon.App(middleware=[TokenAuth(tokens)])
+    app.req_options.strip_url_path_trailing_slash = True
+    for exc, handler in make_handlers(cfg.workers.retry_after_s):
+        app.add_error_handler(exc, handler)
+    args = (gateway, cfg.http.max_body_bytes)
+    app.add_route("/healthz", r.Health())
+    app.add_route("/readyz", r.Ready(gateway))
+    app.add_route("/v1/workers", r.Workers(*args))
+    app.add_route("/v1/workers/{worker}", r.Worker(*args))
+    app.add_route("/v1/workers/{worker}/jobs", r.Jobs(*args))
+    app.add_route("/v1/workers/{worker}/jobs/{job}", r.Job(*args))
+    app.add_route("/v1/workers/{worker}/jobs/{job}/stop", r.JobStop(*args))
+    app.add_route("/v1/workers/{worker}/jobs/{job}/output", r.JobOutput(*args))
+    app.add_route("/start", r.LegacyStart(*args))
+    app.add_route("/stop", r.LegacyStop(*args))
+    app.add_route("/query", r.LegacyQuery(*args))
+    app.add_route("/stream", r.LegacyStream(*args))
+    return app

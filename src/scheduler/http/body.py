@@ -1,0 +1,105 @@
+"""Reading and checking JSON request bodies; every error names the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import falcon
+
+_MISSING = object()
+
+
+def read_json(req: falcon.Request, max_bytes: int) -> dict:
+    """The request body as a JSON object, or a 400/413 that says what to fix."""
+    length = req.content_length
+    if length is not None and length > max_bytes:
+        raise falcon.HTTPContentTooLarge(
+            title="Body too large",
+            description=f"the body is {length} bytes; the limit is {max_bytes}",
+        )
+    raw = req.bounded_stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise falcon.HTTPContentTooLarge(
+            title="Body too large", description=f"the body exceeds {max_bytes} bytes"
+        )
+    if not raw.strip():
+        raise falcon.HTTPBadRequest(
+            title="Bad request", description="the body is empty; send a JSON object"
+        )
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise falcon.HTTPBadRequest(
+            title="Bad request", description=f"the body is not valid JSON: {exc}"
+        ) from None
+    if not isinstance(data, dict):
+        raise falcon.HTTPBadRequest(
+            title="Bad request",
+            description=f"the body must be a JSON object, not {_json_type(data)}",
+        )
+    return data
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _bad(field: str, message: str) -> falcon.HTTPBadRequest:
+    return falcon.HTTPBadRequest(title="Bad request", description=f"{field}: {message}")
+
+
+def string(body: dict, field: str, *, required: bool = False, default: str = "",
+           max_len: int = 4096) -> str:
+    value = body.get(field, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise _bad(field, "required, a string")
+        return default
+    if not isinstance(value, str):
+        raise _bad(field, f"must be a string, not {_json_type(value)}")
+    if required and not value:
+        raise _bad(field, "must not be empty")
+    if len(value) > max_len:
+        raise _bad(field, f"longer than {max_len} characters")
+    return value
+
+
+def string_list(body: dict, field: str) -> list[str]:
+    value = body.get(field, _MISSING)
+    if value is _MISSING or value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(field, f"must be an array of strings, not {_json_type(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _bad(f"{field}[{i}]", f"must be a string, not {_json_type(item)}")
+    return value
+
+
+def integer(body: dict, field: str, *, default: int = 0, minimum: int = 0,
+            maximum: int = 2**32 - 1) -> int:
+    value = body.get(field, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(field, f"must be an integer, not {_json_type(value)}")
+    if not minimum <= value <= maximum:
+        raise _bad(field, f"must be between {minimum} and {maximum}")
+    return value
+
+
+def no_unknown(body: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise _bad(unknown[0], f"unknown field (known: {', '.join(sorted(allowed))})")

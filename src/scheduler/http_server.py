@@ -1,0 +1,91 @@
+"""The HTTP half of the scheduler: the Falcon app under gunicorn (gthread).
+
+Started by ``scheduler.server`` as a child process with an already-bound
+listening socket (``--listen-fd``), so port 0 works and the port is known
+before gunicorn starts. The app is built in each gunicorn worker process after
+the fork, so no gRPC object ever crosses a fork. Each worker process writes a
+byte to ``--ready-fd`` once it is serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gunicorn.app.base import BaseApplication
+
+from jobgate import logs
+from scheduler import config
+
+
+class HttpServer(BaseApplication):
+    def __init__(self, cfg: config.SchedulerConfig, listen_fd: int, ready_fd: int,
+                 grpc_target: str):
+        self.jg_cfg = cfg
+        self.listen_fd = listen_fd
+        self.ready_fd = ready_fd
+        self.grpc_target = grpc_target
+        super().__init__()
+
+    def load_config(self) -> None:
+        h = self.jg_cfg.http
+        ready_fd = self.ready_fd
+
+        def post_worker_init(worker) -> None:
+            try:
+                os.write(ready_fd, b"R")
+            except OSError:
+                pass  # the parent stopped listening after the first one
+
+        settings = {
+            "bind": [f"fd://{self.listen_fd}"],
+            "workers": h.processes,
+            "worker_class": "gthread",
+            "threads": h.threads,
+            "timeout": h.timeout_s,
+            "graceful_timeout": h.graceful_timeout_s,
+            "keepalive": h.keepalive_s,
+            "accesslog": "-" if h.access_log else None,
+            "access_log_format": '%(h)s "%(r)s" %(s)s %(B)s %(M)sms',
+            "errorlog": "-",
+            "logconfig_dict": logs.gunicorn_logconfig(self.jg_cfg.log.level),
+            "proc_name": "jobgate-scheduler-http",
+            "post_worker_init": post_worker_init,
+            "preload_app": False,
+            # Newer gunicorn opens a control socket under $HOME; the service
+            # has no use for it and must not write there.
+            "control_socket_disable": True,
+        }
+        for key, value in settings.items():
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
+
+    def load(self):
+        from jobgate.tls import Credentials
+        from scheduler.gateway import ChannelPool, Gateway
+        from scheduler.http.app import create_app
+        from scheduler.http.auth import load_tokens
+        from scheduler.store import Store
+
+        cfg = self.jg_cfg
+        store = Store(cfg.state.path, cfg.state.busy_timeout_s)
+        pool = ChannelPool(cfg.cluster.name, Credentials.load(cfg.tls))
+        gateway = Gateway(cfg, store, pool, self.grpc_target)
+        return create_app(gateway, load_tokens(cfg.auth.tokens_file))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jobgate-scheduler-http")
+    parser.add_argument("config")
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--grpc-target", required=True)
+    args = parser.parse_args(argv)
+    cfg = config.load(args.config)
+    HttpServer(cfg, args.listen_fd, args.ready_fd, args.grpc_target).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

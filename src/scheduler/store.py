@@ -1,0 +1,176 @@
+"""The scheduler's state in SQLite (WAL): workers and the jobs started on them.
+
+Every process of the scheduler (the gRPC server and each gunicorn worker)
+opens the same database, so whichever process answers sees the same truth,
+and a restart loses nothing. Each thread uses its own connection.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS workers (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    address       TEXT NOT NULL,
+    labels        TEXT NOT NULL DEFAULT '{}',
+    capacity      INTEGER NOT NULL DEFAULT 0,
+    version       TEXT NOT NULL DEFAULT '',
+    state         TEXT NOT NULL CHECK (state IN ('online', 'offline')),
+    registered_at REAL NOT NULL,
+    last_seen_at  REAL NOT NULL,
+    running_jobs  INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id     TEXT PRIMARY KEY,
+    worker_id  TEXT NOT NULL REFERENCES workers(id),
+    command    TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs (worker_id, created_at);
+"""
+
+ONLINE, OFFLINE, UNREACHABLE = "online", "offline", "unreachable"
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    id: str
+    name: str
+    address: str
+    labels: dict
+    capacity: int
+    version: str
+    state: str  # as stored: online or offline
+    registered_at: float
+    last_seen_at: float
+    running_jobs: int
+
+    def effective_state(self, now: float, heartbeat_timeout_s: float) -> str:
+        """online, offline, or unreachable when an online worker went silent."""
+        if self.state == ONLINE and now - self.last_seen_at > heartbeat_timeout_s:
+            return UNREACHABLE
+        return self.state
+
+
+class Store:
+    def __init__(self, path: Path, busy_timeout_s: float = 5.0):
+        self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+
+    def initialize(self) -> None:
+        """Create the database and its tables if they do not exist yet."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                check_same_thread=True,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    def writable(self) -> bool:
+        """True if a write transaction can be taken now (for readiness)."""
+        try:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return True
+        except sqlite3.Error:
+            return False
+
+    # -- workers --------------------------------------------------------------
+
+    def register_worker(
+        self, name: str, address: str, labels: dict, capacity: int, version: str
+    ) -> WorkerRow:
+        """Insert or refresh the worker named ``name``; its id never changes."""
+        now = time.time()
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT id FROM workers WHERE name = ?", (name,)).fetchone()
+            worker_id = row["id"] if row else str(uuid.uuid4())
+            conn.execute(
+                """INSERT INTO workers (id, name, address, labels, capacity, version,
+                                        state, registered_at, last_seen_at, running_jobs)
+                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0)
+                   ON CONFLICT(id) DO UPDATE SET
+                       address = excluded.address, labels = excluded.labels,
+                       capacity = excluded.capacity, version = excluded.version,
+                       state = 'online', registered_at = excluded.registered_at,
+                       last_seen_at = excluded.last_seen_at, running_jobs = 0""",
+                (worker_id, name, address, json.dumps(labels, sort_keys=True), capacity,
+                 version, now, now),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return self.get_worker(worker_id)  # type: ignore[return-value]
+
+    def heartbeat(self, worker_id: str, running_jobs: int) -> bool:
+        """Record a heartbeat; False if the worker is unknown or deregistered."""
+        cur = self._conn().execute(
+            """UPDATE workers SET last_seen_at = ?, running_jobs = ?
+               WHERE id = ? AND state = 'online'""",
+            (time.time(), running_jobs, worker_id),
+        )
+        return cur.rowcount == 1
+
+    def deregister(self, worker_id: str) -> None:
+        self._conn().execute(
+            "UPDATE workers SET state = 'offline', running_jobs = 0, last_seen_at = ? "
+            "WHERE id = ?",
+            (time.time(), worker_id),
+        )
+
+    def get_worker(self, worker_id: str) -> WorkerRow | None:
+        row = self._conn().execute(
+            "SELECT * FROM workers WHERE id = ?", (worker_id,)
+        ).fetchone()
+        return _worker(row) if row else None
+
+    def find_worker(self, ref: str) -> WorkerRow | None:
+        """The worker whose id or name is ``ref``."""
+        row = self._conn().execute(
+            "SELECT * FROM workers WHERE id = ? OR name = ? LIMIT 1", (ref, ref)
+        ).fetchone()
+        return _worker(row) if row else None
+
+    def list_workers(self) -> list[WorkerRow]:
+        rows = self._conn().execute("SELECT * FROM workers ORDER BY name").fetchall()
+        return [_worker(r) for r in rows]
+
+    # -- job index --------------------------------------------------------------
+
+    def record_job(self, job_id: str, worker_id: str, command: str, path: str) -> None:
+        self._conn().execute(
+            "INSERT OR IGNORE INTO jobs (job_id, worker_id, command, path, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (job_id, worker_id, command, path, time.time()),
+        )
+
+
+def _worker(row: sqlite3.Row) -> WorkerRow:
+    d = dict(row)
+    d["labels"] = json.loads(d["labels"])
+    return WorkerRow(**d)
