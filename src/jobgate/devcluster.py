@@ -323,7 +323,7 @@ stop_grace_s = 2.0
                 hdrs.setdefault("Content-Type", "application/json")
             conn.request(method, path, body=data, headers=hdrs)
             resp = conn.getresponse()
-            return resp.status, dict(resp.getheaders()), resp.read()
+            return resp.status, resp.headers, resp.read()
         finally:
             conn.close()
 

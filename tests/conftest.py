@@ -1,0 +1,87 @@
+"""Shared fixtures: a development CA and a live local cluster of real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from jobgate.devcluster import DEVCA, DevCluster
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def make_public_dir(prefix: str) -> Path:
+    """A temporary directory that jobs running as 'nobody' can read."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(path, 0o755)
+    return path
+
+
+def devca(*args: str) -> None:
+    subprocess.run([sys.executable, str(DEVCA), *args], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def scripts_dir() -> Path:
+    """The test scripts, copied where an unprivileged job user can read them."""
+    path = make_public_dir("jobgate-test-scripts-")
+    for f in TEST_SCRIPTS.iterdir():
+        shutil.copy(f, path / f.name)
+        os.chmod(path / f.name, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster(scripts_dir: Path) -> DevCluster:
+    """One scheduler (2 gunicorn processes) and workers worker-1 and worker-2."""
+    directory = make_public_dir("jobgate-test-cluster-")
+    with DevCluster(directory, scripts_dir=scripts_dir, http_processes=2) as c:
+        yield c
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+class Api:
+    """A tiny HTTP client for the tests, returning (status, headers, json or bytes)."""
+
+    def __init__(self, cluster: DevCluster):
+        self.c = cluster
+
+    def call(self, method: str, path: str, body=None, **kw):
+        status, headers, raw = self.c.request(method, path, body, **kw)
+        ctype = headers.get("Content-Type", "")
+        data = json.loads(raw) if raw and ctype.startswith("application/json") else raw
+        return status, headers, data
+
+    def get(self, path: str, **kw):
+        return self.call("GET", path, **kw)
+
+    def post(self, path: str, body=None, **kw):
+        return self.call("POST", path, body, **kw)
+
+    def start(self, worker: str, path: str, args=(), command: str = "bash", **extra):
+        status, headers, data = self.post(
+            f"/v1/workers/{worker}/jobs",
+            {"command": command, "path": path, "args": list(args), **extra},
+        )
+        assert status == 201, (status, data)
+        return data
+
+    def output(self, worker: str, job_id: str, query: str = "follow=true") -> bytes:
+        status, _, data = self.get(f"/v1/workers/{worker}/jobs/{job_id}/output?{query}")
+        assert status == 200, (status, data)
+        return data
+
+
+@pytest.fixture(scope="session")
+def api(cluster: DevCluster) -> Api:
+    return Api(cluster)

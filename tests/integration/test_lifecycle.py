@@ -1,0 +1,171 @@
+"""Workers joining and leaving, and clusters that leave no process behind."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Api, make_public_dir
+
+from jobgate.devcluster import DevCluster
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text.encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(predicate, timeout=15.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+@pytest.fixture
+def small_cluster(scripts_dir):
+    directory = make_public_dir("jobgate-test-lifecycle-")
+    c = DevCluster(directory, scripts_dir=scripts_dir, http_processes=1)
+    c.start(("worker-a", "worker-b"))
+    yield c
+    c.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def worker_state(api: Api, name: str) -> str:
+    return api.get(f"/v1/workers/{name}")[2]["state"]
+
+
+def test_worker_deregisters_on_sigterm_and_shows_offline(small_cluster):
+    api = Api(small_cluster)
+    assert worker_state(api, "worker-a") == "online"
+    job = api.start("worker-a", "sleep.sh", ["300"])
+    job_pid = job["pid"]
+    assert pid_alive(job_pid)
+
+    assert small_cluster.workers["worker-a"].stop() == 0
+    assert worker_state(api, "worker-a") == "offline"
+    assert worker_state(api, "worker-b") == "online"
+    # Its job was stopped with it, not left behind.
+    assert wait_for(lambda: not pid_alive(job_pid), timeout=5)
+    status, headers, data = api.post("/v1/workers/worker-a/jobs",
+                                     {"command": "bash", "path": "hello.sh"})
+    assert status == 503
+    assert int(headers["Retry-After"]) > 0
+    assert "offline" in data["description"]
+
+
+def test_restarted_worker_keeps_its_id_and_history(small_cluster):
+    api = Api(small_cluster)
+    before = api.get("/v1/workers/worker-b")[2]
+    job = api.start("worker-b", "hello.sh")
+    api.output("worker-b", job["job_id"])
+    small_cluster.workers["worker-b"].stop()
+    small_cluster.start_worker("worker-b")
+    after = api.get("/v1/workers/worker-b")[2]
+    assert after["id"] == before["id"]
+    assert after["state"] == "online"
+    status, _, status_after = api.get(f"/v1/workers/worker-b/jobs/{job['job_id']}")
+    assert status == 200
+    assert status_after["state"] == "succeeded"
+
+
+def test_killed_worker_becomes_unreachable_and_answers_503(small_cluster):
+    api = Api(small_cluster)
+    small_cluster.workers["worker-a"].signal(signal.SIGKILL)
+    # heartbeat_timeout_s is 4 s in the development cluster
+    assert wait_for(lambda: worker_state(api, "worker-a") == "unreachable", timeout=10)
+    started = time.monotonic()
+    status, headers, _ = api.get("/v1/workers/worker-a/jobs")
+    assert status == 503
+    assert "Retry-After" in headers
+    assert time.monotonic() - started < 2
+    assert worker_state(api, "worker-b") == "online"
+
+
+def test_stopping_a_cluster_leaves_no_process(scripts_dir):
+    directory = make_public_dir("jobgate-test-leftovers-")
+    try:
+        with DevCluster(directory, scripts_dir=scripts_dir, http_processes=2) as c:
+            api = Api(c)
+            job = api.start("worker-1", "tree.sh")
+            assert processes_mentioning(str(directory))
+            pids = [c.scheduler.pid] + [p.pid for p in c.workers.values()]
+        assert not any(pid_alive(p) for p in pids)
+        assert processes_mentioning(str(directory)) == []
+        assert not pid_alive(job["pid"])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_make_run_flow_runs_sample_job_and_cleans_up(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobgate.devcluster", "--dir", str(run_dir), "--once"],
+        cwd=REPO, capture_output=True, timeout=120,
+    )
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out + proc.stderr.decode()
+    assert "1\n2\n3\n4\n5\n" in out
+    assert "job succeeded" in out
+    env = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in (run_dir / "local.env").read_text().splitlines()
+    )
+    assert env["JOBGATE_URL"].startswith("http://127.0.0.1:")
+    assert len(env["JOBGATE_TOKEN"]) >= 32
+    assert env["JOBGATE_WORKERS"] == "worker-1,worker-2"
+    assert processes_mentioning(str(run_dir)) == []
+
+
+def test_scheduler_serves_with_two_gunicorn_processes(cluster):
+    masters = [
+        pid for pid in processes_mentioning("scheduler.http_server")
+        if str(cluster.dir) in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
+    assert len(masters) == 3  # the gunicorn master and its two workers
+    log = cluster.logs / "scheduler.log"
+    start = log.stat().st_size
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(
+            lambda _: cluster.request("GET", "/v1/workers/worker-1")[2], range(200)
+        ))
+    # Whichever process answered, the state it reports is the same.
+    states = {json.loads(a)["id"] + json.loads(a)["state"] for a in answers}
+    assert len(states) == 1
+    with log.open() as f:
+        f.seek(start)
+        pids = {
+            line.split()[3] for line in f
+            if "gunicorn.access" in line and "/v1/workers/worker-1" in line
+        }
+    assert len(pids) == 2
