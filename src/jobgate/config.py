@@ -112,7 +112,9 @@ def describe(schema: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, str,
         if dataclasses.is_dataclass(tp):
             rows += describe(tp, prefix + (f.name,))
         else:
-            rows.append((_key(prefix + (f.name,)), _type_name(tp), f.metadata.get("help", "")))
+            rows.append(
+                (_key(prefix + (f.name,)), _type_name(tp), f.metadata.get("help", ""))
+            )
     return rows
 
 
@@ -199,7 +201,9 @@ class _Context:
             )
         if tp is bool:
             if not isinstance(value, bool):
-                raise self.error(keys, f"expected true or false, got {_toml_type(value)}")
+                raise self.error(
+                    keys, f"expected true or false, got {_toml_type(value)}"
+                )
             return value
         if tp is int:
             if isinstance(value, bool) or not isinstance(value, int):
@@ -221,7 +225,9 @@ class _Context:
             return value
         if tp is Path:
             if not isinstance(value, str) or not value:
-                raise self.error(keys, f"expected a path string, got {_toml_type(value)}")
+                raise self.error(
+                    keys, f"expected a path string, got {_toml_type(value)}"
+                )
             p = Path(value)
             if not p.is_absolute():
                 p = self.base / p
@@ -246,7 +252,9 @@ class _Context:
         if kind is None or not self.check_files:
             return
         if not p.exists():
-            raise self.error(keys, f"no such {'directory' if kind == 'dir' else 'file'} '{p}'")
+            raise self.error(
+                keys, f"no such {'directory' if kind == 'dir' else 'file'} '{p}'"
+            )
         if kind == "dir" and not p.is_dir():
             raise self.error(keys, f"'{p}' is not a directory")
         if kind == "file" and not p.is_file():

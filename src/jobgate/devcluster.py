@@ -13,6 +13,7 @@ import argparse
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -22,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from scheduler.http.auth import hash_token
 
 REPO = Path(__file__).resolve().parents[2]
 DEVCA = REPO / "certs" / "devca.py"
@@ -54,7 +57,9 @@ class Process:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.argv + ["--ready-file", str(self.ready_file)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env=env,
         )
         log.close()
@@ -71,11 +76,15 @@ class Process:
                     f"log:\n{self.log_tail()}"
                 )
             time.sleep(0.05)  # waiting on another process's file: nothing to block on
-        raise ClusterError(f"{self.name} was not ready after {timeout}s; log:\n{self.log_tail()}")
+        raise ClusterError(
+            f"{self.name} was not ready after {timeout}s; log:\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(
+                self.log_path.read_text(errors="replace").splitlines()[-lines:]
+            )
         except OSError:
             return "(no log)"
 
@@ -137,8 +146,9 @@ class DevCluster:
     # -- set-up ---------------------------------------------------------------
 
     def devca(self, *args: str) -> None:
-        subprocess.run([sys.executable, str(DEVCA), *args], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(DEVCA), *args], check=True, stdout=subprocess.DEVNULL
+        )
 
     def prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -151,15 +161,12 @@ class DevCluster:
             # Jobs run as 'nobody' when the worker is root: give them a copy
             # they can read.
             self._tmp_scripts = Path(tempfile.mkdtemp(prefix="jobgate-scripts-"))
-            os.chmod(self._tmp_scripts, 0o755)
+            os.chmod(self._tmp_scripts, 0o755)  # noqa: S103 - jobs must read it
             for f in self.scripts_dir.iterdir():
                 if f.is_file():
                     shutil.copy(f, self._tmp_scripts / f.name)
-                    os.chmod(self._tmp_scripts / f.name, 0o755)
+                    os.chmod(self._tmp_scripts / f.name, 0o755)  # noqa: S103
             self.scripts_dir = self._tmp_scripts
-        from scheduler.http.auth import hash_token  # noqa: PLC0415 - keep start-up light
-        import secrets
-
         self.token = secrets.token_urlsafe(32)
         (self.dir / "tokens").write_text(f"{hash_token(self.token)} dev\n")
         os.chmod(self.dir / "tokens", 0o600)
@@ -167,7 +174,7 @@ class DevCluster:
     def scheduler_config(self) -> Path:
         path = self.dir / "scheduler.toml"
         path.write_text(
-            f"""# Written by jobgate.devcluster; see examples/scheduler.toml for every key.
+            f"""# Written by jobgate.devcluster (see examples/scheduler.toml).
 [cluster]
 name = "{self.cluster}"
 
@@ -201,11 +208,13 @@ rpc_timeout_s = 5.0
 
     def worker_config(self, name: str, labels: dict[str, str] | None = None) -> Path:
         if not (self.pki / f"{name}.pem").exists():
-            self.devca("issue", "--dir", str(self.pki), "--role", "worker", "--name", name)
+            self.devca(
+                "issue", "--dir", str(self.pki), "--role", "worker", "--name", name
+            )
         label_text = ", ".join(f'{k} = "{v}"' for k, v in (labels or {}).items())
         path = self.dir / f"{name}.toml"
         path.write_text(
-            f"""# Written by jobgate.devcluster; see examples/worker.toml for every key.
+            f"""# Written by jobgate.devcluster (see examples/worker.toml).
 [worker]
 name = "{name}"
 cluster = "{self.cluster}"
@@ -216,7 +225,7 @@ labels = {{ {label_text} }}
 bind = "127.0.0.1:0"
 
 [scheduler]
-address = "127.0.0.1:{self.scheduler_info['grpc_port']}"
+address = "127.0.0.1:{self.scheduler_info["grpc_port"]}"
 retry_initial_s = 0.2
 retry_max_s = 2.0
 
@@ -243,7 +252,13 @@ stop_grace_s = 2.0
     def start_scheduler(self) -> dict:
         self.scheduler = Process(
             "scheduler",
-            [sys.executable, "-m", "scheduler.cli", "serve", str(self.scheduler_config())],
+            [
+                sys.executable,
+                "-m",
+                "scheduler.cli",
+                "serve",
+                str(self.scheduler_config()),
+            ],
             self.logs / "scheduler.log",
             self.dir / "scheduler.ready",
         )
@@ -251,11 +266,18 @@ stop_grace_s = 2.0
         self.scheduler_info = self.scheduler.wait_ready()
         return self.scheduler_info
 
-    def start_worker(self, name: str, labels: dict[str, str] | None = None,
-                     wait: bool = True) -> Process:
+    def start_worker(
+        self, name: str, labels: dict[str, str] | None = None, wait: bool = True
+    ) -> Process:
         proc = Process(
             name,
-            [sys.executable, "-m", "worker.cli", "serve", str(self.worker_config(name, labels))],
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "serve",
+                str(self.worker_config(name, labels)),
+            ],
             self.logs / f"{name}.log",
             self.dir / f"{name}.ready",
         )
@@ -307,11 +329,19 @@ stop_grace_s = 2.0
 
     # -- HTTP -------------------------------------------------------------------
 
-    def request(self, method: str, path: str, body=None, headers=None,
-                token: str | None = None, timeout: float = 30.0):
+    def request(
+        self,
+        method: str,
+        path: str,
+        body=None,
+        headers=None,
+        token: str | None = None,
+        timeout: float = 30.0,
+    ):
         """One HTTP request; returns (status, headers, body bytes)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.scheduler_info["http_port"],
-                                          timeout=timeout)
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", self.scheduler_info["http_port"], timeout=timeout
+        )
         try:
             hdrs = {"Authorization": f"Bearer {self.token if token is None else token}"}
             if token == "":
@@ -340,13 +370,17 @@ def _follow(cluster: DevCluster, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobgate.devcluster",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobgate.devcluster", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--dir", type=Path, default=Path("run"))
     parser.add_argument("--workers", default="worker-1,worker-2")
     parser.add_argument("--http-port", type=int, default=0)
-    parser.add_argument("--once", action="store_true",
-                        help="stop after the sample job instead of waiting for Ctrl-C")
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="stop after the sample job instead of waiting for Ctrl-C",
+    )
     args = parser.parse_args(argv)
     names = tuple(n for n in args.workers.split(",") if n)
     stop = False
@@ -362,29 +396,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jobgate: starting a local cluster in {args.dir}/ ...", flush=True)
         cluster.start(names)
         env = cluster.write_env()
-        print(f"""
-jobgate: scheduler at {cluster.url} (pid {cluster.scheduler.pid}), workers: {', '.join(names)}
+        print(
+            f"""
+jobgate: scheduler at {cluster.url} (pid {cluster.scheduler.pid})
+jobgate: workers: {", ".join(names)}
 jobgate: logs in {cluster.logs}/, settings in {env}:
     source {env}
     curl -sH "Authorization: Bearer $JOBGATE_TOKEN" $JOBGATE_URL/v1/workers
-""", flush=True)
+""",
+            flush=True,
+        )
         status, _, body = cluster.request(
-            "POST", f"/v1/workers/{names[0]}/jobs",
+            "POST",
+            f"/v1/workers/{names[0]}/jobs",
             {"command": "bash", "path": "count.sh", "args": ["5", "0.5"]},
         )
         if status != 201:
-            print(f"jobgate: starting count.sh failed: {status} {body.decode()}", file=sys.stderr)
+            print(
+                f"jobgate: starting count.sh failed: {status} {body.decode()}",
+                file=sys.stderr,
+            )
             return 1
         job = json.loads(body)
-        print(f"jobgate: started count.sh on {names[0]} as job {job['job_id']}; its output:",
-              flush=True)
-        _follow(cluster, f"/v1/workers/{names[0]}/jobs/{job['job_id']}/output?follow=true")
-        _, _, body = cluster.request("GET", f"/v1/workers/{names[0]}/jobs/{job['job_id']}")
+        print(
+            f"jobgate: started count.sh on {names[0]} as job {job['job_id']}; "
+            "its output:",
+            flush=True,
+        )
+        _follow(
+            cluster, f"/v1/workers/{names[0]}/jobs/{job['job_id']}/output?follow=true"
+        )
+        _, _, body = cluster.request(
+            "GET", f"/v1/workers/{names[0]}/jobs/{job['job_id']}"
+        )
         final = json.loads(body)
         print(f"jobgate: job {final['state']} ({final['reason']})", flush=True)
         if args.once:
             return 0 if final["state"] == "succeeded" else 1
-        print("jobgate: the cluster keeps running; press Ctrl-C to stop it.", flush=True)
+        print(
+            "jobgate: the cluster keeps running; press Ctrl-C to stop it.", flush=True
+        )
         while not stop:
             signal.pause()
     except KeyboardInterrupt:

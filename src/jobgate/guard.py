@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-
 class ServerGuard(grpc.ServerInterceptor):
     """Allow a method only to callers whose certificate role the policy names.
 
@@ -62,7 +61,8 @@ def _check(context, cluster: str, roles: frozenset[str], method: str) -> Identit
         log.warning("refused %s: caller has no identity of cluster %s", method, cluster)
         context.abort(
             grpc.StatusCode.UNAUTHENTICATED,
-            f"a certificate of cluster {cluster!r} with a spiffe:// identity is required",
+            f"a certificate of cluster {cluster!r} with a spiffe:// identity "
+            "is required",
         )
     if ident.role not in roles:
         log.warning("refused %s to %s: role not allowed", method, ident)

@@ -32,7 +32,9 @@ def make_formatter() -> logging.Formatter:
     """The formatter for this environment (journald or a terminal)."""
     if os.environ.get("JOURNAL_STREAM"):
         return _JournalFormatter("%(name)s: %(message)s")
-    return logging.Formatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    return logging.Formatter(
+        "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+    )
 
 
 def setup(level: str = "info", *, stream=None) -> None:
@@ -61,7 +63,11 @@ def gunicorn_logconfig(level: str) -> dict:
         },
         "root": {"level": level.upper(), "handlers": ["stderr"]},
         "loggers": {
-            "gunicorn.error": {"level": level.upper(), "handlers": [], "propagate": True},
+            "gunicorn.error": {
+                "level": level.upper(),
+                "handlers": [],
+                "propagate": True,
+            },
             "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
             "grpc": {"level": "WARNING", "handlers": [], "propagate": True},
         },

@@ -34,4 +34,3 @@ class Notifier:
 
     def watchdog(self) -> None:
         self._send("WATCHDOG=1\n")
-

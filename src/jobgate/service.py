@@ -45,7 +45,9 @@ def bind_secure(server: grpc.Server, bind: str, creds: Credentials) -> int:
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {bind}: {exc}") from None
     if port == 0:
-        raise OSError(f"cannot listen on {bind} (in use, or not an address of this host)")
+        raise OSError(
+            f"cannot listen on {bind} (in use, or not an address of this host)"
+        )
     return port
 
 

@@ -28,7 +28,9 @@ def _hash_token(args: argparse.Namespace) -> int:
     else:
         token = sys.stdin.readline().strip()
     if len(token) < 16:
-        print("jobgate-scheduler: a token must be at least 16 characters", file=sys.stderr)
+        print(
+            "jobgate-scheduler: a token must be at least 16 characters", file=sys.stderr
+        )
         return 2
     print(f"{hash_token(token)} {args.name}")
     return 0
@@ -40,8 +42,11 @@ def _extra(sub) -> None:
         help="print a tokens-file line for a token read from stdin (or --generate one)",
     )
     p.add_argument("--name", default="api", help="who the token is for (shown in logs)")
-    p.add_argument("--generate", action="store_true",
-                   help="make a random token and print it on stderr")
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="make a random token and print it on stderr",
+    )
     p.set_defaults(func=_hash_token)
 
 

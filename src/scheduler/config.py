@@ -13,18 +13,28 @@ from jobgate.tls import TLSConfig
 
 @dataclass(frozen=True)
 class ClusterSection:
-    name: str = setting(pattern=NAME_PATTERN, help="cluster name, as in the certificates")
+    name: str = setting(
+        pattern=NAME_PATTERN, help="cluster name, as in the certificates"
+    )
 
 
 @dataclass(frozen=True)
 class HttpSection:
-    bind: str = setting("127.0.0.1:8080", help="host:port of the HTTP API; port 0 picks one")
+    bind: str = setting(
+        "127.0.0.1:8080", help="host:port of the HTTP API; port 0 picks one"
+    )
     processes: int = setting(2, min=1, max=64, help="gunicorn worker processes")
-    threads: int = setting(16, min=1, max=1024, help="threads per process (each stream holds one)")
-    max_body_bytes: int = setting(65536, min=1024, help="largest request body; larger is 413")
+    threads: int = setting(
+        16, min=1, max=1024, help="threads per process (each stream holds one)"
+    )
+    max_body_bytes: int = setting(
+        65536, min=1024, help="largest request body; larger is 413"
+    )
     timeout_s: int = setting(30, min=1, help="gunicorn worker heartbeat timeout")
     graceful_timeout_s: int = setting(10, min=1, help="time to finish requests on stop")
-    keepalive_s: int = setting(5, min=0, help="idle keep-alive time of client connections")
+    keepalive_s: int = setting(
+        5, min=0, help="idle keep-alive time of client connections"
+    )
     access_log: bool = setting(True, help="log one line per HTTP request")
 
     def __post_init__(self) -> None:
@@ -33,7 +43,9 @@ class HttpSection:
 
 @dataclass(frozen=True)
 class GrpcSection:
-    bind: str = setting("0.0.0.0:7443", help="host:port of the gRPC server workers call")
+    bind: str = setting(
+        "0.0.0.0:7443", help="host:port of the gRPC server workers call"
+    )
     max_threads: int = setting(32, min=2, max=4096, help="threads serving worker RPCs")
     max_message_bytes: int = setting(4 * 1024 * 1024, min=65536)
 
@@ -44,32 +56,40 @@ class GrpcSection:
 @dataclass(frozen=True)
 class AuthSection:
     tokens_file: Path = setting(
-        exists="file", help="file of SHA-256 token hashes ('jobgate-scheduler hash-token')"
+        exists="file",
+        help="file of SHA-256 token hashes ('jobgate-scheduler hash-token')",
     )
 
 
 @dataclass(frozen=True)
 class StateSection:
     path: Path = setting(
-        Path("/var/lib/jobgate/scheduler.db"), help="SQLite database of workers and jobs"
+        Path("/var/lib/jobgate/scheduler.db"),
+        help="SQLite database of workers and jobs",
     )
     busy_timeout_s: float = setting(5.0, min=0.1, help="wait for a locked database")
 
 
 @dataclass(frozen=True)
 class WorkersSection:
-    heartbeat_interval_s: float = setting(5.0, min=0.1, help="handed to workers at registration")
+    heartbeat_interval_s: float = setting(
+        5.0, min=0.1, help="handed to workers at registration"
+    )
     heartbeat_timeout_s: float = setting(
         15.0, min=0.2, help="silence after which an online worker is unreachable"
     )
-    rpc_timeout_s: float = setting(10.0, min=0.1, help="deadline of each call to a worker")
+    rpc_timeout_s: float = setting(
+        10.0, min=0.1, help="deadline of each call to a worker"
+    )
     stop_timeout_s: float = setting(
         60.0, min=1, help="deadline of a stop call (covers the job's grace period)"
     )
     stream_timeout_s: float = setting(
         86400.0, min=1, help="longest an output stream to one client may last"
     )
-    retry_after_s: int = setting(5, min=1, help="Retry-After of a 503 for a down worker")
+    retry_after_s: int = setting(
+        5, min=1, help="Retry-After of a 503 for a down worker"
+    )
 
     def __post_init__(self) -> None:
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:

@@ -16,13 +16,12 @@ import time
 from collections.abc import Iterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobgate import identity
 from jobgate.errors import NotFound, Unavailable
 from jobgate.jobstate import JobState
 from jobgate.tls import Credentials, secure_channel
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.store import ONLINE, Store, WorkerRow
@@ -34,8 +33,10 @@ def timestamp(t: float | None) -> str | None:
     """RFC 3339 UTC with milliseconds, or None."""
     if t is None:
         return None
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
+    return (
+        dt.datetime.fromtimestamp(t, dt.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
     )
 
 
@@ -72,7 +73,9 @@ class ChannelPool:
         self.cluster = cluster
         self.creds = creds
         self._lock = threading.Lock()
-        self._channels: dict[str, tuple[str, grpc.Channel, worker_pb2_grpc.WorkerStub]] = {}
+        self._channels: dict[
+            str, tuple[str, grpc.Channel, worker_pb2_grpc.WorkerStub]
+        ] = {}
 
     def stub(self, worker: WorkerRow) -> worker_pb2_grpc.WorkerStub:
         with self._lock:
@@ -137,7 +140,8 @@ class Gateway:
 
     def worker_to_dict(self, w: WorkerRow, now: float | None = None) -> dict:
         state = w.effective_state(
-            now if now is not None else time.time(), self.cfg.workers.heartbeat_timeout_s
+            now if now is not None else time.time(),
+            self.cfg.workers.heartbeat_timeout_s,
         )
         return {
             "id": w.id,
@@ -158,7 +162,9 @@ class Gateway:
     def find(self, ref: str) -> WorkerRow:
         worker = self.store.find_worker(ref)
         if worker is None:
-            raise NotFound(f"no worker with id or name {ref!r}; GET /v1/workers lists them")
+            raise NotFound(
+                f"no worker with id or name {ref!r}; GET /v1/workers lists them"
+            )
         return worker
 
     def get_worker(self, ref: str) -> dict:
@@ -199,26 +205,36 @@ class Gateway:
         )
         self.store.record_job(resp.job.job_id, worker.id, command, path)
         if not resp.existing:
-            log.info("started job %s on %s: %s %s", resp.job.job_id, worker.name,
-                     command, path, extra={"JOB_ID": resp.job.job_id, "WORKER_ID": worker.id})
+            log.info(
+                "started job %s on %s: %s %s",
+                resp.job.job_id,
+                worker.name,
+                command,
+                path,
+                extra={"JOB_ID": resp.job.job_id, "WORKER_ID": worker.id},
+            )
         return job_to_dict(resp.job, worker.id), resp.existing
 
     def list_jobs(self, ref: str) -> list[dict]:
         worker, stub = self._reachable(ref)
-        resp = stub.ListJobs(worker_pb2.ListJobsRequest(), timeout=self.cfg.workers.rpc_timeout_s)
+        resp = stub.ListJobs(
+            worker_pb2.ListJobsRequest(), timeout=self.cfg.workers.rpc_timeout_s
+        )
         return [job_to_dict(j, worker.id) for j in resp.jobs]
 
     def get_job(self, ref: str, job_id: str) -> dict:
         worker, stub = self._reachable(ref)
         job = stub.GetJob(
-            worker_pb2.GetJobRequest(job_id=job_id), timeout=self.cfg.workers.rpc_timeout_s
+            worker_pb2.GetJobRequest(job_id=job_id),
+            timeout=self.cfg.workers.rpc_timeout_s,
         )
         return job_to_dict(job, worker.id)
 
     def stop_job(self, ref: str, job_id: str) -> dict:
         worker, stub = self._reachable(ref)
         job = stub.StopJob(
-            worker_pb2.StopJobRequest(job_id=job_id), timeout=self.cfg.workers.stop_timeout_s
+            worker_pb2.StopJobRequest(job_id=job_id),
+            timeout=self.cfg.workers.stop_timeout_s,
         )
         return job_to_dict(job, worker.id)
 

@@ -20,8 +20,13 @@ from scheduler import config
 
 
 class HttpServer(BaseApplication):
-    def __init__(self, cfg: config.SchedulerConfig, listen_fd: int, ready_fd: int,
-                 grpc_target: str):
+    def __init__(
+        self,
+        cfg: config.SchedulerConfig,
+        listen_fd: int,
+        ready_fd: int,
+        grpc_target: str,
+    ):
         self.jg_cfg = cfg
         self.listen_fd = listen_fd
         self.ready_fd = ready_fd

@@ -40,7 +40,9 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         if row is None:
             return name, None
         if row.name != name:
-            raise PermissionDenied(f"worker {name!r} may not {action} worker {row.name!r}")
+            raise PermissionDenied(
+                f"worker {name!r} may not {action} worker {row.name!r}"
+            )
         return name, row
 
     def Register(self, request, context):
@@ -56,7 +58,8 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise InvalidArgument(f"address: {exc}") from None
         labels = dict(request.labels)
         if len(labels) > MAX_LABELS or any(
-            len(k) > MAX_LABEL_CHARS or len(v) > MAX_LABEL_CHARS for k, v in labels.items()
+            len(k) > MAX_LABEL_CHARS or len(v) > MAX_LABEL_CHARS
+            for k, v in labels.items()
         ):
             raise InvalidArgument(
                 f"labels: at most {MAX_LABELS}, each key and value at most "
@@ -65,8 +68,13 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         row = self.store.register_worker(
             name, request.address, labels, request.capacity, request.version
         )
-        log.info("worker %s registered as %s at %s", name, row.id, row.address,
-                 extra={"WORKER_ID": row.id})
+        log.info(
+            "worker %s registered as %s at %s",
+            name,
+            row.id,
+            row.address,
+            extra={"WORKER_ID": row.id},
+        )
         return scheduler_pb2.RegisterResponse(
             worker_id=row.id,
             heartbeat_interval_s=self.cfg.workers.heartbeat_interval_s,
@@ -74,7 +82,9 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     def Heartbeat(self, request, context):
         _, row = self._own(context, request.worker_id, "heartbeat for")
-        if row is None or not self.store.heartbeat(request.worker_id, request.running_jobs):
+        if row is None or not self.store.heartbeat(
+            request.worker_id, request.running_jobs
+        ):
             return scheduler_pb2.HeartbeatResponse(reregister=True)
         return scheduler_pb2.HeartbeatResponse()
 
@@ -83,5 +93,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         if row is None:
             raise NotFound(f"no worker with id {request.worker_id!r}")
         self.store.deregister(row.id)
-        log.info("worker %s (%s) deregistered", name, row.id, extra={"WORKER_ID": row.id})
+        log.info(
+            "worker %s (%s) deregistered", name, row.id, extra={"WORKER_ID": row.id}
+        )
         return scheduler_pb2.DeregisterResponse()

@@ -95,10 +95,16 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
     ready_r, ready_w = os.pipe()
     child = subprocess.Popen(
         [
-            sys.executable, "-m", "scheduler.http_server", str(config_path),
-            "--listen-fd", str(sock.fileno()),
-            "--ready-fd", str(ready_w),
-            "--grpc-target", _loopback_target(cfg.grpc.bind, grpc_port),
+            sys.executable,
+            "-m",
+            "scheduler.http_server",
+            str(config_path),
+            "--listen-fd",
+            str(sock.fileno()),
+            "--ready-fd",
+            str(ready_w),
+            "--grpc-target",
+            _loopback_target(cfg.grpc.bind, grpc_port),
         ],
         pass_fds=(sock.fileno(), ready_w),
     )
@@ -122,7 +128,8 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
             f"for cluster {cfg.cluster.name}"
         )
         write_ready_file(
-            ready_file, {"http_port": http_port, "grpc_port": grpc_port, "pid": os.getpid()}
+            ready_file,
+            {"http_port": http_port, "grpc_port": grpc_port, "pid": os.getpid()},
         )
         stop.wait()
     else:
@@ -144,4 +151,3 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
     server.stop(grace=2).wait()
     log.info("stopped")
     return 1 if failed else 0
-

@@ -78,7 +78,9 @@ class Store:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                self.path,
+                timeout=self.busy_timeout_s,
+                isolation_level=None,
                 check_same_thread=True,
             )
             conn.row_factory = sqlite3.Row
@@ -107,19 +109,30 @@ class Store:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute("SELECT id FROM workers WHERE name = ?", (name,)).fetchone()
+            row = conn.execute(
+                "SELECT id FROM workers WHERE name = ?", (name,)
+            ).fetchone()
             worker_id = row["id"] if row else str(uuid.uuid4())
             conn.execute(
                 """INSERT INTO workers (id, name, address, labels, capacity, version,
-                                        state, registered_at, last_seen_at, running_jobs)
+                                        state, registered_at, last_seen_at,
+                                        running_jobs)
                    VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0)
                    ON CONFLICT(id) DO UPDATE SET
                        address = excluded.address, labels = excluded.labels,
                        capacity = excluded.capacity, version = excluded.version,
                        state = 'online', registered_at = excluded.registered_at,
                        last_seen_at = excluded.last_seen_at, running_jobs = 0""",
-                (worker_id, name, address, json.dumps(labels, sort_keys=True), capacity,
-                 version, now, now),
+                (
+                    worker_id,
+                    name,
+                    address,
+                    json.dumps(labels, sort_keys=True),
+                    capacity,
+                    version,
+                    now,
+                    now,
+                ),
             )
             conn.execute("COMMIT")
         except BaseException:
@@ -144,16 +157,22 @@ class Store:
         )
 
     def get_worker(self, worker_id: str) -> WorkerRow | None:
-        row = self._conn().execute(
-            "SELECT * FROM workers WHERE id = ?", (worker_id,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT * FROM workers WHERE id = ?", (worker_id,))
+            .fetchone()
+        )
         return _worker(row) if row else None
 
     def find_worker(self, ref: str) -> WorkerRow | None:
         """The worker whose id or name is ``ref``."""
-        row = self._conn().execute(
-            "SELECT * FROM workers WHERE id = ? OR name = ? LIMIT 1", (ref, ref)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT * FROM workers WHERE id = ? OR name = ? LIMIT 1", (ref, ref)
+            )
+            .fetchone()
+        )
         return _worker(row) if row else None
 
     def list_workers(self) -> list[WorkerRow]:

@@ -13,20 +13,29 @@ from jobgate.tls import TLSConfig
 
 @dataclass(frozen=True)
 class WorkerSection:
-    name: str = setting(pattern=NAME_PATTERN, help="this worker's name; must match its certificate")
-    cluster: str = setting(pattern=NAME_PATTERN, help="cluster name, as in the certificates")
+    name: str = setting(
+        pattern=NAME_PATTERN, help="this worker's name; must match its certificate"
+    )
+    cluster: str = setting(
+        pattern=NAME_PATTERN, help="cluster name, as in the certificates"
+    )
     advertise_host: str = setting(
-        "127.0.0.1", help="host or IP the scheduler dials; the port is the bound gRPC port"
+        "127.0.0.1",
+        help="host or IP the scheduler dials; the port is the bound gRPC port",
     )
     labels: dict[str, str] = setting(
-        default_factory=dict, help="free-form labels, e.g. { rack = \"a\" }"
+        default_factory=dict, help='free-form labels, e.g. { rack = "a" }'
     )
 
 
 @dataclass(frozen=True)
 class GrpcSection:
-    bind: str = setting("0.0.0.0:7444", help="host:port of the gRPC server; port 0 picks one")
-    max_threads: int = setting(32, min=2, max=4096, help="threads serving RPCs (each stream holds one)")
+    bind: str = setting(
+        "0.0.0.0:7444", help="host:port of the gRPC server; port 0 picks one"
+    )
+    max_threads: int = setting(
+        32, min=2, max=4096, help="threads serving RPCs (each stream holds one)"
+    )
     max_message_bytes: int = setting(
         4 * 1024 * 1024, min=65536, help="largest gRPC message accepted"
     )
@@ -38,9 +47,15 @@ class GrpcSection:
 @dataclass(frozen=True)
 class SchedulerSection:
     address: str = setting(help="host:port of the scheduler's gRPC server")
-    rpc_timeout_s: float = setting(5.0, min=0.1, help="deadline of each call to the scheduler")
-    retry_initial_s: float = setting(0.5, min=0.01, help="first wait before retrying registration")
-    retry_max_s: float = setting(30.0, min=0.1, help="longest wait between registration attempts")
+    rpc_timeout_s: float = setting(
+        5.0, min=0.1, help="deadline of each call to the scheduler"
+    )
+    retry_initial_s: float = setting(
+        0.5, min=0.01, help="first wait before retrying registration"
+    )
+    retry_max_s: float = setting(
+        30.0, min=0.1, help="longest wait between registration attempts"
+    )
 
     def __post_init__(self) -> None:
         parse_hostport(self.address, "address")
@@ -48,27 +63,42 @@ class SchedulerSection:
 
 @dataclass(frozen=True)
 class JobsSection:
-    scripts_dir: Path = setting(exists="dir", help="directory holding the scripts jobs may run")
-    state_dir: Path = setting(help="job records and output live here (created if missing)")
+    scripts_dir: Path = setting(
+        exists="dir", help="directory holding the scripts jobs may run"
+    )
+    state_dir: Path = setting(
+        help="job records and output live here (created if missing)"
+    )
     interpreters: dict[str, str] = setting(
         default_factory=lambda: {"bash": "/bin/bash", "sh": "/bin/sh"},
         help="allow-list: command name -> interpreter executable",
     )
     user: str = setting(
-        "nobody", help="account jobs run as when the worker runs as root (never root itself)"
+        "nobody",
+        help="account jobs run as when the worker runs as root (never root itself)",
     )
     max_concurrent: int = setting(64, min=1, max=100_000, help="jobs running at once")
-    default_timeout_s: int = setting(0, min=0, help="timeout of jobs that ask for none; 0: none")
+    default_timeout_s: int = setting(
+        0, min=0, help="timeout of jobs that ask for none; 0: none"
+    )
     max_timeout_s: int = setting(
         7 * 24 * 3600, min=1, help="largest timeout a job may ask for"
     )
-    stop_grace_s: float = setting(10.0, min=0, max=3600, help="SIGTERM to SIGKILL delay")
+    stop_grace_s: float = setting(
+        10.0, min=0, max=3600, help="SIGTERM to SIGKILL delay"
+    )
     drain_timeout_s: float = setting(
-        2.0, min=0, help="how long output is still read after a job's main process exits"
+        2.0,
+        min=0,
+        help="how long output is still read after a job's main process exits",
     )
     max_args: int = setting(256, min=0, help="most arguments a job may have")
-    max_arg_bytes: int = setting(65536, min=1, help="largest total size of a job's arguments")
-    read_chunk_bytes: int = setting(65536, min=512, max=4 * 1024 * 1024, help="output chunk size")
+    max_arg_bytes: int = setting(
+        65536, min=1, help="largest total size of a job's arguments"
+    )
+    read_chunk_bytes: int = setting(
+        65536, min=512, max=4 * 1024 * 1024, help="output chunk size"
+    )
     environment: dict[str, str] = setting(
         default_factory=dict, help="extra environment variables for every job"
     )
@@ -93,12 +123,14 @@ class WorkerConfig:
         if j.default_timeout_s > j.max_timeout_s:
             raise Invalid(
                 ("jobs", "default_timeout_s"),
-                f"{j.default_timeout_s} is above [jobs].max_timeout_s ({j.max_timeout_s})",
+                f"{j.default_timeout_s} is above [jobs].max_timeout_s "
+                f"({j.max_timeout_s})",
             )
         for name, exe in j.interpreters.items():
             if not exe.startswith("/"):
                 raise Invalid(
-                    ("jobs", f"interpreters.{name}"), f"{exe!r} must be an absolute path"
+                    ("jobs", f"interpreters.{name}"),
+                    f"{exe!r} must be an absolute path",
                 )
 
 

@@ -67,7 +67,9 @@ class Registrar:
         self.heartbeat_interval = resp.heartbeat_interval_s or self.heartbeat_interval
         log.info(
             "registered with the scheduler at %s as %s (%s)",
-            self.cfg.scheduler.address, self.cfg.worker.name, self.worker_id,
+            self.cfg.scheduler.address,
+            self.cfg.worker.name,
+            self.worker_id,
             extra={"WORKER_ID": self.worker_id},
         )
         self._registered.set()
@@ -81,12 +83,19 @@ class Registrar:
                 return True
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
-                            grpc.StatusCode.INVALID_ARGUMENT):
+                if code in (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ):
                     log.error("the scheduler refused registration: %s", exc.details())
                 else:
-                    log.warning("registration failed (%s: %s); retrying in %.1fs",
-                                code.name, exc.details(), delay)
+                    log.warning(
+                        "registration failed (%s: %s); retrying in %.1fs",
+                        code.name,
+                        exc.details(),
+                        delay,
+                    )
             # Full jitter keeps a restarted fleet from re-registering in lockstep.
             self._stop.wait(random.uniform(0.5, 1.0) * delay)  # noqa: S311
             delay = min(delay * 2, self.cfg.scheduler.retry_max_s)
@@ -95,8 +104,9 @@ class Registrar:
     def start(self) -> None:
         """Register (blocking), then heartbeat in the background."""
         if self.register():
-            self._thread = threading.Thread(target=self._heartbeat_loop,
-                                            name="heartbeat", daemon=True)
+            self._thread = threading.Thread(
+                target=self._heartbeat_loop, name="heartbeat", daemon=True
+            )
             self._thread.start()
 
     def _heartbeat_loop(self) -> None:
@@ -126,10 +136,14 @@ class Registrar:
                     scheduler_pb2.DeregisterRequest(worker_id=self.worker_id),
                     timeout=self.cfg.scheduler.rpc_timeout_s,
                 )
-                log.info("deregistered from the scheduler",
-                         extra={"WORKER_ID": self.worker_id})
+                log.info(
+                    "deregistered from the scheduler",
+                    extra={"WORKER_ID": self.worker_id},
+                )
             except grpc.RpcError as exc:
-                log.warning("deregistration failed: %s: %s", exc.code().name, exc.details())
+                log.warning(
+                    "deregistration failed: %s: %s", exc.code().name, exc.details()
+                )
         self._channel.close()
 
     @property

@@ -221,7 +221,8 @@ class JobRunner:
         if exe is None:
             allowed = ", ".join(sorted(self.cfg.interpreters)) or "none"
             raise PermissionDenied(
-                f"command {command!r} is not allowed on this worker (allowed: {allowed})"
+                f"command {command!r} is not allowed on this worker "
+                f"(allowed: {allowed})"
             )
         return exe
 
@@ -315,7 +316,9 @@ class JobRunner:
             except OSError as exc:
                 record.state = JobState.FAILED
                 record.ended_at = self.ops.now()
-                record.reason = f"could not start {exe}: {os.strerror(exc.errno or errno.EIO)}"
+                record.reason = (
+                    f"could not start {exe}: {os.strerror(exc.errno or errno.EIO)}"
+                )
                 self._persist(directory, record)
                 job.done.set()
                 self._jobs[job_id] = job
@@ -327,7 +330,11 @@ class JobRunner:
                 self._by_key[idempotency_key] = job_id
             self._persist(directory, record)
         log.info(
-            "job %s started: %s %s (pid %d)", job_id, command, path, record.pid,
+            "job %s started: %s %s (pid %d)",
+            job_id,
+            command,
+            path,
+            record.pid,
             extra={"JOB_ID": job_id},
         )
         reader = threading.Thread(
@@ -335,7 +342,10 @@ class JobRunner:
         )
         reader.start()
         threading.Thread(
-            target=self._wait, args=(job, reader), name=f"wait-{job_id[:8]}", daemon=True
+            target=self._wait,
+            args=(job, reader),
+            name=f"wait-{job_id[:8]}",
+            daemon=True,
         ).start()
         if timeout:
             job.timer = threading.Timer(timeout, self._on_timeout, args=(job,))
@@ -376,8 +386,12 @@ class JobRunner:
         threads = [
             threading.Thread(
                 target=self._terminate,
-                args=(j, JobState.STOPPED, "stopped because the worker shut down",
-                      grace_s if grace_s is not None else self.cfg.stop_grace_s),
+                args=(
+                    j,
+                    JobState.STOPPED,
+                    "stopped because the worker shut down",
+                    grace_s if grace_s is not None else self.cfg.stop_grace_s,
+                ),
             )
             for j in running
         ]
@@ -465,12 +479,20 @@ class JobRunner:
             if job.stop_state is None:
                 job.stop_state, job.stop_reason = state, reason
         grace = grace_s or self.cfg.stop_grace_s
-        log.info("job %s: %s; SIGTERM to its process group", job.record.job_id, reason,
-                 extra={"JOB_ID": job.record.job_id})
+        log.info(
+            "job %s: %s; SIGTERM to its process group",
+            job.record.job_id,
+            reason,
+            extra={"JOB_ID": job.record.job_id},
+        )
         self._signal(job, signal.SIGTERM)
         if not job.done.wait(grace):
-            log.info("job %s still running after %.1fs; SIGKILL", job.record.job_id, grace,
-                     extra={"JOB_ID": job.record.job_id})
+            log.info(
+                "job %s still running after %.1fs; SIGKILL",
+                job.record.job_id,
+                grace,
+                extra={"JOB_ID": job.record.job_id},
+            )
             self._signal(job, signal.SIGKILL)
             job.done.wait()
 
@@ -530,8 +552,13 @@ class JobRunner:
             self._persist(job.dir, r)
             job.cond.notify_all()
         job.done.set()
-        log.info("job %s ended: %s (%s)", r.job_id, r.state.value, r.reason,
-                 extra={"JOB_ID": r.job_id})
+        log.info(
+            "job %s ended: %s (%s)",
+            r.job_id,
+            r.state.value,
+            r.reason,
+            extra={"JOB_ID": r.job_id},
+        )
 
     @staticmethod
     def _outcome(job: _Job, returncode: int) -> tuple[JobState, str]:

@@ -65,7 +65,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         for offset, data in self.runner.read_output(
             job_id, request.offset, request.follow, cancelled
         ):
-            yield worker_pb2.OutputChunk(offset=offset, data=data, timestamp=time.time())
+            yield worker_pb2.OutputChunk(
+                offset=offset, data=data, timestamp=time.time()
+            )
         if not cancelled():
             yield worker_pb2.OutputChunk(
                 offset=self.runner.get(job_id).output_bytes,

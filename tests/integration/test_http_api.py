@@ -38,8 +38,14 @@ def test_workers_lists_both_online(api):
             assert w["address"].startswith("127.0.0.1:")
             assert w["registered_at"].endswith("Z")
             assert set(w) >= {
-                "id", "name", "address", "state", "labels", "registered_at",
-                "last_seen_at", "running_jobs",
+                "id",
+                "name",
+                "address",
+                "state",
+                "labels",
+                "registered_at",
+                "last_seen_at",
+                "running_jobs",
             }
 
 
@@ -55,8 +61,9 @@ def test_unknown_worker_is_404_with_description(api):
     status, _, data = api.get("/v1/workers/no-such-worker")
     assert status == 404
     assert "no-such-worker" in data["description"]
-    status, _, data = api.post("/v1/workers/no-such-worker/jobs",
-                               {"command": "bash", "path": "hello.sh"})
+    status, _, data = api.post(
+        "/v1/workers/no-such-worker/jobs", {"command": "bash", "path": "hello.sh"}
+    )
     assert status == 404
 
 
@@ -150,10 +157,14 @@ def test_output_offset_and_non_follow(api):
 
 def test_output_is_chunked_text_and_follows_live(api, cluster):
     job = api.start("worker-2", "count.sh", ["3", "0.3"])
-    conn = http.client.HTTPConnection("127.0.0.1", cluster.scheduler_info["http_port"],
-                                      timeout=30)
-    conn.request("GET", f"/v1/workers/worker-2/jobs/{job['job_id']}/output?follow=true",
-                 headers={"Authorization": f"Bearer {cluster.token}"})
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", cluster.scheduler_info["http_port"], timeout=30
+    )
+    conn.request(
+        "GET",
+        f"/v1/workers/worker-2/jobs/{job['job_id']}/output?follow=true",
+        headers={"Authorization": f"Bearer {cluster.token}"},
+    )
     resp = conn.getresponse()
     assert resp.status == 200
     assert resp.getheader("Transfer-Encoding") == "chunked"
@@ -176,7 +187,9 @@ def test_binary_output_passes_byte_exact(api):
 def test_many_concurrent_followers_get_identical_bytes(api):
     job = api.start("worker-1", "big.sh", ["20000"])  # 2 MB
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        outs = list(pool.map(lambda _: api.output("worker-1", job["job_id"]), range(12)))
+        outs = list(
+            pool.map(lambda _: api.output("worker-1", job["job_id"]), range(12))
+        )
     expected = (b"0" * 99 + b"\n") * 20000
     digests = {hashlib.sha256(o).hexdigest() for o in outs}
     assert digests == {hashlib.sha256(expected).hexdigest()}
@@ -196,8 +209,9 @@ def test_follower_ends_when_job_is_stopped(api):
 
 def test_legacy_start_query_stream_stop(api, cluster):
     worker_id = api.get("/v1/workers/worker-1")[2]["id"]
-    status, _, data = api.post("/start",
-                               {"worker_id": worker_id, "path": "mixed.sh", "command": "bash"})
+    status, _, data = api.post(
+        "/start", {"worker_id": worker_id, "path": "mixed.sh", "command": "bash"}
+    )
     assert status == 201
     assert set(data) == {"job_id"}
     job_id = data["job_id"]
@@ -208,8 +222,9 @@ def test_legacy_start_query_stream_stop(api, cluster):
     assert status == 200
     assert q == {"done": True, "error": False, "error_text": ""}
 
-    status, _, data = api.post("/start",
-                               {"worker_id": "worker-1", "path": "sleep.sh", "command": "bash"})
+    status, _, data = api.post(
+        "/start", {"worker_id": "worker-1", "path": "sleep.sh", "command": "bash"}
+    )
     job_id = data["job_id"]
     status, _, q = api.post("/query", {"worker_id": "worker-1", "job_id": job_id})
     assert q == {"done": False, "error": False, "error_text": ""}
@@ -220,12 +235,14 @@ def test_legacy_start_query_stream_stop(api, cluster):
 
 
 def test_legacy_query_reports_failure(api):
-    status, _, data = api.post("/start",
-                               {"worker_id": "worker-2", "path": "fail.sh", "command": "bash"})
+    status, _, data = api.post(
+        "/start", {"worker_id": "worker-2", "path": "fail.sh", "command": "bash"}
+    )
     # fail.sh is not in the test scripts: a clear 400, nothing run.
     assert status == 400
     status, _, data = api.post(
-        "/start", {"worker_id": "worker-2", "path": "mixed.sh", "command": "bash"})
+        "/start", {"worker_id": "worker-2", "path": "mixed.sh", "command": "bash"}
+    )
     job_id = data["job_id"]
     api.post("/stream", {"worker_id": "worker-2", "job_id": job_id})
     _, _, q = api.post("/query", {"worker_id": "worker-2", "job_id": job_id})
@@ -241,24 +258,32 @@ def test_legacy_routes_reject_bad_bodies(api, route):
     status, _, data = api.post(route, {"worker_id": 5})
     assert status == 400
     assert "worker_id" in data["description"]
-    status, _, data = api.post(route, {"worker_id": "nope", "job_id": "x",
-                                       "path": "hello.sh", "command": "bash"})
+    status, _, data = api.post(
+        route,
+        {"worker_id": "nope", "job_id": "x", "path": "hello.sh", "command": "bash"},
+    )
     assert status == 404
 
 
 # -- authentication --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,path", [
-    ("GET", "/v1/workers"),
-    ("GET", "/v1/workers/worker-1"),
-    ("POST", "/v1/workers/worker-1/jobs"),
-    ("GET", "/v1/workers/worker-1/jobs"),
-    ("GET", "/v1/workers/worker-1/jobs/x"),
-    ("POST", "/v1/workers/worker-1/jobs/x/stop"),
-    ("GET", "/v1/workers/worker-1/jobs/x/output"),
-    ("POST", "/start"), ("POST", "/stop"), ("POST", "/query"), ("POST", "/stream"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/v1/workers"),
+        ("GET", "/v1/workers/worker-1"),
+        ("POST", "/v1/workers/worker-1/jobs"),
+        ("GET", "/v1/workers/worker-1/jobs"),
+        ("GET", "/v1/workers/worker-1/jobs/x"),
+        ("POST", "/v1/workers/worker-1/jobs/x/stop"),
+        ("GET", "/v1/workers/worker-1/jobs/x/output"),
+        ("POST", "/start"),
+        ("POST", "/stop"),
+        ("POST", "/query"),
+        ("POST", "/stream"),
+    ],
+)
 def test_every_route_needs_a_token(api, method, path):
     status, headers, _ = api.call(method, path, token="")
     assert status == 401
@@ -277,16 +302,19 @@ def test_health_routes_are_open(api):
 # -- bad input ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"path": "hello.sh"}, "command"),
-    ({"command": "bash"}, "path"),
-    ({"command": 1, "path": "hello.sh"}, "command"),
-    ({"command": "bash", "path": "hello.sh", "args": "x"}, "args"),
-    ({"command": "bash", "path": "hello.sh", "args": [1]}, "args[0]"),
-    ({"command": "bash", "path": "hello.sh", "timeout_s": "5"}, "timeout_s"),
-    ({"command": "bash", "path": "hello.sh", "timeout_s": -1}, "timeout_s"),
-    ({"command": "bash", "path": "hello.sh", "arg": []}, "arg"),
-])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"path": "hello.sh"}, "command"),
+        ({"command": "bash"}, "path"),
+        ({"command": 1, "path": "hello.sh"}, "command"),
+        ({"command": "bash", "path": "hello.sh", "args": "x"}, "args"),
+        ({"command": "bash", "path": "hello.sh", "args": [1]}, "args[0]"),
+        ({"command": "bash", "path": "hello.sh", "timeout_s": "5"}, "timeout_s"),
+        ({"command": "bash", "path": "hello.sh", "timeout_s": -1}, "timeout_s"),
+        ({"command": "bash", "path": "hello.sh", "arg": []}, "arg"),
+    ],
+)
 def test_start_rejects_bad_fields_naming_them(api, body, field):
     status, _, data = api.post("/v1/workers/worker-1/jobs", body)
     assert status == 400, data
@@ -303,28 +331,37 @@ def test_start_rejects_malformed_and_oversized_bodies(api):
     assert "limit" in data["description"]
 
 
-@pytest.mark.parametrize("path", [
-    "../../etc/passwd", "/etc/passwd", "sub/../../x.sh", "./../hello.sh",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "sub/../../x.sh",
+        "./../hello.sh",
+    ],
+)
 def test_script_outside_scripts_dir_is_403_and_nothing_runs(api, path):
     before = len(api.get("/v1/workers/worker-1/jobs")[2]["jobs"])
-    status, _, data = api.post("/v1/workers/worker-1/jobs",
-                               {"command": "bash", "path": path})
+    status, _, data = api.post(
+        "/v1/workers/worker-1/jobs", {"command": "bash", "path": path}
+    )
     assert status == 403
     assert "scripts directory" in data["description"]
     assert len(api.get("/v1/workers/worker-1/jobs")[2]["jobs"]) == before
 
 
 def test_command_not_allowed_is_403(api):
-    status, _, data = api.post("/v1/workers/worker-1/jobs",
-                               {"command": "python3", "path": "hello.sh"})
+    status, _, data = api.post(
+        "/v1/workers/worker-1/jobs", {"command": "python3", "path": "hello.sh"}
+    )
     assert status == 403
     assert "python3" in data["description"] and "allowed" in data["description"]
 
 
 def test_missing_script_is_400(api):
-    status, _, data = api.post("/v1/workers/worker-1/jobs",
-                               {"command": "bash", "path": "nope.sh"})
+    status, _, data = api.post(
+        "/v1/workers/worker-1/jobs", {"command": "bash", "path": "nope.sh"}
+    )
     assert status == 400
     assert "nope.sh" in data["description"]
 
@@ -340,3 +377,27 @@ def test_bad_query_parameters_are_400(api):
 def test_unknown_route_and_method(api):
     assert api.get("/v1/nothing")[0] == 404
     assert api.call("DELETE", "/v1/workers")[0] == 405
+
+
+def established_connections_to(port: int) -> int:
+    """Established TCP connections whose server side is local ``port``."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+def test_scheduler_reuses_one_channel_per_worker_per_process(api, cluster):
+    port = cluster.worker_info["worker-2"]["grpc_port"]
+    for _ in range(30):
+        assert api.get("/v1/workers/worker-2/jobs")[0] == 200
+    # Two gunicorn processes, each with at most one channel to worker-2.
+    assert 1 <= established_connections_to(port) <= 2

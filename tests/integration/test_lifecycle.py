@@ -77,8 +77,9 @@ def test_worker_deregisters_on_sigterm_and_shows_offline(small_cluster):
     assert worker_state(api, "worker-b") == "online"
     # Its job was stopped with it, not left behind.
     assert wait_for(lambda: not pid_alive(job_pid), timeout=5)
-    status, headers, data = api.post("/v1/workers/worker-a/jobs",
-                                     {"command": "bash", "path": "hello.sh"})
+    status, headers, data = api.post(
+        "/v1/workers/worker-a/jobs", {"command": "bash", "path": "hello.sh"}
+    )
     assert status == 503
     assert int(headers["Retry-After"]) > 0
     assert "offline" in data["description"]
@@ -131,7 +132,9 @@ def test_make_run_flow_runs_sample_job_and_cleans_up(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "jobgate.devcluster", "--dir", str(run_dir), "--once"],
-        cwd=REPO, capture_output=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
     )
     out = proc.stdout.decode()
     assert proc.returncode == 0, out + proc.stderr.decode()
@@ -149,23 +152,27 @@ def test_make_run_flow_runs_sample_job_and_cleans_up(tmp_path):
 
 def test_scheduler_serves_with_two_gunicorn_processes(cluster):
     masters = [
-        pid for pid in processes_mentioning("scheduler.http_server")
+        pid
+        for pid in processes_mentioning("scheduler.http_server")
         if str(cluster.dir) in Path(f"/proc/{pid}/cmdline").read_text()
     ]
     assert len(masters) == 3  # the gunicorn master and its two workers
     log = cluster.logs / "scheduler.log"
     start = log.stat().st_size
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(
-            lambda _: cluster.request("GET", "/v1/workers/worker-1")[2], range(200)
-        ))
+        answers = list(
+            pool.map(
+                lambda _: cluster.request("GET", "/v1/workers/worker-1")[2], range(200)
+            )
+        )
     # Whichever process answered, the state it reports is the same.
     states = {json.loads(a)["id"] + json.loads(a)["state"] for a in answers}
     assert len(states) == 1
     with log.open() as f:
         f.seek(start)
         pids = {
-            line.split()[3] for line in f
+            line.split()[3]
+            for line in f
             if "gunicorn.access" in line and "/v1/workers/worker-1" in line
         }
     assert len(pids) == 2

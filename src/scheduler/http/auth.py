@@ -33,15 +33,19 @@ def load_tokens(path: Path) -> dict[str, str]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise TokenFileError(f"{path}: cannot read the tokens file: {exc.strerror}") from None
+        raise TokenFileError(
+            f"{path}: cannot read the tokens file: {exc.strerror}"
+        ) from None
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         digest, _, name = line.partition(" ")
         hexpart = digest.removeprefix("sha256:")
-        if not digest.startswith("sha256:") or len(hexpart) != 64 or not all(
-            c in "0123456789abcdef" for c in hexpart
+        if (
+            not digest.startswith("sha256:")
+            or len(hexpart) != 64
+            or not all(c in "0123456789abcdef" for c in hexpart)
         ):
             raise TokenFileError(
                 f"{path}:{n}: expected 'sha256:<64 hex digits> <name>'; "

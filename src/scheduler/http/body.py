@@ -59,8 +59,14 @@ def _bad(field: str, message: str) -> falcon.HTTPBadRequest:
     return falcon.HTTPBadRequest(title="Bad request", description=f"{field}: {message}")
 
 
-def string(body: dict, field: str, *, required: bool = False, default: str = "",
-           max_len: int = 4096) -> str:
+def string(
+    body: dict,
+    field: str,
+    *,
+    required: bool = False,
+    default: str = "",
+    max_len: int = 4096,
+) -> str:
     value = body.get(field, _MISSING)
     if value is _MISSING or value is None:
         if required:
@@ -87,8 +93,14 @@ def string_list(body: dict, field: str) -> list[str]:
     return value
 
 
-def integer(body: dict, field: str, *, default: int = 0, minimum: int = 0,
-            maximum: int = 2**32 - 1) -> int:
+def integer(
+    body: dict,
+    field: str,
+    *,
+    default: int = 0,
+    minimum: int = 0,
+    maximum: int = 2**32 - 1,
+) -> int:
     value = body.get(field, _MISSING)
     if value is _MISSING or value is None:
         return default

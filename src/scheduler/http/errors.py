@@ -55,7 +55,9 @@ def http_error(code: grpc.StatusCode, message: str, retry_after: int | None = No
     return falcon.HTTPError(
         falcon.code_to_http_status(status),
         title=TITLES.get(status, "Error"),
-        description=message if status != 500 else "internal error; see the scheduler's log",
+        description=message
+        if status != 500
+        else "internal error; see the scheduler's log",
         headers=headers,
     )
 
@@ -79,7 +81,8 @@ def make_handlers(retry_after_s: int):
             raise exc
         log.exception("unexpected error serving %s %s", req.method, req.path)
         raise falcon.HTTPInternalServerError(
-            title="Internal error", description="internal error; see the scheduler's log"
+            title="Internal error",
+            description="internal error; see the scheduler's log",
         )
 
     return [

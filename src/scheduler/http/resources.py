@@ -144,11 +144,14 @@ class LegacyQuery(_Base):
         )
         done = job["state"] != "running"
         failed = done and job["state"] != "succeeded"
-        _json(resp, {
-            "done": done,
-            "error": failed,
-            "error_text": job["reason"] if failed else "",
-        })
+        _json(
+            resp,
+            {
+                "done": done,
+                "error": failed,
+                "error_text": job["reason"] if failed else "",
+            },
+        )
 
 
 class LegacyStream(_Base):
