@@ -163,7 +163,10 @@ def issue(
     if expired:
         not_before, not_after = now - dt.timedelta(days=30), now - dt.timedelta(days=1)
     else:
-        not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+        not_before, not_after = (
+            now - dt.timedelta(minutes=5),
+            now + dt.timedelta(days=days),
+        )
     sans: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(uri),
         x509.DNSName(dns),
@@ -210,7 +213,9 @@ def issue(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="devca.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="devca.py", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_init = sub.add_parser("init", help="create a cluster CA")
     p_init.add_argument("--dir", type=Path, required=True)

@@ -26,8 +26,9 @@ def make_public_dir(prefix: str) -> Path:
 
 
 def devca(*args: str) -> None:
-    subprocess.run([sys.executable, str(DEVCA), *args], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(DEVCA), *args], check=True, stdout=subprocess.DEVNULL
+    )
 
 
 @pytest.fixture(scope="session")
