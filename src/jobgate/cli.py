@@ -45,7 +45,7 @@ def main(
     if args.command == "check-config":
         print(f"{args.config}: OK")
         return 0
-    logs.setup(cfg.log.level)
+    logs.setup(cfg.log.level, prog)
     try:
         return serve(cfg, args)
     except (OSError, JobgateError) as exc:

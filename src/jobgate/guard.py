@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
-from jobgate import identity
+from jobgate import identity, logs
 from jobgate.errors import JobgateError
 from jobgate.identity import Identity
 
@@ -88,16 +88,30 @@ def _is_abort(exc: Exception) -> bool:
     return type(exc) is Exception
 
 
+REQUEST_ID_KEY = "x-request-id"
+
+
+def _bind_request_id(context) -> object:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and len(value) <= 64:
+            return logs.bind(REQUEST_ID=value)
+    return None
+
+
 def _wrap(handler, cluster, roles, method):
     if handler.unary_unary:
         inner = handler.unary_unary
 
         def unary_unary(request, context):
             _check(context, cluster, roles, method)
+            token = _bind_request_id(context)
             try:
                 return inner(request, context)
             except Exception as exc:  # noqa: BLE001 - mapped below, never lost
                 _abort(context, exc, method)
+            finally:
+                if token is not None:
+                    logs.unbind(token)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary,
@@ -109,10 +123,14 @@ def _wrap(handler, cluster, roles, method):
 
         def unary_stream(request, context):
             _check(context, cluster, roles, method)
+            token = _bind_request_id(context)
             try:
                 yield from inner_stream(request, context)
             except Exception as exc:  # noqa: BLE001 - mapped below, never lost
                 _abort(context, exc, method)
+            finally:
+                if token is not None:
+                    logs.unbind(token)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream,

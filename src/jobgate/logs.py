@@ -1,15 +1,26 @@
-"""Logging to stderr, one line per event.
+"""Logging: one line per event, with structured fields journald can index.
 
-Under systemd (``JOURNAL_STREAM`` set) lines carry no timestamp, since journald
-adds its own, and start with a syslog priority prefix (``<4>``) so journald
-records the level. Elsewhere they carry a timestamp and the level name.
+Under systemd, when stderr is the journal stream (``JOURNAL_STREAM`` names
+stderr's device and inode), records go straight to journald's native socket
+with their fields (``JOB_ID``, ``WORKER_ID``, ``REQUEST_ID`` ...) so that
+``journalctl -u jobgate-worker JOB_ID=...`` finds a job's story; journald adds
+the timestamp. Elsewhere lines go to stderr with a timestamp and level.
+
+Fields come from ``extra={"JOB_ID": ...}`` on a call, or from the context
+(:func:`bind`), e.g. the request id of the HTTP request being served.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
+import socket
+import struct
 import sys
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+FIELDS = ("JOB_ID", "WORKER_ID", "REQUEST_ID", "GROUP_ID")
 
 _PRIORITY = {
     logging.CRITICAL: 2,
@@ -19,49 +30,142 @@ _PRIORITY = {
     logging.DEBUG: 7,
 }
 
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
+    "jobgate_log_fields"
+)
 
-class _JournalFormatter(logging.Formatter):
+
+def bind(**fields: str) -> contextvars.Token:
+    """Attach fields to every record logged in this context until reset."""
+    return _context.set({**_context.get({}), **fields})
+
+
+def unbind(token: contextvars.Token) -> None:
+    try:
+        _context.reset(token)
+    except ValueError:  # reset from another context: nothing of ours to undo
+        pass
+
+
+def current(key: str) -> str | None:
+    """The value bound to ``key`` in this context, if any."""
+    return _context.get({}).get(key)
+
+
+class _ContextFields(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _context.get({}).items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def _suffix(record: logging.LogRecord) -> str:
+    parts = [f"{k}={getattr(record, k)}" for k in FIELDS if getattr(record, k, None)]
+    return f" [{' '.join(parts)}]" if parts else ""
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL pid logger: message [FIELD=value ...]`` for terminals and files."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+
     def format(self, record: logging.LogRecord) -> str:
-        prio = _PRIORITY.get(record.levelno, 6)
         text = super().format(record)
-        # Continuation lines of a traceback keep the priority of the event.
-        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+        first, sep, rest = text.partition("\n")
+        return first + _suffix(record) + sep + rest
 
 
-def make_formatter() -> logging.Formatter:
-    """The formatter for this environment (journald or a terminal)."""
-    if os.environ.get("JOURNAL_STREAM"):
-        return _JournalFormatter("%(name)s: %(message)s")
-    return logging.Formatter(
-        "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+class JournalHandler(logging.Handler):
+    """Sends records to journald's native protocol socket, with fields."""
+
+    def __init__(self, identifier: str, path: str = JOURNAL_SOCKET):
+        super().__init__()
+        self.identifier = identifier
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.connect(path)
+
+    @staticmethod
+    def _field(key: str, value: str) -> bytes:
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            return key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        return key.encode() + b"=" + data + b"\n"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            fields = {
+                "MESSAGE": message[:60000],
+                "PRIORITY": str(_PRIORITY.get(record.levelno, 6)),
+                "SYSLOG_IDENTIFIER": self.identifier,
+                "LOGGER": record.name,
+                "CODE_FILE": record.pathname,
+                "CODE_LINE": str(record.lineno),
+                "CODE_FUNC": record.funcName,
+            }
+            for key in FIELDS:
+                value = getattr(record, key, None)
+                if value:
+                    fields[key] = str(value)
+            self.sock.send(b"".join(self._field(k, v) for k, v in fields.items()))
+        except Exception:  # noqa: BLE001 - logging must never take the service down
+            self.handleError(record)
+
+
+def _stderr_is_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = stream.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return (
+        dev.isdigit()
+        and ino.isdigit()
+        and (st.st_dev, st.st_ino) == (int(dev), int(ino))
     )
 
 
-def setup(level: str = "info", *, stream=None) -> None:
+def make_handler(identifier: str) -> logging.Handler:
+    """The journald handler under systemd, a stderr text handler elsewhere."""
+    handler: logging.Handler
+    if _stderr_is_journal() and os.path.exists(JOURNAL_SOCKET):
+        try:
+            handler = JournalHandler(identifier)
+        except OSError:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(TextFormatter())
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(TextFormatter())
+    handler.addFilter(_ContextFields())
+    return handler
+
+
+def setup(level: str = "info", identifier: str | None = None) -> None:
     """Configure the root logger once for a jobgate process."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(make_formatter())
+    ident = identifier or os.path.basename(sys.argv[0]) or "jobgate"
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [make_handler(ident)]
     root.setLevel(level.upper())
     # grpc's own loggers are chatty at INFO about connectivity; keep warnings.
     logging.getLogger("grpc").setLevel(max(root.level, logging.WARNING))
 
 
-def gunicorn_logconfig(level: str) -> dict:
+def gunicorn_logconfig(level: str, identifier: str) -> dict:
     """A ``logconfig_dict`` that makes gunicorn log like the rest of jobgate."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"jobgate": {"()": "jobgate.logs.make_formatter"}},
         "handlers": {
-            "stderr": {
-                "class": "logging.StreamHandler",
-                "formatter": "jobgate",
-                "stream": "ext://sys.stderr",
-            }
+            "jobgate": {"()": "jobgate.logs.make_handler", "identifier": identifier}
         },
-        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        "root": {"level": level.upper(), "handlers": ["jobgate"]},
         "loggers": {
             "gunicorn.error": {
                 "level": level.upper(),

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from jobgate import identity
+from jobgate import identity, logs
 from jobgate.errors import NotFound, Unavailable
+from jobgate.guard import REQUEST_ID_KEY
 from jobgate.jobstate import JobState
 from jobgate.tls import Credentials, secure_channel
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -58,6 +59,12 @@ def job_to_dict(job: common_pb2.Job, worker_id: str) -> dict:
         "timeout_s": job.timeout_s,
         "idempotency_key": job.idempotency_key or None,
     }
+
+
+def _metadata() -> tuple[tuple[str, str], ...]:
+    """gRPC metadata that carries the HTTP request's id to the worker."""
+    rid = logs.current("REQUEST_ID")
+    return ((REQUEST_ID_KEY, rid),) if rid else ()
 
 
 class ChannelPool:
@@ -202,6 +209,7 @@ class Gateway:
                 idempotency_key=idempotency_key,
             ),
             timeout=self.cfg.workers.rpc_timeout_s,
+            metadata=_metadata(),
         )
         self.store.record_job(resp.job.job_id, worker.id, command, path)
         if not resp.existing:
@@ -218,7 +226,9 @@ class Gateway:
     def list_jobs(self, ref: str) -> list[dict]:
         worker, stub = self._reachable(ref)
         resp = stub.ListJobs(
-            worker_pb2.ListJobsRequest(), timeout=self.cfg.workers.rpc_timeout_s
+            worker_pb2.ListJobsRequest(),
+            timeout=self.cfg.workers.rpc_timeout_s,
+            metadata=_metadata(),
         )
         return [job_to_dict(j, worker.id) for j in resp.jobs]
 
@@ -227,6 +237,7 @@ class Gateway:
         job = stub.GetJob(
             worker_pb2.GetJobRequest(job_id=job_id),
             timeout=self.cfg.workers.rpc_timeout_s,
+            metadata=_metadata(),
         )
         return job_to_dict(job, worker.id)
 
@@ -235,6 +246,7 @@ class Gateway:
         job = stub.StopJob(
             worker_pb2.StopJobRequest(job_id=job_id),
             timeout=self.cfg.workers.stop_timeout_s,
+            metadata=_metadata(),
         )
         return job_to_dict(job, worker.id)
 
@@ -246,6 +258,7 @@ class Gateway:
         call = stub.StreamOutput(
             worker_pb2.StreamOutputRequest(job_id=job_id, offset=offset, follow=follow),
             timeout=self.cfg.workers.stream_timeout_s,
+            metadata=_metadata(),
         )
         return OutputStream(call, worker.id)
 

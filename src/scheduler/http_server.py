@@ -54,7 +54,9 @@ class HttpServer(BaseApplication):
             "accesslog": "-" if h.access_log else None,
             "access_log_format": '%(h)s "%(r)s" %(s)s %(B)s %(M)sms',
             "errorlog": "-",
-            "logconfig_dict": logs.gunicorn_logconfig(self.jg_cfg.log.level),
+            "logconfig_dict": logs.gunicorn_logconfig(
+                self.jg_cfg.log.level, "jobgate-scheduler"
+            ),
             "proc_name": "jobgate-scheduler-http",
             "post_worker_init": post_worker_init,
             "preload_app": False,

@@ -72,6 +72,18 @@ def _wait_ready(fd: int, child: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
+def _status(cfg: SchedulerConfig, store: Store, http_port: int, grpc_port: int) -> str:
+    now = time.time()
+    states = [
+        w.effective_state(now, cfg.workers.heartbeat_timeout_s)
+        for w in store.list_workers()
+    ]
+    counts = ", ".join(
+        f"{states.count(s)} {s}" for s in ("online", "unreachable", "offline")
+    )
+    return f"workers: {counts}; HTTP on port {http_port}, gRPC on port {grpc_port}"
+
+
 def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> int:
     stop = stop_event_on_signals()
     notifier = Notifier()
@@ -126,6 +138,10 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
         notifier.ready(
             f"serving HTTP on port {http_port}, gRPC on port {grpc_port} "
             f"for cluster {cfg.cluster.name}"
+        )
+        notifier.start_watchdog(
+            lambda: child.poll() is None and store.writable(),
+            lambda: _status(cfg, store, http_port, grpc_port),
         )
         write_ready_file(
             ready_file,

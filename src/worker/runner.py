@@ -363,6 +363,13 @@ class JobRunner:
         records.sort(key=lambda r: r.started_at, reverse=True)
         return records
 
+    def responsive(self, timeout: float = 5.0) -> bool:
+        """False if the runner's lock cannot be taken in ``timeout`` (a hang)."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True
+
     def running_count(self) -> int:
         with self._lock:
             return sum(not j.done.is_set() for j in self._jobs.values())

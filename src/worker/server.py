@@ -45,9 +45,18 @@ def serve(cfg: WorkerConfig, ready_file: Path | None = None) -> int:
         cfg, creds, address, runner.running_count, cfg.jobs.max_concurrent, stop
     )
     notifier.status(f"registering with the scheduler at {cfg.scheduler.address}")
+
+    def status() -> str:
+        running = runner.running_count()
+        jobs = f"{running} job{'s' if running != 1 else ''} running"
+        if not registrar.registered:
+            return f"not registered with {cfg.scheduler.address}; {jobs}"
+        return f"registered as {cfg.worker.name} ({registrar.worker_id}), {jobs}"
+
     registrar.start()
     if registrar.registered:
-        notifier.ready(f"registered as {cfg.worker.name} ({registrar.worker_id})")
+        notifier.ready(status())
+        notifier.start_watchdog(runner.responsive, status)
         write_ready_file(
             ready_file,
             {"grpc_port": port, "address": address, "worker_id": registrar.worker_id},

@@ -8,11 +8,12 @@ from scheduler.gateway import Gateway
 from scheduler.http import resources as r
 from scheduler.http.auth import TokenAuth
 from scheduler.http.errors import make_handlers
+from scheduler.http.middleware import RequestId
 
 
 def create_app(gateway: Gateway, tokens: dict[str, str]) -> falcon.App:
     cfg = gateway.cfg
-    app = falcon.App(middleware=[TokenAuth(tokens)])
+    app = falcon.App(middleware=[RequestId(), TokenAuth(tokens)])
     app.req_options.strip_url_path_trailing_slash = True
     for exc, handler in make_handlers(cfg.workers.retry_after_s):
         app.add_error_handler(exc, handler)
