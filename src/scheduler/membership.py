@@ -8,6 +8,7 @@ as itself and heartbeat or deregister only its own id.
 from __future__ import annotations
 
 import logging
+import re
 
 from jobgate import identity
 from jobgate.config import parse_hostport
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 POLICY = {"/jobgate.v1.Scheduler/": {identity.WORKER}}
 
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 256
 
@@ -51,6 +53,11 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise PermissionDenied(
                 f"the certificate names worker {name!r}; it cannot register as "
                 f"{request.name!r}"
+            )
+        if UUID_RE.match(name):
+            raise InvalidArgument(
+                f"worker name {name!r} looks like a worker id; names must not, "
+                "so that every reference to a worker is unambiguous"
             )
         try:
             parse_hostport(request.address)

@@ -165,11 +165,13 @@ class Store:
         return _worker(row) if row else None
 
     def find_worker(self, ref: str) -> WorkerRow | None:
-        """The worker whose id or name is ``ref``."""
+        """The worker whose id or, failing that, whose name is ``ref``."""
         row = (
             self._conn()
             .execute(
-                "SELECT * FROM workers WHERE id = ? OR name = ? LIMIT 1", (ref, ref)
+                "SELECT * FROM workers WHERE id = ? OR name = ? "
+                "ORDER BY id = ? DESC LIMIT 1",
+                (ref, ref, ref),
             )
             .fetchone()
         )
