@@ -38,3 +38,38 @@ def check_transition(old: JobState, new: JobState) -> None:
     """Raise ValueError unless a job may go from ``old`` to ``new``."""
     if new not in _ALLOWED.get(old, frozenset()):
         raise ValueError(f"a job cannot go from {old.value} to {new.value}")
+
+
+class ExitReason(enum.Enum):
+    """Why a finished job ended; the state a client sees follows from it."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    KILLED = "killed"
+    STOPPED = "stopped"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+    START_FAILED = "start_failed"
+
+    @property
+    def state(self) -> JobState:
+        return _STATE_OF[self]
+
+    def to_proto(self) -> int:
+        return common_pb2.ExitReason.Value(f"EXIT_REASON_{self.name}")
+
+    @classmethod
+    def from_proto(cls, value: int) -> ExitReason | None:
+        name = common_pb2.ExitReason.Name(value).removeprefix("EXIT_REASON_")
+        return None if name == "UNSPECIFIED" else cls[name]
+
+
+_STATE_OF = {
+    ExitReason.SUCCEEDED: JobState.SUCCEEDED,
+    ExitReason.FAILED: JobState.FAILED,
+    ExitReason.KILLED: JobState.FAILED,
+    ExitReason.STOPPED: JobState.STOPPED,
+    ExitReason.TIMED_OUT: JobState.TIMED_OUT,
+    ExitReason.LOST: JobState.LOST,
+    ExitReason.START_FAILED: JobState.FAILED,
+}

@@ -47,7 +47,9 @@ class GrpcSection:
         "0.0.0.0:7443", help="host:port of the gRPC server workers call"
     )
     max_threads: int = setting(32, min=2, max=4096, help="threads serving worker RPCs")
-    max_message_bytes: int = setting(4 * 1024 * 1024, min=65536)
+    max_message_bytes: int = setting(
+        4 * 1024 * 1024, min=65536, help="largest gRPC message accepted"
+    )
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, "bind")
@@ -88,7 +90,10 @@ class WorkersSection:
         86400.0, min=1, help="longest an output stream to one client may last"
     )
     retry_after_s: int = setting(
-        5, min=1, help="Retry-After of a 503 for a down worker"
+        5, min=1, help="Retry-After of a 503 (worker down) or 429 (worker full)"
+    )
+    max_wait_s: float = setting(
+        3600.0, min=1, help="longest a ?wait=true start waits for the job to end"
     )
 
     def __post_init__(self) -> None:
@@ -102,7 +107,11 @@ class WorkersSection:
 
 @dataclass(frozen=True)
 class LogSection:
-    level: str = setting("info", choices=("debug", "info", "warning", "error"))
+    level: str = setting(
+        "info",
+        choices=("debug", "info", "warning", "error"),
+        help="least severe level logged",
+    )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobgate import identity, logs
 from jobgate.errors import NotFound, Unavailable
 from jobgate.guard import REQUEST_ID_KEY
-from jobgate.jobstate import JobState
+from jobgate.jobstate import ExitReason, JobState
 from jobgate.tls import Credentials, secure_channel
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.config import SchedulerConfig
@@ -58,6 +58,12 @@ def job_to_dict(job: common_pb2.Job, worker_id: str) -> dict:
         "output_bytes": job.output_bytes,
         "timeout_s": job.timeout_s,
         "idempotency_key": job.idempotency_key or None,
+        "exit_reason": reason.value
+        if (reason := ExitReason.from_proto(job.exit_reason))
+        else None,
+        "stopped_by": job.stopped_by or None,
+        "stopped_at": timestamp(job.stopped_at) if job.HasField("stopped_at") else None,
+        "output_dropped_bytes": job.output_dropped_bytes,
     }
 
 
@@ -241,10 +247,21 @@ class Gateway:
         )
         return job_to_dict(job, worker.id)
 
-    def stop_job(self, ref: str, job_id: str) -> dict:
+    def wait_job(self, ref: str, job_id: str) -> dict:
+        """The job's status once it ended, or after ``[workers].max_wait_s``."""
+        worker, stub = self._reachable(ref)
+        wait_s = self.cfg.workers.max_wait_s
+        job = stub.WaitJob(
+            worker_pb2.WaitJobRequest(job_id=job_id, timeout_s=wait_s),
+            timeout=wait_s + self.cfg.workers.rpc_timeout_s,
+            metadata=_metadata(),
+        )
+        return job_to_dict(job, worker.id)
+
+    def stop_job(self, ref: str, job_id: str, requested_by: str = "") -> dict:
         worker, stub = self._reachable(ref)
         job = stub.StopJob(
-            worker_pb2.StopJobRequest(job_id=job_id),
+            worker_pb2.StopJobRequest(job_id=job_id, requested_by=requested_by),
             timeout=self.cfg.workers.stop_timeout_s,
             metadata=_metadata(),
         )
@@ -268,8 +285,9 @@ class OutputStream:
 
     Construction waits for the first message, so a missing job or a worker
     error becomes an HTTP error status rather than a truncated 200.
-    Iterating yields ``(offset, data)``; :attr:`final` holds the job's status
-    once the stream has ended. :meth:`close` cancels the call.
+    Iterating yields ``(offset, data, skipped)``, ``skipped`` being bytes the
+    output cap dropped just before ``offset``; :attr:`final` holds the job's
+    status once the stream has ended. :meth:`close` cancels the call.
     """
 
     def __init__(self, call, worker_id: str):
@@ -284,7 +302,7 @@ class OutputStream:
             call.cancel()
             raise
 
-    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+    def __iter__(self) -> Iterator[tuple[int, bytes, int]]:
         try:
             msg = self._first
             self._first = None
@@ -292,7 +310,7 @@ class OutputStream:
                 if msg.HasField("final"):
                     self.final = job_to_dict(msg.final, self.worker_id)
                 elif msg.data:
-                    yield msg.offset, msg.data
+                    yield msg.offset, msg.data, msg.skipped
                 msg = next(self._call, None)
         finally:
             self._call.cancel()

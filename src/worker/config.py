@@ -102,11 +102,36 @@ class JobsSection:
     environment: dict[str, str] = setting(
         default_factory=dict, help="extra environment variables for every job"
     )
+    isolation: str = setting(
+        "auto",
+        choices=("auto", "cgroup", "process-group"),
+        help="how a job's processes are kept together (auto: cgroup when possible)",
+    )
+    output_head_bytes: int = setting(
+        16 * 1024 * 1024, min=0, help="first bytes of a job's output always kept"
+    )
+    output_tail_bytes: int = setting(
+        16 * 1024 * 1024, min=4096, help="last bytes of a job's output always kept"
+    )
+    retention_max_jobs: int = setting(
+        1000, min=1, help="finished jobs kept (records and output); oldest go first"
+    )
+    retention_max_age_s: int = setting(
+        7 * 24 * 3600, min=60, help="finished jobs older than this are deleted"
+    )
+    retention_interval_s: float = setting(
+        60.0, min=0.1, help="how often retention runs"
+    )
+    max_wait_s: float = setting(3600.0, min=1, help="longest a WaitJob call may block")
 
 
 @dataclass(frozen=True)
 class LogSection:
-    level: str = setting("info", choices=("debug", "info", "warning", "error"))
+    level: str = setting(
+        "info",
+        choices=("debug", "info", "warning", "error"),
+        help="least severe level logged",
+    )
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,18 @@
 """Runs jobs: spawning, output capture, following, stopping, history.
 
 Each job is a script from the scripts directory run by an allow-listed
-interpreter, in its own session and process group, with stdin from /dev/null
-and a scrubbed environment. Its stdout and stderr share one pipe, so the
-output keeps the order in which the job wrote it. A reader thread copies the
-pipe to ``<state_dir>/jobs/<id>/output.log`` and wakes the followers waiting on
-the job's condition variable; nobody polls.
+interpreter, as an unprivileged user, in its own session and (where the host
+allows) its own cgroup (see :mod:`worker.isolation`), with stdin from
+/dev/null and a scrubbed environment. Its stdout and stderr share one pipe,
+so the output keeps the order in which the job wrote it. A reader thread
+copies the pipe into the job's :class:`~worker.output.OutputLog` and wakes the
+followers waiting on the job's condition variable; nobody polls.
 
 A waiter thread notices the main process exit without reaping it
-(``waitid(WNOWAIT)``), kills whatever is left of the process group while the
-group id still belongs to the job, reaps, lets the reader drain the pipe (for
-at most ``drain_timeout_s``), and only then records the end state. So a job
-that is reported ended has no process left in its group and no output still
-to come.
+(``waitid(WNOWAIT)``), kills whatever is left of the job while its ids still
+belong to it, reaps, lets the reader drain the pipe (for at most
+``drain_timeout_s``), and only then records the end. So a job reported ended
+has no process left and no output still to come.
 
 OS effects (spawn, signals, clock) go through :class:`ProcessOps` so tests can
 replace them; the tests also run the real thing.
@@ -21,13 +21,15 @@ replace them; the tests also run the real thing.
 from __future__ import annotations
 
 import dataclasses
-import errno
+import hashlib
 import json
 import logging
 import os
 import pwd
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -35,14 +37,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from jobgate.errors import (
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
 )
-from jobgate.jobstate import JobState, check_transition
+from jobgate.jobstate import ExitReason, JobState, check_transition
+from worker import isolation
 from worker.config import JobsSection
+from worker.output import OutputLog
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +67,34 @@ class JobRecord:
     started_at: float = 0.0
     ended_at: float | None = None
     reason: str = ""
+    exit_reason: ExitReason | None = None
+    stopped_by: str = ""
+    stopped_at: float | None = None
     output_bytes: int = 0
+    output_dropped_bytes: int = 0
     timeout_s: int = 0
     idempotency_key: str = ""
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["state"] = self.state.value
+        d["exit_reason"] = self.exit_reason.value if self.exit_reason else None
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> JobRecord:
         d = dict(d)
         d["state"] = JobState(d["state"])
+        d["exit_reason"] = (
+            ExitReason(d["exit_reason"]) if d.get("exit_reason") else None
+        )
         return cls(**d)
 
 
 class ProcessOps:
     """The runner's seam to the operating system."""
 
-    def spawn(self, argv, *, cwd, env, user, group) -> subprocess.Popen:
+    def spawn(self, argv, *, cwd, env, user, group, pass_fds=()) -> subprocess.Popen:
         return subprocess.Popen(
             argv,
             cwd=cwd,
@@ -92,17 +103,12 @@ class ProcessOps:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             close_fds=True,
+            pass_fds=pass_fds,
             start_new_session=True,
             user=user,
             group=group,
             extra_groups=[] if user is not None else None,
         )
-
-    def killpg(self, pgid: int, sig: int) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass
 
     def wait_exit(self, pid: int) -> None:
         """Block until ``pid`` exits, leaving it unreaped (a zombie)."""
@@ -122,16 +128,17 @@ class ProcessOps:
 class _Job:
     """A job and the synchronisation around it."""
 
-    def __init__(self, record: JobRecord, directory: Path):
+    def __init__(self, record: JobRecord, directory: Path, output: OutputLog):
         self.record = record
         self.dir = directory
-        self.output_path = directory / "output.log"
+        self.output = output
         self.cond = threading.Condition()
         self.proc: subprocess.Popen | None = None
-        self.reaped = True  # no live process group unless spawned
+        self.status_fd: int | None = None
+        self.reaped = True  # no live processes unless spawned
         self.sealed = True  # no more output unless spawned
-        self.stop_state: JobState | None = None
-        self.stop_reason = ""
+        self.stop_reason: ExitReason | None = None
+        self.stop_text = ""
         self.done = threading.Event()
         self.timer: threading.Timer | None = None
         if record.state.is_terminal():
@@ -142,7 +149,11 @@ class JobRunner:
     """Starts, stops and reports jobs on this worker."""
 
     def __init__(
-        self, cfg: JobsSection, worker_name: str = "", ops: ProcessOps | None = None
+        self,
+        cfg: JobsSection,
+        worker_name: str = "",
+        ops: ProcessOps | None = None,
+        isolation_mode: str | None = None,
     ):
         self.cfg = cfg
         self.worker_name = worker_name
@@ -150,11 +161,21 @@ class JobRunner:
         self.jobs_dir = cfg.state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.scripts_dir = cfg.scripts_dir.resolve()
+        state_key = hashlib.sha256(str(cfg.state_dir.resolve()).encode()).hexdigest()
+        self.isolation = isolation.choose(
+            isolation_mode or cfg.isolation,
+            f"{worker_name or 'worker'}-{state_key[:12]}",
+        )
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._by_key: dict[str, str] = {}
         self._user, self._group, self._home = self._job_account()
+        self._closed = threading.Event()
         self._load_history()
+        self._retention = threading.Thread(
+            target=self._retention_loop, name="retention", daemon=True
+        )
+        self._retention.start()
 
     # -- set-up -------------------------------------------------------------
 
@@ -164,14 +185,19 @@ class JobRunner:
         try:
             pw = pwd.getpwnam(self.cfg.user)
         except KeyError:
-            raise FailedPrecondition(
+            raise OSError(
                 f"[jobs].user: no such account {self.cfg.user!r} on this host"
             ) from None
         if pw.pw_uid == 0:
-            raise FailedPrecondition(
+            raise OSError(
                 f"[jobs].user: {self.cfg.user!r} is root; jobs never run as root"
             )
         return pw.pw_uid, pw.pw_gid, pw.pw_dir
+
+    def _output(self, directory: Path, total: int = 0) -> OutputLog:
+        return OutputLog(
+            directory, self.cfg.output_head_bytes, self.cfg.output_tail_bytes, total
+        )
 
     def _load_history(self) -> None:
         """Read the records a previous run left; jobs it was running are lost."""
@@ -181,16 +207,20 @@ class JobRunner:
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 log.warning("ignoring unreadable job record %s: %s", path, exc)
                 continue
+            output = self._output(path.parent, record.output_bytes)
             if record.state is JobState.RUNNING:
                 record.state = JobState.LOST
+                record.exit_reason = ExitReason.LOST
                 record.ended_at = self.ops.now()
                 record.reason = "the worker stopped while the job was running"
-                try:
-                    record.output_bytes = (path.parent / "output.log").stat().st_size
-                except OSError:
-                    pass
+                record.output_bytes = output.recover()
                 self._persist(path.parent, record)
-            job = _Job(record, path.parent)
+                log.warning(
+                    "job %s was running when the worker stopped: lost",
+                    record.job_id,
+                    extra={"JOB_ID": record.job_id},
+                )
+            job = _Job(record, path.parent, output)
             self._jobs[record.job_id] = job
             if record.idempotency_key:
                 self._by_key[record.idempotency_key] = record.job_id
@@ -212,6 +242,8 @@ class JobRunner:
         real = Path(os.path.realpath(self.scripts_dir / path))
         if os.path.commonpath([real, self.scripts_dir]) != str(self.scripts_dir):
             raise PermissionDenied(f"path {path!r} is outside the scripts directory")
+        if real.is_dir():
+            raise InvalidArgument(f"path {path!r} is a directory, not a script")
         if not real.is_file():
             raise InvalidArgument(f"no script {path!r} in the scripts directory")
         return real
@@ -302,32 +334,22 @@ class JobRunner:
             )
             directory = self.jobs_dir / job_id
             directory.mkdir(mode=0o750)
-            job = _Job(record, directory)
-            job.done.clear()
-            job.output_path.touch(mode=0o640)
-            try:
-                job.proc = self.ops.spawn(
-                    [exe, str(script), *args],
-                    cwd=str(self.scripts_dir),
-                    env=self._environment(job_id),
-                    user=self._user,
-                    group=self._group,
-                )
-            except OSError as exc:
-                record.state = JobState.FAILED
-                record.ended_at = self.ops.now()
-                record.reason = (
-                    f"could not start {exe}: {os.strerror(exc.errno or errno.EIO)}"
-                )
-                self._persist(directory, record)
-                job.done.set()
-                self._jobs[job_id] = job
-                raise FailedPrecondition(record.reason) from None
-            record.pid = job.proc.pid
-            job.reaped = job.sealed = False
+            job = _Job(record, directory, self._output(directory))
+            job.output.open_for_append()
             self._jobs[job_id] = job
             if idempotency_key:
                 self._by_key[idempotency_key] = job_id
+            try:
+                self._spawn(job, [exe, str(script), *args])
+            except OSError as exc:
+                job.output.close()
+                self._finish(
+                    job,
+                    ExitReason.START_FAILED,
+                    f"could not execute {exe}: {exc.strerror}",
+                    None,
+                )
+                return self._snapshot(job), False
             self._persist(directory, record)
         log.info(
             "job %s started: %s %s (pid %d)",
@@ -353,8 +375,59 @@ class JobRunner:
             job.timer.start()
         return self._snapshot(job), False
 
+    def _spawn(self, job: _Job, argv: list[str]) -> None:
+        procs = self.isolation.prepare(job.record.job_id)
+        env = self._environment(job.record.job_id)
+        if procs == "-":
+            job.proc = self.ops.spawn(
+                argv,
+                cwd=str(self.scripts_dir),
+                env=env,
+                user=self._user,
+                group=self._group,
+            )
+        else:
+            status_r, status_w = os.pipe()
+            shim = [
+                sys.executable,
+                "-I",
+                "-m",
+                "worker.jobexec",
+                procs,
+                str(status_w),
+                str(self._user) if self._user is not None else "-",
+                str(self._group) if self._group is not None else "-",
+                "--",
+                *argv,
+            ]
+            try:
+                # The shim needs the worker's privileges to join the cgroup;
+                # it drops them itself before the job's program runs.
+                job.proc = self.ops.spawn(
+                    shim,
+                    cwd=str(self.scripts_dir),
+                    env={**env, "PYTHONPATH": _package_root()},
+                    user=None,
+                    group=None,
+                    pass_fds=(status_w,),
+                )
+            except OSError:
+                os.close(status_r)
+                raise
+            finally:
+                os.close(status_w)
+            job.status_fd = status_r
+        job.record.pid = job.proc.pid
+        job.reaped = job.sealed = False
+
     def get(self, job_id: str) -> JobRecord:
         return self._snapshot(self._job(job_id))
+
+    def wait(self, job_id: str, timeout_s: float) -> JobRecord:
+        """The job's record once it has ended, or after ``timeout_s``."""
+        job = self._job(job_id)
+        job.done.wait(min(max(timeout_s, 0.0), self.cfg.max_wait_s))
+        return self._snapshot(job)
 
     def list(self) -> list[JobRecord]:
         with self._lock:
@@ -374,8 +447,10 @@ class JobRunner:
         with self._lock:
             return sum(not j.done.is_set() for j in self._jobs.values())
 
-    def stop(self, job_id: str, grace_s: float = 0, *, reason: str = "") -> JobRecord:
-        """Stop a job: SIGTERM to its group, SIGKILL after the grace period.
+    def stop(
+        self, job_id: str, grace_s: float = 0, *, requested_by: str = ""
+    ) -> JobRecord:
+        """Stop a job: SIGTERM to all its processes, SIGKILL after the grace period.
 
         Returns the final record. Stopping a job that already ended returns its
         record unchanged.
@@ -383,22 +458,31 @@ class JobRunner:
         job = self._job(job_id)
         if grace_s < 0:
             raise InvalidArgument("grace_s must not be negative")
-        self._terminate(job, JobState.STOPPED, reason or "stopped on request", grace_s)
+        who = requested_by or "an unnamed client"
+        self._terminate(
+            job,
+            ExitReason.STOPPED,
+            f"stopped on request by {who}",
+            grace_s,
+            requested_by=who,
+        )
         return self._snapshot(job)
 
     def shutdown(self, grace_s: float | None = None) -> None:
         """Stop every running job (the worker is going away)."""
         with self._lock:
             running = [j for j in self._jobs.values() if not j.done.is_set()]
+        grace = grace_s if grace_s is not None else self.cfg.stop_grace_s
         threads = [
             threading.Thread(
                 target=self._terminate,
                 args=(
                     j,
-                    JobState.STOPPED,
+                    ExitReason.STOPPED,
                     "stopped because the worker shut down",
-                    grace_s if grace_s is not None else self.cfg.stop_grace_s,
+                    grace,
                 ),
+                kwargs={"requested_by": "the worker (shutdown)"},
             )
             for j in running
         ]
@@ -406,6 +490,8 @@ class JobRunner:
             t.start()
         for t in threads:
             t.join()
+        self._closed.set()
+        self.isolation.close()
 
     def read_output(
         self,
@@ -413,41 +499,41 @@ class JobRunner:
         offset: int = 0,
         follow: bool = False,
         cancelled: Callable[[], bool] = lambda: False,
-    ) -> Iterator[tuple[int, bytes]]:
-        """Yield ``(offset, data)`` chunks of the job's output from ``offset``.
+    ) -> Iterator[tuple[int, bytes, int]]:
+        """Yield ``(offset, data, skipped)`` chunks of the job's output.
 
+        ``skipped`` counts bytes before ``offset`` that the output cap dropped.
         With ``follow``, waits for more output until the job has ended and all
         of it was yielded; ``cancelled`` is checked whenever the job's
-        condition is notified (call :meth:`wake` to notify it).
+        condition is notified (:meth:`wake` notifies it).
         """
         job = self._job(job_id)
         if offset < 0:
             raise InvalidArgument("offset must not be negative")
         chunk = self.cfg.read_chunk_bytes
-        with open(job.output_path, "rb") as f:
-            pos = offset
-            f.seek(pos)
-            while True:
-                with job.cond:
-                    while (
-                        follow
-                        and not job.sealed
-                        and job.record.output_bytes <= pos
-                        and not cancelled()
-                    ):
-                        job.cond.wait()
-                    sealed = job.sealed
-                    available = job.record.output_bytes
-                if cancelled() or pos >= available:
-                    # Nothing more now: done unless following a live job.
-                    if cancelled() or sealed or not follow:
-                        return
-                    continue
-                data = f.read(min(chunk, available - pos))
-                if not data:  # the file is shorter than recorded; never spin
+        pos = offset
+        while True:
+            with job.cond:
+                while (
+                    follow
+                    and not job.sealed
+                    and job.output.total <= pos
+                    and not cancelled()
+                ):
+                    job.cond.wait()
+                sealed = job.sealed
+                available = job.output.total
+            if cancelled():
+                return
+            if pos >= available:
+                if sealed or not follow:
                     return
-                yield pos, data
-                pos += len(data)
+                continue
+            start, data = job.output.read(pos, chunk, available)
+            if not data:
+                return  # nothing readable where the record says there is
+            yield start, data, start - pos
+            pos = start + len(data)
 
     def wake(self, job_id: str) -> None:
         """Wake the followers of a job so they re-check cancellation."""
@@ -467,7 +553,11 @@ class JobRunner:
 
     def _snapshot(self, job: _Job) -> JobRecord:
         with job.cond:
-            return dataclasses.replace(job.record, args=list(job.record.args))
+            r = dataclasses.replace(job.record, args=list(job.record.args))
+            if not job.sealed:
+                r.output_bytes = job.output.total
+                r.output_dropped_bytes = job.output.dropped
+            return r
 
     def _persist(self, directory: Path, record: JobRecord) -> None:
         tmp = directory / "job.json.tmp"
@@ -477,36 +567,46 @@ class JobRunner:
     def _signal(self, job: _Job, sig: int) -> None:
         with job.cond:
             if not job.reaped and job.proc is not None:
-                self.ops.killpg(job.proc.pid, sig)
+                self.isolation.signal(job.record.job_id, job.proc.pid, sig)
 
-    def _terminate(self, job: _Job, state: JobState, reason: str, grace_s: float):
+    def _terminate(
+        self,
+        job: _Job,
+        reason: ExitReason,
+        text: str,
+        grace_s: float,
+        requested_by: str = "",
+    ) -> None:
         with job.cond:
             if job.done.is_set() or job.proc is None:
                 return
-            if job.stop_state is None:
-                job.stop_state, job.stop_reason = state, reason
+            if job.stop_reason is None:
+                job.stop_reason, job.stop_text = reason, text
+                if requested_by:
+                    job.record.stopped_by = requested_by
+                    job.record.stopped_at = self.ops.now()
         grace = grace_s or self.cfg.stop_grace_s
+        jid = job.record.job_id
         log.info(
-            "job %s: %s; SIGTERM to its process group",
-            job.record.job_id,
-            reason,
-            extra={"JOB_ID": job.record.job_id},
+            "job %s: %s; SIGTERM to all its processes", jid, text, extra={"JOB_ID": jid}
         )
         self._signal(job, signal.SIGTERM)
         if not job.done.wait(grace):
             log.info(
                 "job %s still running after %.1fs; SIGKILL",
-                job.record.job_id,
+                jid,
                 grace,
-                extra={"JOB_ID": job.record.job_id},
+                extra={"JOB_ID": jid},
             )
-            self._signal(job, signal.SIGKILL)
+            with job.cond:
+                if not job.reaped and job.proc is not None:
+                    self.isolation.kill_all(jid, job.proc.pid)
             job.done.wait()
 
     def _on_timeout(self, job: _Job) -> None:
         self._terminate(
             job,
-            JobState.TIMED_OUT,
+            ExitReason.TIMED_OUT,
             f"ran longer than its timeout of {job.record.timeout_s}s",
             self.cfg.stop_grace_s,
         )
@@ -516,46 +616,84 @@ class JobRunner:
         fd = job.proc.stdout.fileno()
         chunk = self.cfg.read_chunk_bytes
         try:
-            with open(job.output_path, "ab", buffering=0) as out:
-                while True:
-                    data = os.read(fd, chunk)
-                    if not data:
-                        break
-                    with job.cond:
-                        if job.sealed:
-                            break  # the job was recorded as ended: drop late output
-                        out.write(data)
-                        job.record.output_bytes += len(data)
-                        job.cond.notify_all()
+            while True:
+                data = os.read(fd, chunk)
+                if not data:
+                    break
+                with job.cond:
+                    if job.sealed:
+                        break  # the job was recorded as ended: drop late output
+                    job.output.append(data)
+                    job.cond.notify_all()
         except OSError as exc:
-            log.error("job %s: reading output failed: %s", job.record.job_id, exc)
+            log.error(
+                "job %s: reading output failed: %s",
+                job.record.job_id,
+                exc,
+                extra={"JOB_ID": job.record.job_id},
+            )
         finally:
             job.proc.stdout.close()
 
     def _wait(self, job: _Job, reader: threading.Thread) -> None:
         proc = job.proc
         assert proc is not None
+        jid = job.record.job_id
         self.ops.wait_exit(proc.pid)
         with job.cond:
-            # The leader is a zombie, so its pid still names the group: kill
-            # what the job left behind before the id can be reused.
-            self.ops.killpg(proc.pid, signal.SIGKILL)
+            # The main process is a zombie, so its pid still names the job's
+            # process group: end what the job left behind before it is reaped.
+            self.isolation.kill_all(jid, proc.pid)
             returncode = proc.wait()
             job.reaped = True
         reader.join(self.cfg.drain_timeout_s)
+        self.isolation.cleanup(jid)
         if job.timer is not None:
             job.timer.cancel()
+        start_error = self._start_error(job)
+        if start_error:
+            self._finish(job, ExitReason.START_FAILED, start_error, returncode)
+        else:
+            self._finish(job, *self._outcome(job, returncode), returncode)
+
+    def _start_error(self, job: _Job) -> str:
+        if job.status_fd is None:
+            return ""
+        try:
+            data = os.read(job.status_fd, 4096).decode(errors="replace")
+        finally:
+            os.close(job.status_fd)
+            job.status_fd = None
+        if not data:
+            return ""
+        errno_text, _, filename = data.partition(" ")
+        try:
+            reason = os.strerror(int(errno_text))
+        except ValueError:
+            reason = data
+        return f"could not execute {filename}: {reason}"
+
+    def _finish(
+        self, job: _Job, reason: ExitReason, text: str, returncode: int | None
+    ) -> None:
         with job.cond:
             job.sealed = True
+            job.output.close()
             r = job.record
-            if returncode < 0:
+            if returncode is not None and returncode < 0:
                 r.signal = -returncode
-            else:
+            elif returncode is not None:
                 r.exit_code = returncode
-            new_state, r.reason = self._outcome(job, returncode)
-            check_transition(r.state, new_state)
-            r.state = new_state
+            check_transition(r.state, reason.state)
+            r.state, r.exit_reason, r.reason = reason.state, reason, text
             r.ended_at = self.ops.now()
+            r.output_bytes = job.output.total
+            r.output_dropped_bytes = job.output.dropped
+            if r.output_dropped_bytes:
+                r.reason += (
+                    f"; {r.output_dropped_bytes} bytes of output were dropped "
+                    "between the kept head and tail"
+                )
             self._persist(job.dir, r)
             job.cond.notify_all()
         job.done.set()
@@ -568,15 +706,58 @@ class JobRunner:
         )
 
     @staticmethod
-    def _outcome(job: _Job, returncode: int) -> tuple[JobState, str]:
-        if job.stop_state is not None:
-            return job.stop_state, job.stop_reason
+    def _outcome(job: _Job, returncode: int) -> tuple[ExitReason, str]:
+        if job.stop_reason is not None:
+            return job.stop_reason, job.stop_text
         if returncode == 0:
-            return JobState.SUCCEEDED, "exited with code 0"
+            return ExitReason.SUCCEEDED, "exited with code 0"
         if returncode > 0:
-            return JobState.FAILED, f"exited with code {returncode}"
+            return ExitReason.FAILED, f"exited with code {returncode}"
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        return JobState.FAILED, f"killed by {name}"
+        return ExitReason.KILLED, f"killed by {name}"
+
+    # -- retention --------------------------------------------------------------
+
+    def _retention_loop(self) -> None:
+        while not self._closed.wait(self.cfg.retention_interval_s):
+            try:
+                self.enforce_retention()
+            except Exception:  # noqa: BLE001 - keep retention alive; log once each
+                log.exception("retention failed")
+
+    def enforce_retention(self) -> list[str]:
+        """Delete finished jobs beyond the configured age and count.
+
+        Records leave the index under the lock; their files are removed after,
+        so requests never wait on the disk. Returns the ids removed.
+        """
+        now = self.ops.now()
+        with self._lock:
+            finished = sorted(
+                (j for j in self._jobs.values() if j.done.is_set()),
+                key=lambda j: j.record.ended_at or j.record.started_at,
+            )
+            excess = max(0, len(finished) - self.cfg.retention_max_jobs)
+            doomed = finished[:excess] + [
+                j
+                for j in finished[excess:]
+                if now - (j.record.ended_at or j.record.started_at)
+                > self.cfg.retention_max_age_s
+            ]
+            for j in doomed:
+                del self._jobs[j.record.job_id]
+                if j.record.idempotency_key:
+                    self._by_key.pop(j.record.idempotency_key, None)
+        for j in doomed:
+            shutil.rmtree(j.dir, ignore_errors=True)
+        if doomed:
+            log.info("retention removed %d finished jobs", len(doomed))
+        return [j.record.job_id for j in doomed]
+
+
+def _package_root() -> str:
+    """Where the ``worker`` package is importable from, for the exec shim."""
+    return str(Path(__file__).resolve().parents[1])

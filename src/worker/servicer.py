@@ -10,6 +10,9 @@ from worker.runner import JobRecord, JobRunner
 
 def job_to_proto(r: JobRecord) -> common_pb2.Job:
     msg = common_pb2.Job(
+        exit_reason=r.exit_reason.to_proto() if r.exit_reason else 0,
+        stopped_by=r.stopped_by,
+        output_dropped_bytes=r.output_dropped_bytes,
         job_id=r.job_id,
         command=r.command,
         path=r.path,
@@ -28,6 +31,8 @@ def job_to_proto(r: JobRecord) -> common_pb2.Job:
         msg.signal = r.signal
     if r.ended_at is not None:
         msg.ended_at = r.ended_at
+    if r.stopped_at is not None:
+        msg.stopped_at = r.stopped_at
     return msg
 
 
@@ -46,7 +51,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.StartJobResponse(job=job_to_proto(record), existing=existing)
 
     def StopJob(self, request, context):
-        return job_to_proto(self.runner.stop(request.job_id, request.grace_s))
+        return job_to_proto(
+            self.runner.stop(
+                request.job_id, request.grace_s, requested_by=request.requested_by
+            )
+        )
+
+    def WaitJob(self, request, context):
+        return job_to_proto(self.runner.wait(request.job_id, request.timeout_s))
 
     def GetJob(self, request, context):
         return job_to_proto(self.runner.get(request.job_id))
@@ -62,15 +74,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # Wake this follower when the client goes away, so it never waits on
         # a job that produces no more output.
         context.add_callback(lambda: self.runner.wake(job_id))
-        for offset, data in self.runner.read_output(
+        for offset, data, skipped in self.runner.read_output(
             job_id, request.offset, request.follow, cancelled
         ):
             yield worker_pb2.OutputChunk(
-                offset=offset, data=data, timestamp=time.time()
+                offset=offset, data=data, timestamp=time.time(), skipped=skipped
             )
         if not cancelled():
+            final = self.runner.get(job_id)
             yield worker_pb2.OutputChunk(
-                offset=self.runner.get(job_id).output_bytes,
+                offset=final.output_bytes,
                 timestamp=time.time(),
-                final=job_to_proto(self.runner.get(job_id)),
+                final=job_to_proto(final),
             )

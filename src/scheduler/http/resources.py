@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 import logging
 from collections.abc import Iterator
@@ -24,8 +26,73 @@ def _json(resp: falcon.Response, data, status: int = 200) -> None:
 
 def _plain_stream(stream: OutputStream) -> Iterator[bytes]:
     try:
-        for _, data in stream:
+        for offset, data, skipped in stream:
+            if skipped:
+                yield _gap_notice(offset, skipped)
             yield data
+    finally:
+        stream.close()
+
+
+def _gap_notice(offset: int, skipped: int) -> bytes:
+    return (
+        f"\n[jobgate: {skipped} bytes of output were dropped here by the output "
+        f"cap; the output resumes at byte {offset}]\n"
+    ).encode()
+
+
+class JobFailed(ConnectionResetError):
+    """Ends a run-and-follow response without its last chunk (see README).
+
+    gunicorn treats a connection reset as a client gone away: it closes the
+    connection quietly, so curl sees an incomplete transfer and exits non-zero.
+    """
+
+
+def _run_stream(stream: OutputStream) -> Iterator[bytes]:
+    """The job's output, then: on failure, a last line and an aborted stream."""
+    yield from _plain_stream(stream)
+    final = stream.final
+    if final is not None and final["state"] != "succeeded":
+        yield (
+            f"\n[jobgate: job {final['job_id']} {final['state']}: {final['reason']}]\n"
+        ).encode()
+        raise JobFailed(errno.ECONNRESET, f"job {final['state']}")
+
+
+def _sse_event(event: str, data: str, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return (
+        head + f"event: {event}\n" + "".join(f"data: {x}\n" for x in lines) + "\n"
+    ).encode()
+
+
+def _sse_stream(stream: OutputStream) -> Iterator[bytes]:
+    """Server-Sent Events: ``output`` events whose ids are byte offsets.
+
+    An event's id is the offset just past the bytes it carries, so a client
+    reconnecting with ``Last-Event-ID`` resumes exactly after them. Bytes that
+    do not end a UTF-8 character wait for the next chunk, so ids always fall
+    on character boundaries. The stream ends with an ``end`` event carrying
+    the job's status.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        for offset, data, skipped in stream:
+            if skipped:
+                decoder.reset()
+                yield _sse_event(
+                    "gap", json.dumps({"skipped": skipped, "offset": offset})
+                )
+            text = decoder.decode(data)
+            pending = len(decoder.getstate()[0])
+            if text:
+                yield _sse_event("output", text, offset + len(data) - pending)
+        text = decoder.decode(b"", final=True)
+        if text:
+            yield _sse_event("output", text)
+        yield _sse_event("end", json.dumps(stream.final))
     finally:
         stream.close()
 
@@ -38,12 +105,23 @@ class _Base:
     def body(self, req: falcon.Request) -> dict:
         return body.read_json(req, self.max_body)
 
-    def stream_output(self, resp, worker, job_id, offset, follow) -> None:
+    def stream_output(
+        self, resp, worker, job_id, offset, follow, sse=False, run=False
+    ) -> None:
         stream = self.gw.output(worker, job_id, offset, follow)
-        resp.content_type = "text/plain; charset=utf-8"
         resp.set_header("X-Content-Type-Options", "nosniff")
         resp.set_header("Cache-Control", "no-store")
-        resp.stream = _plain_stream(stream)
+        if sse:
+            resp.content_type = "text/event-stream; charset=utf-8"
+            resp.stream = _sse_stream(stream)
+        else:
+            resp.content_type = "text/plain; charset=utf-8"
+            resp.stream = _run_stream(stream) if run else _plain_stream(stream)
+
+
+def _actor(req: falcon.Request) -> str:
+    """Who is asking, for the record: the name of the API token used."""
+    return f"token {getattr(req.context, 'token_name', 'unknown')}"
 
 
 class Health:
@@ -79,6 +157,14 @@ class Jobs(_Base):
         _json(resp, {"jobs": self.gw.list_jobs(worker)})
 
     def on_post(self, req, resp, worker):
+        wait = req.get_param_as_bool("wait", default=False)
+        follow = req.get_param_as_bool("follow", default=False)
+        if wait and follow:
+            raise falcon.HTTPBadRequest(
+                title="Bad request",
+                description="wait and follow: choose one (wait returns the final "
+                "status as JSON, follow streams the output)",
+            )
         b = self.body(req)
         body.no_unknown(b, START_FIELDS)
         job, existing = self.gw.start_job(
@@ -89,8 +175,18 @@ class Jobs(_Base):
             timeout_s=body.integer(b, "timeout_s"),
             idempotency_key=body.string(b, "idempotency_key", max_len=256),
         )
-        _json(resp, job, 200 if existing else 201)
         resp.location = f"/v1/workers/{job['worker_id']}/jobs/{job['job_id']}"
+        resp.set_header("X-Job-ID", job["job_id"])
+        if follow:
+            resp.status = falcon.HTTP_200 if existing else falcon.HTTP_201
+            self.stream_output(resp, job["worker_id"], job["job_id"], 0, True, run=True)
+            return
+        if wait and job["state"] == "running":
+            job = self.gw.wait_job(job["worker_id"], job["job_id"])
+        status = 200 if existing else 201
+        if wait and job["state"] == "running":
+            status = 202  # still running after [workers].max_wait_s
+        _json(resp, job, status)
 
 
 class Job(_Base):
@@ -100,14 +196,25 @@ class Job(_Base):
 
 class JobStop(_Base):
     def on_post(self, req, resp, worker, job):
-        _json(resp, self.gw.stop_job(worker, job))
+        _json(resp, self.gw.stop_job(worker, job, _actor(req)))
 
 
 class JobOutput(_Base):
     def on_get(self, req, resp, worker, job):
+        sse = "text/event-stream" in (req.get_header("Accept") or "")
         offset = req.get_param_as_int("offset", min_value=0, default=0)
-        follow = req.get_param_as_bool("follow", default=False)
-        self.stream_output(resp, worker, job, offset, follow)
+        last_id = req.get_header("Last-Event-ID")
+        if sse and last_id:
+            if not last_id.isdigit():
+                raise falcon.HTTPBadRequest(
+                    title="Bad request",
+                    description="Last-Event-ID must be a byte offset from an earlier "
+                    "event's id",
+                )
+            offset = int(last_id)
+        # An event stream follows unless told not to; plain text does not.
+        follow = req.get_param_as_bool("follow", default=sse)
+        self.stream_output(resp, worker, job, offset, follow, sse=sse)
 
 
 # -- the original API, kept for its clients -----------------------------------
@@ -131,6 +238,7 @@ class LegacyStop(_Base):
         self.gw.stop_job(
             body.string(b, "worker_id", required=True),
             body.string(b, "job_id", required=True),
+            _actor(req),
         )
         _json(resp, {"success": True})
 

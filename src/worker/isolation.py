@@ -1,0 +1,192 @@
+"""How a job's processes are kept together, so that stopping it stops them all.
+
+Two mechanisms, chosen at start-up (``[jobs].isolation``):
+
+* ``cgroup``: every job gets its own cgroup v2 below the worker's own cgroup
+  (under systemd, ``Delegate=yes`` hands the worker its cgroup). The job joins
+  it before its program runs (``worker.jobexec``), and nothing it starts can
+  leave it: not a double fork, not ``setsid``. Stopping signals every process
+  in it, and ``cgroup.kill`` ends them all at once.
+* ``process-group``: every job is the leader of a new session and process
+  group, and signals go to the group. A process that calls ``setsid`` escapes
+  it; used only where no writable cgroup v2 exists.
+
+``auto`` picks ``cgroup`` when it works and ``process-group`` otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _cgroup2_mount() -> Path | None:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split()[0] == "cgroup2":
+                    return Path(left.split()[4])
+    except OSError:
+        pass
+    return None
+
+
+def _own_cgroup() -> str | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        pass
+    return None
+
+
+class ProcessGroups:
+    """Signals go to the job's process group (the job leads a new session)."""
+
+    name = "process-group"
+
+    def prepare(self, job_id: str) -> str:
+        return "-"
+
+    def signal(self, job_id: str, pgid: int, sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill_all(self, job_id: str, pgid: int) -> None:
+        self.signal(job_id, pgid, signal.SIGKILL)
+
+    def cleanup(self, job_id: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Cgroups(ProcessGroups):
+    """One cgroup v2 per job under ``base``."""
+
+    name = "cgroup"
+
+    def __init__(self, base: Path):
+        self.base = base
+
+    @classmethod
+    def create(cls, instance: str) -> Cgroups:
+        """Make the jobs' parent cgroup, or raise OSError saying why not.
+
+        ``instance`` names this worker uniquely on the host (several workers
+        may share one cgroup when not run by systemd), so that cleaning up
+        after an earlier run never touches another worker's jobs.
+        """
+        mount, own = _cgroup2_mount(), _own_cgroup()
+        if mount is None or own is None:
+            raise OSError("no cgroup v2 hierarchy is mounted")
+        base = mount / own.lstrip("/") / f"jobgate-{instance}"
+        base.mkdir(exist_ok=True)
+        probe = base / "probe"
+        probe.mkdir(exist_ok=True)
+        probe.rmdir()
+        groups = cls(base)
+        groups.reap_leftovers()
+        return groups
+
+    def reap_leftovers(self) -> None:
+        """End what jobs of an earlier run of this worker left behind."""
+        for d in self.base.iterdir():
+            if d.is_dir():
+                log.warning(
+                    "killing what is left of job %s from an earlier run", d.name
+                )
+                self.cleanup(d.name)
+
+    def _dir(self, job_id: str) -> Path:
+        return self.base / job_id
+
+    def prepare(self, job_id: str) -> str:
+        d = self._dir(job_id)
+        d.mkdir()
+        return str(d / "cgroup.procs")
+
+    def pids(self, job_id: str) -> list[int]:
+        try:
+            return [
+                int(p) for p in (self._dir(job_id) / "cgroup.procs").read_text().split()
+            ]
+        except OSError:
+            return []
+
+    def signal(self, job_id: str, pgid: int, sig: int) -> None:
+        for pid in self.pids(job_id):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        super().signal(job_id, pgid, sig)
+
+    def kill_all(self, job_id: str, pgid: int) -> None:
+        try:
+            (self._dir(job_id) / "cgroup.kill").write_text("1")
+        except OSError:  # kernels before 5.14: signal every member instead
+            self.signal(job_id, pgid, signal.SIGKILL)
+
+    def wait_empty(self, job_id: str, timeout: float) -> bool:
+        """Wait until no process is left in the job's cgroup."""
+        events = self._dir(job_id) / "cgroup.events"
+        deadline = time.monotonic() + timeout
+        try:
+            with open(events, "rb", buffering=0) as f:
+                poller = select.poll()
+                poller.register(f, select.POLLPRI | select.POLLERR)
+                while True:
+                    f.seek(0)
+                    if b"populated 0" in f.read():
+                        return True
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    # The kernel signals a change of cgroup.events with POLLPRI.
+                    poller.poll(left * 1000)
+        except OSError:
+            return True
+
+    def cleanup(self, job_id: str) -> None:
+        self.kill_all(job_id, 0)
+        self.wait_empty(job_id, 5.0)
+        try:
+            self._dir(job_id).rmdir()
+        except OSError as exc:
+            log.warning("could not remove the cgroup of job %s: %s", job_id, exc)
+
+    def close(self) -> None:
+        try:
+            self.base.rmdir()
+        except OSError:
+            pass
+
+
+def choose(mode: str, instance: str) -> ProcessGroups:
+    """The isolation for ``[jobs].isolation``; raises OSError if it cannot be had."""
+    if mode == "process-group":
+        return ProcessGroups()
+    try:
+        chosen = Cgroups.create(instance)
+    except OSError as exc:
+        if mode == "cgroup":
+            raise OSError(
+                f'[jobs].isolation = "cgroup": cannot use cgroups: {exc}'
+            ) from None
+        log.info("jobs are kept together by process group (no cgroup: %s)", exc)
+        return ProcessGroups()
+    log.info("jobs run in their own cgroups under %s", chosen.base)
+    return chosen

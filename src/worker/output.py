@@ -1,0 +1,139 @@
+"""A job's output on disk, capped: the head and the tail are kept.
+
+Offsets are positions in everything the job wrote. The first ``head_bytes``
+go to ``output.log``; after that, bytes go to ``output.tail``, a ring of
+``tail_bytes`` that always holds the newest output. What falls out of the ring
+between the two is dropped and counted, so a job writing without end costs at
+most ``head_bytes + tail_bytes`` of disk and no memory beyond one chunk.
+
+The writer calls :meth:`append`; readers call :meth:`read`. Reads of the ring
+take the log's lock, so the writer never overwrites bytes mid-read; reads of
+the head need none, since the head never changes once written.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+HEAD_NAME = "output.log"
+TAIL_NAME = "output.tail"
+
+
+class OutputLog:
+    def __init__(
+        self, directory: Path, head_bytes: int, tail_bytes: int, total: int = 0
+    ):
+        self.head_path = directory / HEAD_NAME
+        self.tail_path = directory / TAIL_NAME
+        self.head_bytes = head_bytes
+        self.tail_bytes = tail_bytes
+        self.total = total
+        self.lock = threading.Lock()
+        self._head_fd: int | None = None
+        self._tail_fd: int | None = None
+
+    # -- writing (one writer) -------------------------------------------------
+
+    def open_for_append(self) -> None:
+        self._head_fd = os.open(
+            self.head_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640
+        )
+
+    def append(self, data: bytes) -> None:
+        with self.lock:
+            pos = self.total
+            if pos < self.head_bytes:
+                part = data[: self.head_bytes - pos]
+                _write_all(self._head_fd, part)
+                pos += len(part)
+                data = data[len(part) :]
+            if data:
+                if self._tail_fd is None:
+                    self._tail_fd = os.open(
+                        self.tail_path, os.O_RDWR | os.O_CREAT, 0o640
+                    )
+                ring = self.tail_bytes
+                if len(data) > ring:  # only the newest `ring` bytes can be kept
+                    pos += len(data) - ring
+                    data = data[-ring:]
+                start = (pos - self.head_bytes) % ring
+                first = data[: ring - start]
+                _pwrite_all(self._tail_fd, first, start)
+                if len(first) < len(data):
+                    _pwrite_all(self._tail_fd, data[len(first) :], 0)
+                pos += len(data)
+            self.total = pos
+
+    def close(self) -> None:
+        for fd in (self._head_fd, self._tail_fd):
+            if fd is not None:
+                os.close(fd)
+        self._head_fd = self._tail_fd = None
+
+    # -- reading --------------------------------------------------------------
+
+    @property
+    def dropped(self) -> int:
+        return max(0, self.total - self.head_bytes - self.tail_bytes)
+
+    def read(self, pos: int, limit: int, total: int) -> tuple[int, bytes]:
+        """Up to ``limit`` bytes from ``pos``, given ``total`` bytes are written.
+
+        Returns ``(start, data)``: ``start`` is ``pos`` unless ``pos`` lies in
+        the dropped gap, in which case reading resumes where the tail begins.
+        """
+        if pos < min(total, self.head_bytes):
+            end = min(pos + limit, total, self.head_bytes)
+            with open(self.head_path, "rb") as f:
+                f.seek(pos)
+                return pos, f.read(end - pos)
+        with self.lock:
+            kept_from = max(self.head_bytes, self.total - self.tail_bytes)
+            pos = max(pos, kept_from)
+            end = min(pos + limit, total, self.total)
+            if end <= pos:
+                return pos, b""
+            ring = self.tail_bytes
+            start = (pos - self.head_bytes) % ring
+            n = end - pos
+            first = os.pread(self._tail_fd_for_read(), min(n, ring - start), start)
+            if len(first) < n:
+                first += os.pread(self._tail_fd_for_read(), n - len(first), 0)
+            return pos, first
+
+    def _tail_fd_for_read(self) -> int:
+        if self._tail_fd is None:
+            # A finished job's log, reopened after a restart.
+            self._tail_fd = os.open(self.tail_path, os.O_RDONLY)
+        return self._tail_fd
+
+    def recover(self) -> int:
+        """Recompute ``total`` from the files after the writer died unexpectedly.
+
+        The ring's start is unknown once it has wrapped, so a wrapped tail is
+        discarded; returns the total that can still be served.
+        """
+        head = self.head_path.stat().st_size if self.head_path.exists() else 0
+        tail = self.tail_path.stat().st_size if self.tail_path.exists() else 0
+        if tail >= self.tail_bytes:
+            self.tail_path.unlink()
+            tail = 0
+        self.total = head + tail
+        return self.total
+
+
+def _write_all(fd, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _pwrite_all(fd, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
