@@ -106,6 +106,16 @@ class WorkersSection:
 
 
 @dataclass(frozen=True)
+class FanoutSection:
+    max_parallel: int = setting(
+        32, min=1, max=1024, help="worker calls one fan-out request makes at once"
+    )
+    max_workers: int = setting(
+        10_000, min=1, help="most workers one fan-out request may start jobs on"
+    )
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = setting(
         "info",
@@ -123,6 +133,7 @@ class SchedulerConfig:
     grpc: GrpcSection = field(default_factory=GrpcSection)
     state: StateSection = field(default_factory=StateSection)
     workers: WorkersSection = field(default_factory=WorkersSection)
+    fanout: FanoutSection = field(default_factory=FanoutSection)
     log: LogSection = field(default_factory=LogSection)
 
 

@@ -124,6 +124,7 @@ class Gateway:
         self.cfg = cfg
         self.store = store
         self.pool = pool
+        self._last_seen: dict[str, tuple[str, int]] = {}
         self._health = None
         if grpc_target:
             channel = secure_channel(
@@ -203,6 +204,7 @@ class Gateway:
         args: list[str],
         timeout_s: int = 0,
         idempotency_key: str = "",
+        group_id: str | None = None,
     ) -> tuple[dict, bool]:
         """Start a job; returns its status and whether it already existed."""
         worker, stub = self._reachable(ref)
@@ -217,7 +219,8 @@ class Gateway:
             timeout=self.cfg.workers.rpc_timeout_s,
             metadata=_metadata(),
         )
-        self.store.record_job(resp.job.job_id, worker.id, command, path)
+        status = job_to_dict(resp.job, worker.id)
+        self.store.record_job(status, group_id)
         if not resp.existing:
             log.info(
                 "started job %s on %s: %s %s",
@@ -227,16 +230,24 @@ class Gateway:
                 path,
                 extra={"JOB_ID": resp.job.job_id, "WORKER_ID": worker.id},
             )
-        return job_to_dict(resp.job, worker.id), resp.existing
+        return status, resp.existing
 
-    def list_jobs(self, ref: str) -> list[dict]:
-        worker, stub = self._reachable(ref)
+    def list_jobs(self, ref: str) -> tuple[list[dict], bool]:
+        """The worker's jobs, and whether they come from the scheduler's record.
+
+        When the worker cannot be asked, the answer is the last status the
+        scheduler saw of each job it started there, marked as possibly stale.
+        """
+        worker = self.find(ref)
+        if self.worker_to_dict(worker)["state"] != ONLINE:
+            return self.store.worker_jobs(worker.id), True
+        stub = self.pool.stub(worker)
         resp = stub.ListJobs(
             worker_pb2.ListJobsRequest(),
             timeout=self.cfg.workers.rpc_timeout_s,
             metadata=_metadata(),
         )
-        return [job_to_dict(j, worker.id) for j in resp.jobs]
+        return [job_to_dict(j, worker.id) for j in resp.jobs], False
 
     def get_job(self, ref: str, job_id: str) -> dict:
         worker, stub = self._reachable(ref)
@@ -245,7 +256,17 @@ class Gateway:
             timeout=self.cfg.workers.rpc_timeout_s,
             metadata=_metadata(),
         )
-        return job_to_dict(job, worker.id)
+        return self._seen(job_to_dict(job, worker.id))
+
+    def _seen(self, status: dict) -> dict:
+        """Record a job's status in the index when it changed since last seen."""
+        key = (status["state"], status["output_bytes"])
+        if self._last_seen.get(status["job_id"]) != key:
+            self.store.update_job(status)
+            if len(self._last_seen) > 10_000:
+                self._last_seen.clear()
+            self._last_seen[status["job_id"]] = key
+        return status
 
     def wait_job(self, ref: str, job_id: str) -> dict:
         """The job's status once it ended, or after ``[workers].max_wait_s``."""
@@ -256,7 +277,7 @@ class Gateway:
             timeout=wait_s + self.cfg.workers.rpc_timeout_s,
             metadata=_metadata(),
         )
-        return job_to_dict(job, worker.id)
+        return self._seen(job_to_dict(job, worker.id))
 
     def stop_job(self, ref: str, job_id: str, requested_by: str = "") -> dict:
         worker, stub = self._reachable(ref)
@@ -265,7 +286,7 @@ class Gateway:
             timeout=self.cfg.workers.stop_timeout_s,
             metadata=_metadata(),
         )
-        return job_to_dict(job, worker.id)
+        return self._seen(job_to_dict(job, worker.id))
 
     def output(
         self, ref: str, job_id: str, offset: int = 0, follow: bool = False

@@ -31,12 +31,23 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE TABLE IF NOT EXISTS jobs (
     job_id     TEXT PRIMARY KEY,
     worker_id  TEXT NOT NULL REFERENCES workers(id),
-    command    TEXT NOT NULL,
-    path       TEXT NOT NULL,
-    created_at REAL NOT NULL
+    group_id   TEXT REFERENCES groups(group_id),
+    created_at REAL NOT NULL,
+    state      TEXT NOT NULL,
+    status     TEXT NOT NULL,  -- the last status seen, as the API renders it
+    updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs (worker_id, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (group_id);
+CREATE TABLE IF NOT EXISTS groups (
+    group_id   TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    request    TEXT NOT NULL,  -- selector and job spec, as JSON
+    errors     TEXT NOT NULL DEFAULT '[]'  -- workers the job could not start on
+);
 """
+
+SCHEMA_VERSION = 1
 
 ONLINE, OFFLINE, UNREACHABLE = "online", "offline", "unreachable"
 
@@ -72,7 +83,18 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise OSError(
+                f"{self.path} was written by a newer jobgate (schema {version}, "
+                f"this one knows {SCHEMA_VERSION}); upgrade this scheduler"
+            )
+        if version == 0:
+            # Databases from before versioning kept a narrower job index; it
+            # is only an index, rebuilt as jobs are seen again.
+            conn.execute("DROP TABLE IF EXISTS jobs")
         conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -183,12 +205,81 @@ class Store:
 
     # -- job index --------------------------------------------------------------
 
-    def record_job(self, job_id: str, worker_id: str, command: str, path: str) -> None:
+    def record_job(self, status: dict, group_id: str | None = None) -> None:
+        """Add a job the scheduler started, with the status the worker gave."""
+        now = time.time()
         self._conn().execute(
-            "INSERT OR IGNORE INTO jobs (job_id, worker_id, command, path, created_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (job_id, worker_id, command, path, time.time()),
+            "INSERT OR IGNORE INTO jobs (job_id, worker_id, group_id, created_at, "
+            "state, status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                status["job_id"],
+                status["worker_id"],
+                group_id,
+                now,
+                status["state"],
+                json.dumps(status),
+                now,
+            ),
         )
+
+    def update_job(self, status: dict) -> None:
+        """Keep the last status seen of a job the scheduler knows."""
+        self._conn().execute(
+            "UPDATE jobs SET state = ?, status = ?, updated_at = ? WHERE job_id = ?",
+            (status["state"], json.dumps(status), time.time(), status["job_id"]),
+        )
+
+    def worker_jobs(self, worker_id: str, limit: int = 1000) -> list[dict]:
+        """Last known statuses of a worker's jobs, newest first."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT status, updated_at FROM jobs WHERE worker_id = ? "
+                "ORDER BY created_at DESC LIMIT ?",
+                (worker_id, limit),
+            )
+            .fetchall()
+        )
+        return [_status(r) for r in rows]
+
+    # -- groups ---------------------------------------------------------------
+
+    def create_group(self, group_id: str, request: dict, errors: list[dict]) -> None:
+        self._conn().execute(
+            "INSERT INTO groups (group_id, created_at, request, errors) "
+            "VALUES (?, ?, ?, ?)",
+            (group_id, time.time(), json.dumps(request), json.dumps(errors)),
+        )
+
+    def set_group_errors(self, group_id: str, errors: list[dict]) -> None:
+        self._conn().execute(
+            "UPDATE groups SET errors = ? WHERE group_id = ?",
+            (json.dumps(errors), group_id),
+        )
+
+    def get_group(self, group_id: str) -> tuple[dict, list[dict], list[dict]] | None:
+        """The group's request, its errors and its jobs' last known statuses."""
+        conn = self._conn()
+        row = conn.execute(
+            "SELECT request, errors, created_at FROM groups WHERE group_id = ?",
+            (group_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        jobs = conn.execute(
+            "SELECT status, updated_at FROM jobs WHERE group_id = ? "
+            "ORDER BY created_at",
+            (group_id,),
+        ).fetchall()
+        request = json.loads(row["request"])
+        request["created_at"] = row["created_at"]
+        return request, json.loads(row["errors"]), [_status(r) for r in jobs]
+
+
+def _status(row: sqlite3.Row) -> dict:
+    status = json.loads(row["status"])
+    status["recorded_at"] = row["updated_at"]
+    return status
 
 
 def _worker(row: sqlite3.Row) -> WorkerRow:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import falcon
 
+from scheduler.fanout import FanOut
 from scheduler.gateway import Gateway
 from scheduler.http import resources as r
 from scheduler.http.auth import TokenAuth
@@ -26,6 +27,9 @@ def create_app(gateway: Gateway, tokens: dict[str, str]) -> falcon.App:
     app.add_route("/v1/workers/{worker}/jobs/{job}", r.Job(*args))
     app.add_route("/v1/workers/{worker}/jobs/{job}/stop", r.JobStop(*args))
     app.add_route("/v1/workers/{worker}/jobs/{job}/output", r.JobOutput(*args))
+    fanout = FanOut(gateway, cfg.fanout.max_parallel, cfg.fanout.max_workers)
+    app.add_route("/v1/jobs", r.FanOutJobs(*args, fanout))
+    app.add_route("/v1/groups/{group}", r.Group(*args, fanout))
     app.add_route("/start", r.LegacyStart(*args))
     app.add_route("/stop", r.LegacyStop(*args))
     app.add_route("/query", r.LegacyQuery(*args))

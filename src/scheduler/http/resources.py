@@ -154,7 +154,11 @@ class Worker(_Base):
 
 class Jobs(_Base):
     def on_get(self, req, resp, worker):
-        _json(resp, {"jobs": self.gw.list_jobs(worker)})
+        jobs, stale = self.gw.list_jobs(worker)
+        if stale:
+            # The worker cannot be asked: the scheduler's record, flagged.
+            resp.set_header("Warning", '110 - "possibly stale: worker not reachable"')
+        _json(resp, {"jobs": jobs, "stale": stale})
 
     def on_post(self, req, resp, worker):
         wait = req.get_param_as_bool("wait", default=False)
@@ -215,6 +219,78 @@ class JobOutput(_Base):
         # An event stream follows unless told not to; plain text does not.
         follow = req.get_param_as_bool("follow", default=sse)
         self.stream_output(resp, worker, job, offset, follow, sse=sse)
+
+
+# -- fan-out -------------------------------------------------------------------
+
+FANOUT_FIELDS = START_FIELDS | {"workers", "labels", "all"}
+
+
+def _selector(b: dict) -> dict:
+    given = [k for k in ("workers", "labels", "all") if k in b]
+    if len(given) != 1:
+        raise falcon.HTTPBadRequest(
+            title="Bad request",
+            description='name the workers with exactly one of "workers" (a list of '
+            'ids or names), "labels" (an object) or "all": true',
+        )
+    key = given[0]
+    if key == "workers":
+        workers = body.string_list(b, "workers")
+        if not workers:
+            raise falcon.HTTPBadRequest(
+                title="Bad request", description="workers: must not be empty"
+            )
+        return {"workers": workers}
+    if key == "labels":
+        labels = b["labels"]
+        if (
+            not isinstance(labels, dict)
+            or not labels
+            or not all(isinstance(v, str) for v in labels.values())
+        ):
+            raise falcon.HTTPBadRequest(
+                title="Bad request",
+                description="labels: must be a non-empty object of strings, "
+                'e.g. {"role": "web"}',
+            )
+        return {"labels": labels}
+    if b["all"] is not True:
+        raise falcon.HTTPBadRequest(
+            title="Bad request", description="all: must be true when given"
+        )
+    return {"all": True}
+
+
+class FanOutJobs(_Base):
+    def __init__(self, gateway, max_body_bytes, fanout):
+        super().__init__(gateway, max_body_bytes)
+        self.fanout = fanout
+
+    def on_post(self, req, resp):
+        b = self.body(req)
+        body.no_unknown(b, FANOUT_FIELDS)
+        selector = _selector(b)
+        spec = {
+            "command": body.string(b, "command", required=True, max_len=256),
+            "path": body.string(b, "path", required=True),
+            "args": body.string_list(b, "args"),
+            "timeout_s": body.integer(b, "timeout_s"),
+            "idempotency_key": body.string(b, "idempotency_key", max_len=256),
+        }
+        result = self.fanout.start(selector, spec)
+        resp.location = f"/v1/groups/{result['group_id']}"
+        _json(resp, result, 201)
+
+
+class Group(_Base):
+    def __init__(self, gateway, max_body_bytes, fanout):
+        super().__init__(gateway, max_body_bytes)
+        self.fanout = fanout
+
+    def on_get(self, req, resp, group):
+        wait = req.get_param_as_bool("wait", default=False)
+        _json(resp, self.fanout.status(group, wait))
 
 
 # -- the original API, kept for its clients -----------------------------------

@@ -1,0 +1,166 @@
+"""Jobs on many workers at once ("distributed jobs") and their groups.
+
+A fan-out picks workers by explicit list, by labels or all of them, starts
+the same job on each in parallel, and records the lot as a group. A worker
+that cannot take the job (unknown, down, refusing) becomes an error entry of
+the group, never a failure of the whole request. Group status asks every
+reachable worker for its job and answers for the others from the scheduler's
+record, flagged ``stale``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from jobgate.errors import InvalidArgument, JobgateError, NotFound
+from jobgate.jobstate import JobState
+from scheduler.gateway import Gateway
+from scheduler.store import OFFLINE, ONLINE, WorkerRow
+
+log = logging.getLogger(__name__)
+
+
+def describe_error(exc: Exception) -> str:
+    if isinstance(exc, JobgateError):
+        return exc.message
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    log.error("fan-out call failed unexpectedly", exc_info=exc)
+    return "internal error; see the scheduler's log"
+
+
+class FanOut:
+    def __init__(self, gateway: Gateway, max_parallel: int, max_workers: int):
+        self.gw = gateway
+        self.max_parallel = max_parallel
+        self.max_workers = max_workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:  # made on first use, after gunicorn forked
+                self._pool = ThreadPoolExecutor(self.max_parallel, "fanout")
+            return self._pool
+
+    def select(self, selector: dict) -> tuple[list[WorkerRow], list[dict]]:
+        """Workers the selector names that can be asked, and error entries."""
+        now = time.time()
+        timeout = self.gw.cfg.workers.heartbeat_timeout_s
+        errors: list[dict] = []
+        if "workers" in selector:
+            chosen: list[WorkerRow] = []
+            seen: set[str] = set()
+            for ref in selector["workers"]:
+                worker = self.gw.store.find_worker(ref)
+                if worker is None:
+                    errors.append({"worker_id": ref, "error": f"no worker {ref!r}"})
+                elif worker.id not in seen:
+                    seen.add(worker.id)
+                    chosen.append(worker)
+        else:
+            wanted = selector.get("labels") or {}
+            chosen = [
+                w
+                for w in self.gw.store.list_workers()
+                if all(w.labels.get(k) == v for k, v in wanted.items())
+                # Deregistered workers left on purpose; only an explicit list
+                # reports them.
+                and w.state != OFFLINE
+            ]
+        if len(chosen) > self.max_workers:
+            raise InvalidArgument(
+                f"the selector matches {len(chosen)} workers; one request may start "
+                f"jobs on at most {self.max_workers} ([fanout].max_workers)"
+            )
+        targets = []
+        for w in chosen:
+            state = w.effective_state(now, timeout)
+            if state == ONLINE:
+                targets.append(w)
+            else:
+                errors.append(self._error(w, f"worker {w.name!r} is {state}"))
+        return targets, errors
+
+    @staticmethod
+    def _error(worker: WorkerRow, message: str) -> dict:
+        return {"worker_id": worker.id, "worker_name": worker.name, "error": message}
+
+    def start(self, selector: dict, spec: dict) -> dict:
+        targets, errors = self.select(selector)
+        if not targets and not errors:
+            raise NotFound("no worker matches the selector; GET /v1/workers lists them")
+        group_id = str(uuid.uuid4())
+        self.gw.store.create_group(group_id, {"selector": selector, **spec}, [])
+
+        def start_one(worker: WorkerRow):
+            try:
+                status, _ = self.gw.start_job(worker.id, group_id=group_id, **spec)
+                return {
+                    "worker_id": worker.id,
+                    "worker_name": worker.name,
+                    "job_id": status["job_id"],
+                }, None
+            except Exception as exc:  # noqa: BLE001 - becomes the worker's error entry
+                return None, self._error(worker, describe_error(exc))
+
+        jobs = []
+        for job, error in self._executor().map(start_one, targets):
+            if job:
+                jobs.append(job)
+            else:
+                errors.append(error)
+        self.gw.store.set_group_errors(group_id, errors)
+        log.info(
+            "group %s: started on %d workers, %d errors",
+            group_id,
+            len(jobs),
+            len(errors),
+            extra={"GROUP_ID": group_id},
+        )
+        return {"group_id": group_id, "jobs": jobs, "errors": errors}
+
+    def status(self, group_id: str, wait: bool = False) -> dict:
+        found = self.gw.store.get_group(group_id)
+        if found is None:
+            raise NotFound(f"no group {group_id!r}")
+        request, errors, recorded = found
+
+        def fresh(job: dict) -> dict:
+            try:
+                if wait and job["state"] == JobState.RUNNING.value:
+                    status = self.gw.wait_job(job["worker_id"], job["job_id"])
+                else:
+                    status = self.gw.get_job(job["worker_id"], job["job_id"])
+                return {**status, "stale": False}
+            except Exception as exc:  # noqa: BLE001 - answer from the record instead
+                return {**job, "stale": True, "stale_reason": describe_error(exc)}
+
+        jobs = list(self._executor().map(fresh, recorded))
+        for job in jobs:
+            job.pop("recorded_at", None)
+        counts: dict[str, int] = {}
+        for job in jobs:
+            counts[job["state"]] = counts.get(job["state"], 0) + 1
+        return {
+            "group_id": group_id,
+            "command": request.get("command"),
+            "path": request.get("path"),
+            "args": request.get("args", []),
+            "selector": request.get("selector"),
+            "jobs": jobs,
+            "errors": errors,
+            "summary": {
+                "jobs": len(jobs),
+                "errors": len(errors),
+                "states": counts,
+                "done": all(j["state"] != JobState.RUNNING.value for j in jobs),
+                "stale": sum(1 for j in jobs if j["stale"]),
+            },
+        }
