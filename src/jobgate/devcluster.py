@@ -168,7 +168,7 @@ class DevCluster:
                     os.chmod(self._tmp_scripts / f.name, 0o755)  # noqa: S103
             self.scripts_dir = self._tmp_scripts
         self.token = secrets.token_urlsafe(32)
-        (self.dir / "tokens").write_text(f"{hash_token(self.token)} dev\n")
+        (self.dir / "tokens").write_text(f"{hash_token(self.token)} dev run\n")
         os.chmod(self.dir / "tokens", 0o600)
 
     def scheduler_config(self) -> Path:

@@ -32,7 +32,7 @@ def _hash_token(args: argparse.Namespace) -> int:
             "jobgate-scheduler: a token must be at least 16 characters", file=sys.stderr
         )
         return 2
-    print(f"{hash_token(token)} {args.name}")
+    print(f"{hash_token(token)} {args.name} {args.scope}")
     return 0
 
 
@@ -42,6 +42,12 @@ def _extra(sub) -> None:
         help="print a tokens-file line for a token read from stdin (or --generate one)",
     )
     p.add_argument("--name", default="api", help="who the token is for (shown in logs)")
+    p.add_argument(
+        "--scope",
+        choices=("read", "run"),
+        default="read",
+        help="read: workers, status, output; run: also start and stop jobs",
+    )
     p.add_argument(
         "--generate",
         action="store_true",

@@ -315,6 +315,8 @@ class OutputStream:
         self._call = call
         self.worker_id = worker_id
         self.final: dict | None = None
+        # What consumers iterate; the HTTP layer may wrap it (token checks).
+        self.chunks: Iterator[tuple[int, bytes, int]] = iter(self)
         try:
             self._first = next(call)
         except StopIteration:
@@ -330,7 +332,7 @@ class OutputStream:
             while msg is not None:
                 if msg.HasField("final"):
                     self.final = job_to_dict(msg.final, self.worker_id)
-                elif msg.data:
+                else:  # empty data: a keep-alive from a quiet job
                     yield msg.offset, msg.data, msg.skipped
                 msg = next(self._call, None)
         finally:

@@ -72,14 +72,14 @@ class HttpServer(BaseApplication):
         from jobgate.tls import Credentials
         from scheduler.gateway import ChannelPool, Gateway
         from scheduler.http.app import create_app
-        from scheduler.http.auth import load_tokens
+        from scheduler.http.auth import TokenFile
         from scheduler.store import Store
 
         cfg = self.jg_cfg
         store = Store(cfg.state.path, cfg.state.busy_timeout_s)
         pool = ChannelPool(cfg.cluster.name, Credentials.load(cfg.tls))
         gateway = Gateway(cfg, store, pool, self.grpc_target)
-        return create_app(gateway, load_tokens(cfg.auth.tokens_file))
+        return create_app(gateway, TokenFile(cfg.auth.tokens_file))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from jobgate.service import (
 from jobgate.tls import Credentials
 from jobgate.v1 import scheduler_pb2_grpc
 from scheduler.config import SchedulerConfig
-from scheduler.http.auth import load_tokens
+from scheduler.http.auth import TokenFileError, load_tokens
 from scheduler.membership import POLICY, MembershipServicer
 from scheduler.store import Store
 
@@ -87,7 +87,23 @@ def _status(cfg: SchedulerConfig, store: Store, http_port: int, grpc_port: int) 
 def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> int:
     stop = stop_event_on_signals()
     notifier = Notifier()
-    load_tokens(cfg.auth.tokens_file)  # refuse to start on a broken tokens file
+    try:
+        load_tokens(cfg.auth.tokens_file)  # refuse to start on a broken tokens file
+    except TokenFileError as exc:
+        raise OSError(str(exc)) from None
+
+    def on_hup(*_) -> None:
+        # gunicorn's processes re-read the tokens file as soon as it changes;
+        # SIGHUP (systemctl reload) checks it and says what they will see.
+        try:
+            tokens = load_tokens(cfg.auth.tokens_file)
+            log.info(
+                "tokens file %s: %d tokens in force", cfg.auth.tokens_file, len(tokens)
+            )
+        except TokenFileError as exc:
+            log.error("%s; the tokens read before stay in force", exc)
+
+    signal.signal(signal.SIGHUP, on_hup)
     store = Store(cfg.state.path, cfg.state.busy_timeout_s)
     store.initialize()
     creds = Credentials.load(cfg.tls)

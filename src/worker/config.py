@@ -122,6 +122,11 @@ class JobsSection:
     retention_interval_s: float = setting(
         60.0, min=0.1, help="how often retention runs"
     )
+    follow_keepalive_s: float = setting(
+        1.0,
+        min=0.05,
+        help="a follower of a quiet job gets an empty keep-alive message this often",
+    )
     max_wait_s: float = setting(3600.0, min=1, help="longest a WaitJob call may block")
 
 

@@ -499,13 +499,16 @@ class JobRunner:
         offset: int = 0,
         follow: bool = False,
         cancelled: Callable[[], bool] = lambda: False,
+        keepalive_s: float | None = None,
     ) -> Iterator[tuple[int, bytes, int]]:
         """Yield ``(offset, data, skipped)`` chunks of the job's output.
 
         ``skipped`` counts bytes before ``offset`` that the output cap dropped.
         With ``follow``, waits for more output until the job has ended and all
         of it was yielded; ``cancelled`` is checked whenever the job's
-        condition is notified (:meth:`wake` notifies it).
+        condition is notified (:meth:`wake` notifies it). With ``keepalive_s``,
+        a follower that waited that long for output yields ``(offset, b"", 0)``
+        so the other end can tell a quiet job from a dead connection.
         """
         job = self._job(job_id)
         if offset < 0:
@@ -513,6 +516,7 @@ class JobRunner:
         chunk = self.cfg.read_chunk_bytes
         pos = offset
         while True:
+            idle = False
             with job.cond:
                 while (
                     follow
@@ -520,7 +524,9 @@ class JobRunner:
                     and job.output.total <= pos
                     and not cancelled()
                 ):
-                    job.cond.wait()
+                    if not job.cond.wait(keepalive_s) and keepalive_s is not None:
+                        idle = True
+                        break
                 sealed = job.sealed
                 available = job.output.total
             if cancelled():
@@ -528,6 +534,8 @@ class JobRunner:
             if pos >= available:
                 if sealed or not follow:
                     return
+                if idle:
+                    yield pos, b"", 0
                 continue
             start, data = job.output.read(pos, chunk, available)
             if not data:

@@ -35,7 +35,9 @@ def serve(cfg: WorkerConfig, ready_file: Path | None = None) -> int:
     server, health_servicer = grpc_server(
         cfg.worker.cluster, POLICY, cfg.grpc.max_threads, cfg.grpc.max_message_bytes
     )
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(runner), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(
+        WorkerServicer(runner, cfg.jobs.follow_keepalive_s), server
+    )
     port = bind_secure(server, cfg.grpc.bind, creds)
     server.start()
     set_serving(health_servicer, True)

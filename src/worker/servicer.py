@@ -37,8 +37,9 @@ def job_to_proto(r: JobRecord) -> common_pb2.Job:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, runner: JobRunner):
+    def __init__(self, runner: JobRunner, keepalive_s: float | None = None):
         self.runner = runner
+        self.keepalive_s = keepalive_s
 
     def StartJob(self, request, context):
         record, existing = self.runner.start(
@@ -75,7 +76,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # a job that produces no more output.
         context.add_callback(lambda: self.runner.wake(job_id))
         for offset, data, skipped in self.runner.read_output(
-            job_id, request.offset, request.follow, cancelled
+            job_id, request.offset, request.follow, cancelled, self.keepalive_s
         ):
             yield worker_pb2.OutputChunk(
                 offset=offset, data=data, timestamp=time.time(), skipped=skipped

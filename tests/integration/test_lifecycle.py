@@ -106,10 +106,15 @@ def test_killed_worker_becomes_unreachable_and_answers_503(small_cluster):
     # heartbeat_timeout_s is 4 s in the development cluster
     assert wait_for(lambda: worker_state(api, "worker-a") == "unreachable", timeout=10)
     started = time.monotonic()
-    status, headers, _ = api.get("/v1/workers/worker-a/jobs")
+    status, headers, _ = api.post(
+        "/v1/workers/worker-a/jobs", {"command": "bash", "path": "hello.sh"}
+    )
     assert status == 503
     assert "Retry-After" in headers
     assert time.monotonic() - started < 2
+    # The job list still answers, from the scheduler's record, flagged stale.
+    status, _, listing = api.get("/v1/workers/worker-a/jobs")
+    assert (status, listing["stale"]) == (200, True)
     assert worker_state(api, "worker-b") == "online"
 
 

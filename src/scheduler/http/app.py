@@ -7,18 +7,24 @@ import falcon
 from scheduler.fanout import FanOut
 from scheduler.gateway import Gateway
 from scheduler.http import resources as r
-from scheduler.http.auth import TokenAuth
+from scheduler.http.auth import Auth, TokenFile
 from scheduler.http.errors import make_handlers
 from scheduler.http.middleware import RequestId
 
 
-def create_app(gateway: Gateway, tokens: dict[str, str]) -> falcon.App:
+def create_app(
+    gateway: Gateway,
+    tokens: TokenFile,
+    client_scopes: dict[str, str] | None = None,
+) -> falcon.App:
+    """The HTTP API. ``client_scopes`` enables client-certificate auth."""
     cfg = gateway.cfg
-    app = falcon.App(middleware=[RequestId(), TokenAuth(tokens)])
+    auth = Auth(tokens, cfg.cluster.name, client_scopes)
+    app = falcon.App(middleware=[RequestId(), auth])
     app.req_options.strip_url_path_trailing_slash = True
     for exc, handler in make_handlers(cfg.workers.retry_after_s):
         app.add_error_handler(exc, handler)
-    args = (gateway, cfg.http.max_body_bytes)
+    args = (gateway, cfg.http.max_body_bytes, auth)
     app.add_route("/healthz", r.Health())
     app.add_route("/readyz", r.Ready(gateway))
     app.add_route("/v1/workers", r.Workers(*args))

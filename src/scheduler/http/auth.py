@@ -1,8 +1,19 @@
-"""Bearer-token authentication of HTTP requests.
+"""Who may call the HTTP API, and what they may do.
 
-The tokens file holds one token hash per line, ``sha256:<hex> <name>``
-(comments start with ``#``); ``jobgate-scheduler hash-token`` makes the lines.
-Only hashes are stored, so reading the file does not reveal a token.
+Callers prove who they are with a bearer token or, when the HTTP API serves
+TLS with client certificates enabled, with a certificate of the cluster CA
+naming a client (``spiffe://<cluster>/client/<name>``). Each has a scope:
+
+* ``read``: list workers, job status and output;
+* ``run``: also start, stop and fan out jobs.
+
+The tokens file holds one token per line, ``sha256:<hex> <name> [<scope>]``
+(comments start with ``#``; the scope defaults to ``read``), made with
+``jobgate-scheduler hash-token``. Only hashes are stored, so reading the file
+does not reveal a token. The file is re-read as soon as it changes: a token
+removed from it stops working at once, also for output streams already open.
+A file with a mistake in it is refused as a whole (and logged), and the
+tokens read before stay in force until it is fixed.
 """
 
 from __future__ import annotations
@@ -10,37 +21,50 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import falcon
 
+from jobgate import identity
+
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+READ, RUN = "read", "run"
+SCOPES = (READ, RUN)
+_RANK = {READ: 0, RUN: 1}
 
 
 class TokenFileError(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    scope: str
+    via: str  # "token" or "certificate"
+    digest: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.via} {self.name}"
+
+
 def hash_token(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
 
 
-def load_tokens(path: Path) -> dict[str, str]:
-    """Map of token hash to token name, from ``path``."""
-    tokens: dict[str, str] = {}
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TokenFileError(
-            f"{path}: cannot read the tokens file: {exc.strerror}"
-        ) from None
+def parse_tokens(path: Path, text: str) -> dict[str, tuple[str, str]]:
+    """Map of token hash to (name, scope) from the text of a tokens file."""
+    tokens: dict[str, tuple[str, str]] = {}
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        digest, _, name = line.partition(" ")
+        digest, *rest = line.split()
         hexpart = digest.removeprefix("sha256:")
         if (
             not digest.startswith("sha256:")
@@ -48,24 +72,126 @@ def load_tokens(path: Path) -> dict[str, str]:
             or not all(c in "0123456789abcdef" for c in hexpart)
         ):
             raise TokenFileError(
-                f"{path}:{n}: expected 'sha256:<64 hex digits> <name>'; "
+                f"{path}:{n}: expected 'sha256:<64 hex digits> <name> [read|run]'; "
                 "make lines with 'jobgate-scheduler hash-token'"
             )
-        tokens[digest] = name.strip() or f"line {n}"
-    if not tokens:
-        log.warning("%s holds no tokens: every API request will be refused", path)
+        if len(rest) > 2:
+            raise TokenFileError(f"{path}:{n}: expected at most a name and a scope")
+        name = rest[0] if rest else f"line {n}"
+        scope = rest[1] if len(rest) > 1 else READ
+        if scope not in SCOPES:
+            raise TokenFileError(
+                f"{path}:{n}: scope {scope!r} is not one of {', '.join(SCOPES)}"
+            )
+        tokens[digest] = (name, scope)
     return tokens
 
 
-class TokenAuth:
-    """Falcon middleware: 401 unless the request carries a known bearer token."""
+def load_tokens(path: Path) -> dict[str, tuple[str, str]]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TokenFileError(
+            f"{path}: cannot read the tokens file: {exc.strerror}"
+        ) from None
+    tokens = parse_tokens(path, text)
+    if not tokens:
+        log.warning("%s holds no tokens: every token will be refused", path)
+    return tokens
 
-    def __init__(self, tokens: dict[str, str]):
+
+class TokenFile:
+    """The tokens file, re-read whenever it changes on disk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._signature: tuple | None = None
+        self._tokens: dict[str, tuple[str, str]] = {}
+        self.current()
+        if self._signature is None:
+            raise TokenFileError(f"{path}: cannot be read")
+
+    def _stat(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def current(self) -> dict[str, tuple[str, str]]:
+        sig = self._stat()
+        if sig == self._signature or sig is None:
+            return self._tokens
+        with self._lock:
+            if sig != self._signature:
+                try:
+                    self._tokens = load_tokens(self.path)
+                    if self._signature is not None:
+                        log.info(
+                            "tokens file %s reloaded: %d tokens",
+                            self.path,
+                            len(self._tokens),
+                        )
+                except TokenFileError as exc:
+                    log.error(
+                        "%s; keeping the %d tokens read before", exc, len(self._tokens)
+                    )
+                self._signature = sig
+        return self._tokens
+
+    def lookup(self, token: str) -> Principal | None:
+        digest = hash_token(token)
+        found = None
+        for known, (name, scope) in self.current().items():
+            if hmac.compare_digest(known, digest):
+                found = Principal(name, scope, "token", digest)
+        return found
+
+
+def _peer_client(req: falcon.Request, cluster: str) -> str | None:
+    """The client name in a verified TLS client certificate, if any."""
+    sock = req.env.get("gunicorn.socket")
+    getpeercert = getattr(sock, "getpeercert", None)
+    if getpeercert is None:
+        return None
+    cert = getpeercert() or {}
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "URI":
+            ident = identity.parse_uri(value)
+            if ident and ident.cluster == cluster and ident.role == identity.CLIENT:
+                return ident.name
+    return None
+
+
+class Auth:
+    """Falcon middleware: authenticate every request, then check its scope.
+
+    Resources declare the scope each method needs in ``scopes``
+    (``{"GET": "read", "POST": "run"}``); a method not declared needs ``run``.
+    """
+
+    def __init__(
+        self,
+        tokens: TokenFile,
+        cluster: str = "",
+        client_scopes: dict[str, str] | None = None,
+    ):
         self.tokens = tokens
+        self.cluster = cluster
+        self.client_scopes = client_scopes
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if req.path in OPEN_PATHS:
-            return
+    def authenticate(self, req: falcon.Request) -> Principal:
+        if self.client_scopes is not None:
+            name = _peer_client(req, self.cluster)
+            if name is not None:
+                if name not in self.client_scopes:
+                    raise falcon.HTTPForbidden(
+                        title="Forbidden",
+                        description=f"client certificate {name!r} is not listed "
+                        "in [http.tls].client_scopes",
+                    )
+                return Principal(name, self.client_scopes[name], "certificate")
         header = req.get_header("Authorization") or ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -74,15 +200,35 @@ class TokenAuth:
                 description="send 'Authorization: Bearer <token>'",
                 challenges=['Bearer realm="jobgate"'],
             )
-        digest = hash_token(token.strip())
-        name = None
-        for known, who in self.tokens.items():
-            if hmac.compare_digest(known, digest):
-                name = who
-        if name is None:
+        principal = self.tokens.lookup(token.strip())
+        if principal is None:
             raise falcon.HTTPUnauthorized(
                 title="Unauthorized",
                 description="the bearer token is not valid",
-                challenges=['Bearer realm="jobgate" error="invalid_token"'],
+                challenges=['Bearer realm="jobgate", error="invalid_token"'],
             )
-        req.context.token_name = name
+        return principal
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.path in OPEN_PATHS:
+            return
+        req.context.principal = self.authenticate(req)
+
+    def process_resource(self, req, resp, resource, params) -> None:
+        principal = getattr(req.context, "principal", None)
+        if principal is None:
+            return
+        needed = getattr(resource, "scopes", {}).get(req.method, RUN)
+        if _RANK[principal.scope] < _RANK[needed]:
+            raise falcon.HTTPForbidden(
+                title="Forbidden",
+                description=f"{principal} has scope {principal.scope}; "
+                f"{req.method} {req.path} needs scope {needed}",
+            )
+
+    def still_valid(self, principal: Principal) -> bool:
+        """False once the token behind ``principal`` was removed or narrowed."""
+        if principal.via != "token":
+            return True
+        entry = self.tokens.current().get(principal.digest)
+        return entry is not None and _RANK[entry[1]] >= _RANK[principal.scope]

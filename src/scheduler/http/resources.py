@@ -12,6 +12,7 @@ import falcon
 
 from scheduler.gateway import Gateway, OutputStream
 from scheduler.http import body
+from scheduler.http.auth import READ, RUN, Auth
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,11 @@ def _json(resp: falcon.Response, data, status: int = 200) -> None:
 
 def _plain_stream(stream: OutputStream) -> Iterator[bytes]:
     try:
-        for offset, data, skipped in stream:
+        for offset, data, skipped in stream.chunks:
             if skipped:
                 yield _gap_notice(offset, skipped)
-            yield data
+            if data:
+                yield data
     finally:
         stream.close()
 
@@ -79,12 +81,15 @@ def _sse_stream(stream: OutputStream) -> Iterator[bytes]:
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
-        for offset, data, skipped in stream:
+        for offset, data, skipped in stream.chunks:
             if skipped:
                 decoder.reset()
                 yield _sse_event(
                     "gap", json.dumps({"skipped": skipped, "offset": offset})
                 )
+            if not data:
+                yield b": keep-alive\n\n"
+                continue
             text = decoder.decode(data)
             pending = len(decoder.getstate()[0])
             if text:
@@ -97,18 +102,41 @@ def _sse_stream(stream: OutputStream) -> Iterator[bytes]:
         stream.close()
 
 
+class StreamRevoked(ConnectionResetError):
+    """Ends an open output stream whose token was revoked (the stream is cut)."""
+
+
+def _guarded(stream: OutputStream, still_valid) -> Iterator[tuple[int, bytes, int]]:
+    """The stream's chunks while the caller's credentials stay valid.
+
+    Keep-alives from the worker come at least every second while a job is
+    quiet, so a revoked token ends even an idle stream promptly.
+    """
+    for item in stream:
+        if not still_valid():
+            log.info("ending an output stream: its token was revoked")
+            stream.close()
+            raise StreamRevoked(errno.ECONNRESET, "token revoked")
+        yield item
+
+
 class _Base:
-    def __init__(self, gateway: Gateway, max_body_bytes: int):
+    scopes: dict[str, str] = {}
+
+    def __init__(self, gateway: Gateway, max_body_bytes: int, auth: Auth):
         self.gw = gateway
         self.max_body = max_body_bytes
+        self.auth = auth
 
     def body(self, req: falcon.Request) -> dict:
         return body.read_json(req, self.max_body)
 
     def stream_output(
-        self, resp, worker, job_id, offset, follow, sse=False, run=False
+        self, req, resp, worker, job_id, offset, follow, sse=False, run=False
     ) -> None:
         stream = self.gw.output(worker, job_id, offset, follow)
+        principal = req.context.principal
+        stream.chunks = _guarded(stream, lambda: self.auth.still_valid(principal))
         resp.set_header("X-Content-Type-Options", "nosniff")
         resp.set_header("Cache-Control", "no-store")
         if sse:
@@ -121,7 +149,7 @@ class _Base:
 
 def _actor(req: falcon.Request) -> str:
     """Who is asking, for the record: the name of the API token used."""
-    return f"token {getattr(req.context, 'token_name', 'unknown')}"
+    return str(req.context.principal)
 
 
 class Health:
@@ -143,16 +171,22 @@ class Ready:
 
 
 class Workers(_Base):
+    scopes = {"GET": READ}
+
     def on_get(self, req, resp):
         _json(resp, {"workers": self.gw.list_workers()})
 
 
 class Worker(_Base):
+    scopes = {"GET": READ}
+
     def on_get(self, req, resp, worker):
         _json(resp, self.gw.get_worker(worker))
 
 
 class Jobs(_Base):
+    scopes = {"GET": READ, "POST": RUN}
+
     def on_get(self, req, resp, worker):
         jobs, stale = self.gw.list_jobs(worker)
         if stale:
@@ -183,7 +217,9 @@ class Jobs(_Base):
         resp.set_header("X-Job-ID", job["job_id"])
         if follow:
             resp.status = falcon.HTTP_200 if existing else falcon.HTTP_201
-            self.stream_output(resp, job["worker_id"], job["job_id"], 0, True, run=True)
+            self.stream_output(
+                req, resp, job["worker_id"], job["job_id"], 0, True, run=True
+            )
             return
         if wait and job["state"] == "running":
             job = self.gw.wait_job(job["worker_id"], job["job_id"])
@@ -194,16 +230,22 @@ class Jobs(_Base):
 
 
 class Job(_Base):
+    scopes = {"GET": READ}
+
     def on_get(self, req, resp, worker, job):
         _json(resp, self.gw.get_job(worker, job))
 
 
 class JobStop(_Base):
+    scopes = {"POST": RUN}
+
     def on_post(self, req, resp, worker, job):
         _json(resp, self.gw.stop_job(worker, job, _actor(req)))
 
 
 class JobOutput(_Base):
+    scopes = {"GET": READ}
+
     def on_get(self, req, resp, worker, job):
         sse = "text/event-stream" in (req.get_header("Accept") or "")
         offset = req.get_param_as_int("offset", min_value=0, default=0)
@@ -218,7 +260,7 @@ class JobOutput(_Base):
             offset = int(last_id)
         # An event stream follows unless told not to; plain text does not.
         follow = req.get_param_as_bool("follow", default=sse)
-        self.stream_output(resp, worker, job, offset, follow, sse=sse)
+        self.stream_output(req, resp, worker, job, offset, follow, sse=sse)
 
 
 # -- fan-out -------------------------------------------------------------------
@@ -263,8 +305,10 @@ def _selector(b: dict) -> dict:
 
 
 class FanOutJobs(_Base):
-    def __init__(self, gateway, max_body_bytes, fanout):
-        super().__init__(gateway, max_body_bytes)
+    scopes = {"POST": RUN}
+
+    def __init__(self, gateway, max_body_bytes, auth, fanout):
+        super().__init__(gateway, max_body_bytes, auth)
         self.fanout = fanout
 
     def on_post(self, req, resp):
@@ -284,8 +328,10 @@ class FanOutJobs(_Base):
 
 
 class Group(_Base):
-    def __init__(self, gateway, max_body_bytes, fanout):
-        super().__init__(gateway, max_body_bytes)
+    scopes = {"GET": READ}
+
+    def __init__(self, gateway, max_body_bytes, auth, fanout):
+        super().__init__(gateway, max_body_bytes, auth)
         self.fanout = fanout
 
     def on_get(self, req, resp, group):
@@ -297,6 +343,8 @@ class Group(_Base):
 
 
 class LegacyStart(_Base):
+    scopes = {"POST": RUN}
+
     def on_post(self, req, resp):
         b = self.body(req)
         job, _ = self.gw.start_job(
@@ -309,6 +357,8 @@ class LegacyStart(_Base):
 
 
 class LegacyStop(_Base):
+    scopes = {"POST": RUN}
+
     def on_post(self, req, resp):
         b = self.body(req)
         self.gw.stop_job(
@@ -320,6 +370,8 @@ class LegacyStop(_Base):
 
 
 class LegacyQuery(_Base):
+    scopes = {"POST": READ}
+
     def on_post(self, req, resp):
         b = self.body(req)
         job = self.gw.get_job(
@@ -339,9 +391,12 @@ class LegacyQuery(_Base):
 
 
 class LegacyStream(_Base):
+    scopes = {"POST": READ}
+
     def on_post(self, req, resp):
         b = self.body(req)
         self.stream_output(
+            req,
             resp,
             body.string(b, "worker_id", required=True),
             body.string(b, "job_id", required=True),
