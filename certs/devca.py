@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import ipaddress
 import os
 import re
 import sys
@@ -134,6 +135,7 @@ def issue(
     days: int = 825,
     expired: bool = False,
     extra_dns: tuple[str, ...] = (),
+    extra_ips: tuple[str, ...] = (),
     out: Path | None = None,
 ) -> tuple[Path, Path]:
     """Issue a certificate for ``role`` signed by the CA in ``directory``.
@@ -172,6 +174,7 @@ def issue(
         x509.DNSName(dns),
     ]
     sans += [x509.DNSName(d) for d in extra_dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in extra_ips]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if role != "client":
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "--expired", action="store_true", help="issue an already expired certificate"
     )
     p_issue.add_argument("--dns", action="append", default=[], help="extra DNS SAN")
+    p_issue.add_argument("--ip", action="append", default=[], help="extra IP SAN")
     p_issue.add_argument("--out", type=Path, help="output directory (default: --dir)")
     args = parser.parse_args(argv)
     try:
@@ -244,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 days=args.days,
                 expired=args.expired,
                 extra_dns=tuple(args.dns),
+                extra_ips=tuple(args.ip),
                 out=args.out,
             )
             print(cert)

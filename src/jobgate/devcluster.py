@@ -181,6 +181,7 @@ name = "{self.cluster}"
 [http]
 bind = "127.0.0.1:{self.http_port}"
 processes = {self.http_processes}
+scheme = "http"
 threads = 8
 
 [grpc]

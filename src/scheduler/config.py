@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,30 @@ class ClusterSection:
     name: str = setting(
         pattern=NAME_PATTERN, help="cluster name, as in the certificates"
     )
+
+
+@dataclass(frozen=True)
+class HttpTLSSection:
+    cert_file: Path | None = setting(
+        None, exists="file", help="PEM certificate the HTTP API serves (HTTPS)"
+    )
+    key_file: Path | None = setting(None, exists="file", help="PEM key of cert_file")
+    client_ca_file: Path | None = setting(
+        None,
+        exists="file",
+        help="CA of client certificates accepted instead of tokens; unset: tokens only",
+    )
+    client_scopes: dict[str, str] = setting(
+        default_factory=dict,
+        help='scope of each client certificate name, e.g. { ops = "run" }',
+    )
+
+    def __post_init__(self) -> None:
+        for name, scope in self.client_scopes.items():
+            if scope not in ("read", "run"):
+                raise Invalid(
+                    f"client_scopes.{name}", f"{scope!r} is not one of 'read', 'run'"
+                )
 
 
 @dataclass(frozen=True)
@@ -36,9 +61,37 @@ class HttpSection:
         5, min=0, help="idle keep-alive time of client connections"
     )
     access_log: bool = setting(True, help="log one line per HTTP request")
+    scheme: str = setting(
+        "https", choices=("https", "http"), help="https, or plain http (see below)"
+    )
+    allow_plain_http_off_loopback: bool = setting(
+        False, help='let scheme = "http" bind an address other than loopback'
+    )
+    tls: HttpTLSSection = field(default_factory=HttpTLSSection)
 
     def __post_init__(self) -> None:
-        parse_hostport(self.bind, "bind")
+        host, _ = parse_hostport(self.bind, "bind")
+        if self.scheme == "https":
+            for key in ("cert_file", "key_file"):
+                if getattr(self.tls, key) is None:
+                    raise Invalid(
+                        ("tls", key),
+                        'required for HTTPS (or set [http].scheme = "http" to serve '
+                        "plain HTTP on loopback)",
+                    )
+        else:
+            if self.tls.client_ca_file is not None:
+                raise Invalid(
+                    ("tls", "client_ca_file"),
+                    'client certificates need [http].scheme = "https"',
+                )
+            if not _is_loopback(host) and not self.allow_plain_http_off_loopback:
+                raise Invalid(
+                    "bind",
+                    f"plain HTTP on {host!r} would send tokens in the clear; use "
+                    'scheme = "https", bind 127.0.0.1, or set '
+                    "allow_plain_http_off_loopback = true",
+                )
 
 
 @dataclass(frozen=True)
@@ -135,6 +188,13 @@ class SchedulerConfig:
     workers: WorkersSection = field(default_factory=WorkersSection)
     fanout: FanoutSection = field(default_factory=FanoutSection)
     log: LogSection = field(default_factory=LogSection)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def load(path: str | Path) -> SchedulerConfig:

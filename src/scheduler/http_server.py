@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 
 from gunicorn.app.base import BaseApplication
@@ -64,6 +65,13 @@ class HttpServer(BaseApplication):
             # has no use for it and must not write there.
             "control_socket_disable": True,
         }
+        if h.scheme == "https":
+            settings["certfile"] = str(h.tls.cert_file)
+            settings["keyfile"] = str(h.tls.key_file)
+            if h.tls.client_ca_file is not None:
+                # Optional: a client without a certificate may still use a token.
+                settings["ca_certs"] = str(h.tls.client_ca_file)
+                settings["cert_reqs"] = ssl.CERT_OPTIONAL
         for key, value in settings.items():
             if key in self.cfg.settings:
                 self.cfg.set(key, value)
@@ -79,7 +87,9 @@ class HttpServer(BaseApplication):
         store = Store(cfg.state.path, cfg.state.busy_timeout_s)
         pool = ChannelPool(cfg.cluster.name, Credentials.load(cfg.tls))
         gateway = Gateway(cfg, store, pool, self.grpc_target)
-        return create_app(gateway, TokenFile(cfg.auth.tokens_file))
+        tls = cfg.http.tls
+        client_scopes = dict(tls.client_scopes) if tls.client_ca_file else None
+        return create_app(gateway, TokenFile(cfg.auth.tokens_file), client_scopes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,6 +115,12 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
     )
     grpc_port = bind_secure(server, cfg.grpc.bind, creds)
     sock = _listen(cfg.http.bind)
+    if cfg.http.scheme == "http":
+        log.warning(
+            "serving the HTTP API as plain HTTP on %s: tokens travel unencrypted; "
+            'set [http].scheme = "https" for anything but local use',
+            cfg.http.bind,
+        )
     http_port = sock.getsockname()[1]
     server.start()
     set_serving(health_servicer, True)
@@ -150,7 +156,12 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
     failed = False
     if _wait_ready(ready_r, child, STARTUP_TIMEOUT_S):
         os.close(ready_r)
-        log.info("HTTP API listening on %s (port %d)", cfg.http.bind, http_port)
+        log.info(
+            "HTTP API listening on %s://%s (port %d)",
+            cfg.http.scheme,
+            cfg.http.bind,
+            http_port,
+        )
         notifier.ready(
             f"serving HTTP on port {http_port}, gRPC on port {grpc_port} "
             f"for cluster {cfg.cluster.name}"

@@ -1,0 +1,542 @@
+"""A small client of the scheduler's HTTP API, on the standard library only.
+
+    client = Client("http://127.0.0.1:8080", token)
+    job = client.start_job("worker-1", "count.sh", ["3"], wait=True)
+    for chunk in client.output("worker-1", job["job_id"], follow=True):
+        sys.stdout.buffer.write(chunk)
+
+Errors the API answers with become :class:`ApiError` (status, title and the
+API's description); a scheduler that cannot be reached, or a stream that ends
+early, becomes :class:`ConnectionFailed`.
+
+:func:`resolve_settings` finds the URL, token and TLS files the way the
+``jobgate`` command does: flags, then the environment, then a TOML file.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import ssl
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+DEFAULT_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+CHUNK_BYTES = 65536
+
+# -- errors ---------------------------------------------------------------------
+
+
+class ClientError(Exception):
+    """Base of the errors this module raises."""
+
+
+class ConfigError(ClientError):
+    """The client's settings are missing or unusable; the message says which."""
+
+
+class ConnectionFailed(ClientError):
+    """The scheduler could not be reached, or a response ended early."""
+
+
+class StreamBroken(ConnectionFailed):
+    """An output stream ended before the scheduler finished it.
+
+    ``received`` is how many bytes arrived before the break.
+    """
+
+    def __init__(self, message: str, received: int):
+        super().__init__(message)
+        self.received = received
+
+
+class ApiError(ClientError):
+    """An error answer of the API: ``status``, ``title`` and ``description``."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        description: str,
+        retry_after: str | None = None,
+    ):
+        super().__init__(f"{status} {title}: {description}")
+        self.status = status
+        self.title = title
+        self.description = description
+        self.retry_after = retry_after
+
+
+def _api_error(status: int, reason: str, headers, raw: bytes) -> ApiError:
+    title, description = reason or "Error", ""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        title = str(data.get("title") or title)
+        description = str(data.get("description") or "")
+    elif raw:
+        # Not the API's JSON (a proxy in front of it, say): show the start.
+        description = raw[:300].decode(errors="replace").strip()
+    return ApiError(status, title, description, headers.get("Retry-After"))
+
+
+# -- settings -------------------------------------------------------------------
+
+SETTING_KEYS = ("url", "token", "token_file", "ca_file", "cert_file", "key_file")
+ENV_PREFIX = "JOBGATE_"
+ENV_CONFIG = "JOBGATE_CONFIG"
+
+
+def default_config_path(environ: Mapping[str, str]) -> Path:
+    """``$XDG_CONFIG_HOME/jobgate/client.toml``, else ``~/.config/jobgate/...``."""
+    base = environ.get("XDG_CONFIG_HOME")
+    if base:
+        return Path(base) / "jobgate" / "client.toml"
+    home = environ.get("HOME")
+    root = Path(home) if home else Path.home()
+    return root / ".config" / "jobgate" / "client.toml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the scheduler is and how to authenticate to it.
+
+    ``sources`` names where each value came from (``--url``, ``JOBGATE_URL``
+    or the config file), for error messages.
+    """
+
+    url: str | None = None
+    token: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def client(self, timeout: float = DEFAULT_TIMEOUT_S) -> Client:
+        """A :class:`Client` for these settings; ConfigError if one is missing."""
+        if not self.url:
+            raise ConfigError("no scheduler URL")
+        if not self.token:
+            raise ConfigError("no API token")
+        return Client(
+            self.url,
+            self.token,
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+            timeout=timeout,
+        )
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for key, value in data.items():
+        if key not in SETTING_KEYS:
+            raise ConfigError(
+                f"{path}: {key}: unknown key (known: {', '.join(SETTING_KEYS)})"
+            )
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: {key}: must be a non-empty string")
+    return data
+
+
+def _layer_values(
+    layer: Mapping[str, str | None], base: Path | None, where: str
+) -> dict[str, tuple[Any, str]]:
+    """One layer's settings as ``{key: (value, source)}``; paths made absolute.
+
+    ``token`` and ``token_file`` are one setting, the token: a layer gives
+    one or the other, and the file is read here.
+    """
+    out: dict[str, tuple[Any, str]] = {}
+
+    def source(key: str) -> str:
+        if where == "flags":
+            return "--" + key.replace("_", "-")
+        if where == "env":
+            return ENV_PREFIX + key.upper()
+        return f"{where}: {key}"
+
+    def path(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() or base is None else base / p
+
+    if layer.get("token") and layer.get("token_file"):
+        raise ConfigError(
+            f"{source('token')} and {source('token_file')}: give one or the other"
+        )
+    for key in ("url", "ca_file", "cert_file", "key_file"):
+        value = layer.get(key)
+        if value:
+            out[key] = (path(value) if key != "url" else value, source(key))
+    if layer.get("token"):
+        out["token"] = (str(layer["token"]).strip(), source("token"))
+    elif layer.get("token_file"):
+        token_path = path(str(layer["token_file"]))
+        try:
+            token = token_path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{source('token_file')}: cannot read {token_path}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        if not token:
+            raise ConfigError(f"{source('token_file')}: {token_path} is empty")
+        out["token"] = (token, f"{source('token_file')} ({token_path})")
+    return out
+
+
+def resolve_settings(
+    flags: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    config: str | Path | None = None,
+) -> Settings:
+    """Settings from flags, then ``JOBGATE_*`` variables, then the config file.
+
+    Each setting is taken from the first layer that gives it. ``flags`` maps
+    the keys of :data:`SETTING_KEYS` to values (None when not given). The
+    config file is ``config`` if given, else ``$JOBGATE_CONFIG``, else the
+    default path, which may be missing; a file named explicitly must exist.
+    Relative paths in the file are relative to the file's directory.
+    """
+    explicit = config or environ.get(ENV_CONFIG) or None
+    path = Path(explicit).expanduser() if explicit else default_config_path(environ)
+    file_values: dict[str, Any] = {}
+    if explicit or path.is_file():
+        file_values = _read_config_file(path)
+    env_values = {k: environ.get(ENV_PREFIX + k.upper()) for k in SETTING_KEYS}
+    layers = [
+        _layer_values(file_values, path.parent, str(path)),
+        _layer_values(env_values, None, "env"),
+        _layer_values(flags, None, "flags"),
+    ]
+    merged: dict[str, tuple[Any, str]] = {}
+    for layer in layers:  # lowest precedence first; later layers win
+        merged.update(layer)
+    values = {k: v for k, (v, _) in merged.items()}
+    return Settings(**values, sources={k: s for k, (_, s) in merged.items()})
+
+
+# -- the client -----------------------------------------------------------------
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+class Client:
+    """The scheduler's HTTP API; one connection per request.
+
+    ``timeout`` bounds each ordinary request. Requests that wait for jobs
+    (``wait=True``, following output) have no read timeout: the scheduler
+    bounds them (``[workers].max_wait_s``, ``[workers].stream_timeout_s``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"url: {url!r} is not an http:// or https:// URL "
+                "(e.g. http://127.0.0.1:8080)"
+            )
+        try:
+            self.port = parts.port
+        except ValueError:
+            raise ConfigError(f"url: {url!r} has an invalid port") from None
+        self.url = url.rstrip("/")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.prefix = parts.path.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.ssl_context: ssl.SSLContext | None = None
+        if self.scheme == "https":
+            self.ssl_context = make_ssl_context(ca_file, cert_file, key_file)
+        elif cert_file or key_file:
+            raise ConfigError("cert_file and key_file need an https:// URL")
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _connect(self, read_timeout: float | None) -> http.client.HTTPConnection:
+        timeout = min(CONNECT_TIMEOUT_S, self.timeout)
+        if self.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self.host, self.port, timeout=timeout, context=self.ssl_context
+            )
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.connect()
+        except (OSError, ssl.SSLError) as exc:
+            conn.close()
+            raise ConnectionFailed(self._describe(exc)) from None
+        assert conn.sock is not None
+        conn.sock.settimeout(read_timeout)
+        return conn
+
+    def _describe(self, exc: BaseException) -> str:
+        where = f"{self.url}"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return (
+                f"cannot verify the certificate of {where}: {exc.verify_message}; "
+                "give the CA that signed it with --ca-file"
+            )
+        if isinstance(exc, ssl.SSLError):
+            return f"TLS with {where} failed: {exc.reason or exc}"
+        if isinstance(exc, socket.gaierror):
+            return f"cannot resolve {self.host!r}: {exc.strerror}"
+        if isinstance(exc, TimeoutError | socket.timeout):
+            return f"no answer from {where} in time"
+        if isinstance(exc, http.client.HTTPException):
+            return f"bad answer from {where}: {exc!r}"
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"cannot reach the scheduler at {where}: {text}"
+
+    def _open(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        long: bool = False,
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send a request; return the connection and the response (2xx only).
+
+        ``long`` requests (waits, streams) have no read timeout.
+        """
+        target = self.prefix + path
+        if query:
+            target += "?" + urlencode(
+                {
+                    k: ("true" if v is True else "false" if v is False else v)
+                    for k, v in query.items()
+                }
+            )
+        hdrs = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs["Content-Type"] = "application/json"
+        hdrs.update(headers or {})
+        conn = self._connect(None if long else self.timeout)
+        try:
+            conn.request(method, target, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                raise _api_error(resp.status, resp.reason, resp.headers, resp.read())
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise ConnectionFailed(self._describe(exc)) from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn, resp
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, Any] | None = None,
+        long: bool = False,
+    ) -> tuple[int, Any]:
+        """One JSON request; returns (status, decoded body). Raises ApiError."""
+        conn, resp = self._open(method, path, body, query, long=long)
+        try:
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ConnectionFailed(self._describe(exc)) from None
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw) if raw else None
+        except ValueError:
+            raise ConnectionFailed(
+                f"the answer from {self.url}{path} is not JSON; is {self.url} "
+                "a jobgate scheduler?"
+            ) from None
+
+    # -- the API --------------------------------------------------------------------
+
+    def workers(self) -> list[dict]:
+        return self.request("GET", "/v1/workers")[1]["workers"]
+
+    def worker(self, worker: str) -> dict:
+        return self.request("GET", f"/v1/workers/{_segment(worker)}")[1]
+
+    def start_job(
+        self,
+        worker: str,
+        path: str,
+        args: list[str] | tuple[str, ...] = (),
+        *,
+        command: str = "bash",
+        timeout_s: int | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+    ) -> tuple[int, dict]:
+        """Start a job; returns (HTTP status, job status).
+
+        201 is a new job, 200 one that the idempotency key already named; with
+        ``wait``, 202 means the job still ran when the scheduler stopped waiting.
+        """
+        body: dict[str, Any] = {"command": command, "path": path, "args": list(args)}
+        if timeout_s:
+            body["timeout_s"] = timeout_s
+        if idempotency_key:
+            body["idempotency_key"] = idempotency_key
+        return self.request(
+            "POST",
+            f"/v1/workers/{_segment(worker)}/jobs",
+            body,
+            query={"wait": True} if wait else None,
+            long=wait,
+        )
+
+    def jobs(self, worker: str) -> tuple[list[dict], bool]:
+        """The worker's jobs, newest first, and whether they may be stale."""
+        data = self.request("GET", f"/v1/workers/{_segment(worker)}/jobs")[1]
+        return data["jobs"], bool(data.get("stale"))
+
+    def job(self, worker: str, job_id: str) -> dict:
+        path = f"/v1/workers/{_segment(worker)}/jobs/{_segment(job_id)}"
+        return self.request("GET", path)[1]
+
+    def stop_job(self, worker: str, job_id: str) -> dict:
+        path = f"/v1/workers/{_segment(worker)}/jobs/{_segment(job_id)}/stop"
+        # The answer comes once the job has ended: after its grace period at most.
+        return self.request("POST", path, long=True)[1]
+
+    def output(
+        self, worker: str, job_id: str, offset: int = 0, follow: bool = False
+    ) -> Iterator[bytes]:
+        """The job's output bytes as they arrive.
+
+        Errors before the first byte are raised when iteration starts; a stream
+        that breaks later raises :class:`StreamBroken`.
+        """
+        path = f"/v1/workers/{_segment(worker)}/jobs/{_segment(job_id)}/output"
+        query: dict[str, Any] = {"follow": follow}
+        if offset:
+            query["offset"] = offset
+        conn, resp = self._open(
+            "GET",
+            path,
+            query=query,
+            headers={"Accept": "text/plain"},
+            long=follow,
+        )
+        received = 0
+        try:
+            while True:
+                try:
+                    chunk = resp.read1(CHUNK_BYTES)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise StreamBroken(
+                        f"the output stream from {self.url} broke after "
+                        f"{received} bytes: {exc!r}",
+                        received,
+                    ) from None
+                if not chunk:
+                    return
+                received += len(chunk)
+                yield chunk
+        finally:
+            conn.close()
+
+    def fanout(
+        self,
+        selector: dict[str, Any],
+        path: str,
+        args: list[str] | tuple[str, ...] = (),
+        *,
+        command: str = "bash",
+        timeout_s: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict:
+        """Start a job on several workers; ``selector`` is ``{"workers": [...]}``,
+        ``{"labels": {...}}`` or ``{"all": True}``."""
+        body: dict[str, Any] = {
+            **selector,
+            "command": command,
+            "path": path,
+            "args": list(args),
+        }
+        if timeout_s:
+            body["timeout_s"] = timeout_s
+        if idempotency_key:
+            body["idempotency_key"] = idempotency_key
+        return self.request("POST", "/v1/jobs", body, long=True)[1]
+
+    def group(self, group_id: str, wait: bool = False) -> dict:
+        return self.request(
+            "GET",
+            f"/v1/groups/{_segment(group_id)}",
+            query={"wait": True} if wait else None,
+            long=wait,
+        )[1]
+
+
+def make_ssl_context(
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+) -> ssl.SSLContext:
+    """A verifying TLS client context: the system's CAs or ``ca_file``, and a
+    client certificate when ``cert_file`` is given."""
+    if key_file and not cert_file:
+        raise ConfigError("key_file: needs cert_file as well")
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"ca_file: cannot load {ca_file}: {_ssl_text(exc)}") from None
+    if cert_file:
+        try:
+            ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cert_file: cannot load {cert_file}"
+                + (f" with key {key_file}" if key_file else "")
+                + f": {_ssl_text(exc)}"
+            ) from None
+    return ctx
+
+
+def _ssl_text(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def environ_settings() -> Settings:
+    """Settings from ``JOBGATE_*`` and the config file, for library users."""
+    return resolve_settings({}, os.environ)
