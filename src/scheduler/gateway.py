@@ -24,6 +24,7 @@ from jobgate.guard import REQUEST_ID_KEY
 from jobgate.jobstate import ExitReason, JobState
 from jobgate.tls import Credentials, secure_channel
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from scheduler import metrics
 from scheduler.config import SchedulerConfig
 from scheduler.store import ONLINE, Store, WorkerRow
 
@@ -100,6 +101,7 @@ class ChannelPool:
                 self.creds,
                 identity.dns_name(self.cluster, identity.WORKER, worker.name),
             )
+            channel = grpc.intercept_channel(channel, metrics.CallMetrics(worker.name))
             stub = worker_pb2_grpc.WorkerStub(channel)
             self._channels[worker.id] = (worker.address, channel, stub)
         if entry is not None:
@@ -222,6 +224,7 @@ class Gateway:
         status = job_to_dict(resp.job, worker.id)
         self.store.record_job(status, group_id)
         if not resp.existing:
+            metrics.JOBS_STARTED.labels(worker.name).inc()
             log.info(
                 "started job %s on %s: %s %s",
                 resp.job.job_id,

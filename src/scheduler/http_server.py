@@ -44,7 +44,13 @@ class HttpServer(BaseApplication):
             except OSError:
                 pass  # the parent stopped listening after the first one
 
+        def child_exit(server, worker) -> None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid)
+
         settings = {
+            "child_exit": child_exit,
             "bind": [f"fd://{self.listen_fd}"],
             "workers": h.processes,
             "worker_class": "gthread",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,6 +127,9 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
     set_serving(health_servicer, True)
     log.info("gRPC server listening on %s (port %d)", cfg.grpc.bind, grpc_port)
 
+    metrics_dir = cfg.state.path.parent / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # counters start at zero
+    metrics_dir.mkdir(parents=True)
     ready_r, ready_w = os.pipe()
     child = subprocess.Popen(
         [
@@ -141,6 +145,7 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
             _loopback_target(cfg.grpc.bind, grpc_port),
         ],
         pass_fds=(sock.fileno(), ready_w),
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
     )
     os.close(ready_w)
     sock.close()  # gunicorn owns the listener now

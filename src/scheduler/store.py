@@ -242,6 +242,14 @@ class Store:
         )
         return [_status(r) for r in rows]
 
+    def job_counts(self) -> dict[str, int]:
+        rows = (
+            self._conn()
+            .execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            .fetchall()
+        )
+        return {r["state"]: r["n"] for r in rows}
+
     # -- groups ---------------------------------------------------------------
 
     def create_group(self, group_id: str, request: dict, errors: list[dict]) -> None:

@@ -131,6 +131,17 @@ class JobsSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    bind: str = setting(
+        "", help='host:port of the Prometheus /metrics listener; "" turns it off'
+    )
+
+    def __post_init__(self) -> None:
+        if self.bind:
+            parse_hostport(self.bind, "bind")
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = setting(
         "info",
@@ -146,6 +157,7 @@ class WorkerConfig:
     tls: TLSConfig
     jobs: JobsSection
     grpc: GrpcSection = field(default_factory=GrpcSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     log: LogSection = field(default_factory=LogSection)
 
     def __post_init__(self) -> None:

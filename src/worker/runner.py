@@ -43,7 +43,7 @@ from jobgate.errors import (
     ResourceExhausted,
 )
 from jobgate.jobstate import ExitReason, JobState, check_transition
-from worker import isolation
+from worker import isolation, metrics
 from worker.config import JobsSection
 from worker.output import OutputLog
 
@@ -339,6 +339,7 @@ class JobRunner:
             self._jobs[job_id] = job
             if idempotency_key:
                 self._by_key[idempotency_key] = job_id
+            spawn_started = time.perf_counter()
             try:
                 self._spawn(job, [exe, str(script), *args])
             except OSError as exc:
@@ -351,6 +352,7 @@ class JobRunner:
                 )
                 return self._snapshot(job), False
             self._persist(directory, record)
+            metrics.SPAWN_SECONDS.observe(time.perf_counter() - spawn_started)
         log.info(
             "job %s started: %s %s (pid %d)",
             job_id,
@@ -632,6 +634,7 @@ class JobRunner:
                     if job.sealed:
                         break  # the job was recorded as ended: drop late output
                     job.output.append(data)
+                    metrics.OUTPUT_BYTES.inc(len(data))
                     job.cond.notify_all()
         except OSError as exc:
             log.error(
@@ -705,6 +708,8 @@ class JobRunner:
             self._persist(job.dir, r)
             job.cond.notify_all()
         job.done.set()
+        metrics.JOBS_FINISHED.labels(reason.value).inc()
+        metrics.JOB_SECONDS.labels(reason.value).observe(r.ended_at - r.started_at)
         log.info(
             "job %s ended: %s (%s)",
             r.job_id,

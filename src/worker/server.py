@@ -42,6 +42,14 @@ def serve(cfg: WorkerConfig, ready_file: Path | None = None) -> int:
     server.start()
     set_serving(health_servicer, True)
     address = f"{cfg.worker.advertise_host}:{port}"
+    metrics_port = None
+    if cfg.metrics.bind:
+        from worker import metrics
+
+        metrics_port = metrics.serve(cfg.metrics.bind, runner.running_count)
+        log.info(
+            "metrics on http://%s/metrics (port %d)", cfg.metrics.bind, metrics_port
+        )
     log.info("gRPC server listening on %s (advertised as %s)", cfg.grpc.bind, address)
     registrar = Registrar(
         cfg, creds, address, runner.running_count, cfg.jobs.max_concurrent, stop
@@ -61,7 +69,12 @@ def serve(cfg: WorkerConfig, ready_file: Path | None = None) -> int:
         notifier.start_watchdog(runner.responsive, status)
         write_ready_file(
             ready_file,
-            {"grpc_port": port, "address": address, "worker_id": registrar.worker_id},
+            {
+                "grpc_port": port,
+                "address": address,
+                "worker_id": registrar.worker_id,
+                "metrics_port": metrics_port,
+            },
         )
         stop.wait()
     log.info("stopping")

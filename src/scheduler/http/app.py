@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import falcon
 
+from scheduler import metrics
 from scheduler.fanout import FanOut
 from scheduler.gateway import Gateway
+from scheduler.http import openapi
 from scheduler.http import resources as r
 from scheduler.http.auth import Auth, TokenFile
 from scheduler.http.errors import make_handlers
@@ -20,11 +22,13 @@ def create_app(
     """The HTTP API. ``client_scopes`` enables client-certificate auth."""
     cfg = gateway.cfg
     auth = Auth(tokens, cfg.cluster.name, client_scopes)
-    app = falcon.App(middleware=[RequestId(), auth])
+    app = falcon.App(middleware=[RequestId(), metrics.Middleware(), auth])
     app.req_options.strip_url_path_trailing_slash = True
     for exc, handler in make_handlers(cfg.workers.retry_after_s):
         app.add_error_handler(exc, handler)
     args = (gateway, cfg.http.max_body_bytes, auth)
+    app.add_route("/openapi.json", r.OpenAPI(openapi.document()))
+    app.add_route("/metrics", r.Metrics(gateway))
     app.add_route("/healthz", r.Health())
     app.add_route("/readyz", r.Ready(gateway))
     app.add_route("/v1/workers", r.Workers(*args))

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import falcon
 
+from scheduler import metrics
 from scheduler.gateway import Gateway, OutputStream
 from scheduler.http import body
 from scheduler.http.auth import READ, RUN, Auth
@@ -112,12 +113,18 @@ def _guarded(stream: OutputStream, still_valid) -> Iterator[tuple[int, bytes, in
     Keep-alives from the worker come at least every second while a job is
     quiet, so a revoked token ends even an idle stream promptly.
     """
-    for item in stream:
-        if not still_valid():
-            log.info("ending an output stream: its token was revoked")
-            stream.close()
-            raise StreamRevoked(errno.ECONNRESET, "token revoked")
-        yield item
+    metrics.OPEN_STREAMS.inc()
+    try:
+        for item in stream:
+            if not still_valid():
+                log.info("ending an output stream: its token was revoked")
+                stream.close()
+                raise StreamRevoked(errno.ECONNRESET, "token revoked")
+            if item[1]:
+                metrics.OUTPUT_BYTES.inc(len(item[1]))
+            yield item
+    finally:
+        metrics.OPEN_STREAMS.dec()
 
 
 class _Base:
@@ -150,6 +157,34 @@ class _Base:
 def _actor(req: falcon.Request) -> str:
     """Who is asking, for the record: the name of the API token used."""
     return str(req.context.principal)
+
+
+class OpenAPI:
+    """The OpenAPI description of this API (``scheduler.http.openapi``)."""
+
+    scopes = {"GET": READ}
+
+    def __init__(self, document: dict):
+        self.text = json.dumps(document)
+
+    def on_get(self, req, resp):
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = self.text
+
+
+class Metrics:
+    """Prometheus text format: all HTTP processes added up, plus state."""
+
+    scopes = {"GET": READ}
+
+    def __init__(self, gateway: Gateway):
+        self.gw = gateway
+
+    def on_get(self, req, resp):
+        resp.content_type = metrics.CONTENT_TYPE
+        resp.data = metrics.render(
+            self.gw.store, self.gw.cfg.workers.heartbeat_timeout_s
+        )
 
 
 class Health:

@@ -1,0 +1,138 @@
+"""Prometheus metrics after known traffic, across two gunicorn processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import shutil
+import urllib.request
+
+import pytest
+from conftest import Api, make_public_dir
+
+from jobgate.devcluster import DevCluster
+
+
+def samples(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value for every sample line of a text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def sample(values: dict[str, float], name: str, **labels: str) -> float:
+    """The sample of ``name`` whose labels include ``labels`` (0 if absent)."""
+    total = 0.0
+    for key, value in values.items():
+        m = re.fullmatch(r"([^{]+)(?:\{(.*)\})?", key)
+        if m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += value
+    return total
+
+
+@pytest.fixture(scope="module")
+def metered(scripts_dir):
+    directory = make_public_dir("jobgate-test-metrics-")
+    c = DevCluster(
+        directory,
+        scripts_dir=scripts_dir,
+        http_processes=2,
+        worker_extra='[metrics]\nbind = "127.0.0.1:0"\n',
+    )
+    try:
+        c.start(("worker-1",))
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_scheduler_metrics_add_up_across_processes(metered):
+    api = Api(metered)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: api.get("/v1/workers")[0], range(60)))
+    assert statuses == [200] * 60
+    assert api.get("/v1/workers/nope")[0] == 404
+    job = api.start("worker-1", "hello.sh")
+    out = api.output("worker-1", job["job_id"])
+
+    status, headers, body = api.get("/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    values = samples(body.decode())
+    assert (
+        sample(
+            values,
+            "jobgate_http_requests_total",
+            route="/v1/workers",
+            method="GET",
+            status="200",
+        )
+        == 60
+    )
+    assert (
+        sample(
+            values,
+            "jobgate_http_requests_total",
+            route="/v1/workers/{worker}",
+            status="404",
+        )
+        == 1
+    )
+    assert (
+        sample(
+            values,
+            "jobgate_http_request_duration_seconds_count",
+            route="/v1/workers",
+            method="GET",
+        )
+        == 60
+    )
+    assert sample(values, "jobgate_jobs_started_total", worker="worker-1") == 1
+    assert (
+        sample(
+            values,
+            "jobgate_worker_calls_total",
+            worker="worker-1",
+            method="StartJob",
+            code="OK",
+        )
+        == 1
+    )
+    assert sample(values, "jobgate_output_bytes_streamed_total") == len(out)
+    assert sample(values, "jobgate_output_streams_open") == 0
+    assert sample(values, "jobgate_workers", state="online") == 1
+    assert sample(values, "jobgate_jobs") >= 1
+    # Both gunicorn processes answered some of the 60 requests.
+    pids = {
+        line.split()[3]
+        for line in (metered.logs / "scheduler.log").read_text().splitlines()
+        if "gunicorn.access" in line and '"GET /v1/workers HTTP' in line
+    }
+    assert len(pids) == 2
+
+
+def test_metrics_need_a_token(metered):
+    assert Api(metered).get("/metrics", token="")[0] == 401
+
+
+def test_worker_metrics_listener(metered):
+    api = Api(metered)
+    job = api.start("worker-1", "mixed.sh", ["2"])
+    out = api.output("worker-1", job["job_id"])
+    port = metered.worker_info["worker-1"]["metrics_port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        values = samples(r.read().decode())
+    assert sample(values, "jobgate_worker_running_jobs") == 0
+    assert (
+        sample(values, "jobgate_worker_jobs_finished_total", exit_reason="failed") >= 1
+    )
+    assert sample(values, "jobgate_worker_job_duration_seconds_count") >= 1
+    assert sample(values, "jobgate_worker_spawn_seconds_count") >= 1
+    assert sample(values, "jobgate_worker_output_bytes_total") >= len(out)
