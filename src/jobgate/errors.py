@@ -47,3 +47,7 @@ class Unavailable(JobgateError):
     def __init__(self, message: str, retry_after_s: int = 5):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(JobgateError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

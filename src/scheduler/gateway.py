@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobgate import identity, logs
-from jobgate.errors import NotFound, Unavailable
+from jobgate.errors import DeadlineExceeded, NotFound, Unavailable
 from jobgate.guard import REQUEST_ID_KEY
 from jobgate.jobstate import ExitReason, JobState
 from jobgate.tls import Credentials, secure_channel
@@ -74,6 +74,55 @@ def _metadata() -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_KEY, rid),) if rid else ()
 
 
+class WorkerCalls:
+    """A worker's stub whose timed-out calls say whether it is busy or hung.
+
+    When a call runs past its deadline, the worker's gRPC health service is
+    asked (with a short deadline of its own): a worker that answers it is
+    alive but busy (504), one that does not is hung or cut off (503).
+    """
+
+    HEALTH_TIMEOUT_S = 1.0
+
+    def __init__(self, stub, health, worker: WorkerRow, retry_after_s: int):
+        self._stub = stub
+        self._health = health
+        self._worker = worker
+        self._retry_after_s = retry_after_s
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                raise self._diagnose(name) from None
+
+        return call
+
+    def _diagnose(self, method: str) -> Exception:
+        name = self._worker.name
+        try:
+            resp = self._health.Check(
+                health_pb2.HealthCheckRequest(), timeout=self.HEALTH_TIMEOUT_S
+            )
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                return DeadlineExceeded(
+                    f"worker {name!r} is alive (its health check answers) but did "
+                    f"not answer {method} in time: it is busy; retry later"
+                )
+        except grpc.RpcError:
+            pass
+        return Unavailable(
+            f"worker {name!r} does not answer, not even its health check: it is "
+            "hung or cut off",
+            self._retry_after_s,
+        )
+
+
 class ChannelPool:
     """One long-lived mutual-TLS channel per worker, per process.
 
@@ -87,11 +136,10 @@ class ChannelPool:
         self.cluster = cluster
         self.creds = creds
         self._lock = threading.Lock()
-        self._channels: dict[
-            str, tuple[str, grpc.Channel, worker_pb2_grpc.WorkerStub]
-        ] = {}
+        self._channels: dict[str, tuple[str, grpc.Channel, WorkerCalls]] = {}
+        self.retry_after_s = 5
 
-    def stub(self, worker: WorkerRow) -> worker_pb2_grpc.WorkerStub:
+    def stub(self, worker: WorkerRow) -> WorkerCalls:
         with self._lock:
             entry = self._channels.get(worker.id)
             if entry is not None and entry[0] == worker.address:
@@ -101,8 +149,11 @@ class ChannelPool:
                 self.creds,
                 identity.dns_name(self.cluster, identity.WORKER, worker.name),
             )
+            health = health_pb2_grpc.HealthStub(channel)
             channel = grpc.intercept_channel(channel, metrics.CallMetrics(worker.name))
-            stub = worker_pb2_grpc.WorkerStub(channel)
+            stub = WorkerCalls(
+                worker_pb2_grpc.WorkerStub(channel), health, worker, self.retry_after_s
+            )
             self._channels[worker.id] = (worker.address, channel, stub)
         if entry is not None:
             entry[1].close()
@@ -126,6 +177,7 @@ class Gateway:
         self.cfg = cfg
         self.store = store
         self.pool = pool
+        pool.retry_after_s = cfg.workers.retry_after_s
         self._last_seen: dict[str, tuple[str, int]] = {}
         self._health = None
         if grpc_target:
@@ -186,7 +238,7 @@ class Gateway:
     def get_worker(self, ref: str) -> dict:
         return self.worker_to_dict(self.find(ref))
 
-    def _reachable(self, ref: str) -> tuple[WorkerRow, worker_pb2_grpc.WorkerStub]:
+    def _reachable(self, ref: str) -> tuple[WorkerRow, WorkerCalls]:
         worker = self.find(ref)
         state = self.worker_to_dict(worker)["state"]
         if state != ONLINE:

@@ -181,3 +181,21 @@ def test_scheduler_serves_with_two_gunicorn_processes(cluster):
             if "gunicorn.access" in line and "/v1/workers/worker-1" in line
         }
     assert len(pids) == 2
+
+
+def test_frozen_worker_is_told_apart_from_a_busy_one(small_cluster):
+    api = Api(small_cluster)
+    job = api.start("worker-b", "hello.sh")
+    worker = small_cluster.workers["worker-b"]
+    worker.signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        status, headers, data = api.get(f"/v1/workers/worker-b/jobs/{job['job_id']}")
+        elapsed = time.monotonic() - started
+    finally:
+        worker.signal(signal.SIGCONT)
+    # rpc_timeout_s (5 s in the development cluster) plus the health probe.
+    assert elapsed < 8
+    assert status == 503
+    assert "not even its health check" in data["description"]
+    assert "Retry-After" in headers
