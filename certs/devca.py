@@ -43,7 +43,7 @@ class DevCAError(Exception):
 
 
 def check_name(kind: str, value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise DevCAError(
             f"{kind} {value!r} is not valid: use 1-63 lowercase letters, digits "
             "and '-', starting and ending with a letter or digit"

@@ -145,7 +145,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for key, value in data.items():
         if key not in SETTING_KEYS:
@@ -276,6 +276,7 @@ class Client:
         self.token = token
         self.timeout = timeout
         self.ssl_context: ssl.SSLContext | None = None
+        self.has_client_cert = bool(cert_file)
         if self.scheme == "https":
             self.ssl_context = make_ssl_context(ca_file, cert_file, key_file)
         elif cert_file or key_file:
@@ -308,7 +309,13 @@ class Client:
                 "give the CA that signed it with --ca-file"
             )
         if isinstance(exc, ssl.SSLError):
-            return f"TLS with {where} failed: {exc.reason or exc}"
+            text = f"TLS with {where} failed: {exc.reason or exc}"
+            if not self.has_client_cert:
+                text += (
+                    "; if the scheduler requires a client certificate, give "
+                    "--cert-file and --key-file"
+                )
+            return text
         if isinstance(exc, socket.gaierror):
             return f"cannot resolve {self.host!r}: {exc.strerror}"
         if isinstance(exc, TimeoutError | socket.timeout):
@@ -521,10 +528,11 @@ def make_ssl_context(
         try:
             ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
         except (OSError, ssl.SSLError) as exc:
+            hint = "" if key_file else " (is its key in a separate file? give key_file)"
             raise ConfigError(
                 f"cert_file: cannot load {cert_file}"
                 + (f" with key {key_file}" if key_file else "")
-                + f": {_ssl_text(exc)}"
+                + f": {_ssl_text(exc)}{hint}"
             ) from None
     return ctx
 

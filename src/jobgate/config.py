@@ -19,6 +19,7 @@ Constraints are declared on fields with :func:`setting`::
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -90,6 +91,8 @@ def load(path: str | Path, schema: type[T], *, check_files: bool = True) -> T:
         raise ConfigError(f"{path}: permission denied") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
     ctx = _Context(path, path.resolve().parent, check_files)
     return ctx.build(schema, data, ())
 
@@ -213,6 +216,8 @@ class _Context:
         if tp is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise self.error(keys, f"expected a number, got {_toml_type(value)}")
+            if not math.isfinite(value):
+                raise self.error(keys, f"{value} is not a finite number")
             self.check_range(value, keys, meta)
             return float(value)
         if tp is str:

@@ -106,6 +106,8 @@ class Process:
             return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            # A stopped (SIGSTOP) process would never act on the SIGTERM.
+            self.proc.send_signal(signal.SIGCONT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -114,8 +116,18 @@ class Process:
         return self.proc.returncode
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class DevCluster:
-    """Certificates, configs and processes of a local cluster under ``directory``."""
+    """Certificates, configs and processes of a local cluster under ``directory``.
+
+    The scheduler's ports are picked on its first start and kept for later
+    starts (:meth:`restart_scheduler`), so workers configured with its gRPC
+    address find it again. ``grpc_host`` is the address its gRPC server binds
+    and workers dial; ``grpc_port`` fixes the port from the start.
+    """
 
     def __init__(
         self,
@@ -126,11 +138,15 @@ class DevCluster:
         http_port: int = 0,
         scheduler_extra: str = "",
         worker_extra: str = "",
+        grpc_host: str = "127.0.0.1",
+        grpc_port: int = 0,
     ):
         self.dir = directory.resolve()
         self.cluster = cluster
         self.http_processes = http_processes
         self.http_port = http_port
+        self.grpc_host = grpc_host
+        self.grpc_port = grpc_port
         self.scheduler_extra = scheduler_extra
         self.worker_extra = worker_extra
         self.pki = self.dir / "pki"
@@ -142,6 +158,7 @@ class DevCluster:
         self.scheduler_info: dict = {}
         self.workers: dict[str, Process] = {}
         self.worker_info: dict[str, dict] = {}
+        self._started: list[Process] = []  # every process, restarted ones too
 
     # -- set-up ---------------------------------------------------------------
 
@@ -185,7 +202,7 @@ scheme = "http"
 threads = 8
 
 [grpc]
-bind = "127.0.0.1:0"
+bind = "{_hostport(self.grpc_host, self.grpc_port)}"
 
 [tls]
 ca_file = "pki/ca.pem"
@@ -207,7 +224,16 @@ rpc_timeout_s = 5.0
         )
         return path
 
-    def worker_config(self, name: str, labels: dict[str, str] | None = None) -> Path:
+    @property
+    def scheduler_address(self) -> str:
+        """The gRPC address workers are configured to reach the scheduler at."""
+        port = self.grpc_port or self.scheduler_info["grpc_port"]
+        return _hostport(self.grpc_host, port)
+
+    def worker_config(
+        self, name: str, labels: dict[str, str] | None = None, host: str = "127.0.0.1"
+    ) -> Path:
+        """The worker's config; it binds and advertises ``host`` (any port)."""
         if not (self.pki / f"{name}.pem").exists():
             self.devca(
                 "issue", "--dir", str(self.pki), "--role", "worker", "--name", name
@@ -219,14 +245,14 @@ rpc_timeout_s = 5.0
 [worker]
 name = "{name}"
 cluster = "{self.cluster}"
-advertise_host = "127.0.0.1"
+advertise_host = "{host}"
 labels = {{ {label_text} }}
 
 [grpc]
-bind = "127.0.0.1:0"
+bind = "{_hostport(host, 0)}"
 
 [scheduler]
-address = "127.0.0.1:{self.scheduler_info["grpc_port"]}"
+address = "{self.scheduler_address}"
 retry_initial_s = 0.2
 retry_max_s = 2.0
 
@@ -263,26 +289,49 @@ stop_grace_s = 2.0
             self.logs / "scheduler.log",
             self.dir / "scheduler.ready",
         )
+        self._started.append(self.scheduler)
         self.scheduler.start()
         self.scheduler_info = self.scheduler.wait_ready()
+        # Later starts reuse the ports: workers and clients keep finding it.
+        self.grpc_port = self.scheduler_info["grpc_port"]
+        self.http_port = self.scheduler_info["http_port"]
         return self.scheduler_info
 
+    def restart_scheduler(self) -> dict:
+        """Stop the scheduler and start it again on the same ports and state."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        return self.start_scheduler()
+
     def start_worker(
-        self, name: str, labels: dict[str, str] | None = None, wait: bool = True
+        self,
+        name: str,
+        labels: dict[str, str] | None = None,
+        wait: bool = True,
+        host: str = "127.0.0.1",
+        prefix: list[str] | tuple[str, ...] = (),
     ) -> Process:
+        """Start (or start again) worker ``name``.
+
+        It binds and advertises ``host``; ``prefix`` is put before its command
+        line (e.g. ``["ip", "netns", "exec", NS]``) and must exec the rest, so
+        that :attr:`Process.pid` is the worker's own.
+        """
         proc = Process(
             name,
             [
+                *prefix,
                 sys.executable,
                 "-m",
                 "worker.cli",
                 "serve",
-                str(self.worker_config(name, labels)),
+                str(self.worker_config(name, labels, host)),
             ],
             self.logs / f"{name}.log",
             self.dir / f"{name}.ready",
         )
         self.workers[name] = proc
+        self._started.append(proc)
         proc.start()
         if wait:
             self.worker_info[name] = proc.wait_ready()
@@ -297,9 +346,16 @@ stop_grace_s = 2.0
             self.worker_info[name] = self.workers[name].wait_ready()
 
     def stop(self) -> None:
-        for proc in self.workers.values():
+        current = [*self.workers.values(), self.scheduler]
+        # Workers first (they deregister), then earlier incarnations still
+        # running, then the scheduler.
+        workers = [
+            *self.workers.values(),
+            *(p for p in self._started if p not in current),
+        ]
+        for proc in workers:
             proc.signal(signal.SIGTERM)
-        for proc in self.workers.values():
+        for proc in workers:
             proc.stop()
         if self.scheduler is not None:
             self.scheduler.stop()

@@ -1,7 +1,8 @@
 """Exec shim for jobs in their own cgroup: join it, drop privileges, exec.
 
-The worker starts ``python -m worker.jobexec CGROUP_PROCS STATUS_FD UID GID --
-ARGV...``. Joining the cgroup before the job's program runs means no process
+The worker starts ``python -I jobexec.py CGROUP_PROCS STATUS_FD UID GID --
+ARGV...`` (by file, so it imports nothing but the standard library).
+Joining the cgroup before the job's program runs means no process
 of the job, however quickly it forks or calls ``setsid``, can start outside
 it. The job's uid and gid are set after joining, since an unprivileged job
 could not move itself into the cgroup. If the program cannot be executed, the

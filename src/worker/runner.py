@@ -50,6 +50,8 @@ from worker.output import OutputLog
 log = logging.getLogger(__name__)
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# The exec shim runs as a file, so it needs nothing importable (python -I).
+JOBEXEC = str(Path(__file__).with_name("jobexec.py"))
 
 
 @dataclasses.dataclass
@@ -161,6 +163,7 @@ class JobRunner:
         self.jobs_dir = cfg.state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.scripts_dir = cfg.scripts_dir.resolve()
+        self._user, self._group, self._home = self._job_account()
         state_key = hashlib.sha256(str(cfg.state_dir.resolve()).encode()).hexdigest()
         self.isolation = isolation.choose(
             isolation_mode or cfg.isolation,
@@ -169,7 +172,6 @@ class JobRunner:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._by_key: dict[str, str] = {}
-        self._user, self._group, self._home = self._job_account()
         self._closed = threading.Event()
         self._load_history()
         self._retention = threading.Thread(
@@ -393,8 +395,7 @@ class JobRunner:
             shim = [
                 sys.executable,
                 "-I",
-                "-m",
-                "worker.jobexec",
+                JOBEXEC,
                 procs,
                 str(status_w),
                 str(self._user) if self._user is not None else "-",
@@ -408,7 +409,7 @@ class JobRunner:
                 job.proc = self.ops.spawn(
                     shim,
                     cwd=str(self.scripts_dir),
-                    env={**env, "PYTHONPATH": _package_root()},
+                    env=env,
                     user=None,
                     group=None,
                     pass_fds=(status_w,),
@@ -468,6 +469,9 @@ class JobRunner:
             grace_s,
             requested_by=who,
         )
+        # A job that ended just before (still draining its output) finishes
+        # on its own; the answer is its final record either way.
+        job.done.wait()
         return self._snapshot(job)
 
     def shutdown(self, grace_s: float | None = None) -> None:
@@ -588,8 +592,8 @@ class JobRunner:
         requested_by: str = "",
     ) -> None:
         with job.cond:
-            if job.done.is_set() or job.proc is None:
-                return
+            if job.done.is_set() or job.proc is None or job.reaped:
+                return  # ended already (perhaps still draining its output)
             if job.stop_reason is None:
                 job.stop_reason, job.stop_text = reason, text
                 if requested_by:
@@ -657,10 +661,11 @@ class JobRunner:
             self.isolation.kill_all(jid, proc.pid)
             returncode = proc.wait()
             job.reaped = True
-        reader.join(self.cfg.drain_timeout_s)
-        self.isolation.cleanup(jid)
+        # The job has ended: a timeout or stop from now on is too late.
         if job.timer is not None:
             job.timer.cancel()
+        reader.join(self.cfg.drain_timeout_s)
+        self.isolation.cleanup(jid)
         start_error = self._start_error(job)
         if start_error:
             self._finish(job, ExitReason.START_FAILED, start_error, returncode)
@@ -769,8 +774,3 @@ class JobRunner:
         if doomed:
             log.info("retention removed %d finished jobs", len(doomed))
         return [j.record.job_id for j in doomed]
-
-
-def _package_root() -> str:
-    """Where the ``worker`` package is importable from, for the exec shim."""
-    return str(Path(__file__).resolve().parents[1])

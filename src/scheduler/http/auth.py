@@ -23,6 +23,7 @@ import hmac
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,7 @@ class TokenFile:
         self.path = path
         self._lock = threading.Lock()
         self._signature: tuple | None = None
+        self._content = b""
         self._tokens: dict[str, tuple[str, str]] = {}
         self.current()
         if self._signature is None:
@@ -120,24 +122,37 @@ class TokenFile:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def current(self) -> dict[str, tuple[str, str]]:
+        """The tokens in force, re-reading the file if it changed."""
         sig = self._stat()
-        if sig == self._signature or sig is None:
+        if sig is None:
+            return self._tokens
+        # A rewrite of the same size within one timestamp tick keeps the
+        # signature, so while the file is that fresh its contents decide.
+        fresh = time.time_ns() - sig[1] < 2_000_000_000
+        if sig == self._signature and not fresh:
             return self._tokens
         with self._lock:
-            if sig != self._signature:
+            try:
+                data = self.path.read_bytes()
+            except OSError as exc:
+                log.error("%s: cannot read the tokens file: %s", self.path, exc)
+                return self._tokens
+            digest = hashlib.sha256(data).digest()
+            if digest != self._content:
                 try:
-                    self._tokens = load_tokens(self.path)
-                    if self._signature is not None:
-                        log.info(
-                            "tokens file %s reloaded: %d tokens",
-                            self.path,
-                            len(self._tokens),
-                        )
+                    tokens = parse_tokens(self.path, data.decode("utf-8", "replace"))
                 except TokenFileError as exc:
                     log.error(
                         "%s; keeping the %d tokens read before", exc, len(self._tokens)
                     )
-                self._signature = sig
+                else:
+                    if self._signature is not None:
+                        log.info(
+                            "tokens file %s reloaded: %d tokens", self.path, len(tokens)
+                        )
+                    self._tokens = tokens
+                self._content = digest
+            self._signature = sig
         return self._tokens
 
     def lookup(self, token: str) -> Principal | None:

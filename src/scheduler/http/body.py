@@ -18,7 +18,11 @@ def read_json(req: falcon.Request, max_bytes: int) -> dict:
             title="Body too large",
             description=f"the body is {length} bytes; the limit is {max_bytes}",
         )
-    raw = req.bounded_stream.read(max_bytes + 1)
+    if length is None:
+        # A chunked body: the server ends the stream at its last chunk.
+        raw = req.stream.read(max_bytes + 1)
+    else:
+        raw = req.bounded_stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise falcon.HTTPContentTooLarge(
             title="Body too large", description=f"the body exceeds {max_bytes} bytes"

@@ -1,0 +1,742 @@
+"""JobRunner against real processes: spawning, output, followers, stopping, history.
+
+When the tests run as root, jobs run as the configured unprivileged account
+(``nobody``), so the scripts live in a world-readable temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from jobgate.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from jobgate.jobstate import ExitReason, JobState
+from worker.config import JobsSection
+from worker.runner import SAFE_PATH, JobRunner
+
+pytestmark = pytest.mark.timeout(60)
+
+# Both ways the runner keeps a job's processes together; "cgroup" is skipped
+# where the host has no writable cgroup v2.
+MODES = ["process-group", "cgroup"]
+
+SCRIPTS = {
+    # Interleaves stdout and stderr, then exits with $1.
+    "mixed.sh": 'echo "out 1"\necho "err 1" >&2\necho "out 2"\necho "err 2" >&2\n'
+    'exit "${1:-0}"\n',
+    "hello.sh": 'for a in "$@"; do echo "arg: $a"; done\n',
+    "binary.sh": "printf '\\x00\\x01\\xff\\xfe\\xc3\\x28\\r\\n'\n",
+    "env.sh": 'env\necho "uid=$(id -u)"\necho "stdin=$(readlink /proc/self/fd/0)"\n',
+    "sleeper.sh": 'echo ready\nsleep "${1:-30}"\n',
+    "killself.sh": "echo before\nkill -KILL $$\n",
+    # gated.sh FIFO N: N lines, wait for a word on FIFO, N more lines with it.
+    "gated.sh": 'for ((i = 1; i <= ${2:-1}; i++)); do echo "before $i"; done\n'
+    'read -r word < "$1"\n'
+    'for ((i = 1; i <= ${2:-1}; i++)); do echo "after $i $word"; done\n',
+    # A child that ignores SIGTERM and one that does not, then waits.
+    "tree.sh": 'sleep 30 &\necho "child $!"\n'
+    'bash -c \'trap "" TERM; echo "stubborn $$"; exec sleep 30\' &\nwait\n',
+    # The main process itself ignores SIGTERM.
+    "stubborn.sh": "trap '' TERM\necho ready\nsleep 30\n",
+    # Leaves a process in a session of its own that holds the output pipe.
+    "escape.sh": "setsid sleep 5 &\npid=$!\n"
+    "for ((i = 0; i < 100000; i++)); do\n"
+    '  [ "$(cut -d" " -f6 /proc/$pid/stat)" = "$pid" ] && break\n'
+    "done\n"
+    'echo "escaped $pid"\nexit 0\n',
+}
+
+
+def public_dir(prefix: str) -> Path:
+    """A temporary directory the job account can read (tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    path = public_dir("jobgate-runner-scripts-")
+    for name, text in SCRIPTS.items():
+        (path / name).write_text(text)
+        os.chmod(path / name, 0o644)
+    (path / "subdir").mkdir()
+    outside = public_dir("jobgate-runner-outside-")
+    (outside / "evil.sh").write_text("echo evil\n")
+    (path / "escape-link.sh").symlink_to(outside / "evil.sh")
+    (path / "inner-link.sh").symlink_to("hello.sh")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(outside, ignore_errors=True)
+
+
+@pytest.fixture
+def fifos():
+    """Makes FIFOs a job can block on until the test writes a word into them."""
+    directory = public_dir("jobgate-runner-fifo-")
+
+    def make() -> Path:
+        path = directory / f"gate-{uuid.uuid4().hex[:8]}"
+        os.mkfifo(path)
+        os.chmod(path, 0o644)
+        return path
+
+    yield make
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def make_runner(scripts, tmp_path):
+    runners = []
+
+    def make(**settings) -> JobRunner:
+        settings.setdefault("stop_grace_s", 2.0)
+        settings.setdefault("drain_timeout_s", 1.0)
+        cfg = JobsSection(scripts_dir=scripts, state_dir=tmp_path / "state", **settings)
+        try:
+            runner = JobRunner(cfg, worker_name="worker-1")
+        except OSError as exc:
+            if cfg.isolation == "cgroup" and "cgroup" in str(exc):
+                pytest.skip(str(exc))
+            raise
+        runners.append(runner)
+        return runner
+
+    yield make
+    for runner in runners:
+        runner.shutdown(grace_s=0.2)
+
+
+def release(fifo: Path, word: str = "go") -> None:
+    """Let a job blocked in ``read < fifo`` go on (blocks until it reads)."""
+    with open(fifo, "w") as f:
+        f.write(word + "\n")
+
+
+def follow(runner: JobRunner, job_id: str, offset: int = 0) -> bytes:
+    chunks = runner.read_output(job_id, offset, follow=True)
+    return b"".join(chunk[1] for chunk in chunks)
+
+
+def run(runner: JobRunner, path: str, *args: str, **kw):
+    """Run a job to its end; returns its final record and its output."""
+    record, existing = runner.start("bash", path, args, **kw)
+    assert not existing
+    output = follow(runner, record.job_id)
+    return runner.get(record.job_id), output
+
+
+def wait_for(runner: JobRunner, job_id: str, marker: bytes) -> bytes:
+    """Follow the output until ``marker`` appears; returns the output so far."""
+    seen = b""
+    for chunk in runner.read_output(job_id, follow=True):
+        seen += chunk[1]
+        if marker in seen:
+            return seen
+    raise AssertionError(f"the job ended before writing {marker!r}; it wrote {seen!r}")
+
+
+def in_thread(fn, *args, timeout: float = 10.0):
+    """Call ``fn`` in a thread; fail if it does not return within ``timeout``."""
+    result = {}
+
+    def target():
+        result["value"] = fn(*args)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn.__name__} did not return within {timeout}s"
+    return result["value"]
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of processes of group ``pgid`` that are not zombies."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def assert_group_gone(pgid: int) -> None:
+    # SIGKILL is delivered asynchronously: allow the kernel a moment to finish.
+    deadline = time.monotonic() + 2
+    while live_group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert live_group_members(pgid) == []
+
+
+def running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+# -- running and output --------------------------------------------------------
+
+
+def test_output_keeps_stdout_stderr_order_exactly(make_runner, tmp_path):
+    runner = make_runner()
+    record, output = run(runner, "mixed.sh")
+    assert output == b"out 1\nerr 1\nout 2\nerr 2\n"
+    assert record.output_bytes == len(output)
+    log = tmp_path / "state" / "jobs" / record.job_id / "output.log"
+    assert log.read_bytes() == output
+
+
+def test_binary_output_is_kept_byte_for_byte(make_runner):
+    _, output = run(make_runner(), "binary.sh")
+    assert output == b"\x00\x01\xff\xfe\xc3\x28\r\n"
+
+
+def test_exit_code_zero_is_succeeded(make_runner):
+    record, _ = run(make_runner(), "mixed.sh", "0")
+    assert record.state is JobState.SUCCEEDED
+    assert record.exit_code == 0
+    assert record.signal is None
+    assert record.reason == "exited with code 0"
+    assert record.ended_at is not None and record.ended_at >= record.started_at
+
+
+def test_nonzero_exit_code_is_failed_with_reason(make_runner):
+    record, _ = run(make_runner(), "mixed.sh", "3")
+    assert record.state is JobState.FAILED
+    assert record.exit_code == 3
+    assert record.reason == "exited with code 3"
+
+
+def test_job_killed_by_a_signal_is_failed_with_signal_name(make_runner):
+    record, output = run(make_runner(), "killself.sh")
+    assert output == b"before\n"
+    assert record.state is JobState.FAILED
+    assert record.signal == signal.SIGKILL
+    assert record.exit_code is None
+    assert record.exit_reason is ExitReason.KILLED
+    assert record.reason == "killed by SIGKILL"
+
+
+def test_final_record_is_persisted_as_job_json(make_runner, tmp_path):
+    runner = make_runner()
+    record, _ = run(runner, "mixed.sh", "2")
+    job_json = tmp_path / "state" / "jobs" / record.job_id / "job.json"
+    saved = json.loads(job_json.read_text())
+    assert saved == record.to_json()
+    assert saved["state"] == "failed"
+
+
+def test_args_reach_the_script_verbatim(make_runner):
+    args = ["a b", "*", "$HOME", "-n", "", "naïve"]
+    record, output = run(make_runner(), "hello.sh", *args)
+    assert output == "".join(f"arg: {a}\n" for a in args).encode()
+    assert record.args == args
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_environment_is_scrubbed_and_stdin_is_dev_null(make_runner, monkeypatch, mode):
+    monkeypatch.setenv("LEAKME", "x")
+    runner = make_runner(environment={"EXTRA": "1"}, isolation=mode)
+    record, output = run(runner, "env.sh")
+    lines = output.decode().splitlines()
+    env = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert "LEAKME" not in env
+    assert env["PATH"] == SAFE_PATH
+    assert env["JOBGATE_JOB_ID"] == record.job_id
+    assert env["JOBGATE_WORKER"] == "worker-1"
+    assert env["EXTRA"] == "1"
+    assert env["stdin"] == "/dev/null"
+    expected = {"PATH", "HOME", "LANG", "JOBGATE_JOB_ID", "JOBGATE_WORKER", "EXTRA"}
+    if running_as_root():
+        expected |= {"USER", "LOGNAME"}
+    added_by_bash = {"PWD", "SHLVL", "_"}
+    assert set(env) - {"uid", "stdin"} - added_by_bash == expected
+
+
+@pytest.mark.skipif(not running_as_root(), reason="jobs change account only as root")
+def test_job_runs_as_the_configured_account(make_runner):
+    _, output = run(make_runner(user="nobody"), "env.sh")
+    assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
+    assert b"USER=nobody\n" in output
+
+
+@pytest.mark.skipif(not running_as_root(), reason="the account is checked only as root")
+def test_runner_refuses_to_run_jobs_as_root(scripts, tmp_path):
+    cfg = JobsSection(
+        scripts_dir=scripts,
+        state_dir=tmp_path / "s",
+        user="root",
+        isolation="process-group",
+    )
+    with pytest.raises(OSError, match="'root' is root; jobs never run as root"):
+        JobRunner(cfg)
+
+
+@pytest.mark.skipif(not running_as_root(), reason="the account is checked only as root")
+def test_runner_refuses_unknown_job_account(scripts, tmp_path):
+    cfg = JobsSection(
+        scripts_dir=scripts,
+        state_dir=tmp_path / "s",
+        user="no-such-user",
+        isolation="process-group",
+    )
+    with pytest.raises(OSError, match="no such account 'no-such-user'"):
+        JobRunner(cfg)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_interpreter_that_cannot_start_fails_the_job(make_runner, mode):
+    runner = make_runner(
+        interpreters={"broken": "/nonexistent/interpreter"}, isolation=mode
+    )
+    started, _ = runner.start("broken", "hello.sh")
+    record = runner.wait(started.job_id, 10)
+    assert record.state is JobState.FAILED
+    assert record.exit_reason is ExitReason.START_FAILED
+    assert record.reason == (
+        "could not execute /nonexistent/interpreter: No such file or directory"
+    )
+    assert [r.job_id for r in runner.list()] == [record.job_id]
+    assert runner.running_count() == 0
+
+
+# -- refusing requests ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "message"),
+    [
+        ("escape-link.sh", PermissionDenied, "outside the scripts directory"),
+        ("subdir/../../x.sh", PermissionDenied, "outside the scripts directory"),
+        ("missing.sh", InvalidArgument, "no script 'missing.sh'"),
+        ("subdir", InvalidArgument, "path 'subdir' is a directory, not a script"),
+        ("", InvalidArgument, "path is required"),
+        ("hello.sh\0", InvalidArgument, "must not contain NUL"),
+    ],
+)
+def test_script_path_is_checked(make_runner, path, error, message):
+    runner = make_runner()
+    with pytest.raises(error, match=message):
+        runner.start("bash", path)
+    assert runner.list() == []
+
+
+def test_path_to_an_existing_script_outside_is_refused(make_runner, scripts):
+    runner = make_runner()
+    evil = (scripts / "escape-link.sh").resolve()
+    relative = os.path.relpath(evil, scripts)
+    assert relative.startswith("..") and evil.is_file()
+    with pytest.raises(PermissionDenied, match="outside the scripts directory"):
+        runner.start("bash", relative)
+
+
+def test_absolute_path_is_refused_even_inside_the_scripts_dir(make_runner, scripts):
+    runner = make_runner()
+    with pytest.raises(PermissionDenied, match="is absolute"):
+        runner.start("bash", str(scripts / "hello.sh"))
+
+
+def test_symlink_inside_the_scripts_dir_is_followed(make_runner, scripts):
+    runner = make_runner()
+    assert runner.resolve_script("inner-link.sh") == (scripts / "hello.sh").resolve()
+    _, output = run(runner, "inner-link.sh", "x")
+    assert output == b"arg: x\n"
+
+
+def test_command_not_in_interpreters_is_refused(make_runner):
+    runner = make_runner()
+    with pytest.raises(PermissionDenied) as exc:
+        runner.start("python3", "hello.sh")
+    assert exc.value.message == (
+        "command 'python3' is not allowed on this worker (allowed: bash, sh)"
+    )
+    assert runner.list() == []
+
+
+def test_too_many_args_are_refused(make_runner):
+    runner = make_runner(max_args=2)
+    with pytest.raises(InvalidArgument, match="args has 3 items; this worker allows 2"):
+        runner.start("bash", "hello.sh", ["a", "b", "c"])
+    assert runner.list() == []
+
+
+def test_args_larger_than_the_limit_are_refused(make_runner):
+    runner = make_runner(max_arg_bytes=10)
+    with pytest.raises(InvalidArgument, match="args total 11 bytes"):
+        runner.start("bash", "hello.sh", ["12345", "678901"])
+
+
+def test_arg_with_nul_is_refused(make_runner):
+    with pytest.raises(InvalidArgument, match=r"args\[1\] must not contain NUL"):
+        make_runner().start("bash", "hello.sh", ["ok", "b\0d"])
+
+
+@pytest.mark.parametrize(
+    ("timeout_s", "message"),
+    [
+        (-1, "timeout_s must be 0"),
+        (11, "timeout_s 11 is above this worker's maximum 10"),
+    ],
+)
+def test_bad_timeout_is_refused(make_runner, timeout_s, message):
+    runner = make_runner(max_timeout_s=10)
+    with pytest.raises(InvalidArgument, match=message):
+        runner.start("bash", "hello.sh", timeout_s=timeout_s)
+
+
+def test_max_concurrent_refuses_another_job_until_one_ends(make_runner):
+    runner = make_runner(max_concurrent=1)
+    first, _ = runner.start("bash", "sleeper.sh")
+    with pytest.raises(ResourceExhausted, match=r"\[jobs\].max_concurrent"):
+        runner.start("bash", "hello.sh")
+    assert runner.running_count() == 1
+    runner.stop(first.job_id, grace_s=0.5)
+    assert runner.running_count() == 0
+    second, existing = runner.start("bash", "hello.sh")
+    assert not existing and second.job_id != first.job_id
+
+
+def test_unknown_job_is_not_found(make_runner):
+    runner = make_runner()
+    with pytest.raises(NotFound):
+        runner.get("nope")
+    with pytest.raises(NotFound):
+        runner.stop("nope")
+    with pytest.raises(NotFound):
+        list(runner.read_output("nope"))
+
+
+def test_negative_offset_is_refused(make_runner):
+    runner = make_runner()
+    record, _ = run(runner, "hello.sh")
+    with pytest.raises(InvalidArgument, match="offset must not be negative"):
+        list(runner.read_output(record.job_id, -1))
+
+
+# -- idempotency ---------------------------------------------------------------
+
+
+def test_idempotency_key_returns_the_same_job(make_runner):
+    runner = make_runner()
+    first, existing = runner.start("bash", "hello.sh", ["1"], idempotency_key="k-1")
+    assert not existing
+    again, existing = runner.start("bash", "hello.sh", ["1"], idempotency_key="k-1")
+    assert existing
+    assert again.job_id == first.job_id
+    assert [r.job_id for r in runner.list()] == [first.job_id]
+    other, existing = runner.start("bash", "hello.sh", ["1"], idempotency_key="k-2")
+    assert not existing and other.job_id != first.job_id
+
+
+def test_idempotency_key_survives_a_restart(make_runner):
+    runner = make_runner()
+    first, _ = run(runner, "hello.sh", idempotency_key="retry-me")
+    reloaded = make_runner()
+    again, existing = reloaded.start("bash", "hello.sh", idempotency_key="retry-me")
+    assert existing
+    assert again.job_id == first.job_id
+    assert again.state is JobState.SUCCEEDED
+
+
+def test_overlong_idempotency_key_is_refused(make_runner):
+    with pytest.raises(InvalidArgument, match="longer than 256"):
+        make_runner().start("bash", "hello.sh", idempotency_key="k" * 257)
+
+
+# -- following output ----------------------------------------------------------
+
+
+def test_many_concurrent_followers_get_identical_full_output(make_runner, fifos):
+    runner = make_runner(read_chunk_bytes=512)
+    gate = fifos()
+    n = 300
+    record, _ = runner.start("bash", "gated.sh", [str(gate), str(n)])
+    before = "".join(f"before {i}\n" for i in range(1, n + 1)).encode()
+    after = "".join(f"after {i} go\n" for i in range(1, n + 1)).encode()
+    followers = 20
+    results: list[list[tuple[int, bytes, int]]] = [[] for _ in range(followers)]
+    saw_first_half = [threading.Event() for _ in range(followers)]
+
+    def follower(i: int) -> None:
+        size = 0
+        for chunk in runner.read_output(record.job_id, follow=True):
+            results[i].append(chunk)
+            size += len(chunk[1])
+            if size >= len(before):
+                saw_first_half[i].set()
+
+    threads = [threading.Thread(target=follower, args=(i,)) for i in range(followers)]
+    for t in threads:
+        t.start()
+    for event in saw_first_half:
+        assert event.wait(10), "a follower did not receive the first half"
+    release(gate)  # the rest is written while every follower is waiting for it
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive(), "a follower did not end when the job ended"
+    for chunks in results:
+        assert b"".join(data for _, data, _ in chunks) == before + after
+        offsets = [offset for offset, _, _ in chunks]
+        sizes = [len(data) for _, data, _ in chunks]
+        assert offsets == [sum(sizes[:i]) for i in range(len(sizes))]
+        assert max(sizes) <= 512
+        assert all(skipped == 0 for _, _, skipped in chunks)
+    assert runner.get(record.job_id).state is JobState.SUCCEEDED
+
+
+def test_follower_from_an_offset_gets_the_rest(make_runner, fifos):
+    runner = make_runner()
+    gate = fifos()
+    record, _ = runner.start("bash", "gated.sh", [str(gate), "2"])
+    wait_for(runner, record.job_id, b"before 2\n")
+    result = {}
+    late = threading.Thread(
+        target=lambda: result.setdefault("data", follow(runner, record.job_id, 3))
+    )
+    late.start()
+    release(gate, "now")
+    late.join(10)
+    assert not late.is_alive()
+    full = b"before 1\nbefore 2\nafter 1 now\nafter 2 now\n"
+    assert result["data"] == full[3:]
+    assert follow(runner, record.job_id, 12) == full[12:]
+    assert follow(runner, record.job_id, len(full) + 100) == b""
+
+
+def test_follow_ends_when_the_job_ends(make_runner, fifos):
+    runner = make_runner()
+    gate = fifos()
+    record, _ = runner.start("bash", "gated.sh", [str(gate)])
+    wait_for(runner, record.job_id, b"before 1\n")
+    result = {}
+    follower = threading.Thread(
+        target=lambda: result.setdefault("data", follow(runner, record.job_id))
+    )
+    follower.start()
+    release(gate)
+    follower.join(10)
+    assert not follower.is_alive(), "follow did not return after the job ended"
+    assert result["data"] == b"before 1\nafter 1 go\n"
+    assert runner.get(record.job_id).state is JobState.SUCCEEDED
+
+
+def test_read_without_follow_returns_what_exists_of_a_running_job(make_runner, fifos):
+    runner = make_runner()
+    gate = fifos()
+    record, _ = runner.start("bash", "gated.sh", [str(gate), "3"])
+    wait_for(runner, record.job_id, b"before 3\n")
+
+    def read_now() -> bytes:
+        chunks = runner.read_output(record.job_id, follow=False)
+        return b"".join(chunk[1] for chunk in chunks)
+
+    assert in_thread(read_now) == b"before 1\nbefore 2\nbefore 3\n"
+    assert runner.get(record.job_id).state is JobState.RUNNING
+    release(gate)
+    assert follow(runner, record.job_id).endswith(b"after 3 go\n")
+
+
+def test_cancelled_follower_returns_when_woken(make_runner):
+    runner = make_runner()
+    record, _ = runner.start("bash", "sleeper.sh")
+    wait_for(runner, record.job_id, b"ready\n")
+    cancel = threading.Event()
+    seen = []
+    follower = threading.Thread(
+        target=lambda: seen.extend(
+            runner.read_output(record.job_id, follow=True, cancelled=cancel.is_set)
+        )
+    )
+    follower.start()
+    cancel.set()
+    runner.wake(record.job_id)
+    follower.join(10)
+    assert not follower.is_alive(), "a cancelled follower kept waiting"
+    assert runner.get(record.job_id).state is JobState.RUNNING
+    runner.stop(record.job_id, grace_s=0.5)
+
+
+# -- stopping and timeouts -----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_kills_whole_process_group(make_runner, mode):
+    runner = make_runner(stop_grace_s=20, isolation=mode)
+    record, _ = runner.start("bash", "tree.sh")
+    output = wait_for(runner, record.job_id, b"stubborn")
+    children = [int(line.split()[1]) for line in output.decode().splitlines()]
+    assert set(children) <= set(live_group_members(record.pid))
+    started = time.monotonic()
+    final = runner.stop(record.job_id, requested_by="ops")
+    # The main process dies of SIGTERM; what it left (even a child that ignores
+    # SIGTERM) is killed at once rather than after the grace period.
+    assert time.monotonic() - started < 10
+    assert final.state is JobState.STOPPED
+    assert final.exit_reason is ExitReason.STOPPED
+    assert final.signal == signal.SIGTERM
+    assert final.reason == "stopped on request by ops"
+    assert final.stopped_by == "ops"
+    assert_group_gone(record.pid)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_sigkills_a_job_that_ignores_sigterm_after_grace(make_runner, mode):
+    runner = make_runner(stop_grace_s=30, isolation=mode)
+    record, _ = runner.start("bash", "stubborn.sh")
+    wait_for(runner, record.job_id, b"ready\n")
+    started = time.monotonic()
+    final = runner.stop(record.job_id, grace_s=0.3)
+    elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 10
+    assert final.state is JobState.STOPPED
+    assert final.signal == signal.SIGKILL
+    assert final.reason == "stopped on request by an unnamed client"
+    assert_group_gone(record.pid)
+
+
+def test_stop_of_an_ended_job_returns_its_record_unchanged(make_runner):
+    runner = make_runner()
+    record, _ = run(runner, "mixed.sh", "4")
+    assert runner.stop(record.job_id) == record
+
+
+def test_negative_grace_is_refused(make_runner):
+    runner = make_runner()
+    record, _ = run(runner, "hello.sh")
+    with pytest.raises(InvalidArgument, match="grace_s must not be negative"):
+        runner.stop(record.job_id, grace_s=-1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_job_past_its_default_timeout_is_timed_out(make_runner, mode):
+    runner = make_runner(default_timeout_s=1, stop_grace_s=1, isolation=mode)
+    started = time.monotonic()
+    record, output = run(runner, "sleeper.sh", "30")
+    assert time.monotonic() - started >= 1
+    assert output == b"ready\n"
+    assert record.timeout_s == 1
+    assert record.state is JobState.TIMED_OUT
+    assert record.exit_reason is ExitReason.TIMED_OUT
+    assert record.signal == signal.SIGTERM
+    assert record.reason == "ran longer than its timeout of 1s"
+    assert_group_gone(record.pid)
+
+
+def test_job_within_its_timeout_succeeds(make_runner):
+    record, _ = run(make_runner(), "mixed.sh", timeout_s=5)
+    assert record.timeout_s == 5
+    assert record.state is JobState.SUCCEEDED
+
+
+def test_job_that_exited_in_time_is_not_timed_out_while_draining(make_runner):
+    # The job exits at once with code 0 but leaves a process in a session of
+    # its own holding the output pipe (possible with process groups), so the
+    # runner drains for drain_timeout_s, longer than the timeout: the job
+    # still ended in time.
+    runner = make_runner(drain_timeout_s=1.5, isolation="process-group")
+    record, output = run(runner, "escape.sh", timeout_s=1)
+    escaped = int(output.split()[-1])
+    try:
+        assert record.exit_code == 0
+        assert record.state is JobState.SUCCEEDED
+        assert record.reason == "exited with code 0"
+    finally:
+        try:
+            os.kill(escaped, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_cgroup_ends_processes_that_left_the_session(make_runner):
+    runner = make_runner(drain_timeout_s=5, isolation="cgroup")
+    started = time.monotonic()
+    record, output = run(runner, "escape.sh")
+    escaped = int(output.split()[-1])
+    assert record.state is JobState.SUCCEEDED
+    assert time.monotonic() - started < 4  # no wait for a pipe held open
+    deadline = time.monotonic() + 2
+    while process_alive(escaped) and time.monotonic() < deadline:
+        time.sleep(0.01)  # SIGKILL is delivered asynchronously
+    assert not process_alive(escaped)
+
+
+def test_shutdown_stops_every_running_job(make_runner):
+    runner = make_runner()
+    a, _ = runner.start("bash", "sleeper.sh")
+    b, _ = runner.start("bash", "sleeper.sh")
+    runner.shutdown(grace_s=0.5)
+    for job in (a, b):
+        final = runner.get(job.job_id)
+        assert final.state is JobState.STOPPED
+        assert final.reason == "stopped because the worker shut down"
+        assert final.stopped_by == "the worker (shutdown)"
+        assert_group_gone(job.pid)
+    assert runner.running_count() == 0
+
+
+# -- history -------------------------------------------------------------------
+
+
+def test_new_runner_reports_earlier_jobs(make_runner):
+    first = make_runner()
+    ok, ok_output = run(first, "mixed.sh", "0")
+    bad, _ = run(first, "mixed.sh", "5")
+    reloaded = make_runner()
+    assert reloaded.get(ok.job_id) == ok
+    assert reloaded.get(bad.job_id) == bad
+    assert [r.job_id for r in reloaded.list()] == [bad.job_id, ok.job_id]
+    assert follow(reloaded, ok.job_id) == ok_output
+    assert reloaded.running_count() == 0
+
+
+def test_job_left_running_by_a_previous_worker_is_lost(make_runner, tmp_path):
+    first = make_runner()
+    record, output = run(first, "mixed.sh", "0")
+    # Make it look as if the worker died while the job ran.
+    job_json = tmp_path / "state" / "jobs" / record.job_id / "job.json"
+    saved = json.loads(job_json.read_text())
+    saved.update(
+        state="running", exit_code=None, ended_at=None, reason="", output_bytes=0
+    )
+    job_json.write_text(json.dumps(saved))
+    garbage = tmp_path / "state" / "jobs" / "garbage"
+    garbage.mkdir()
+    (garbage / "job.json").write_text("{not json")
+
+    reloaded = make_runner()
+    lost = reloaded.get(record.job_id)
+    assert lost.state is JobState.LOST
+    assert lost.reason == "the worker stopped while the job was running"
+    assert lost.ended_at is not None
+    assert lost.output_bytes == len(output)
+    assert json.loads(job_json.read_text())["state"] == "lost"
+    assert in_thread(follow, reloaded, record.job_id) == output
+    assert [r.job_id for r in reloaded.list()] == [record.job_id]
+    assert reloaded.running_count() == 0
