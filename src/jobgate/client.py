@@ -122,10 +122,13 @@ class Settings:
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def client(self, timeout: float = DEFAULT_TIMEOUT_S) -> Client:
-        """A :class:`Client` for these settings; ConfigError if one is missing."""
+        """A :class:`Client` for these settings; ConfigError if one is missing.
+
+        A client certificate over HTTPS may stand in for the token.
+        """
         if not self.url:
             raise ConfigError("no scheduler URL")
-        if not self.token:
+        if not self.token and not (self.cert_file and self.url.startswith("https:")):
             raise ConfigError("no API token")
         return Client(
             self.url,
@@ -244,6 +247,9 @@ def _segment(value: str) -> str:
 class Client:
     """The scheduler's HTTP API; one connection per request.
 
+    ``token`` may be None when ``cert_file`` is a client certificate that the
+    scheduler accepts instead.
+
     ``timeout`` bounds each ordinary request. Requests that wait for jobs
     (``wait=True``, following output) have no read timeout: the scheduler
     bounds them (``[workers].max_wait_s``, ``[workers].stream_timeout_s``).
@@ -252,7 +258,7 @@ class Client:
     def __init__(
         self,
         url: str,
-        token: str,
+        token: str | None,
         *,
         ca_file: str | Path | None = None,
         cert_file: str | Path | None = None,
@@ -346,7 +352,9 @@ class Client:
                     for k, v in query.items()
                 }
             )
-        hdrs = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        hdrs = {"Accept": "application/json"}
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
         data = None
         if body is not None:
             data = json.dumps(body).encode()

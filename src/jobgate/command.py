@@ -847,7 +847,8 @@ def _config_hint(settings_error: str, config: str | None) -> str:
     if settings_error == "no API token":
         return (
             "no API token: give --token-file, set JOBGATE_TOKEN or set token or "
-            f"token_file in {path}"
+            f"token_file in {path} (or, over https://, a client certificate with "
+            "--cert-file)"
         )
     return settings_error
 

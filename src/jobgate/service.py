@@ -31,7 +31,9 @@ def grpc_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
-        maximum_concurrent_rpcs=max_threads,
+        # No cap here: a call beyond the threads waits for one. Long output
+        # streams have their own, lower limit (the worker's max_streams), so
+        # short calls always find a thread.
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

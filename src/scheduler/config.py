@@ -99,7 +99,12 @@ class GrpcSection:
     bind: str = setting(
         "0.0.0.0:7443", help="host:port of the gRPC server workers call"
     )
-    max_threads: int = setting(32, min=2, max=4096, help="threads serving worker RPCs")
+    max_threads: int = setting(
+        64,
+        min=2,
+        max=8192,
+        help="threads serving worker RPCs (registrations, heartbeats)",
+    )
     max_message_bytes: int = setting(
         4 * 1024 * 1024, min=65536, help="largest gRPC message accepted"
     )

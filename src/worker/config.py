@@ -34,7 +34,13 @@ class GrpcSection:
         "0.0.0.0:7444", help="host:port of the gRPC server; port 0 picks one"
     )
     max_threads: int = setting(
-        32, min=2, max=4096, help="threads serving RPCs (each stream holds one)"
+        512, min=8, max=8192, help="threads serving RPCs (each output stream holds one)"
+    )
+    max_streams: int = setting(
+        448,
+        min=1,
+        help="output streams served at once; keep below max_threads so that "
+        "status, start and stop calls always find a thread",
     )
     max_message_bytes: int = setting(
         4 * 1024 * 1024, min=65536, help="largest gRPC message accepted"
@@ -42,6 +48,13 @@ class GrpcSection:
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, "bind")
+        if self.max_streams > self.max_threads - 4:
+            raise Invalid(
+                "max_streams",
+                f"{self.max_streams} leaves too few of max_threads "
+                f"({self.max_threads}) for other calls; keep it at most "
+                f"max_threads - 4",
+            )
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ def serve(cfg: WorkerConfig, ready_file: Path | None = None) -> int:
         cfg.worker.cluster, POLICY, cfg.grpc.max_threads, cfg.grpc.max_message_bytes
     )
     worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerServicer(runner, cfg.jobs.follow_keepalive_s), server
+        WorkerServicer(runner, cfg.jobs.follow_keepalive_s, cfg.grpc.max_streams),
+        server,
     )
     port = bind_secure(server, cfg.grpc.bind, creds)
     server.start()

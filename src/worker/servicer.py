@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
+from jobgate.errors import ResourceExhausted
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.runner import JobRecord, JobRunner
 
@@ -37,9 +39,16 @@ def job_to_proto(r: JobRecord) -> common_pb2.Job:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, runner: JobRunner, keepalive_s: float | None = None):
+    def __init__(
+        self,
+        runner: JobRunner,
+        keepalive_s: float | None = None,
+        max_streams: int = 448,
+    ):
         self.runner = runner
         self.keepalive_s = keepalive_s
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     def StartJob(self, request, context):
         record, existing = self.runner.start(
@@ -70,6 +79,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         )
 
     def StreamOutput(self, request, context):
+        if not self._streams.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"this worker already serves {self.max_streams} output streams "
+                "([grpc].max_streams); retry later"
+            )
+        try:
+            yield from self._stream(request, context)
+        finally:
+            self._streams.release()
+
+    def _stream(self, request, context):
         job_id = request.job_id
         cancelled = lambda: not context.is_active()  # noqa: E731
         # Wake this follower when the client goes away, so it never waits on

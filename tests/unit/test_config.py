@@ -343,7 +343,7 @@ def test_worker_config_loads_with_defaults(confdir):
         ("jobs", "max_concurrent", 0, "0 is below the minimum 1"),
         ("jobs", "stop_grace_s", -1, "-1 is below the minimum 0"),
         ("jobs", "colour", "red", "unknown key"),
-        ("grpc", "max_threads", 5000, "5000 is above the maximum 4096"),
+        ("grpc", "max_threads", 9000, "9000 is above the maximum 8192"),
         ("grpc", "bind", "localhost", "'localhost' is not host:port"),
         ("scheduler", "address", "s:99999", "'s:99999': the port must be a number"),
         ("worker", "name", "Worker_1", "'Worker_1' does not match"),

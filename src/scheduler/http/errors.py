@@ -36,7 +36,7 @@ TITLES = {
     403: "Forbidden",
     404: "Not found",
     409: "Conflict",
-    429: "Too many jobs",
+    429: "Too many requests",
     499: "Cancelled",
     500: "Internal error",
     501: "Not implemented",

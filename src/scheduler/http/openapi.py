@@ -14,6 +14,7 @@ non-OAuth schemes.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from jobgate import __version__
@@ -1094,7 +1095,16 @@ def _paths() -> dict[str, Schema]:
 
 
 def document() -> dict:
-    """The whole OpenAPI document, a fresh dict on each call."""
+    """The whole OpenAPI document, a fresh dict on each call.
+
+    Passed through JSON so that no two places in it share a mutable object
+    (the helpers reuse schema fragments): a reader may change one place
+    without changing others.
+    """
+    return json.loads(json.dumps(_document()))
+
+
+def _document() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {
