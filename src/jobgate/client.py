@@ -160,13 +160,28 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class _TokenFile:
+    path: Path
+
+    def read(self, where: str) -> str:
+        try:
+            token = self.path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            text = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(f"{where}: cannot read {self.path}: {text}") from None
+        if not token:
+            raise ConfigError(f"{where}: {self.path} is empty")
+        return token
+
+
 def _layer_values(
     layer: Mapping[str, str | None], base: Path | None, where: str
 ) -> dict[str, tuple[Any, str]]:
     """One layer's settings as ``{key: (value, source)}``; paths made absolute.
 
     ``token`` and ``token_file`` are one setting, the token: a layer gives
-    one or the other, and the file is read here.
+    one or the other. A token file is read only if its layer wins.
     """
     out: dict[str, tuple[Any, str]] = {}
 
@@ -193,16 +208,7 @@ def _layer_values(
         out["token"] = (str(layer["token"]).strip(), source("token"))
     elif layer.get("token_file"):
         token_path = path(str(layer["token_file"]))
-        try:
-            token = token_path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"{source('token_file')}: cannot read {token_path}: "
-                f"{exc.strerror or exc}"
-            ) from None
-        if not token:
-            raise ConfigError(f"{source('token_file')}: {token_path} is empty")
-        out["token"] = (token, f"{source('token_file')} ({token_path})")
+        out["token"] = (_TokenFile(token_path), source("token_file"))
     return out
 
 
@@ -233,6 +239,9 @@ def resolve_settings(
     merged: dict[str, tuple[Any, str]] = {}
     for layer in layers:  # lowest precedence first; later layers win
         merged.update(layer)
+    if "token" in merged and isinstance(merged["token"][0], _TokenFile):
+        token_file, where = merged["token"]
+        merged["token"] = (token_file.read(where), f"{where} ({token_file.path})")
     values = {k: v for k, (v, _) in merged.items()}
     return Settings(**values, sources={k: s for k, (_, s) in merged.items()})
 
