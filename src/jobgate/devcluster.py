@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from scheduler.http.auth import hash_token
+from worker.isolation import instance_name, remove_leftovers
 
 REPO = Path(__file__).resolve().parents[2]
 DEVCA = REPO / "certs" / "devca.py"
@@ -359,6 +360,9 @@ stop_grace_s = 2.0
             proc.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
+        # A worker that was killed cannot clean up after its jobs; do it here.
+        for name in self.workers:
+            remove_leftovers(instance_name(name, self.dir / "state" / name))
         if self._tmp_scripts is not None:
             shutil.rmtree(self._tmp_scripts, ignore_errors=True)
             self._tmp_scripts = None

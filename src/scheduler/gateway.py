@@ -99,11 +99,12 @@ class WorkerCalls:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
-                raise self._diagnose(name) from None
+                raise self.diagnose(name) from None
 
         return call
 
-    def _diagnose(self, method: str) -> Exception:
+    def diagnose(self, method: str) -> Exception:
+        """The error for a call to ``method`` that ran past its deadline."""
         name = self._worker.name
         try:
             resp = self._health.Check(
@@ -353,7 +354,18 @@ class Gateway:
             timeout=self.cfg.workers.stream_timeout_s,
             metadata=_metadata(),
         )
-        return OutputStream(call, worker.id)
+        # The worker answers a stream at once (data, a keep-alive or the end):
+        # waiting longer than a call's deadline means it is busy or hung.
+        timer = threading.Timer(self.cfg.workers.rpc_timeout_s, call.cancel)
+        timer.start()
+        try:
+            return OutputStream(call, worker.id)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and not timer.is_alive():
+                raise stub.diagnose("StreamOutput") from None
+            raise
+        finally:
+            timer.cancel()
 
 
 class OutputStream:

@@ -16,6 +16,7 @@ Two mechanisms, chosen at start-up (``[jobs].isolation``):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import select
@@ -173,6 +174,28 @@ class Cgroups(ProcessGroups):
             self.base.rmdir()
         except OSError:
             pass
+
+
+def instance_name(worker_name: str, state_dir: Path) -> str:
+    """Names a worker uniquely on its host: by its name and its state dir."""
+    key = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+    return f"{worker_name or 'worker'}-{key}"
+
+
+def remove_leftovers(instance: str) -> None:
+    """End and remove what a worker that is gone left in its cgroups.
+
+    For tools that ran a worker on this host (a dev cluster, tests) and
+    must not leave a killed worker's jobs or empty cgroups behind.
+    """
+    mount, own = _cgroup2_mount(), _own_cgroup()
+    if mount is None or own is None:
+        return
+    base = mount / own.lstrip("/") / f"jobgate-{instance}"
+    if base.is_dir():
+        groups = Cgroups(base)
+        groups.reap_leftovers()
+        groups.close()
 
 
 def choose(mode: str, instance: str) -> ProcessGroups:

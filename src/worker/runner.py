@@ -21,7 +21,6 @@ replace them; the tests also run the real thing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -164,10 +163,9 @@ class JobRunner:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.scripts_dir = cfg.scripts_dir.resolve()
         self._user, self._group, self._home = self._job_account()
-        state_key = hashlib.sha256(str(cfg.state_dir.resolve()).encode()).hexdigest()
         self.isolation = isolation.choose(
             isolation_mode or cfg.isolation,
-            f"{worker_name or 'worker'}-{state_key[:12]}",
+            isolation.instance_name(worker_name, cfg.state_dir),
         )
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
