@@ -9,7 +9,6 @@ worker; ``scheduler.errors`` maps both to HTTP in one table.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
@@ -26,20 +25,9 @@ from jobgate.tls import Credentials, secure_channel
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scheduler import metrics
 from scheduler.config import SchedulerConfig
-from scheduler.store import ONLINE, Store, WorkerRow
+from scheduler.store import ONLINE, Store, WorkerRow, timestamp
 
 log = logging.getLogger(__name__)
-
-
-def timestamp(t: float | None) -> str | None:
-    """RFC 3339 UTC with milliseconds, or None."""
-    if t is None:
-        return None
-    return (
-        dt.datetime.fromtimestamp(t, dt.UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
 
 
 def job_to_dict(job: common_pb2.Job, worker_id: str) -> dict:

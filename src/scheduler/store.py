@@ -7,6 +7,7 @@ and a restart loses nothing. Each thread uses its own connection.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
 import threading
@@ -284,9 +285,20 @@ class Store:
         return request, json.loads(row["errors"]), [_status(r) for r in jobs]
 
 
+def timestamp(t: float | None) -> str | None:
+    """RFC 3339 UTC with milliseconds, or None."""
+    if t is None:
+        return None
+    return (
+        dt.datetime.fromtimestamp(t, dt.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
 def _status(row: sqlite3.Row) -> dict:
     status = json.loads(row["status"])
-    status["recorded_at"] = row["updated_at"]
+    status["recorded_at"] = timestamp(row["updated_at"])
     return status
 
 

@@ -239,13 +239,18 @@ class JobRunner:
             raise PermissionDenied(
                 f"path {path!r} is absolute; give it relative to the scripts directory"
             )
-        real = Path(os.path.realpath(self.scripts_dir / path))
-        if os.path.commonpath([real, self.scripts_dir]) != str(self.scripts_dir):
-            raise PermissionDenied(f"path {path!r} is outside the scripts directory")
-        if real.is_dir():
-            raise InvalidArgument(f"path {path!r} is a directory, not a script")
-        if not real.is_file():
-            raise InvalidArgument(f"no script {path!r} in the scripts directory")
+        try:
+            real = Path(os.path.realpath(self.scripts_dir / path))
+            if os.path.commonpath([real, self.scripts_dir]) != str(self.scripts_dir):
+                raise PermissionDenied(
+                    f"path {path!r} is outside the scripts directory"
+                )
+            if real.is_dir():
+                raise InvalidArgument(f"path {path!r} is a directory, not a script")
+            if not real.is_file():
+                raise InvalidArgument(f"no script {path!r} in the scripts directory")
+        except OSError as exc:  # e.g. a name longer than the filesystem allows
+            raise InvalidArgument(f"path {path!r}: {exc.strerror}") from None
         return real
 
     def _interpreter(self, command: str) -> str:

@@ -10,7 +10,7 @@ from scheduler.gateway import Gateway
 from scheduler.http import openapi
 from scheduler.http import resources as r
 from scheduler.http.auth import Auth, TokenFile
-from scheduler.http.errors import make_handlers
+from scheduler.http.errors import json_errors, make_handlers
 from scheduler.http.middleware import RequestId
 
 
@@ -24,6 +24,7 @@ def create_app(
     auth = Auth(tokens, cfg.cluster.name, client_scopes)
     app = falcon.App(middleware=[RequestId(), metrics.Middleware(), auth])
     app.req_options.strip_url_path_trailing_slash = True
+    app.set_error_serializer(json_errors)
     for exc, handler in make_handlers(cfg.workers.retry_after_s):
         app.add_error_handler(exc, handler)
     args = (gateway, cfg.http.max_body_bytes, auth)

@@ -63,6 +63,13 @@ def _bad(field: str, message: str) -> falcon.HTTPBadRequest:
     return falcon.HTTPBadRequest(title="Bad request", description=f"{field}: {message}")
 
 
+def _check_unicode(field: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(field, "must be valid Unicode (it holds a lone surrogate)") from None
+
+
 def string(
     body: dict,
     field: str,
@@ -78,6 +85,7 @@ def string(
         return default
     if not isinstance(value, str):
         raise _bad(field, f"must be a string, not {_json_type(value)}")
+    _check_unicode(field, value)
     if required and not value:
         raise _bad(field, "must not be empty")
     if len(value) > max_len:
@@ -94,6 +102,7 @@ def string_list(body: dict, field: str) -> list[str]:
     for i, item in enumerate(value):
         if not isinstance(item, str):
             raise _bad(f"{field}[{i}]", f"must be a string, not {_json_type(item)}")
+        _check_unicode(f"{field}[{i}]", item)
     return value
 
 

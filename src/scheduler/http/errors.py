@@ -90,3 +90,9 @@ def make_handlers(retry_after_s: int):
         (grpc.RpcError, on_rpc_error),
         (JobgateError, on_domain_error),
     ]
+
+
+def json_errors(req, resp, exc: falcon.HTTPError) -> None:
+    """Errors are JSON whatever the client accepts (SSE and curl clients too)."""
+    resp.data = exc.to_json()
+    resp.content_type = falcon.MEDIA_JSON

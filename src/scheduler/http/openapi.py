@@ -146,6 +146,10 @@ def _param(
     }
     if required or where == "path":
         param["required"] = True
+    elif where == "query":
+        # The server reads "?wait=" like no wait parameter at all.
+        param["allowEmptyValue"] = True
+        param["description"] += "; an empty value is the same as none"
     return param
 
 
@@ -223,7 +227,6 @@ WORKER_STATES = ["online", "unreachable", "offline"]
 
 EXAMPLE_WORKER_ID = "5fba8fa9-2c4c-46ae-9805-8c9d5f6289b8"
 EXAMPLE_JOB_ID = "5da9dbe8-a112-46c2-927c-00d1ee852761"
-EXAMPLE_GROUP_ID = "0f6c3c1e-8c1b-4a57-9b59-6f0d3b1a2c44"
 
 
 def _schemas() -> dict[str, Schema]:
@@ -423,9 +426,10 @@ def _schemas() -> dict[str, Schema]:
                     "type": "object",
                     "properties": {
                         "recorded_at": {
-                            "type": "number",
+                            "type": "string",
+                            "format": "date-time",
                             "description": "stale lists only: when the scheduler "
-                            "last saw this status (Unix time, seconds)",
+                            "last saw this status (RFC 3339, UTC)",
                         }
                     },
                 },
@@ -548,7 +552,9 @@ def _schemas() -> dict[str, Schema]:
         },
         "LegacyStartRequest": _obj(
             {
-                "worker_id": _str("the worker's id or name", minLength=1),
+                "worker_id": _str(
+                    "the worker's id or name", minLength=1, maxLength=4096
+                ),
                 "command": _str(
                     "the interpreter", minLength=1, maxLength=256, examples=["bash"]
                 ),
@@ -562,8 +568,10 @@ def _schemas() -> dict[str, Schema]:
         ),
         "LegacyJobRequest": _obj(
             {
-                "worker_id": _str("the worker's id or name", minLength=1),
-                "job_id": _str("the job's id", minLength=1),
+                "worker_id": _str(
+                    "the worker's id or name", minLength=1, maxLength=4096
+                ),
+                "job_id": _str("the job's id", minLength=1, maxLength=4096),
             },
             description="A job, in the original API. Fields not named here are "
             "ignored.",
@@ -699,11 +707,13 @@ def _security_schemes() -> dict[str, Schema]:
 # -- paths -----------------------------------------------------------------------
 
 
-def _job_links(json_body: bool) -> dict[str, Schema]:
-    """Links from a started job to the routes that read and stop it."""
-    job = "$response.header.X-Job-ID"
-    worker = "$response.body#/worker_id" if json_body else "$request.path.worker"
-    params = {"worker": worker, "job": job}
+def _job_links() -> dict[str, Schema]:
+    """Links from a started job to the routes that read and stop it.
+
+    From headers and the request, so that they also hold for a start that
+    streams the output (text/plain) instead of answering with JSON.
+    """
+    params = {"worker": "$request.path.worker", "job": "$response.header.X-Job-ID"}
     return {
         "GetJob": {"operationId": "getJob", "parameters": params},
         "GetJobOutput": {"operationId": "getJobOutput", "parameters": params},
@@ -843,14 +853,14 @@ def _paths() -> dict[str, Schema]:
                         "its status (or, with follow=true, its output).",
                         {JSON: job_json, TEXT: run_stream},
                         start_headers,
-                        _job_links(json_body=False),
+                        _job_links(),
                     ),
                     201: _response(
                         "Started: the job's status (with wait=true, its final "
                         "status; with follow=true, its output).",
                         {JSON: job_json, TEXT: run_stream},
                         start_headers,
-                        _job_links(json_body=False),
+                        _job_links(),
                     ),
                     202: _response(
                         "wait=true, and the job was still running after "
@@ -1114,8 +1124,9 @@ def _document() -> dict:
             "description": "A scheduler that starts, stops, reports and streams "
             "jobs (scripts from each worker's scripts directory) on named "
             "workers. Bodies are JSON except job output. Every error is JSON "
-            '{"title", "description"}. {worker} in a path is a worker\'s id '
-            "(a UUID) or its name.",
+            '{"title", "description"}; an unknown route is 404 and a method a '
+            "route does not serve is 405 (with Allow). {worker} in a path is a "
+            "worker's id (a UUID) or its name.",
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
         "tags": [

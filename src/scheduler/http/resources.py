@@ -14,6 +14,7 @@ from scheduler.http.auth import READ, RUN, Auth
 
 log = logging.getLogger(__name__)
 
+MAX_OFFSET = 2**63 - 1  # byte offsets are int64 on the wire
 START_FIELDS = {"command", "path", "args", "timeout_s", "idempotency_key"}
 
 
@@ -183,10 +184,15 @@ class JobOutput(_Base):
 
     def on_get(self, req, resp, worker, job):
         sse = "text/event-stream" in (req.get_header("Accept") or "")
-        offset = req.get_param_as_int("offset", min_value=0, default=0)
+        offset = req.get_param_as_int(
+            "offset", min_value=0, max_value=MAX_OFFSET, default=0
+        )
         last_id = req.get_header("Last-Event-ID")
         if sse and last_id:
-            if not last_id.isdigit():
+            if (
+                not (last_id.isascii() and last_id.isdigit())
+                or int(last_id) > MAX_OFFSET
+            ):
                 raise falcon.HTTPBadRequest(
                     title="Bad request",
                     description="Last-Event-ID must be a byte offset from an earlier "
