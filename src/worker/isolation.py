@@ -4,9 +4,11 @@ Two mechanisms, chosen at start-up (``[jobs].isolation``):
 
 * ``cgroup``: every job gets its own cgroup v2 below the worker's own cgroup
   (under systemd, ``Delegate=yes`` hands the worker its cgroup). The job joins
-  it before its program runs (``worker.jobexec``), and nothing it starts can
-  leave it: not a double fork, not ``setsid``. Stopping signals every process
-  in it, and ``cgroup.kill`` ends them all at once.
+  it before its program runs (a ``/bin/sh`` shim writes its own pid into the
+  cgroup, then execs the job, through ``setpriv`` when it must drop to the
+  job's user), and nothing it starts can leave it: not a double fork, not
+  ``setsid``. Stopping signals every process in it, and ``cgroup.kill`` ends
+  them all at once.
 * ``process-group``: every job is the leader of a new session and process
   group, and signals go to the group. A process that calls ``setsid`` escapes
   it; used only where no writable cgroup v2 exists.
@@ -20,6 +22,7 @@ import hashlib
 import logging
 import os
 import select
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -79,8 +82,9 @@ class Cgroups(ProcessGroups):
 
     name = "cgroup"
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, setpriv: str | None = None):
         self.base = base
+        self.setpriv = setpriv
 
     @classmethod
     def create(cls, instance: str) -> Cgroups:
@@ -93,12 +97,15 @@ class Cgroups(ProcessGroups):
         mount, own = _cgroup2_mount(), _own_cgroup()
         if mount is None or own is None:
             raise OSError("no cgroup v2 hierarchy is mounted")
+        setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+        if os.geteuid() == 0 and setpriv is None:
+            raise OSError("setpriv (util-linux) is needed to start jobs as their user")
         base = mount / own.lstrip("/") / f"jobgate-{instance}"
         base.mkdir(exist_ok=True)
         probe = base / "probe"
         probe.mkdir(exist_ok=True)
         probe.rmdir()
-        groups = cls(base)
+        groups = cls(base, setpriv)
         groups.reap_leftovers()
         return groups
 

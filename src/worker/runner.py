@@ -20,15 +20,17 @@ replace them; the tests also run the real thing.
 
 from __future__ import annotations
 
+import _thread
 import dataclasses
+import errno
 import json
 import logging
 import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -49,8 +51,14 @@ from worker.output import OutputLog
 log = logging.getLogger(__name__)
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-# The exec shim runs as a file, so it needs nothing importable (python -I).
-JOBEXEC = str(Path(__file__).with_name("jobexec.py"))
+# Joins the job's cgroup before anything of the job runs, then execs the job
+# (through setpriv when it must drop to the job's user). The shim's stdin is
+# a pipe back to the worker, used only to report a failure to join; the job
+# itself gets /dev/null.
+SHIM = (
+    'echo $$ > "$1" || { echo cgroup >&0; exit 125; }; '
+    'exec 0</dev/null; shift; exec "$@"'
+)
 
 
 @dataclasses.dataclass
@@ -95,16 +103,17 @@ class JobRecord:
 class ProcessOps:
     """The runner's seam to the operating system."""
 
-    def spawn(self, argv, *, cwd, env, user, group, pass_fds=()) -> subprocess.Popen:
+    def spawn(
+        self, argv, *, cwd, env, user, group, stdin=subprocess.DEVNULL
+    ) -> subprocess.Popen:
         return subprocess.Popen(
             argv,
             cwd=cwd,
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             close_fds=True,
-            pass_fds=pass_fds,
             start_new_session=True,
             user=user,
             group=group,
@@ -141,6 +150,7 @@ class _Job:
         self.stop_reason: ExitReason | None = None
         self.stop_text = ""
         self.done = threading.Event()
+        self.drained = threading.Event()  # the reader has seen the pipe's end
         self.timer: threading.Timer | None = None
         if record.state.is_terminal():
             self.done.set()
@@ -366,16 +376,10 @@ class JobRunner:
             record.pid,
             extra={"JOB_ID": job_id},
         )
-        reader = threading.Thread(
-            target=self._read_output, args=(job,), name=f"out-{job_id[:8]}", daemon=True
-        )
-        reader.start()
-        threading.Thread(
-            target=self._wait,
-            args=(job, reader),
-            name=f"wait-{job_id[:8]}",
-            daemon=True,
-        ).start()
+        # Plain threads: threading.Thread.start() waits for the new thread to
+        # run, which would add that wait to every start's latency.
+        _thread.start_new_thread(self._read_output, (job,))
+        _thread.start_new_thread(self._wait, (job,))
         if timeout:
             job.timer = threading.Timer(timeout, self._on_timeout, args=(job,))
             job.timer.daemon = True
@@ -383,6 +387,7 @@ class JobRunner:
         return self._snapshot(job), False
 
     def _spawn(self, job: _Job, argv: list[str]) -> None:
+        _check_executable(argv[0])
         procs = self.isolation.prepare(job.record.job_id)
         env = self._environment(job.record.job_id)
         if procs == "-":
@@ -395,27 +400,26 @@ class JobRunner:
             )
         else:
             status_r, status_w = os.pipe()
-            shim = [
-                sys.executable,
-                "-I",
-                JOBEXEC,
-                procs,
-                str(status_w),
-                str(self._user) if self._user is not None else "-",
-                str(self._group) if self._group is not None else "-",
-                "--",
-                *argv,
-            ]
+            # The shim needs the worker's privileges to join the cgroup; the
+            # job's program runs with the job's user only (setpriv).
+            priv = []
+            if self._user is not None:
+                priv = [
+                    self.isolation.setpriv,
+                    f"--reuid={self._user}",
+                    f"--regid={self._group}",
+                    "--clear-groups",
+                    "--",
+                ]
+            shim = ["/bin/sh", "-c", SHIM, "jobgate-job", procs, *priv, *argv]
             try:
-                # The shim needs the worker's privileges to join the cgroup;
-                # it drops them itself before the job's program runs.
                 job.proc = self.ops.spawn(
                     shim,
                     cwd=str(self.scripts_dir),
                     env=env,
                     user=None,
                     group=None,
-                    pass_fds=(status_w,),
+                    stdin=status_w,
                 )
             except OSError:
                 os.close(status_r)
@@ -652,8 +656,17 @@ class JobRunner:
             )
         finally:
             job.proc.stdout.close()
+            job.drained.set()
 
-    def _wait(self, job: _Job, reader: threading.Thread) -> None:
+    def _wait(self, job: _Job) -> None:
+        try:
+            self._wait_for_end(job)
+        except Exception:  # noqa: BLE001 - a job must never stay "running" for ever
+            log.exception("job %s: recording its end failed", job.record.job_id)
+            if not job.done.is_set():
+                job.done.set()
+
+    def _wait_for_end(self, job: _Job) -> None:
         proc = job.proc
         assert proc is not None
         jid = job.record.job_id
@@ -667,7 +680,7 @@ class JobRunner:
         # The job has ended: a timeout or stop from now on is too late.
         if job.timer is not None:
             job.timer.cancel()
-        reader.join(self.cfg.drain_timeout_s)
+        job.drained.wait(self.cfg.drain_timeout_s)
         self.isolation.cleanup(jid)
         start_error = self._start_error(job)
         if start_error:
@@ -685,12 +698,7 @@ class JobRunner:
             job.status_fd = None
         if not data:
             return ""
-        errno_text, _, filename = data.partition(" ")
-        try:
-            reason = os.strerror(int(errno_text))
-        except ValueError:
-            reason = data
-        return f"could not execute {filename}: {reason}"
+        return "could not move the job into its cgroup"
 
     def _finish(
         self, job: _Job, reason: ExitReason, text: str, returncode: int | None
@@ -777,3 +785,10 @@ class JobRunner:
         if doomed:
             log.info("retention removed %d finished jobs", len(doomed))
         return [j.record.job_id for j in doomed]
+
+
+def _check_executable(path: str) -> None:
+    """Raise the OSError an exec of ``path`` would meet, before spawning."""
+    st = os.stat(path)  # ENOENT, ENOTDIR, ELOOP ...
+    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
