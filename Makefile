@@ -37,5 +37,59 @@ test: proto
 lint: proto
 	$(PY) -m ruff check src tests certs
 
+# The benchmark suite (bench/README.md): bench/results/report.json and .md.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--scenario start --runs 1".
+.PHONY: bench
+bench: proto
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) $(STUBS) run build dist src/*.egg-info
+
+# --- appliance: Debian packages, the lab test and its tools ----------------
+
+DEB_BUILD := build/deb
+DEB_DIST  := dist/deb
+# Ansible and ansible-lint live in a venv of their own: they pin their own
+# dependencies, and the project's venv stays what `make test` needs.
+TOOLS_VENV := .venv-appliance
+APPLIANCE_APT := systemd-container debootstrap dh-virtualenv debhelper dpkg-dev \
+	build-essential lintian ruby vagrant python3 python3-venv iproute2 \
+	openssh-client util-linux procps
+
+.PHONY: deb appliance-deps test-appliance
+
+# Builds jobgate_*.deb (the program in /opt/venvs/jobgate), jobgate-scheduler
+# and jobgate-worker (units, default configs, users) into dist/deb/ from the
+# files of this work tree.
+deb:
+	rm -rf $(DEB_BUILD) $(DEB_DIST)
+	mkdir -p $(DEB_BUILD)/jobgate $(DEB_DIST)
+	git ls-files -z -co --exclude-standard -- pyproject.toml setup.py README.md \
+		LICENSE src proto packaging examples \
+		| tar --null --ignore-failed-read -T - -cf - | tar -C $(DEB_BUILD)/jobgate -xf -
+	cp -r packaging/deb/debian $(DEB_BUILD)/jobgate/debian
+	cd $(DEB_BUILD)/jobgate && dpkg-buildpackage --build=binary --no-sign
+	mv $(DEB_BUILD)/*.deb $(DEB_BUILD)/*.changes $(DEB_BUILD)/*.buildinfo $(DEB_DIST)/
+	ls -l $(DEB_DIST)
+
+$(TOOLS_VENV)/.installed:
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --quiet --upgrade pip
+	# The ansible package brings ansible-core 2.19 and the collections the
+	# roles use (community.crypto, community.general, ansible.posix).
+	$(TOOLS_VENV)/bin/pip install --quiet 'ansible>=12,<13' \
+		'ansible-core>=2.19,<2.20' 'ansible-lint>=25'
+	touch $@
+
+# What the appliance tests need on a Debian 12 machine (as root).
+appliance-deps: $(TOOLS_VENV)/.installed
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $(APPLIANCE_APT); \
+	else \
+		echo "appliance-deps: not root; install with apt-get: $(APPLIANCE_APT)"; \
+	fi
+
+test-appliance: proto
+	JOBGATE_REQUIRE_APPLIANCE=$${JOBGATE_REQUIRE_APPLIANCE:-1} $(PY) -m pytest tests/appliance

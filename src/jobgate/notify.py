@@ -44,17 +44,18 @@ class Notifier:
         self,
         healthy: Callable[[], bool],
         status: Callable[[], str] | None = None,
-        every_s: float = 5.0,
+        every_s: float = 2.0,
     ) -> None:
         """Ping the watchdog while ``healthy()`` holds; refresh STATUS meanwhile.
 
-        The interval is half of ``WATCHDOG_USEC`` when systemd set one, so a
-        hung service (``healthy()`` false or the thread stuck) is restarted.
+        Runs every ``every_s`` (at most half of ``WATCHDOG_USEC`` when systemd
+        set one), so STATUS stays current and a hung service (``healthy()``
+        false, or this thread stuck) is restarted.
         """
         usec = os.environ.get("WATCHDOG_USEC", "")
         pid = os.environ.get("WATCHDOG_PID", "")
         watchdog = usec.isdigit() and (not pid or pid == str(os.getpid()))
-        interval = int(usec) / 2e6 if watchdog else every_s
+        interval = min(int(usec) / 2e6, every_s) if watchdog else every_s
         if not self.enabled:
             return
 

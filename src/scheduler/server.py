@@ -40,6 +40,7 @@ from scheduler.store import Store
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 60.0
+SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def _listen(bind: str) -> socket.socket:
@@ -145,7 +146,11 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
             _loopback_target(cfg.grpc.bind, grpc_port),
         ],
         pass_fds=(sock.fileno(), ready_w),
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+        env={
+            # Only this process talks to systemd (NotifyAccess=main).
+            **{k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY},
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        },
     )
     os.close(ready_w)
     sock.close()  # gunicorn owns the listener now

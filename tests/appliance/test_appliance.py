@@ -1,0 +1,306 @@
+"""The appliance on real systemd hosts: packages, units, Ansible, the API.
+
+One session builds the packages, boots systemd-nspawn nodes on a private
+bridge (scheduler, worker-1, worker-2, and a spare node for the package
+test), runs ``ansible-playbook ansible/site.yml`` against them with the lab
+inventory, and checks from outside what an operator would see: the API over
+HTTPS, ``systemctl``, ``journalctl``, a second run that changes nothing.
+The tests run in file order and build on each other's state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from .support import (
+    HTTP_PORT,
+    PKGTEST,
+    SCHEDULER,
+    WORKERS,
+    Deployment,
+    LabApi,
+    package_files,
+    recap,
+)
+
+# Booting, the package build and two playbook runs take a few minutes.
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_playbook_deploys_the_cluster(deployed: Deployment):
+    res = deployed.runs[0]
+    counts = recap(res.stdout)
+    assert set(counts) == {SCHEDULER, *WORKERS}, res.stdout[-3000:]
+    for host, c in counts.items():
+        assert c["failed"] == 0 and c["unreachable"] == 0, (host, c)
+        assert c["changed"] > 0, (host, c)
+
+
+def test_units_are_active_with_their_status_text(deployed: Deployment):
+    sched = deployed.scheduler
+    assert sched.unit_property("jobgate-scheduler.service", "ActiveState") == "active"
+    assert sched.unit_property("jobgate-scheduler.service", "Type") == "notify"
+    # The scheduler refreshes its STATUS= line with each watchdog ping.
+    status = wait_for_status(sched, "jobgate-scheduler.service", "workers: 2 online")
+    assert 'Status: "workers: 2 online' in status, status
+    for name in WORKERS:
+        node = deployed.node(name)
+        assert node.unit_property("jobgate-worker.service", "ActiveState") == "active"
+        status = node.systemctl("status", "jobgate-worker.service").stdout
+        assert f'Status: "registered as {name} (' in status, status
+        assert node.unit_property("jobgate-worker.service", "User") in ("", "root")
+    # The scheduler runs as its own user, never as root.
+    assert sched.unit_property("jobgate-scheduler.service", "User") == "jobgate"
+    main_pid = sched.unit_property("jobgate-scheduler.service", "MainPID")
+    owner = sched.run("ps", "-o", "user=", "-p", main_pid).stdout.strip()
+    assert owner == "jobgate"
+
+
+def wait_for_status(node, unit: str, text: str, timeout: float = 45) -> str:
+    """``systemctl status`` of ``unit`` once its STATUS= text contains ``text``."""
+    deadline = time.monotonic() + timeout
+    while text not in node.unit_property(unit, "StatusText"):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    return node.systemctl("status", unit).stdout
+
+
+def test_both_workers_are_online(deployed: Deployment):
+    api = deployed.api()
+    body = api.wait_for(
+        "/v1/workers",
+        lambda b: (
+            sorted(w["name"] for w in b["workers"] if w["state"] == "online")
+            == sorted(WORKERS)
+        ),
+    )
+    by_name = {w["name"]: w for w in body["workers"]}
+    for name in WORKERS:
+        assert by_name[name]["address"] == f"{deployed.node(name).address}:7444"
+        assert by_name[name]["labels"] == {"site": "lab"}
+
+
+def test_the_api_refuses_requests_without_a_token(deployed: Deployment):
+    api = deployed.api()
+    api.token = "not-a-valid-token-at-all"
+    status, body = api.get("/v1/workers")
+    assert status == 401, body
+
+
+def test_a_job_on_each_worker_streams_its_output(deployed: Deployment):
+    api = deployed.api()
+    jobs = {}
+    for name in WORKERS:
+        status, body = api.post(
+            f"/v1/workers/{name}/jobs",
+            {"command": "bash", "path": "count.sh", "args": ["3", "0.2"]},
+        )
+        assert status == 201, body
+        jobs[name] = body["job_id"]
+    for name, job_id in jobs.items():
+        status, out = api.get(
+            f"/v1/workers/{name}/jobs/{job_id}/output?follow=true", timeout=60
+        )
+        assert status == 200 and out == b"1\n2\n3\n", (status, out)
+        status, body = api.get(f"/v1/workers/{name}/jobs/{job_id}")
+        assert status == 200 and body["state"] == "succeeded", body
+    deployed.job_ids = jobs
+
+
+def test_jobs_run_unprivileged_and_cannot_read_the_worker_key(deployed: Deployment):
+    api = deployed.api()
+    name = WORKERS[0]
+    status, body = api.post(
+        f"/v1/workers/{name}/jobs", {"command": "bash", "path": "identity.sh"}
+    )
+    assert status == 201, body
+    status, out = api.get(
+        f"/v1/workers/{name}/jobs/{body['job_id']}/output?follow=true", timeout=60
+    )
+    lines = set(out.decode().split())
+    assert "user=jobgate-job" in lines, out
+    assert "NoNewPrivs=1" in lines, out
+    assert "CapEff=0000000000000000" in lines, out
+    assert "key=unreadable" in lines, out
+    assert "etc=read-only" in lines, out
+
+
+def test_journal_finds_a_jobs_lines_by_its_id(deployed: Deployment):
+    assert deployed.job_ids, "needs the jobs of test_a_job_on_each_worker_..."
+    for name, job_id in deployed.job_ids.items():
+        node = deployed.node(name)
+        lines = node.journal("-u", "jobgate-worker.service", f"JOB_ID={job_id}")
+        assert job_id in lines and "started" in lines and "ended" in lines, lines
+        # One story per job: no other job's lines.
+        others = [j for n, j in deployed.job_ids.items() if n != name]
+        assert not any(j in lines for j in others)
+
+
+def test_stopping_a_worker_takes_it_offline_and_stops_its_jobs(deployed: Deployment):
+    api = deployed.api()
+    name = WORKERS[1]
+    node = deployed.node(name)
+    worker_id = api.get(f"/v1/workers/{name}")[1]["id"]
+    status, body = api.post(
+        f"/v1/workers/{name}/jobs",
+        {"command": "bash", "path": "count.sh", "args": ["1000", "0.1"]},
+    )
+    assert status == 201, body
+    long_job = body["job_id"]
+    api.wait_for(f"/v1/workers/{name}/jobs/{long_job}", lambda b: b["output_bytes"] > 0)
+
+    node.systemctl("stop", "jobgate-worker.service")
+    assert node.unit_property("jobgate-worker.service", "ActiveState") == "inactive"
+    # It deregistered on its way out: offline, not merely unreachable.
+    status, body = api.get(f"/v1/workers/{name}")
+    assert status == 200 and body["state"] == "offline", body
+    # No job outlives the service.
+    left = node.run("pgrep", "-f", "count.sh", check=False)
+    assert left.returncode == 1, left.stdout
+    status, body = api.post(
+        f"/v1/workers/{name}/jobs", {"command": "bash", "path": "count.sh"}
+    )
+    assert status == 503, body
+
+    node.systemctl("start", "jobgate-worker.service")
+    body = api.wait_for(f"/v1/workers/{name}", lambda b: b["state"] == "online")
+    assert body["id"] == worker_id
+    # The job the stop ended was recorded as such, and is still answered for.
+    status, body = api.get(f"/v1/workers/{name}/jobs/{long_job}")
+    assert status == 200 and body["state"] == "stopped", body
+    assert node.unit_property("jobgate-worker.service", "ActiveState") == "active"
+
+
+def test_rotating_the_ca_is_one_playbook_run(deployed: Deployment, tmp_path: Path):
+    api = deployed.api()
+    ids = {w["name"]: w["id"] for w in api.get("/v1/workers")[1]["workers"]}
+    old_ca = tmp_path / "old-ca.pem"
+    shutil.copy(deployed.pki / "ca.pem", old_ca)
+
+    res = deployed.playbook("-e", "common_rotate_ca=true")
+    print(f"CA rotation run: {res.duration:.0f}s")
+    assert res.returncode == 0, res.stdout[-6000:] + deployed.diagnostics()
+    assert (deployed.pki / "ca.pem").read_bytes() != old_ca.read_bytes()
+
+    # Clients that trust the old CA are refused; the new one works, and the
+    # workers came back with their identities (and so their ids) unchanged.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        LabApi(deployed.lab, deployed.scheduler.address, HTTP_PORT, old_ca).get(
+            "/v1/workers"
+        )
+    api = deployed.api()
+    body = api.wait_for(
+        "/v1/workers",
+        lambda b: (
+            all(w["state"] == "online" for w in b["workers"])
+            and {w["name"] for w in b["workers"]} == set(WORKERS)
+        ),
+    )
+    assert {w["name"]: w["id"] for w in body["workers"]} == ids
+    for name in WORKERS:
+        status, job = api.post(
+            f"/v1/workers/{name}/jobs",
+            {"command": "bash", "path": "count.sh", "args": ["2", "0"]},
+        )
+        assert status == 201, job
+        status, out = api.get(
+            f"/v1/workers/{name}/jobs/{job['job_id']}/output?follow=true", timeout=60
+        )
+        assert out == b"1\n2\n", out
+
+
+def test_a_second_run_changes_nothing(deployed: Deployment):
+    res = deployed.playbook()
+    print(f"second playbook run: {res.duration:.0f}s")
+    assert res.returncode == 0, res.stdout[-6000:]
+    counts = recap(res.stdout)
+    assert set(counts) == {SCHEDULER, *WORKERS}
+    changed = {h: c["changed"] for h, c in counts.items() if c["changed"]}
+    assert not changed, (changed, res.stdout[-6000:])
+
+
+# -- the packages on their own ---------------------------------------------------------
+
+# Paths that any dpkg run changes, and the system users, which Debian's policy
+# says a purge leaves in place.
+VOLATILE = (
+    "var/lib/dpkg/",
+    "var/log/",
+    "var/cache/",
+    "var/lib/apt/",
+    "var/lib/systemd/",
+    "var/tmp/",
+    "tmp/",
+    "run/",
+    "root/",
+    "etc/ld.so.cache",
+    "etc/passwd",
+    "etc/group",
+    "etc/shadow",
+    "etc/gshadow",
+    "etc/passwd-",
+    "etc/group-",
+    "etc/shadow-",
+    "etc/gshadow-",
+)
+
+
+def snapshot(root: Path) -> set[str]:
+    paths = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for n in dirnames + filenames:
+            p = n if rel == "." else f"{rel}/{n}"
+            if not (p + "/").startswith(VOLATILE) and not p.startswith(VOLATILE):
+                paths.add(p)
+    return paths
+
+
+def test_packages_install_remove_and_purge_cleanly(deployment: Deployment, debs):
+    node = deployment.node(PKGTEST)
+    files = package_files(debs)
+    names = ["jobgate", "jobgate-scheduler", "jobgate-worker"]
+    for deb in files.values():
+        shutil.copy(deb, node.root / "root" / deb.name)
+    before = snapshot(node.root)
+
+    node.run("dpkg", "-i", *[f"/root/{files[n].name}" for n in names], timeout=300)
+    for unit in ("jobgate-scheduler.service", "jobgate-worker.service"):
+        assert node.systemctl("is-enabled", unit).stdout.strip() == "enabled"
+        # Not configured yet: the start failed at once, naming what is missing,
+        # and was not retried (a configuration error).
+        assert node.unit_property(unit, "ActiveState") == "failed"
+        assert node.unit_property(unit, "NRestarts") == "0"
+    journal = node.journal("-u", "jobgate-worker.service")
+    assert "no such file '/etc/jobgate/pki/ca.pem'" in journal, journal
+    node.run("id", "jobgate")
+    node.run("id", "jobgate-job")
+    conffiles = node.run(
+        "dpkg-query", "-W", "-f=${Conffiles}\n", "jobgate-scheduler", "jobgate-worker"
+    ).stdout
+    assert "/etc/jobgate/scheduler.toml" in conffiles
+    assert "/etc/jobgate/worker.toml" in conffiles
+    check = node.run(
+        "/opt/venvs/jobgate/bin/jobgate-worker",
+        "check-config",
+        "/etc/jobgate/worker.toml",
+        check=False,
+    )
+    assert check.returncode == 2 and "ca_file" in check.stderr, check
+
+    node.run("dpkg", "--remove", *reversed(names), timeout=120)
+    assert not (node.root / "opt/venvs/jobgate").exists()
+    assert (node.root / "etc/jobgate/worker.toml").exists()  # conffiles stay
+    node.run("dpkg", "--purge", *reversed(names), timeout=120)
+    after = snapshot(node.root)
+    assert sorted(after - before) == [], "left behind after purge"
+    assert sorted(before - after) == [], "removed by the packages"
+    # The users stay, as Debian's policy asks.
+    node.run("id", "jobgate-job")
