@@ -138,6 +138,9 @@ class WorkersSection:
     heartbeat_timeout_s: float = setting(
         15.0, min=0.2, help="silence after which an online worker is unreachable"
     )
+    heartbeat_flush_s: float = setting(
+        0.5, min=0.01, max=60, help="heartbeats are written to the database this often"
+    )
     rpc_timeout_s: float = setting(
         10.0, min=0.1, help="deadline of each call to a worker"
     )

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 
 from jobgate import identity
 from jobgate.config import parse_hostport
 from jobgate.errors import InvalidArgument, NotFound, PermissionDenied
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.config import SchedulerConfig
-from scheduler.store import Store
+from scheduler.store import ONLINE, Store
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +28,62 @@ MAX_LABELS = 64
 MAX_LABEL_CHARS = 256
 
 
+class Heartbeats:
+    """Heartbeats gathered in memory and written in one transaction per flush.
+
+    With thousands of workers, one database write per heartbeat would queue
+    them behind each other; a flush every ``interval`` seconds writes them
+    all at once. Readers see a heartbeat at most that much later.
+    """
+
+    def __init__(self, store: Store, interval: float):
+        self.store = store
+        self.interval = interval
+        self._pending: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="heartbeats", daemon=True
+        )
+        self._thread.start()
+
+    def record(self, worker_id: str, running_jobs: int) -> None:
+        with self._lock:
+            self._pending[worker_id] = (time.time(), running_jobs)
+
+    def flush(self) -> None:
+        with self._lock:
+            beats, self._pending = self._pending, {}
+        self.store.heartbeats(beats)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - keep flushing; the next may work
+                log.exception("writing heartbeats failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.flush()
+
+
 class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
+    """Register, Heartbeat, Deregister.
+
+    This process is the only one that changes workers' membership, so it keeps
+    who is who (id -> name, online) in memory and answers heartbeats without
+    reading the database.
+    """
+
     def __init__(self, cfg: SchedulerConfig, store: Store):
         self.cfg = cfg
         self.store = store
+        self.heartbeats = Heartbeats(store, cfg.workers.heartbeat_flush_s)
+        self._workers: dict[str, tuple[str, bool]] = {
+            w.id: (w.name, w.state == ONLINE) for w in store.list_workers()
+        }
 
     def _caller(self, context) -> str:
         ident = identity.peer_identity(context, self.cfg.cluster.name)
@@ -75,6 +129,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         row = self.store.register_worker(
             name, request.address, labels, request.capacity, request.version
         )
+        self._workers[row.id] = (name, True)
         log.info(
             "worker %s registered as %s at %s",
             name,
@@ -88,11 +143,15 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
 
     def Heartbeat(self, request, context):
-        _, row = self._own(context, request.worker_id, "heartbeat for")
-        if row is None or not self.store.heartbeat(
-            request.worker_id, request.running_jobs
-        ):
+        name = self._caller(context)
+        known = self._workers.get(request.worker_id)
+        if known is None or not known[1]:
             return scheduler_pb2.HeartbeatResponse(reregister=True)
+        if known[0] != name:
+            raise PermissionDenied(
+                f"worker {name!r} may not heartbeat for worker {known[0]!r}"
+            )
+        self.heartbeats.record(request.worker_id, request.running_jobs)
         return scheduler_pb2.HeartbeatResponse()
 
     def Deregister(self, request, context):
@@ -100,6 +159,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         if row is None:
             raise NotFound(f"no worker with id {request.worker_id!r}")
         self.store.deregister(row.id)
+        self._workers[row.id] = (name, False)
         log.info(
             "worker %s (%s) deregistered", name, row.id, extra={"WORKER_ID": row.id}
         )

@@ -112,9 +112,8 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
     server, health_servicer = grpc_server(
         cfg.cluster.name, POLICY, cfg.grpc.max_threads, cfg.grpc.max_message_bytes
     )
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(
-        MembershipServicer(cfg, store), server
-    )
+    membership = MembershipServicer(cfg, store)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(membership, server)
     grpc_port = bind_secure(server, cfg.grpc.bind, creds)
     sock = _listen(cfg.http.bind)
     if cfg.http.scheme == "http":
@@ -202,5 +201,6 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
             child.kill()
             child.wait()
     server.stop(grace=2).wait()
+    membership.heartbeats.close()
     log.info("stopped")
     return 1 if failed else 0

@@ -172,6 +172,23 @@ class Store:
         )
         return cur.rowcount == 1
 
+    def heartbeats(self, beats: dict[str, tuple[float, int]]) -> None:
+        """Record many heartbeats (id -> (time, running jobs)) in one transaction."""
+        if not beats:
+            return
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "UPDATE workers SET last_seen_at = ?, running_jobs = ? "
+                "WHERE id = ? AND state = 'online'",
+                [(t, n, worker_id) for worker_id, (t, n) in beats.items()],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
     def deregister(self, worker_id: str) -> None:
         self._conn().execute(
             "UPDATE workers SET state = 'offline', running_jobs = 0, last_seen_at = ? "
