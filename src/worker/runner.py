@@ -378,8 +378,16 @@ class JobRunner:
         )
         # Plain threads: threading.Thread.start() waits for the new thread to
         # run, which would add that wait to every start's latency.
-        _thread.start_new_thread(self._read_output, (job,))
-        _thread.start_new_thread(self._wait, (job,))
+        try:
+            _thread.start_new_thread(self._read_output, (job,))
+        except RuntimeError as exc:  # the host is out of threads or processes
+            self._abandon(job, exc)
+            return self._snapshot(job), False
+        try:
+            _thread.start_new_thread(self._wait, (job,))
+        except RuntimeError as exc:
+            self._abandon(job, exc)
+            return self._snapshot(job), False
         if timeout:
             job.timer = threading.Timer(timeout, self._on_timeout, args=(job,))
             job.timer.daemon = True
@@ -429,6 +437,31 @@ class JobRunner:
             job.status_fd = status_r
         job.record.pid = job.proc.pid
         job.reaped = job.sealed = False
+
+    def _abandon(self, job: _Job, exc: Exception) -> None:
+        """End a job whose watcher threads could not be started."""
+        log.error(
+            "job %s: cannot start its threads (%s); killing it",
+            job.record.job_id,
+            exc,
+            extra={"JOB_ID": job.record.job_id},
+        )
+        assert job.proc is not None
+        with job.cond:
+            self.isolation.kill_all(job.record.job_id, job.proc.pid)
+            job.proc.wait()
+            job.reaped = True
+        self.isolation.cleanup(job.record.job_id)
+        job.proc.stdout.close()
+        if job.status_fd is not None:
+            os.close(job.status_fd)
+            job.status_fd = None
+        self._finish(
+            job,
+            ExitReason.START_FAILED,
+            f"the worker could not start the job's threads: {exc}",
+            None,
+        )
 
     def get(self, job_id: str) -> JobRecord:
         return self._snapshot(self._job(job_id))
