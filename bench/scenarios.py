@@ -1,0 +1,614 @@
+"""The scenarios of the benchmark suite (see bench/README.md).
+
+Each scenario starts its own cluster (:class:`bench.cluster.BenchCluster`),
+measures, stops it, and returns ``(figures, settings)``: a flat dict of
+numbers, and the config settings it ran with beyond the defaults.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import load
+from bench.cluster import (
+    HEARTBEAT_INTERVAL_S,
+    WORKER,
+    BenchCluster,
+    ProcSampler,
+    cpu_seconds,
+    running,
+    sim_worker_certs,
+)
+from bench.load import Request
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sizes:
+    starts: int = 500
+    status_s: float = 10.0
+    status_clients: tuple[int, ...] = (1, 8, 32)
+    warmup_s: float = 1.0
+    output_bytes: int = 1024 * MiB
+    follow_lines: int = 1000
+    follow_interval_s: float = 0.01
+    follow_skip: int = 50  # lines written while the stream was being set up
+    followers: int = 1000
+    followers_batches: int = 200  # lines.sh: batches of lines, one every 0.1 s
+    followers_lines: int = 50
+    sim_workers: int = 5000
+    sim_processes: int = 2
+    jobs: int = 200
+    job_interval_s: float = 0.05
+
+
+FULL = Sizes()
+TINY = Sizes(
+    starts=20,
+    status_s=1.0,
+    warmup_s=0.3,
+    output_bytes=5 * 1000 * 1000,
+    follow_lines=100,
+    follow_skip=10,
+    followers=10,
+    followers_batches=10,
+    followers_lines=10,
+    sim_workers=50,
+    sim_processes=1,
+    jobs=10,
+)
+
+
+def _start_body(path: str, args=()) -> dict:
+    return {"command": "bash", "path": path, "args": [str(a) for a in args]}
+
+
+def finished_job(c: BenchCluster) -> str:
+    job = c.start_job("exit0.sh")
+    final = c.wait_job(job["job_id"])
+    assert final["state"] == "succeeded", final
+    return job["job_id"]
+
+
+def status_request(kind: str, job_id: str) -> Request:
+    if kind == "query":
+        return Request("POST", "/query", {"worker_id": WORKER, "job_id": job_id})
+    return Request("GET", f"/v1/workers/{WORKER}/jobs/{job_id}")
+
+
+# -- 1. start latency -------------------------------------------------------------
+
+
+def start_latency(s: Sizes) -> tuple[dict, dict]:
+    c = BenchCluster()
+    figures = {}
+    with running(c):
+        routes = {
+            "v1_": Request(
+                "POST", f"/v1/workers/{WORKER}/jobs", _start_body("exit0.sh"), 201
+            ),
+            "legacy_": Request(
+                "POST", "/start", {"worker_id": WORKER, **_start_body("exit0.sh")}, 201
+            ),
+        }
+        for prefix, req in routes.items():
+            load.sequential(c.port, c.token, req, 10)  # warm-up: channels, caches
+            r = load.sequential(c.port, c.token, req, s.starts)
+            figures.update(load.latency_figures(r.latencies, prefix))
+            figures[f"{prefix}rps"] = round(s.starts / r.duration, 1)
+            figures[f"{prefix}errors"] = r.errors
+            _raise_on_errors(r)
+    return figures, c.settings()
+
+
+def _raise_on_errors(r: load.LoadResult) -> None:
+    if r.errors > len(r.latencies) // 100:  # more than 1 %: not a valid figure
+        raise RuntimeError(f"{r.errors} requests failed, e.g. {r.error_samples}")
+
+
+# -- 2. status throughput ---------------------------------------------------------
+
+
+def status_throughput(s: Sizes) -> tuple[dict, dict]:
+    c = BenchCluster()
+    figures = {}
+    with running(c):
+        job_id = finished_job(c)
+        for kind in ("query", "get"):
+            req = status_request(kind, job_id)
+            for clients in s.status_clients:
+                r = load.closed_loop(
+                    c.port, c.token, req, clients, s.status_s, s.warmup_s
+                )
+                _raise_on_errors(r)
+                figures.update(load.throughput_figures(r, f"{kind}_c{clients}_"))
+    return figures, c.settings()
+
+
+# -- 3. output throughput ---------------------------------------------------------
+
+
+def output_throughput(s: Sizes) -> tuple[dict, dict]:
+    # The whole output is kept (head cap above its size): a follower slower
+    # than the job would otherwise skip the bytes the cap drops (a gap).
+    c = BenchCluster(
+        worker={"jobs.output_head_bytes": str(s.output_bytes + MiB)},
+    )
+    with running(c):
+        with ProcSampler(c.scheduler.pid, c.worker_pid()) as sampler:
+            cpu0 = os.times()
+            t0 = time.time()
+            job = c.start_job("flood.sh", [s.output_bytes])
+            got = load.follow(
+                c.port,
+                c.token,
+                f"/v1/workers/{WORKER}/jobs/{job['job_id']}/output?follow=true",
+                hash_output=False,
+            )
+            elapsed = got.ended_at - t0
+            cpu1 = os.times()
+        final = c.wait_job(job["job_id"])
+    if got.error or got.status != 200 or got.nbytes != s.output_bytes:
+        raise RuntimeError(
+            f"follower got {got.nbytes} of {s.output_bytes} bytes "
+            f"(status {got.status}) {got.error}"
+        )
+    if final["state"] != "succeeded" or final["output_bytes"] != s.output_bytes:
+        raise RuntimeError(f"flood job ended badly: {final}")
+    client_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    figures = {
+        "bytes": got.nbytes,
+        "seconds": round(elapsed, 3),
+        "mb_per_s": round(got.nbytes / elapsed / 1e6, 1),
+        **sampler.figures(),
+        "client_cpu_pct": round(100 * client_cpu / elapsed),
+    }
+    return figures, c.settings()
+
+
+# -- 4. follow latency ------------------------------------------------------------
+
+
+def follow_latency(s: Sizes) -> tuple[dict, dict]:
+    c = BenchCluster()
+    delays: list[float] = []
+    with running(c):
+        # Start and follow in one request, so the stream is open from the start.
+        conn = http.client.HTTPConnection(load.HOST, c.port, timeout=120)
+        conn.request(
+            "POST",
+            f"/v1/workers/{WORKER}/jobs?follow=true",
+            body=json.dumps(
+                _start_body("ticks.sh", [s.follow_lines, s.follow_interval_s])
+            ),
+            headers={
+                "Authorization": f"Bearer {c.token}",
+                "Content-Type": "application/json",
+            },
+        )
+        resp = conn.getresponse()
+        if resp.status != 201:
+            raise RuntimeError(f"start and follow: {resp.status} {resp.read()[:300]}")
+        pending = b""
+        while chunk := resp.read1(65536):
+            arrived = time.time()
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            delays += [arrived - float(line) for line in lines if line]
+        conn.close()
+    measured = delays[s.follow_skip :]
+    if len(delays) != s.follow_lines:
+        raise RuntimeError(f"got {len(delays)} of {s.follow_lines} lines")
+    figures = {
+        "lines": len(measured),
+        **load.latency_figures(measured),
+    }
+    return figures, c.settings()
+
+
+# -- 5. many followers ------------------------------------------------------------
+
+
+def expected_lines(batches: int, per_batch: int) -> bytes:
+    """What ``lines.sh`` prints (100-byte numbered lines)."""
+    return b"".join(b"line %09d %084d\n" % (n, 0) for n in range(batches * per_batch))
+
+
+def many_followers(s: Sizes) -> tuple[dict, dict]:
+    import hashlib
+
+    # Each follower holds a gunicorn thread and a worker gRPC thread for as
+    # long as it follows: both pools, and the worker's limit on streams, must
+    # be larger than the followers.
+    c = BenchCluster(
+        scheduler={"http.threads": str(min(1024, s.followers + 24))},
+        worker={
+            "grpc.max_threads": str(s.followers + 100),
+            "grpc.max_streams": str(s.followers + 50),
+        },
+    )
+    expected = expected_lines(s.followers_batches, s.followers_lines)
+    want = hashlib.sha256(expected).hexdigest()
+    with running(c):
+        with ProcSampler(c.scheduler.pid, c.worker_pid()) as sampler:
+            t0 = time.time()
+            job = c.start_job("lines.sh", [s.followers_batches, s.followers_lines, 0.1])
+            path = f"/v1/workers/{WORKER}/jobs/{job['job_id']}/output?follow=true"
+            followed, client_cpu = load.many_followers(
+                c.port, c.token, path, s.followers
+            )
+            t1 = time.time()
+        final = c.wait_job(job["job_id"])
+    ended = _parse_time(final["ended_at"])
+    good = [f for f in followed if f.status == 200 and f.sha256 == want]
+    errors = sorted({f.error for f in followed if f.error})
+    statuses: dict[str, int] = {}
+    for f in followed:
+        statuses[str(f.status)] = statuses.get(str(f.status), 0) + 1
+    attached = [f.first_byte_at for f in followed if f.first_byte_at]
+    figures = {
+        "followers": s.followers,
+        "correct": len(good),
+        "incorrect": s.followers - len(good),
+        "bytes_each": len(expected),
+        # Followers whose first byte came while the job was still running.
+        "attached_while_running": sum(1 for t in attached if t <= ended),
+        "attach_s": round(max(attached) - t0, 3) if attached else -1,
+        "seconds": round(t1 - t0, 3),
+        **sampler.figures(),
+        "client_cpu_s": round(client_cpu, 1),
+    }
+    figures["status_codes"] = statuses
+    if errors:
+        figures["error_samples"] = errors[:3]
+    return figures, c.settings()
+
+
+def _parse_time(text: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+# -- 6. many workers --------------------------------------------------------------
+
+
+def _start_sims(c: BenchCluster, s: Sizes, certs: Path, tmp: Path) -> list:
+    per = -(-s.sim_workers // s.sim_processes)
+    procs = []
+    for i in range(s.sim_processes):
+        first, count = i * per, min(per, s.sim_workers - i * per)
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.simworkers",
+                    "--target",
+                    c.grpc_target,
+                    "--first",
+                    str(first),
+                    "--count",
+                    str(count),
+                    "--certs",
+                    str(certs),
+                    "--stats",
+                    str(tmp / f"sim-{i}.json"),
+                ],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return procs
+
+
+def _stop_sims(procs: list) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def many_workers(s: Sizes) -> tuple[dict, dict]:
+    certs = sim_worker_certs(s.sim_workers)
+    c = BenchCluster()
+    figures: dict = {}
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp(prefix="jobgate-bench-sim-"))
+    try:
+        with running(c):
+            job_id = finished_job(c)
+            req = status_request("get", job_id)
+            idle = load.closed_loop(c.port, c.token, req, 8, s.status_s, s.warmup_s)
+            _raise_on_errors(idle)
+            figures.update(load.throughput_figures(idle, "idle_"))
+            t0 = time.monotonic()
+            procs = _start_sims(c, s, certs, tmp)
+            registered, register_errors = 0, 0
+            for p in procs:
+                line = p.stdout.readline()  # type: ignore[union-attr]
+                if not line:
+                    raise RuntimeError("a simulated worker process exited early")
+                info = json.loads(line)
+                registered += info["registered"]
+                register_errors += sum(info["register_errors"].values())
+            figures["register_s"] = round(time.monotonic() - t0, 2)
+            figures["registered"] = registered
+            figures["register_retries"] = register_errors
+            if registered != s.sim_workers:
+                raise RuntimeError(f"only {registered} workers registered")
+            # Each simulated worker sends its first heartbeat within one
+            # interval of registering: let the load reach its steady state.
+            time.sleep(min(HEARTBEAT_INTERVAL_S, s.status_s))
+            sims = [p.pid for p in procs]
+            with ProcSampler(c.scheduler.pid, c.worker_pid()) as sampler:
+                cpu0 = cpu_seconds(c.scheduler.pid)
+                sim0 = sum(cpu_seconds(p) for p in sims)
+                t_from = time.time()
+                loaded = load.closed_loop(
+                    c.port, c.token, req, 8, s.status_s, s.warmup_s
+                )
+                t_to = time.time()
+                sched_cpu = cpu_seconds(c.scheduler.pid) - cpu0
+                sim_cpu = sum(cpu_seconds(p) for p in sims) - sim0
+            _raise_on_errors(loaded)
+            figures.update(load.throughput_figures(loaded, "loaded_"))
+            mem = sampler.figures()
+            for key in ("scheduler_rss_peak_mb", "scheduler_pss_peak_mb"):
+                figures[key] = mem[key]
+            # The scheduler's main process serves gRPC (the heartbeats).
+            figures["scheduler_grpc_cpu_pct"] = round(100 * sched_cpu / (t_to - t_from))
+            figures["sim_cpu_pct"] = round(100 * sim_cpu / (t_to - t_from))
+            _, _, body = c.request("GET", "/v1/workers")
+            states = [w["state"] for w in json.loads(body)["workers"]]
+            figures["online"] = states.count("online")
+            _stop_sims(procs)
+    finally:
+        _stop_sims(procs)
+        beats: list = []
+        details: dict[str, str] = {}
+        for i in range(len(procs)):
+            path = tmp / f"sim-{i}.json"
+            if path.exists():
+                stats = json.loads(path.read_text())
+                beats += stats["beats"]
+                details.update(stats["error_details"])
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Heartbeats that completed while the status load was measured.
+    measured = t_to - t_from - s.warmup_s
+    window = [b for b in beats if t_from + s.warmup_s <= b[0] < t_to]
+    failed: dict[str, int] = {}
+    for b in window:
+        if b[2]:
+            failed[b[2]] = failed.get(b[2], 0) + 1
+    figures["heartbeats_per_s"] = round(len(window) / measured, 1)
+    figures["heartbeat_errors"] = sum(failed.values())
+    figures["heartbeat_error_codes"] = failed
+    if failed:
+        figures["heartbeat_error_examples"] = details
+    ok = [b[1] for b in window if not b[2]]
+    figures["heartbeat_p50_ms"] = round(load.percentile(ok, 50) * 1000, 1)
+    figures["heartbeat_p99_ms"] = round(load.percentile(ok, 99) * 1000, 1)
+    for q in ("p50", "p99"):
+        figures[f"{q}_ratio"] = round(
+            figures[f"loaded_{q}_ms"] / figures[f"idle_{q}_ms"], 2
+        )
+    figures["rps_ratio"] = round(figures["loaded_rps"] / figures["idle_rps"], 2)
+    settings = c.settings()
+    settings["simulated_workers"] = {
+        "count": s.sim_workers,
+        "processes": s.sim_processes,
+        "heartbeat_interval_s": HEARTBEAT_INTERVAL_S,
+    }
+    return figures, settings
+
+
+# -- 7. many jobs -----------------------------------------------------------------
+
+
+def many_jobs(s: Sizes) -> tuple[dict, dict]:
+    c = BenchCluster(worker={"jobs.max_concurrent": str(s.jobs + 50)})
+    figures: dict = {}
+    with running(c):
+        job_id = finished_job(c)
+        idle = load.closed_loop(
+            c.port, c.token, status_request("get", job_id), 8, s.status_s, s.warmup_s
+        )
+        _raise_on_errors(idle)
+        figures.update(load.throughput_figures(idle, "idle_"))
+        t0 = time.monotonic()
+        jobs = [
+            c.start_job("steady.sh", [s.job_interval_s, 600])["job_id"]
+            for _ in range(s.jobs)
+        ]
+        figures["start_all_s"] = round(time.monotonic() - t0, 2)
+        time.sleep(1.0)  # let every job get going
+        # Status of one of the running jobs: what a client polling it sees.
+        req = status_request("get", jobs[len(jobs) // 2])
+        bytes0 = _output_bytes(c, jobs)
+        with ProcSampler(c.scheduler.pid, c.worker_pid()) as sampler:
+            cpu0 = cpu_seconds(c.worker_pid())
+            t_from = time.monotonic()
+            busy = load.closed_loop(c.port, c.token, req, 8, s.status_s, s.warmup_s)
+            elapsed = time.monotonic() - t_from
+            cpu = cpu_seconds(c.worker_pid()) - cpu0
+        bytes1 = _output_bytes(c, jobs)
+        running_now = sum(1 for j in jobs if c.job(j)["state"] == "running")
+    _raise_on_errors(busy)
+    figures.update(load.throughput_figures(busy, "status_"))
+    figures.update(
+        {
+            "jobs": s.jobs,
+            "running": running_now,
+            "worker_cpu_pct": round(100 * cpu / elapsed),
+            "worker_rss_peak_mb": sampler.figures()["worker_rss_peak_mb"],
+            "jobs_output_kb_per_s": round((bytes1 - bytes0) / elapsed / 1e3, 1),
+        }
+    )
+    return figures, c.settings()
+
+
+def _output_bytes(c: BenchCluster, jobs: list[str]) -> int:
+    status, _, body = c.request("GET", f"/v1/workers/{WORKER}/jobs")
+    wanted = set(jobs)
+    return sum(
+        j["output_bytes"] for j in json.loads(body)["jobs"] if j["job_id"] in wanted
+    )
+
+
+# -- the catalogue ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    run: Callable[[Sizes], tuple[dict, dict]]
+    # figure -> (comparison, value): what issue 7 asks for.
+    targets: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # Figures shown in the Markdown table (all are in the JSON report).
+    show: tuple[str, ...] = ()
+
+
+def _status_show() -> tuple[str, ...]:
+    return tuple(
+        f"{kind}_c{n}_{fig}"
+        for kind in ("query", "get")
+        for n in (1, 8, 32)
+        for fig in ("rps", "p50_ms", "p99_ms")
+    )
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario(
+            "start",
+            "1. Start latency (sequential starts of a script that exits at once)",
+            start_latency,
+            {"v1_p50_ms": ("<=", 3.5), "legacy_p50_ms": ("<=", 3.5)},
+            (
+                "v1_p50_ms",
+                "v1_p90_ms",
+                "v1_p99_ms",
+                "v1_rps",
+                "legacy_p50_ms",
+                "legacy_p90_ms",
+                "legacy_p99_ms",
+                "legacy_rps",
+            ),
+        ),
+        Scenario(
+            "status",
+            "2. Status throughput (finished job; keep-alive clients)",
+            status_throughput,
+            {
+                f"{kind}_c{n}_rps": (">=", 800)
+                for kind in ("query", "get")
+                for n in (8, 32)
+            },
+            _status_show(),
+        ),
+        Scenario(
+            "output",
+            "3. Output throughput (one job's output to one HTTP follower)",
+            output_throughput,
+            {"mb_per_s": (">=", 200)},
+            (
+                "bytes",
+                "seconds",
+                "mb_per_s",
+                "scheduler_rss_peak_mb",
+                "scheduler_pss_peak_mb",
+                "worker_rss_peak_mb",
+                "client_cpu_pct",
+            ),
+        ),
+        Scenario(
+            "follow",
+            "4. Follow latency (a timestamped line every 10 ms, write to arrival)",
+            follow_latency,
+            {"p99_ms": ("<=", 20)},
+            ("lines", "p50_ms", "p90_ms", "p99_ms", "max_ms"),
+        ),
+        Scenario(
+            "followers",
+            "5. Many followers of one job",
+            many_followers,
+            {"incorrect": ("<=", 0), "scheduler_rss_peak_mb": ("<=", 512)},
+            (
+                "followers",
+                "correct",
+                "incorrect",
+                "attached_while_running",
+                "attach_s",
+                "seconds",
+                "scheduler_rss_peak_mb",
+                "scheduler_pss_peak_mb",
+                "worker_rss_peak_mb",
+            ),
+        ),
+        Scenario(
+            "workers",
+            "6. Many workers (simulated workers heartbeating; status with 8 clients)",
+            many_workers,
+            {"p50_ratio": ("<=", 2), "p99_ratio": ("<=", 2)},
+            (
+                "registered",
+                "register_s",
+                "online",
+                "heartbeats_per_s",
+                "heartbeat_errors",
+                "heartbeat_p50_ms",
+                "heartbeat_p99_ms",
+                "idle_rps",
+                "idle_p50_ms",
+                "idle_p99_ms",
+                "loaded_rps",
+                "loaded_p50_ms",
+                "loaded_p99_ms",
+                "p50_ratio",
+                "p99_ratio",
+                "scheduler_grpc_cpu_pct",
+                "sim_cpu_pct",
+                "scheduler_rss_peak_mb",
+            ),
+        ),
+        Scenario(
+            "jobs",
+            "7. Many jobs running at once on one worker (status of one, 8 clients)",
+            many_jobs,
+            {"status_p99_ms": ("<=", 50)},
+            (
+                "jobs",
+                "running",
+                "worker_cpu_pct",
+                "worker_rss_peak_mb",
+                "jobs_output_kb_per_s",
+                "idle_p50_ms",
+                "idle_p99_ms",
+                "status_rps",
+                "status_p50_ms",
+                "status_p99_ms",
+            ),
+        ),
+    )
+}

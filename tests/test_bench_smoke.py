@@ -1,0 +1,87 @@
+"""The benchmark suite runs: every scenario once, at its tiny size.
+
+Timings are not checked here (they do not belong in pass/fail tests); this
+only keeps ``make bench`` from rotting: the same command, the same code path,
+a report with every figure and values that make sense.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.scenarios import SCENARIOS, TINY  # noqa: E402
+
+
+def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.run", "--tiny", "--runs", "1"),
+            *("--idle-wait", "0", "--out", tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tiny"] is True and report["runs"] == 1
+    assert list(report["scenarios"]) == list(SCENARIOS)
+    for name, entry in report["scenarios"].items():
+        assert entry["errors"] == [], (name, entry["errors"])
+        assert len(entry["runs"]) == 1, name
+        med = entry["median"]
+        scenario = SCENARIOS[name]
+        missing = set(scenario.show) - set(med)
+        assert not missing, (name, missing)
+        assert set(entry["targets"]) == set(scenario.targets), name
+        assert all(t["met"] in (True, False) for t in entry["targets"].values())
+        assert "settings" in entry, name
+    s = {name: entry["median"] for name, entry in report["scenarios"].items()}
+
+    for route in ("v1_", "legacy_"):
+        assert s["start"][f"{route}errors"] == 0
+        assert 0 < s["start"][f"{route}p50_ms"] <= s["start"][f"{route}p99_ms"]
+        assert s["start"][f"{route}rps"] > 0
+
+    for key, value in s["status"].items():
+        if key.endswith("_errors"):
+            assert value == 0, key
+        elif key.endswith(("_rps", "_p50_ms", "_p99_ms")):
+            assert value > 0, key
+
+    assert s["output"]["bytes"] == TINY.output_bytes
+    assert s["output"]["mb_per_s"] > 0
+    assert s["output"]["scheduler_rss_peak_mb"] > 10
+    assert s["output"]["worker_rss_peak_mb"] > 10
+
+    assert s["follow"]["lines"] == TINY.follow_lines - TINY.follow_skip
+    assert 0 < s["follow"]["p50_ms"] <= s["follow"]["p99_ms"] < 5000
+
+    f = s["followers"]
+    assert f["followers"] == f["correct"] == TINY.followers
+    assert f["incorrect"] == 0
+    assert f["bytes_each"] == TINY.followers_batches * TINY.followers_lines * 100
+
+    w = s["workers"]
+    assert w["registered"] == TINY.sim_workers
+    assert w["online"] == TINY.sim_workers + 1  # and worker-1
+    assert w["heartbeats_per_s"] > 0
+    assert w["p50_ratio"] > 0 and w["p99_ratio"] > 0
+
+    j = s["jobs"]
+    assert j["running"] == j["jobs"] == TINY.jobs
+    assert j["jobs_output_kb_per_s"] > 0
+    assert j["status_rps"] > 0 and j["status_errors"] == 0
+
+    table = (tmp_path / "report.md").read_text()
+    assert "| Scenario | Figure | Median | Target | Met |" in table
+    assert table.count("| yes |") + table.count("| **no** |") == sum(
+        len(sc.targets) for sc in SCENARIOS.values()
+    )
