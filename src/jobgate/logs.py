@@ -18,6 +18,21 @@ import os
 import socket
 import struct
 import sys
+from dataclasses import dataclass
+
+from jobgate.config import setting
+
+
+@dataclass(frozen=True)
+class LogSection:
+    """``[log]`` of both services' configs."""
+
+    level: str = setting(
+        "info",
+        choices=("debug", "info", "warning", "error"),
+        help="least severe level logged",
+    )
+
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 FIELDS = ("JOB_ID", "WORKER_ID", "REQUEST_ID", "GROUP_ID")

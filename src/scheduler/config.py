@@ -9,6 +9,7 @@ from pathlib import Path
 from jobgate import config
 from jobgate.config import Invalid, parse_hostport, setting
 from jobgate.identity import NAME_PATTERN
+from jobgate.logs import LogSection
 from jobgate.tls import TLSConfig
 
 
@@ -173,15 +174,6 @@ class FanoutSection:
     )
     max_workers: int = setting(
         10_000, min=1, help="most workers one fan-out request may start jobs on"
-    )
-
-
-@dataclass(frozen=True)
-class LogSection:
-    level: str = setting(
-        "info",
-        choices=("debug", "info", "warning", "error"),
-        help="least severe level logged",
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from jobgate import config
 from jobgate.config import Invalid, parse_hostport, setting
 from jobgate.identity import NAME_PATTERN
+from jobgate.logs import LogSection
 from jobgate.tls import TLSConfig
 
 
@@ -152,15 +153,6 @@ class MetricsSection:
     def __post_init__(self) -> None:
         if self.bind:
             parse_hostport(self.bind, "bind")
-
-
-@dataclass(frozen=True)
-class LogSection:
-    level: str = setting(
-        "info",
-        choices=("debug", "info", "warning", "error"),
-        help="least severe level logged",
-    )
 
 
 @dataclass(frozen=True)
