@@ -81,7 +81,9 @@ def markdown(report: dict) -> str:
         scenario = SCENARIOS[name]
         title = scenario.title
         for error in entry["errors"]:
-            lines.append(f"| {title} | failed run | | | {error} |")
+            short = error if len(error) < 120 else error[:117] + "..."
+            short = short.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {title} | failed run | | | {short} |")
             title = ""
         med = entry["median"]
         for key in scenario.show or tuple(med):
