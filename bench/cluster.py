@@ -40,6 +40,10 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # and the file name prefix (scenario and run).
 PROFILE_DIR: Path | None = None
 PROFILE_TAG = "cluster"
+# Set by ``bench.run --scheduler-setting/--worker-setting``: "section.key" ->
+# TOML value, applied to every cluster after the scenario's own settings.
+EXTRA_SCHEDULER: dict[str, str] = {}
+EXTRA_WORKER: dict[str, str] = {}
 
 # The product's defaults ([http].threads, [workers] heartbeats and call
 # deadline), which the development cluster shortens for its tests.
@@ -97,8 +101,8 @@ def public_dir(prefix: str) -> Path:
 def _set(text: str, section: str, key: str, value: str) -> str:
     """``text`` (TOML) with ``key`` of ``[section]`` set to ``value``."""
     head, sep, rest = text.partition(f"\n[{section}]\n")
-    if not sep:
-        raise ValueError(f"no [{section}] in the generated config")
+    if not sep:  # a table the generated config leaves out
+        return f"{text.rstrip()}\n\n[{section}]\n{key} = {value}\n"
     body, nxt, tail = rest.partition("\n[")
     line = re.compile(rf"^{re.escape(key)} = .*$", re.M)
     if line.search(body):
@@ -126,8 +130,9 @@ class BenchCluster(DevCluster):
             "workers.heartbeat_timeout_s": str(HEARTBEAT_TIMEOUT_S),
             "workers.rpc_timeout_s": str(RPC_TIMEOUT_S),
             **(scheduler or {}),
+            **EXTRA_SCHEDULER,
         }
-        self.worker_settings = dict(worker or {})
+        self.worker_settings = {**(worker or {}), **EXTRA_WORKER}
         self._recorders: list = []
         self._scripts = public_dir("jobgate-bench-scripts-")
         for f in SCRIPTS.iterdir():

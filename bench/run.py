@@ -219,6 +219,13 @@ def run_scenario(
     return entry
 
 
+def _setting(parser: argparse.ArgumentParser, text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key or not value:
+        parser.error(f"{text!r}: expected SECTION.KEY=VALUE")
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run", description=__doc__.split("\n")[0]
@@ -233,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         "--tiny", action="store_true", help="shrink every scenario (a smoke test)"
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per scenario")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="default bench/results"
+    )
     parser.add_argument(
         "--idle-wait",
         type=float,
@@ -256,7 +265,23 @@ def main(argv: list[str] | None = None) -> int:
         help="record the scheduler and workers with py-spy into DIR "
         "(this slows them down: figures of such runs are not comparable)",
     )
+    for side, example in (
+        ("scheduler", "http.processes=4"),
+        ("worker", "jobs.read_chunk_bytes=262144"),
+    ):
+        parser.add_argument(
+            f"--{side}-setting",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help=f"set this in every {side} config (a TOML value, e.g. "
+            f"{example}); repeatable",
+        )
     args = parser.parse_args(argv)
+    for dotted in args.scheduler_setting:
+        cluster.EXTRA_SCHEDULER.update([_setting(parser, dotted)])
+    for dotted in args.worker_setting:
+        cluster.EXTRA_WORKER.update([_setting(parser, dotted)])
     if args.profile:
         from bench.profile import py_spy
 
@@ -274,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "tiny": args.tiny,
         "profiled": bool(args.profile),
+        "extra_settings": {
+            "scheduler": cluster.EXTRA_SCHEDULER,
+            "worker": cluster.EXTRA_WORKER,
+        },
         "runs": args.runs,
         "machine": {
             "cpus": os.cpu_count(),
