@@ -27,6 +27,7 @@ from bench.cluster import (
     BenchCluster,
     ProcSampler,
     cpu_seconds,
+    descendants,
     running,
     sim_worker_certs,
 )
@@ -127,15 +128,32 @@ def status_throughput(s: Sizes) -> tuple[dict, dict]:
     figures = {}
     with running(c):
         job_id = finished_job(c)
+        http = descendants(c.scheduler.pid)  # the gunicorn master and workers
         for kind in ("query", "get"):
             req = status_request(kind, job_id)
             for clients in s.status_clients:
+                cpu0 = _cpu_of(http), cpu_seconds(c.worker_pid())
                 r = load.closed_loop(
                     c.port, c.token, req, clients, s.status_s, s.warmup_s
                 )
+                cpu1 = _cpu_of(http), cpu_seconds(c.worker_pid())
                 _raise_on_errors(r)
-                figures.update(load.throughput_figures(r, f"{kind}_c{clients}_"))
+                prefix = f"{kind}_c{clients}_"
+                figures.update(load.throughput_figures(r, prefix))
+                # CPU per request (over warm-up and measurement alike), in
+                # microseconds: the HTTP processes', the worker's, the client's.
+                done = len(r.latencies) * (s.warmup_s + s.status_s) / s.status_s
+                for name, used in (
+                    ("http", cpu1[0] - cpu0[0]),
+                    ("worker", cpu1[1] - cpu0[1]),
+                    ("client", r.client_cpu_s),
+                ):
+                    figures[f"{prefix}{name}_cpu_us"] = round(1e6 * used / done)
     return figures, c.settings()
+
+
+def _cpu_of(pids: list[int]) -> float:
+    return sum(cpu_seconds(p) for p in pids)
 
 
 # -- 3. output throughput ---------------------------------------------------------
