@@ -10,8 +10,9 @@ request names it. One process runs many of them on one asyncio loop:
         --stats FILE
 
 It prints one JSON line once all have registered, then heartbeats on the
-interval the scheduler handed out until SIGTERM, when it writes every
-heartbeat's (time, latency, failure) and its CPU time to ``--stats``.
+interval the scheduler hands out (at registration, then with every
+heartbeat's answer, as a real worker does) until SIGTERM, when it writes
+every heartbeat's (time, latency, failure) and its CPU time to ``--stats``.
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ class Sim:
                         return
                     except TimeoutError:
                         pass
-                next_beat += interval
                 start = time.monotonic()
                 failed = ""
                 try:
@@ -111,11 +111,16 @@ class Sim:
                         timeout=10,
                     )
                     if resp.reregister:
-                        _, worker_id = await self.register(stub, name, slots)
+                        interval, worker_id = await self.register(stub, name, slots)
+                    elif resp.heartbeat_interval_s > 0:
+                        interval = resp.heartbeat_interval_s
                 except grpc.RpcError as exc:
                     failed = exc.code().name
                     self.error_details.setdefault(failed, str(exc.details()))
                 self.beats.append((time.time(), time.monotonic() - start, failed))
+                # Like a real worker: the next heartbeat one interval after
+                # this one's answer.
+                next_beat = time.monotonic() + (interval or 5.0)
 
 
 async def main_async(args) -> dict:

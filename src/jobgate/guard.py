@@ -4,7 +4,8 @@ gRPC's server interceptors see only the method name, not the TLS session, so
 :class:`ServerGuard` wraps each handler. The wrapper reads the caller's identity
 from the certificate and refuses callers whose role the policy does not allow
 for that method. Servicers that need the caller's name (a worker may only act
-on itself) read it again with :func:`jobgate.identity.peer_identity`.
+on itself) get the identity the guard checked with :func:`caller`, without
+reading the certificate again.
 
 The wrapper also turns a :class:`~jobgate.errors.JobgateError` raised by a
 servicer into its gRPC status, and an unexpected exception into a bare
@@ -13,6 +14,7 @@ INTERNAL after logging its traceback once.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -26,6 +28,23 @@ log = logging.getLogger(__name__)
 
 # Health checks carry no data and are open to any certificate of the cluster.
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+# The call being served on this thread and its caller, as checked by the guard.
+_CALLER: contextvars.ContextVar[tuple[object, Identity] | None] = (
+    contextvars.ContextVar("jobgate_caller", default=None)
+)
+
+
+def caller(context, cluster: str) -> Identity | None:
+    """The identity of the caller of the call ``context`` belongs to.
+
+    Inside a guarded handler this is the identity the guard already checked;
+    elsewhere it is read from the certificate.
+    """
+    current = _CALLER.get()
+    if current is not None and current[0] is context:
+        return current[1]
+    return identity.peer_identity(context, cluster)
 
 
 class ServerGuard(grpc.ServerInterceptor):
@@ -103,7 +122,7 @@ def _wrap(handler, cluster, roles, method):
         inner = handler.unary_unary
 
         def unary_unary(request, context):
-            _check(context, cluster, roles, method)
+            checked = _CALLER.set((context, _check(context, cluster, roles, method)))
             token = _bind_request_id(context)
             try:
                 return inner(request, context)
@@ -112,6 +131,7 @@ def _wrap(handler, cluster, roles, method):
             finally:
                 if token is not None:
                     logs.unbind(token)
+                _CALLER.reset(checked)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary,

@@ -109,6 +109,12 @@ class GrpcSection:
     max_message_bytes: int = setting(
         4 * 1024 * 1024, min=65536, help="largest gRPC message accepted"
     )
+    identity_cache_size: int = setting(
+        10_000,
+        min=0,
+        max=10_000_000,
+        help="caller certificates whose identity is kept parsed; 0: parse each call",
+    )
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, "bind")
@@ -134,10 +140,29 @@ class StateSection:
 @dataclass(frozen=True)
 class WorkersSection:
     heartbeat_interval_s: float = setting(
-        5.0, min=0.1, help="handed to workers at registration"
+        5.0,
+        min=0.1,
+        help="shortest heartbeat interval handed to workers (small fleets get it)",
     )
     heartbeat_timeout_s: float = setting(
-        15.0, min=0.2, help="silence after which an online worker is unreachable"
+        15.0,
+        min=0.2,
+        help="silence after which an online worker is unreachable, for a worker "
+        "given heartbeat_interval_s; scaled in proportion for longer intervals",
+    )
+    max_heartbeats_per_s: float = setting(
+        200.0,
+        min=0.01,
+        max=1_000_000,
+        help="heartbeat rate the scheduler aims at: the interval handed out grows "
+        "to online workers / this",
+    )
+    heartbeat_jitter: float = setting(
+        0.2,
+        min=0.0,
+        max=1.0,
+        help="each interval handed out is up to this fraction longer, at random, "
+        "so heartbeats do not arrive in waves",
     )
     heartbeat_flush_s: float = setting(
         0.5, min=0.01, max=60, help="heartbeats are written to the database this often"

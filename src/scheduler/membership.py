@@ -8,15 +8,17 @@ as itself and heartbeat or deregister only its own id.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import threading
 import time
+from collections.abc import Callable
 
-from jobgate import identity
+from jobgate import guard, identity
 from jobgate.config import parse_hostport
 from jobgate.errors import InvalidArgument, NotFound, PermissionDenied
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
-from scheduler.config import SchedulerConfig
+from scheduler.config import SchedulerConfig, WorkersSection
 from scheduler.store import ONLINE, Store
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,52 @@ POLICY = {"/jobgate.v1.Scheduler/": {identity.WORKER}}
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 256
+# How often the workers that count towards the heartbeat rate (those heard
+# from within their timeout) are counted again.
+RECOUNT_S = 1.0
+
+
+class Pacing:
+    """The heartbeat interval handed to each worker, and its timeout.
+
+    Every online worker sends one heartbeat per interval, so a fleet of N
+    sends N / interval a second. The interval is the configured one until
+    that would exceed ``max_heartbeats_per_s``; beyond, it grows with the
+    fleet (N / max_heartbeats_per_s), so the load on this process stays
+    bounded however many workers there are. Each interval handed out is up
+    to ``heartbeat_jitter`` longer, at random, so heartbeats spread out
+    instead of arriving in waves; a worker whose interval grows gets its
+    first longer one anywhere between its old and its new interval, so a
+    fleet whose interval just grew does not keep its old rhythm with gaps.
+
+    A worker's timeout keeps the configured proportion to the interval it
+    was given, so a worker told to heartbeat less often is not declared
+    unreachable for it.
+    """
+
+    def __init__(
+        self,
+        cfg: WorkersSection,
+        uniform: Callable[[float, float], float] = random.uniform,
+    ):
+        self.min_interval = cfg.heartbeat_interval_s
+        self.ratio = cfg.heartbeat_timeout_s / cfg.heartbeat_interval_s
+        self.max_rate = cfg.max_heartbeats_per_s
+        self.jitter = cfg.heartbeat_jitter
+        self._uniform = uniform
+
+    def base(self, workers: int) -> float:
+        """The interval at which ``workers`` send at most the rate aimed at."""
+        return max(self.min_interval, workers / self.max_rate)
+
+    def interval(self, base: float, previous: float) -> float:
+        """An interval for a worker whose last one was paced at ``previous``."""
+        low = min(previous, base)
+        high = base * (1.0 + self.jitter)
+        return self._uniform(low, high) if high > low else base
+
+    def timeout(self, interval: float) -> float:
+        return interval * self.ratio
 
 
 class Heartbeats:
@@ -39,7 +87,7 @@ class Heartbeats:
     def __init__(self, store: Store, interval: float):
         self.store = store
         self.interval = interval
-        self._pending: dict[str, tuple[float, int]] = {}
+        self._pending: dict[str, tuple[float, int, float]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -47,9 +95,9 @@ class Heartbeats:
         )
         self._thread.start()
 
-    def record(self, worker_id: str, running_jobs: int) -> None:
+    def record(self, worker_id: str, running_jobs: int, timeout: float) -> None:
         with self._lock:
-            self._pending[worker_id] = (time.time(), running_jobs)
+            self._pending[worker_id] = (time.time(), running_jobs, timeout)
 
     def flush(self) -> None:
         with self._lock:
@@ -74,21 +122,67 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     This process is the only one that changes workers' membership, so it keeps
     who is who (id -> name, online) in memory and answers heartbeats without
-    reading the database.
+    reading the database. It also keeps, per worker, the interval it was last
+    paced at and when its heartbeat is overdue, to count the workers that
+    heartbeat and hand out intervals that keep their rate bounded.
     """
 
-    def __init__(self, cfg: SchedulerConfig, store: Store):
+    def __init__(
+        self, cfg: SchedulerConfig, store: Store, pacing: Pacing | None = None
+    ):
         self.cfg = cfg
         self.store = store
+        self.pacing = pacing or Pacing(cfg.workers)
         self.heartbeats = Heartbeats(store, cfg.workers.heartbeat_flush_s)
-        self._workers: dict[str, tuple[str, bool]] = {
-            w.id: (w.name, w.state == ONLINE) for w in store.list_workers()
-        }
+        self._lock = threading.Lock()
+        self._workers: dict[str, tuple[str, bool]] = {}
+        # worker id -> the base interval it was last paced at
+        self._paced: dict[str, float] = {}
+        # worker id -> time.monotonic() after which it is overdue
+        self._deadlines: dict[str, float] = {}
+        now, mono = time.time(), time.monotonic()
+        for w in store.list_workers():
+            self._workers[w.id] = (w.name, w.state == ONLINE)
+            if w.state != ONLINE:
+                continue
+            timeout = max(cfg.workers.heartbeat_timeout_s, w.heartbeat_timeout_s)
+            self._deadlines[w.id] = mono + (w.last_seen_at + timeout - now)
+            self._paced[w.id] = timeout / self.pacing.ratio
+        self._active = sum(1 for d in self._deadlines.values() if d > mono)
+        self._recount_at = mono + RECOUNT_S
 
     def _caller(self, context) -> str:
-        ident = identity.peer_identity(context, self.cfg.cluster.name)
+        ident = guard.caller(context, self.cfg.cluster.name)
         assert ident is not None and ident.role == identity.WORKER  # ServerGuard
         return ident.name
+
+    def active_workers(self) -> int:
+        """Online workers heard from within their timeout (recounted each second)."""
+        now = time.monotonic()
+        if now >= self._recount_at and self._lock.acquire(blocking=False):
+            try:
+                deadlines = list(self._deadlines.values())
+                self._active = sum(1 for d in deadlines if d > now)
+                self._recount_at = now + RECOUNT_S
+            finally:
+                self._lock.release()
+        return self._active
+
+    def _pace(self, worker_id: str) -> tuple[float, float]:
+        """(interval, timeout) for the worker's next heartbeat; notes its deadline."""
+        base = self.pacing.base(self.active_workers())
+        interval = self.pacing.interval(
+            base, self._paced.get(worker_id, self.pacing.min_interval)
+        )
+        timeout = self.pacing.timeout(interval)
+        self._paced[worker_id] = base
+        now = time.monotonic()
+        overdue = self._deadlines.get(worker_id, 0.0) <= now
+        self._deadlines[worker_id] = now + timeout
+        if overdue:  # it was not counted any more: count it again
+            with self._lock:
+                self._active += 1
+        return interval, timeout
 
     def _own(self, context, worker_id: str, action: str):
         name = self._caller(context)
@@ -126,10 +220,27 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
                 f"labels: at most {MAX_LABELS}, each key and value at most "
                 f"{MAX_LABEL_CHARS} characters"
             )
+        # The first interval lies anywhere from the shortest to the current
+        # one, so a fleet registering at once (a restart of the scheduler)
+        # spreads its heartbeats at once. The count includes this worker.
+        base = self.pacing.base(self.active_workers() + 1)
+        interval = self.pacing.interval(base, self.pacing.min_interval)
+        timeout = self.pacing.timeout(interval)
         row = self.store.register_worker(
-            name, request.address, labels, request.capacity, request.version
+            name,
+            request.address,
+            labels,
+            request.capacity,
+            request.version,
+            heartbeat_timeout_s=timeout,
         )
-        self._workers[row.id] = (name, True)
+        now = time.monotonic()
+        with self._lock:
+            if self._deadlines.get(row.id, 0.0) <= now:
+                self._active += 1
+            self._workers[row.id] = (name, True)
+            self._paced[row.id] = base
+            self._deadlines[row.id] = now + timeout
         log.info(
             "worker %s registered as %s at %s",
             name,
@@ -138,8 +249,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             extra={"WORKER_ID": row.id},
         )
         return scheduler_pb2.RegisterResponse(
-            worker_id=row.id,
-            heartbeat_interval_s=self.cfg.workers.heartbeat_interval_s,
+            worker_id=row.id, heartbeat_interval_s=interval
         )
 
     def Heartbeat(self, request, context):
@@ -151,15 +261,20 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise PermissionDenied(
                 f"worker {name!r} may not heartbeat for worker {known[0]!r}"
             )
-        self.heartbeats.record(request.worker_id, request.running_jobs)
-        return scheduler_pb2.HeartbeatResponse()
+        interval, timeout = self._pace(request.worker_id)
+        self.heartbeats.record(request.worker_id, request.running_jobs, timeout)
+        return scheduler_pb2.HeartbeatResponse(heartbeat_interval_s=interval)
 
     def Deregister(self, request, context):
         name, row = self._own(context, request.worker_id, "deregister")
         if row is None:
             raise NotFound(f"no worker with id {request.worker_id!r}")
         self.store.deregister(row.id)
-        self._workers[row.id] = (name, False)
+        with self._lock:
+            self._workers[row.id] = (name, False)
+            self._paced.pop(row.id, None)
+            if self._deadlines.pop(row.id, 0.0) > time.monotonic():
+                self._active -= 1
         log.info(
             "worker %s (%s) deregistered", name, row.id, extra={"WORKER_ID": row.id}
         )

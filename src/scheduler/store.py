@@ -27,7 +27,10 @@ CREATE TABLE IF NOT EXISTS workers (
     state         TEXT NOT NULL CHECK (state IN ('online', 'offline')),
     registered_at REAL NOT NULL,
     last_seen_at  REAL NOT NULL,
-    running_jobs  INTEGER NOT NULL DEFAULT 0
+    running_jobs  INTEGER NOT NULL DEFAULT 0,
+    -- silence after which this worker is unreachable, for the heartbeat
+    -- interval it was last given; 0: [workers].heartbeat_timeout_s
+    heartbeat_timeout_s REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job_id     TEXT PRIMARY KEY,
@@ -48,7 +51,12 @@ CREATE TABLE IF NOT EXISTS groups (
 );
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added to a table after version 1, with their definitions: a database
+# written before gets them on start, with their defaults.
+ADDED_COLUMNS = {
+    "workers": {"heartbeat_timeout_s": "REAL NOT NULL DEFAULT 0"},
+}
 
 ONLINE, OFFLINE, UNREACHABLE = "online", "offline", "unreachable"
 
@@ -65,10 +73,19 @@ class WorkerRow:
     registered_at: float
     last_seen_at: float
     running_jobs: int
+    # The worker's own timeout (scaled with the heartbeat interval it was
+    # given); 0 for rows written before it was kept.
+    heartbeat_timeout_s: float = 0.0
 
     def effective_state(self, now: float, heartbeat_timeout_s: float) -> str:
-        """online, offline, or unreachable when an online worker went silent."""
-        if self.state == ONLINE and now - self.last_seen_at > heartbeat_timeout_s:
+        """online, offline, or unreachable when an online worker went silent.
+
+        ``heartbeat_timeout_s`` is the configured timeout; a worker told to
+        heartbeat less often than the configured interval has a longer one of
+        its own, and the longer of the two applies.
+        """
+        timeout = max(heartbeat_timeout_s, self.heartbeat_timeout_s)
+        if self.state == ONLINE and now - self.last_seen_at > timeout:
             return UNREACHABLE
         return self.state
 
@@ -95,6 +112,13 @@ class Store:
             # is only an index, rebuilt as jobs are seen again.
             conn.execute("DROP TABLE IF EXISTS jobs")
         conn.executescript(SCHEMA)
+        for table, columns in ADDED_COLUMNS.items():
+            have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+            for column, definition in columns.items():
+                if column not in have:
+                    conn.execute(
+                        f"ALTER TABLE {table} ADD COLUMN {column} {definition}"
+                    )
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _conn(self) -> sqlite3.Connection:
@@ -125,7 +149,13 @@ class Store:
     # -- workers --------------------------------------------------------------
 
     def register_worker(
-        self, name: str, address: str, labels: dict, capacity: int, version: str
+        self,
+        name: str,
+        address: str,
+        labels: dict,
+        capacity: int,
+        version: str,
+        heartbeat_timeout_s: float = 0.0,
     ) -> WorkerRow:
         """Insert or refresh the worker named ``name``; its id never changes."""
         now = time.time()
@@ -139,13 +169,14 @@ class Store:
             conn.execute(
                 """INSERT INTO workers (id, name, address, labels, capacity, version,
                                         state, registered_at, last_seen_at,
-                                        running_jobs)
-                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0)
+                                        running_jobs, heartbeat_timeout_s)
+                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0, ?)
                    ON CONFLICT(id) DO UPDATE SET
                        address = excluded.address, labels = excluded.labels,
                        capacity = excluded.capacity, version = excluded.version,
                        state = 'online', registered_at = excluded.registered_at,
-                       last_seen_at = excluded.last_seen_at, running_jobs = 0""",
+                       last_seen_at = excluded.last_seen_at, running_jobs = 0,
+                       heartbeat_timeout_s = excluded.heartbeat_timeout_s""",
                 (
                     worker_id,
                     name,
@@ -155,6 +186,7 @@ class Store:
                     version,
                     now,
                     now,
+                    heartbeat_timeout_s,
                 ),
             )
             conn.execute("COMMIT")
@@ -172,17 +204,24 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def heartbeats(self, beats: dict[str, tuple[float, int]]) -> None:
-        """Record many heartbeats (id -> (time, running jobs)) in one transaction."""
+    def heartbeats(self, beats: dict[str, tuple[float, int, float]]) -> None:
+        """Record many heartbeats in one transaction.
+
+        ``beats`` maps a worker id to (time, running jobs, the worker's
+        heartbeat timeout from then on).
+        """
         if not beats:
             return
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
-                "UPDATE workers SET last_seen_at = ?, running_jobs = ? "
-                "WHERE id = ? AND state = 'online'",
-                [(t, n, worker_id) for worker_id, (t, n) in beats.items()],
+                "UPDATE workers SET last_seen_at = ?, running_jobs = ?, "
+                "heartbeat_timeout_s = ? WHERE id = ? AND state = 'online'",
+                [
+                    (t, n, timeout, worker_id)
+                    for worker_id, (t, n, timeout) in beats.items()
+                ],
             )
             conn.execute("COMMIT")
         except BaseException:

@@ -2,9 +2,10 @@
 
 Registration retries with capped exponential backoff, so a worker started
 before its scheduler waits for it instead of exiting. Once registered, a
-heartbeat thread reports in on the interval the scheduler handed out; if the
-scheduler answers that it no longer knows this worker, the worker registers
-again.
+heartbeat thread reports in on the interval the scheduler handed out, and
+adopts the new interval each heartbeat's answer carries (the scheduler
+lengthens it as the fleet grows); if the scheduler answers that it no longer
+knows this worker, the worker registers again.
 """
 
 from __future__ import annotations
@@ -124,6 +125,21 @@ class Registrar:
             if resp.reregister:
                 log.warning("the scheduler asked this worker to register again")
                 self.register()
+            elif resp.heartbeat_interval_s > 0:
+                self._adopt_interval(resp.heartbeat_interval_s)
+
+    def _adopt_interval(self, interval: float) -> None:
+        interval = min(interval, threading.TIMEOUT_MAX)
+        previous, self.heartbeat_interval = self.heartbeat_interval, interval
+        # Jitter moves it a little on every heartbeat; say so only when it
+        # changes by more than that.
+        if abs(interval - previous) > 0.5 * previous:
+            log.info(
+                "the scheduler set the heartbeat interval to %.1fs (was %.1fs)",
+                interval,
+                previous,
+                extra={"WORKER_ID": self.worker_id},
+            )
 
     def stop(self) -> None:
         """Stop heartbeating and deregister (best effort, bounded by the deadline)."""

@@ -149,3 +149,93 @@ def test_peer_identity_refuses_two_identities_across_properties():
 @pytest.mark.parametrize("auth", [None, {}, {"x509_common_name": [b"w1"]}])
 def test_peer_without_a_cluster_certificate_is_none(auth):
     assert peer_identity(FakeContext(auth), "dev") is None
+
+
+# -- the identity cache ------------------------------------------------------------
+
+
+class CountingContext(FakeContext):
+    """A context whose certificate is ``pem``; counts how often URIs are read."""
+
+    def __init__(self, pem: bytes, uris: list[bytes], reads: list):
+        super().__init__({"x509_pem_cert": [pem], "peer_uri": uris})
+        self._reads = reads
+
+    def auth_context(self):
+        auth = dict(self._auth)
+        reads = self._reads
+
+        class Uris(list):
+            def __add__(self, other):
+                reads.append(1)
+                return list(self) + list(other)
+
+        auth["peer_uri"] = Uris(auth["peer_uri"])
+        return auth
+
+
+@pytest.fixture
+def cache():
+    identity.set_cache_size(0)  # empties it
+    identity.set_cache_size(3)
+    yield identity.CACHE
+    identity.set_cache_size(identity.DEFAULT_CACHE_SIZE)
+
+
+def test_a_certificate_is_read_once(cache):
+    reads = []
+    ctx = CountingContext(b"PEM w1", [b"spiffe://dev/worker/w1"], reads)
+    for _ in range(5):
+        assert peer_identity(ctx, "dev") == Identity("dev", "worker", "w1")
+    assert len(reads) == 1
+    assert len(cache) == 1
+
+
+def test_the_cache_key_is_the_certificate_and_the_cluster(cache):
+    reads = []
+    w1 = CountingContext(b"PEM w1", [b"spiffe://dev/worker/w1"], reads)
+    w2 = CountingContext(b"PEM w2", [b"spiffe://dev/worker/w2"], reads)
+    assert peer_identity(w1, "dev") == Identity("dev", "worker", "w1")
+    assert peer_identity(w2, "dev") == Identity("dev", "worker", "w2")
+    # The same certificate asked about for another cluster is read again.
+    assert peer_identity(w1, "prod") is None
+    assert len(reads) == 3
+    # Refusals are remembered too, and stay refusals.
+    assert peer_identity(w1, "prod") is None
+    assert len(reads) == 3
+
+
+def test_the_least_recently_used_certificate_is_dropped(cache):
+    reads = []
+    contexts = [
+        CountingContext(
+            f"PEM w{i}".encode(), [f"spiffe://dev/worker/w{i}".encode()], reads
+        )
+        for i in range(4)
+    ]
+    for ctx in contexts[:3]:
+        peer_identity(ctx, "dev")
+    peer_identity(contexts[0], "dev")  # w0 is used again: w1 is the oldest now
+    peer_identity(contexts[3], "dev")  # over the size of 3: w1 goes
+    assert len(cache) == 3
+    assert len(reads) == 4
+    peer_identity(contexts[0], "dev")
+    assert len(reads) == 4
+    peer_identity(contexts[1], "dev")
+    assert len(reads) == 5
+
+
+def test_a_cache_of_size_zero_reads_every_call(cache):
+    identity.set_cache_size(0)
+    reads = []
+    ctx = CountingContext(b"PEM w1", [b"spiffe://dev/worker/w1"], reads)
+    for _ in range(3):
+        assert peer_identity(ctx, "dev") == Identity("dev", "worker", "w1")
+    assert len(reads) == 3
+    assert len(cache) == 0
+
+
+def test_a_peer_without_a_certificate_is_not_cached(cache):
+    ctx = FakeContext({"peer_uri": [b"spiffe://dev/worker/w1"]})
+    assert peer_identity(ctx, "dev") == Identity("dev", "worker", "w1")
+    assert len(cache) == 0
