@@ -18,6 +18,7 @@ Two mechanisms, chosen at start-up (``[jobs].isolation``):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -62,6 +63,8 @@ class ProcessGroups:
         return "-"
 
     def signal(self, job_id: str, pgid: int, sig: int) -> None:
+        if pgid <= 0:
+            return  # no group known: never the worker's own (killpg(0))
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
@@ -69,6 +72,10 @@ class ProcessGroups:
 
     def kill_all(self, job_id: str, pgid: int) -> None:
         self.signal(job_id, pgid, signal.SIGKILL)
+
+    def release(self, job_id: str) -> bool:
+        """Free what the job held, without waiting; False: not yet, try again."""
+        return True
 
     def cleanup(self, job_id: str) -> None:
         pass
@@ -167,6 +174,23 @@ class Cgroups(ProcessGroups):
                     poller.poll(left * 1000)
         except OSError:
             return True
+
+    def release(self, job_id: str) -> bool:
+        """Kill what is left in the job's cgroup and remove it if it is empty.
+
+        False while processes are still in it (they were killed, but dying
+        takes a moment); a cgroup that is already gone counts as removed.
+        """
+        self.kill_all(job_id, 0)
+        try:
+            os.rmdir(self._dir(job_id))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return False
+            log.warning("could not remove the cgroup of job %s: %s", job_id, exc)
+        return True
 
     def cleanup(self, job_id: str) -> None:
         self.kill_all(job_id, 0)

@@ -37,14 +37,17 @@ class OutputLog:
     # -- writing (one writer) -------------------------------------------------
 
     def open_for_append(self) -> None:
+        """Open the head for writing; :meth:`append` does it when first needed."""
         self._head_fd = os.open(
-            self.head_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640
+            self.head_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
         )
 
     def append(self, data: bytes) -> None:
         with self.lock:
             pos = self.total
             if pos < self.head_bytes:
+                if self._head_fd is None:
+                    self.open_for_append()
                 part = data[: self.head_bytes - pos]
                 _write_all(self._head_fd, part)
                 pos += len(part)
@@ -52,7 +55,7 @@ class OutputLog:
             if data:
                 if self._tail_fd is None:
                     self._tail_fd = os.open(
-                        self.tail_path, os.O_RDWR | os.O_CREAT, 0o640
+                        self.tail_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640
                     )
                 ring = self.tail_bytes
                 if len(data) > ring:  # only the newest `ring` bytes can be kept

@@ -4,25 +4,30 @@ Each job is a script from the scripts directory run by an allow-listed
 interpreter, as an unprivileged user, in its own session and (where the host
 allows) its own cgroup (see :mod:`worker.isolation`), with stdin from
 /dev/null and a scrubbed environment. Its stdout and stderr share one pipe,
-so the output keeps the order in which the job wrote it. A reader thread
-copies the pipe into the job's :class:`~worker.output.OutputLog` and wakes the
-followers waiting on the job's condition variable; nobody polls.
+so the output keeps the order in which the job wrote it.
 
-A waiter thread notices the main process exit without reaping it
-(``waitid(WNOWAIT)``), kills whatever is left of the job while its ids still
-belong to it, reaps, lets the reader drain the pipe (for at most
-``drain_timeout_s``), and only then records the end. So a job reported ended
-has no process left and no output still to come.
+One thread per runner, the :class:`~worker.reactor.Reactor`, watches every
+running job, however many there are: it copies each job's pipe into the job's
+:class:`~worker.output.OutputLog` as data arrives and wakes the followers
+waiting on the job's condition variable (nobody polls), and it holds the
+deadlines: timeouts, the SIGTERM to SIGKILL grace, the output drain.
 
-OS effects (spawn, signals, clock) go through :class:`ProcessOps` so tests can
-replace them; the tests also run the real thing.
+A pidfd tells the reactor that a job's main process exited, without reaping
+it: while it is a zombie its pid still names the job, so whatever is left of
+the job is killed first, then the main process is reaped, the pipe is drained
+(for at most ``drain_timeout_s``), the job's cgroup is removed, and only then
+is the end recorded. So a job reported ended has no process left and no
+output still to come.
+
+OS effects (spawn, exit notification, clock) go through :class:`ProcessOps`
+so tests can replace them; the tests also run the real thing.
 """
 
 from __future__ import annotations
 
-import _thread
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -47,6 +52,7 @@ from jobgate.jobstate import ExitReason, JobState, check_transition
 from worker import isolation, metrics
 from worker.config import JobsSection
 from worker.output import OutputLog
+from worker.reactor import Reactor, Timer
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,9 @@ SHIM = (
     'echo $$ > "$1" || { echo cgroup >&0; exit 125; }; '
     'exec 0</dev/null; shift; exec "$@"'
 )
+# How long the cgroup of a job that ended may take to empty before it is
+# left for the next start of the worker to remove.
+CGROUP_REMOVE_S = 5.0
 
 
 @dataclasses.dataclass
@@ -85,7 +94,8 @@ class JobRecord:
     idempotency_key: str = ""
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        d["args"] = list(self.args)
         d["state"] = self.state.value
         d["exit_reason"] = self.exit_reason.value if self.exit_reason else None
         return d
@@ -98,6 +108,9 @@ class JobRecord:
             ExitReason(d["exit_reason"]) if d.get("exit_reason") else None
         )
         return cls(**d)
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
 
 
 class ProcessOps:
@@ -120,16 +133,13 @@ class ProcessOps:
             extra_groups=[] if user is not None else None,
         )
 
-    def wait_exit(self, pid: int) -> None:
-        """Block until ``pid`` exits, leaving it unreaped (a zombie)."""
-        while True:
-            try:
-                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-                return
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
+    def exit_fd(self, pid: int) -> int:
+        """A descriptor that becomes readable once ``pid`` has exited.
+
+        Reading it reaps nothing: the process stays a zombie until the runner
+        waits for it. The runner closes the descriptor.
+        """
+        return os.pidfd_open(pid)
 
     def now(self) -> float:
         return time.time()
@@ -145,13 +155,19 @@ class _Job:
         self.cond = threading.Condition()
         self.proc: subprocess.Popen | None = None
         self.status_fd: int | None = None
+        self.out_fd: int | None = None  # the output pipe, while it is read
+        self.exit_fd: int | None = None  # readable once the main process exits
+        self.returncode: int | None = None
         self.reaped = True  # no live processes unless spawned
         self.sealed = True  # no more output unless spawned
+        self.drained = False  # the pipe was read to its end (or given up)
+        self.concluded = False  # the end is being recorded
         self.stop_reason: ExitReason | None = None
         self.stop_text = ""
         self.done = threading.Event()
-        self.drained = threading.Event()  # the reader has seen the pipe's end
-        self.timer: threading.Timer | None = None
+        # Deadlines on the reactor: the timeout, SIGKILL after the grace, the
+        # drain. Added under ``cond`` while the job is not reaped.
+        self.timers: list[Timer] = []
         if record.state.is_terminal():
             self.done.set()
 
@@ -177,11 +193,21 @@ class JobRunner:
             isolation_mode or cfg.isolation,
             isolation.instance_name(worker_name, cfg.state_dir),
         )
+        # Drop privileges with setpriv rather than in the forked child, so
+        # that spawning can use vfork, much cheaper from a large process.
+        self._setpriv = (
+            getattr(self.isolation, "setpriv", None)
+            or shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+            if self._user is not None
+            else None
+        )
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._by_key: dict[str, str] = {}
+        self._active: set[_Job] = set()  # jobs not ended yet
         self._closed = threading.Event()
         self._load_history()
+        self._reactor = Reactor(name="job-reactor")
         self._retention = threading.Thread(
             target=self._retention_loop, name="retention", daemon=True
         )
@@ -330,7 +356,7 @@ class JobRunner:
         with self._lock:
             if idempotency_key and idempotency_key in self._by_key:
                 return self._snapshot(self._jobs[self._by_key[idempotency_key]]), True
-            running = sum(not j.done.is_set() for j in self._jobs.values())
+            running = len(self._active)
             if running >= self.cfg.max_concurrent:
                 raise ResourceExhausted(
                     f"{running} jobs are running, the most this worker allows "
@@ -347,11 +373,13 @@ class JobRunner:
                 idempotency_key=idempotency_key,
                 started_at=self.ops.now(),
             )
+            # The job's directory, its first record and its output files are
+            # made on the reactor's thread (_watch), off the request's path;
+            # the output log is opened when the first output arrives.
             directory = self.jobs_dir / job_id
-            directory.mkdir(mode=0o750)
             job = _Job(record, directory, self._output(directory))
-            job.output.open_for_append()
             self._jobs[job_id] = job
+            self._active.add(job)
             if idempotency_key:
                 self._by_key[idempotency_key] = job_id
             spawn_started = time.perf_counter()
@@ -359,6 +387,7 @@ class JobRunner:
                 self._spawn(job, [exe, str(script), *args])
             except OSError as exc:
                 job.output.close()
+                self._make_dir(job)
                 self._finish(
                     job,
                     ExitReason.START_FAILED,
@@ -366,7 +395,18 @@ class JobRunner:
                     None,
                 )
                 return self._snapshot(job), False
-            self._persist(directory, record)
+            try:
+                job.exit_fd = self.ops.exit_fd(record.pid)
+                if timeout:
+                    job.timers.append(
+                        self._reactor.call_later(
+                            timeout, self._job_event, job, self._on_timeout
+                        )
+                    )
+                self._reactor.call_soon(self._job_event, job, self._watch)
+            except (OSError, RuntimeError) as exc:  # out of descriptors, closed
+                self._abandon(job, exc)
+                return self._snapshot(job), False
             metrics.SPAWN_SECONDS.observe(time.perf_counter() - spawn_started)
         log.info(
             "job %s started: %s %s (pid %d)",
@@ -376,49 +416,35 @@ class JobRunner:
             record.pid,
             extra={"JOB_ID": job_id},
         )
-        # Plain threads: threading.Thread.start() waits for the new thread to
-        # run, which would add that wait to every start's latency.
-        try:
-            _thread.start_new_thread(self._read_output, (job,))
-        except RuntimeError as exc:  # the host is out of threads or processes
-            self._abandon(job, exc)
-            return self._snapshot(job), False
-        try:
-            _thread.start_new_thread(self._wait, (job,))
-        except RuntimeError as exc:
-            self._abandon(job, exc)
-            return self._snapshot(job), False
-        if timeout:
-            job.timer = threading.Timer(timeout, self._on_timeout, args=(job,))
-            job.timer.daemon = True
-            job.timer.start()
         return self._snapshot(job), False
 
     def _spawn(self, job: _Job, argv: list[str]) -> None:
         _check_executable(argv[0])
         procs = self.isolation.prepare(job.record.job_id)
         env = self._environment(job.record.job_id)
+        # The job's program runs with the job's user only, through setpriv:
+        # no uid switch in the forked child lets subprocess use vfork.
+        priv = []
+        if self._setpriv is not None:
+            priv = [
+                self._setpriv,
+                f"--reuid={self._user}",
+                f"--regid={self._group}",
+                "--clear-groups",
+                "--",
+            ]
         if procs == "-":
             job.proc = self.ops.spawn(
-                argv,
+                [*priv, *argv],
                 cwd=str(self.scripts_dir),
                 env=env,
-                user=self._user,
-                group=self._group,
+                # Without setpriv (not installed), the child switches itself.
+                user=self._user if not priv else None,
+                group=self._group if not priv else None,
             )
         else:
             status_r, status_w = os.pipe()
-            # The shim needs the worker's privileges to join the cgroup; the
-            # job's program runs with the job's user only (setpriv).
-            priv = []
-            if self._user is not None:
-                priv = [
-                    self.isolation.setpriv,
-                    f"--reuid={self._user}",
-                    f"--regid={self._group}",
-                    "--clear-groups",
-                    "--",
-                ]
+            # The shim needs the worker's privileges to join the cgroup.
             shim = ["/bin/sh", "-c", SHIM, "jobgate-job", procs, *priv, *argv]
             try:
                 job.proc = self.ops.spawn(
@@ -434,14 +460,17 @@ class JobRunner:
                 raise
             finally:
                 os.close(status_w)
+            # Read only once the shim has exited; never wait on it.
+            os.set_blocking(status_r, False)
             job.status_fd = status_r
         job.record.pid = job.proc.pid
+        job.out_fd = job.proc.stdout.fileno()
         job.reaped = job.sealed = False
 
     def _abandon(self, job: _Job, exc: Exception) -> None:
-        """End a job whose watcher threads could not be started."""
+        """End a job that cannot be watched (no descriptor left, closing)."""
         log.error(
-            "job %s: cannot start its threads (%s); killing it",
+            "job %s: cannot watch it (%s); killing it",
             job.record.job_id,
             exc,
             extra={"JOB_ID": job.record.job_id},
@@ -451,15 +480,23 @@ class JobRunner:
             self.isolation.kill_all(job.record.job_id, job.proc.pid)
             job.proc.wait()
             job.reaped = True
+            timers, job.timers = job.timers, []
+        for timer in timers:
+            timer.cancel()
         self.isolation.cleanup(job.record.job_id)
         job.proc.stdout.close()
+        job.out_fd = None
+        self._make_dir(job)
+        if job.exit_fd is not None:
+            os.close(job.exit_fd)
+            job.exit_fd = None
         if job.status_fd is not None:
             os.close(job.status_fd)
             job.status_fd = None
         self._finish(
             job,
             ExitReason.START_FAILED,
-            f"the worker could not start the job's threads: {exc}",
+            f"the worker could not watch the job: {exc}",
             None,
         )
 
@@ -487,8 +524,7 @@ class JobRunner:
         return True
 
     def running_count(self) -> int:
-        with self._lock:
-            return sum(not j.done.is_set() for j in self._jobs.values())
+        return len(self._active)
 
     def stop(
         self, job_id: str, grace_s: float = 0, *, requested_by: str = ""
@@ -519,24 +555,21 @@ class JobRunner:
         with self._lock:
             running = [j for j in self._jobs.values() if not j.done.is_set()]
         grace = grace_s if grace_s is not None else self.cfg.stop_grace_s
-        threads = [
-            threading.Thread(
-                target=self._terminate,
-                args=(
+        for j in running:
+            try:
+                self._terminate(
                     j,
                     ExitReason.STOPPED,
                     "stopped because the worker shut down",
                     grace,
-                ),
-                kwargs={"requested_by": "the worker (shutdown)"},
-            )
-            for j in running
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+                    requested_by="the worker (shutdown)",
+                )
+            except Exception:  # noqa: BLE001 - go on stopping the others
+                log.exception("job %s: stopping it failed", j.record.job_id)
+        for j in running:
+            j.done.wait()
         self._closed.set()
+        self._reactor.close()
         self.isolation.close()
 
     def read_output(
@@ -613,15 +646,24 @@ class JobRunner:
                 r.output_dropped_bytes = job.output.dropped
             return r
 
-    def _persist(self, directory: Path, record: JobRecord) -> None:
+    def _persist(self, directory: Path, record: JobRecord, new: bool = False) -> None:
+        data = json.dumps(record.to_json()).encode()
+        if new:
+            # The first record of a job: nothing to replace, so write it in
+            # place. A torn write reads as unreadable, like a missing file.
+            fd = os.open(
+                directory / "job.json",
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                0o644,
+            )
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            return
         tmp = directory / "job.json.tmp"
-        tmp.write_text(json.dumps(record.to_json()))
+        tmp.write_bytes(data)
         os.replace(tmp, directory / "job.json")
-
-    def _signal(self, job: _Job, sig: int) -> None:
-        with job.cond:
-            if not job.reaped and job.proc is not None:
-                self.isolation.signal(job.record.job_id, job.proc.pid, sig)
 
     def _terminate(
         self,
@@ -631,6 +673,13 @@ class JobRunner:
         grace_s: float,
         requested_by: str = "",
     ) -> None:
+        """SIGTERM to all the job's processes now, SIGKILL after the grace.
+
+        Returns at once; the reactor holds the deadline. Waiting for the job
+        to end is up to the caller (``job.done``).
+        """
+        grace = grace_s or self.cfg.stop_grace_s
+        jid = job.record.job_id
         with job.cond:
             if job.done.is_set() or job.proc is None or job.reaped:
                 return  # ended already (perhaps still draining its output)
@@ -639,23 +688,59 @@ class JobRunner:
                 if requested_by:
                     job.record.stopped_by = requested_by
                     job.record.stopped_at = self.ops.now()
-        grace = grace_s or self.cfg.stop_grace_s
-        jid = job.record.job_id
-        log.info(
-            "job %s: %s; SIGTERM to all its processes", jid, text, extra={"JOB_ID": jid}
+            log.info(
+                "job %s: %s; SIGTERM to all its processes",
+                jid,
+                text,
+                extra={"JOB_ID": jid},
+            )
+            self.isolation.signal(jid, job.proc.pid, signal.SIGTERM)
+            job.timers.append(
+                self._reactor.call_later(
+                    grace, self._job_event, job, self._escalate, grace
+                )
+            )
+
+    # -- on the reactor's thread -----------------------------------------------
+    #
+    # Every job event goes through _job_event: an error ends that job (as
+    # lost) instead of leaving it running for ever, and the reactor goes on
+    # serving the others.
+
+    def _job_event(self, job: _Job, handler: Callable, *args) -> None:
+        try:
+            handler(job, *args)
+        except Exception as exc:  # noqa: BLE001 - see above
+            self._fail(job, exc)
+
+    def _make_dir(self, job: _Job) -> None:
+        os.mkdir(job.dir, 0o750)
+        self._persist(job.dir, job.record, new=True)
+
+    def _watch(self, job: _Job) -> None:
+        assert job.out_fd is not None and job.exit_fd is not None
+        with job.cond:  # the record may change under a stop request
+            self._make_dir(job)
+        os.set_blocking(job.out_fd, False)
+        self._reactor.add_reader(
+            job.out_fd, functools.partial(self._job_event, job, self._on_output)
         )
-        self._signal(job, signal.SIGTERM)
-        if not job.done.wait(grace):
+        self._reactor.add_reader(
+            job.exit_fd, functools.partial(self._job_event, job, self._on_exit)
+        )
+
+    def _escalate(self, job: _Job, grace: float) -> None:
+        jid = job.record.job_id
+        with job.cond:
+            if job.reaped or job.proc is None:
+                return
             log.info(
                 "job %s still running after %.1fs; SIGKILL",
                 jid,
                 grace,
                 extra={"JOB_ID": jid},
             )
-            with job.cond:
-                if not job.reaped and job.proc is not None:
-                    self.isolation.kill_all(jid, job.proc.pid)
-            job.done.wait()
+            self.isolation.kill_all(jid, job.proc.pid)
 
     def _on_timeout(self, job: _Job) -> None:
         self._terminate(
@@ -665,67 +750,193 @@ class JobRunner:
             self.cfg.stop_grace_s,
         )
 
-    def _read_output(self, job: _Job) -> None:
-        assert job.proc is not None and job.proc.stdout is not None
-        fd = job.proc.stdout.fileno()
-        chunk = self.cfg.read_chunk_bytes
+    def _read_once(self, job: _Job) -> bool:
+        """Copy one chunk of the pipe into the output; False if none is there."""
+        fd = job.out_fd
+        if fd is None:
+            return False
         try:
-            while True:
-                data = os.read(fd, chunk)
-                if not data:
-                    break
-                with job.cond:
-                    if job.sealed:
-                        break  # the job was recorded as ended: drop late output
-                    job.output.append(data)
-                    metrics.OUTPUT_BYTES.inc(len(data))
-                    job.cond.notify_all()
+            data = os.read(fd, self.cfg.read_chunk_bytes)
+        except BlockingIOError:
+            return False
         except OSError as exc:
-            log.error(
-                "job %s: reading output failed: %s",
-                job.record.job_id,
-                exc,
-                extra={"JOB_ID": job.record.job_id},
-            )
-        finally:
-            job.proc.stdout.close()
-            job.drained.set()
-
-    def _wait(self, job: _Job) -> None:
+            self._output_failed(job, exc)
+            return False
+        if not data:
+            self._close_output(job)
+            return False
         try:
-            self._wait_for_end(job)
-        except Exception:  # noqa: BLE001 - a job must never stay "running" for ever
-            log.exception("job %s: recording its end failed", job.record.job_id)
-            if not job.done.is_set():
-                job.done.set()
+            with job.cond:
+                job.output.append(data)
+                job.cond.notify_all()
+        except OSError as exc:  # e.g. the disk is full
+            self._output_failed(job, exc)
+            return False
+        metrics.OUTPUT_BYTES.inc(len(data))
+        return True
 
-    def _wait_for_end(self, job: _Job) -> None:
+    def _on_output(self, job: _Job) -> None:
+        self._read_once(job)
+
+    def _output_failed(self, job: _Job, exc: OSError) -> None:
+        log.error(
+            "job %s: reading output failed: %s",
+            job.record.job_id,
+            exc,
+            extra={"JOB_ID": job.record.job_id},
+        )
+        self._close_output(job)
+
+    def _close_output(self, job: _Job) -> None:
+        """Stop reading the pipe; once the job is reaped too, record its end."""
+        if job.out_fd is not None:
+            self._reactor.remove_reader(job.out_fd)
+            job.out_fd = None
+            assert job.proc is not None and job.proc.stdout is not None
+            job.proc.stdout.close()
+        job.drained = True
+        if job.reaped:
+            self._release(job, time.monotonic() + CGROUP_REMOVE_S, 0.001)
+
+    def _on_exit(self, job: _Job) -> None:
         proc = job.proc
-        assert proc is not None
+        assert proc is not None and job.exit_fd is not None
+        self._reactor.remove_reader(job.exit_fd)
+        os.close(job.exit_fd)
+        job.exit_fd = None
         jid = job.record.job_id
-        self.ops.wait_exit(proc.pid)
         with job.cond:
             # The main process is a zombie, so its pid still names the job's
             # process group: end what the job left behind before it is reaped.
             self.isolation.kill_all(jid, proc.pid)
-            returncode = proc.wait()
+            job.returncode = proc.wait()
             job.reaped = True
-        # The job has ended: a timeout or stop from now on is too late.
-        if job.timer is not None:
-            job.timer.cancel()
-        job.drained.wait(self.cfg.drain_timeout_s)
-        self.isolation.cleanup(jid)
+            # The job has ended: a timeout or stop from now on is too late.
+            timers, job.timers = job.timers, []
+        for timer in timers:
+            timer.cancel()
+        if job.drained:
+            self._release(job, time.monotonic() + CGROUP_REMOVE_S, 0.001)
+        else:
+            job.timers.append(
+                self._reactor.call_later(
+                    self.cfg.drain_timeout_s, self._job_event, job, self._drain_expired
+                )
+            )
+
+    def _drain_expired(self, job: _Job) -> None:
+        # What is in the pipe now was written before the deadline: keep it,
+        # within reason (a process left behind may still be writing).
+        for _ in range(16):
+            if not self._read_once(job):
+                break
+        self._close_output(job)
+
+    def _release(self, job: _Job, deadline: float, delay: float) -> None:
+        """Remove the job's cgroup once it is empty (retried), then record the end."""
+        if job.concluded:
+            return
+        for timer in job.timers:
+            timer.cancel()
+        job.timers = []
+        jid = job.record.job_id
+        if not self.isolation.release(jid):
+            if time.monotonic() < deadline:
+                job.timers.append(
+                    self._reactor.call_later(
+                        delay,
+                        self._job_event,
+                        job,
+                        self._release,
+                        deadline,
+                        min(delay * 2, 0.1),
+                    )
+                )
+                return
+            log.warning(
+                "could not remove the cgroup of job %s: processes are still in it",
+                jid,
+                extra={"JOB_ID": jid},
+            )
+        job.concluded = True
+        assert job.returncode is not None
         start_error = self._start_error(job)
         if start_error:
-            self._finish(job, ExitReason.START_FAILED, start_error, returncode)
+            self._finish(job, ExitReason.START_FAILED, start_error, job.returncode)
         else:
-            self._finish(job, *self._outcome(job, returncode), returncode)
+            self._finish(job, *self._outcome(job, job.returncode), job.returncode)
+
+    def _fail(self, job: _Job, exc: Exception) -> None:
+        """Something went wrong watching a job: end it rather than lose it."""
+        jid = job.record.job_id
+        log.error(
+            "job %s: watching it failed: %s; ending it",
+            jid,
+            exc,
+            exc_info=exc,
+            extra={"JOB_ID": jid},
+        )
+        if job.done.is_set():
+            return
+        try:
+            self._teardown(job)
+        except Exception:  # noqa: BLE001 - record the end regardless
+            log.exception("job %s: cleaning up after it failed", jid)
+        try:
+            if job.record.state is JobState.RUNNING:
+                self._finish(
+                    job,
+                    ExitReason.LOST,
+                    f"the worker lost track of the job: {exc}",
+                    job.returncode,
+                )
+                return
+        except Exception:  # noqa: BLE001 - at least never leave it running
+            log.exception("job %s: recording its end failed", jid)
+        with job.cond:
+            job.sealed = True
+            job.cond.notify_all()
+        self._active.discard(job)
+        job.done.set()
+
+    def _teardown(self, job: _Job) -> None:
+        job.concluded = True
+        with job.cond:
+            timers, job.timers = job.timers, []
+        for timer in timers:
+            timer.cancel()
+        for name in ("out_fd", "exit_fd"):
+            fd = getattr(job, name)
+            if fd is not None:
+                self._reactor.remove_reader(fd)
+                setattr(job, name, None)
+                if name == "out_fd" and job.proc is not None:
+                    job.proc.stdout.close()
+                else:
+                    os.close(fd)
+        if job.status_fd is not None:
+            os.close(job.status_fd)
+            job.status_fd = None
+        proc = job.proc
+        if proc is not None and not job.reaped:
+            with job.cond:
+                self.isolation.kill_all(job.record.job_id, proc.pid)
+            try:
+                job.returncode = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                log.error(
+                    "job %s: its process %d did not die", job.record.job_id, proc.pid
+                )
+            job.reaped = True
+        self.isolation.release(job.record.job_id)
 
     def _start_error(self, job: _Job) -> str:
         if job.status_fd is None:
             return ""
         try:
             data = os.read(job.status_fd, 4096).decode(errors="replace")
+        except BlockingIOError:
+            data = ""
         finally:
             os.close(job.status_fd)
             job.status_fd = None
@@ -754,9 +965,12 @@ class JobRunner:
                     f"; {r.output_dropped_bytes} bytes of output were dropped "
                     "between the kept head and tail"
                 )
-            self._persist(job.dir, r)
-            job.cond.notify_all()
-        job.done.set()
+            try:
+                self._persist(job.dir, r)
+            finally:
+                job.cond.notify_all()
+                self._active.discard(job)
+                job.done.set()
         metrics.JOBS_FINISHED.labels(reason.value).inc()
         metrics.JOB_SECONDS.labels(reason.value).observe(r.ended_at - r.started_at)
         log.info(
@@ -825,3 +1039,9 @@ def _check_executable(path: str) -> None:
     st = os.stat(path)  # ENOENT, ENOTDIR, ELOOP ...
     if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
         raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
