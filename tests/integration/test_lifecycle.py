@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import json
 import os
 import shutil
@@ -199,3 +200,74 @@ def test_frozen_worker_is_told_apart_from_a_busy_one(small_cluster):
     assert status == 503
     assert "not even its health check" in data["description"]
     assert "Retry-After" in headers
+
+
+# -- heartbeat pacing ------------------------------------------------------------
+
+
+@pytest.fixture
+def paced_cluster(scripts_dir):
+    """Three workers and a scheduler that takes at most 1 heartbeat a second.
+
+    The development cluster's interval is 1 s and its timeout 4 s, so three
+    workers stretch the interval to 3 s (timeout 12 s), two to 2 s (8 s).
+    """
+    directory = make_public_dir("jobgate-test-pacing-")
+    c = DevCluster(
+        directory,
+        scripts_dir=scripts_dir,
+        http_processes=1,
+        scheduler_extra="max_heartbeats_per_s = 1.0\nheartbeat_jitter = 0.0\n",
+    )
+    c.start(("worker-a", "worker-b", "worker-c"))
+    yield c
+    c.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def rfc3339(value: str) -> float:
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def heartbeat_gaps(api: Api, name: str, seconds: float) -> list[float]:
+    """Seconds between the heartbeats of ``name`` seen over ``seconds``."""
+    seen: list[float] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        last = rfc3339(api.get(f"/v1/workers/{name}")[2]["last_seen_at"])
+        if not seen or last != seen[-1]:
+            seen.append(last)
+        time.sleep(0.05)
+    return [b - a for a, b in zip(seen[1:], seen[2:], strict=False)]
+
+
+def test_heartbeat_interval_follows_the_fleet_and_the_timeout_follows_it(
+    paced_cluster,
+):
+    api = Api(paced_cluster)
+    time.sleep(6)  # every worker has heard of the 3 s interval by now
+    gaps = heartbeat_gaps(api, "worker-b", 10)
+    assert len(gaps) >= 2, gaps
+    assert all(2.6 <= g <= 3.8 for g in gaps), gaps
+
+    # One worker leaves: the other two are told to heartbeat every 2 s.
+    assert paced_cluster.workers["worker-c"].stop() == 0
+    time.sleep(3.5)
+    gaps = heartbeat_gaps(api, "worker-b", 7)
+    assert len(gaps) >= 2, gaps
+    assert all(1.6 <= g <= 2.8 for g in gaps), gaps
+
+    # A worker that dies is unreachable after its own timeout (8 s for 2 s),
+    # not after the configured 4 s, which its heartbeats no longer meet.
+    paced_cluster.workers["worker-a"].signal(signal.SIGKILL)
+    paced_cluster.workers["worker-a"].proc.wait(5)
+    while True:
+        w = api.get("/v1/workers/worker-a")[2]
+        silent = time.time() - rfc3339(w["last_seen_at"])
+        if w["state"] != "online":
+            break
+        assert silent < 10.5, "still online long after its timeout"
+        time.sleep(0.1)
+    assert w["state"] == "unreachable"
+    assert 8.0 <= silent <= 10.5, silent
+    assert worker_state(api, "worker-b") == "online"
