@@ -176,6 +176,16 @@ class WorkersSection:
     stream_timeout_s: float = setting(
         86400.0, min=1, help="longest an output stream to one client may last"
     )
+    follow_window_bytes: int = setting(
+        4 * 1024 * 1024,
+        min=0,
+        help="newest output kept per followed job and HTTP process; 0: no sharing",
+    )
+    follow_buffer_bytes: int = setting(
+        64 * 1024 * 1024,
+        min=0,
+        help="output kept for followers by one HTTP process, all jobs together",
+    )
     retry_after_s: int = setting(
         5, min=1, help="Retry-After of a 503 (worker down) or 429 (worker full)"
     )

@@ -335,13 +335,38 @@ class Gateway:
     def output(
         self, ref: str, job_id: str, offset: int = 0, follow: bool = False
     ) -> OutputStream:
-        """Open the job's output stream; errors surface here, before any byte."""
+        """Open the job's output stream; errors surface here, before any byte.
+
+        Followers of one job in this process share one call to the worker
+        (see :mod:`scheduler.relay`); a follower starting before what that
+        call still keeps, and a read without ``follow``, get a call of their
+        own. Either kind of stream is iterated the same way.
+        """
         worker, stub = self._reachable(ref)
-        call = stub.StreamOutput(
-            worker_pb2.StreamOutputRequest(job_id=job_id, offset=offset, follow=follow),
-            timeout=self.cfg.workers.stream_timeout_s,
-            metadata=_metadata(),
-        )
+        metadata = _metadata()
+
+        def open_call(start: int, timeout_s: float):
+            return stub.StreamOutput(
+                worker_pb2.StreamOutputRequest(
+                    job_id=job_id, offset=start, follow=follow
+                ),
+                timeout=timeout_s,
+                metadata=metadata,
+            )
+
+        if follow:
+            shared = self._output_relay().follow(
+                (worker.id, worker.address, job_id),
+                offset,
+                open_call,
+                lambda final: job_to_dict(final, worker.id),
+                lambda: stub.diagnose("StreamOutput"),
+                worker.id,
+                self.cfg.workers.stream_timeout_s,
+            )
+            if shared is not None:
+                return shared  # type: ignore[return-value] - same interface
+        call = open_call(offset, self.cfg.workers.stream_timeout_s)
         # The worker answers a stream at once (data, a keep-alive or the end):
         # waiting longer than a call's deadline means it is busy or hung.
         timer = threading.Timer(self.cfg.workers.rpc_timeout_s, call.cancel)
@@ -354,6 +379,19 @@ class Gateway:
             raise
         finally:
             timer.cancel()
+
+    def _output_relay(self):
+        """This process's :class:`scheduler.relay.Relay`, made on first use."""
+        relay = self.__dict__.get("_relay")
+        if relay is None:
+            from scheduler.relay import Relay
+
+            w = self.cfg.workers
+            relay = self.__dict__.setdefault(
+                "_relay",
+                Relay(w.follow_window_bytes, w.follow_buffer_bytes, w.rpc_timeout_s),
+            )
+        return relay
 
 
 class OutputStream:

@@ -1,0 +1,506 @@
+"""Followers of one job in one HTTP process share one stream from the worker.
+
+Without sharing, each HTTP follower of a job holds its own ``StreamOutput``
+call, and each call buffers what the worker sent until its follower takes it:
+a thousand followers of a chatty job cost the scheduler a thousand copies of
+the output in flight. The relay opens one upstream call per (worker, job) and
+keeps a bounded window of the newest chunks; every follower reads the window
+at its own pace.
+
+- A follower that asks for an offset inside the window (or past it) joins.
+- A follower that asks for an offset before the window is not served here
+  (:meth:`Relay.follow` returns ``None``): it gets a call of its own.
+- A follower that falls behind (the bytes it needs next were dropped from
+  the window) leaves and continues on a call of its own from where it was.
+- Nobody reads upstream in the background: the first follower that wants
+  bytes nobody has yet pulls the next message while the others wait, so with
+  every follower busy writing to its client, flow control holds the worker
+  back just as with a call of one's own.
+- The upstream call is cancelled when its last follower leaves.
+
+A follower yields what :class:`scheduler.gateway.OutputStream` yields,
+``(offset, data, skipped)``, with an empty ``data`` for each keep-alive the
+worker sends while the job is quiet; ``final`` is the job's status once the
+stream ended.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+Chunk = tuple[int, bytes, int]  # offset, data, bytes skipped just before offset
+
+# open_call(offset, timeout_s): a new follow call of the job's output from
+# ``offset``; it iterates OutputChunk messages and has cancel().
+OpenCall = Callable[[int, float], Any]
+
+
+class Relay:
+    """The shared upstream calls of one process, by key (worker and job).
+
+    ``window_bytes`` bounds the recent output each upstream keeps for its
+    followers; ``budget_bytes`` bounds what all upstreams keep together (an
+    upstream over either gives up its oldest chunks, always keeping its newest
+    one). ``first_message_timeout_s`` is how long a new upstream may take to
+    produce its first message before it is cancelled and diagnosed.
+    """
+
+    def __init__(
+        self,
+        window_bytes: int,
+        budget_bytes: int,
+        first_message_timeout_s: float,
+    ):
+        self.window_bytes = window_bytes
+        self.budget_bytes = budget_bytes
+        self.first_message_timeout_s = first_message_timeout_s
+        self._lock = threading.Lock()
+        self._upstreams: dict[Hashable, Upstream] = {}
+        self._bytes_lock = threading.Lock()
+        self._bytes = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.window_bytes > 0 and self.budget_bytes > 0
+
+    def follow(
+        self,
+        key: Hashable,
+        offset: int,
+        open_call: OpenCall,
+        final_to_dict: Callable[[Any], dict],
+        diagnose: Callable[[], Exception],
+        worker_id: str,
+        stream_timeout_s: float,
+    ) -> Follower | None:
+        """A follower of ``key`` from ``offset``, or None if it needs its own call.
+
+        Errors before the first message (a missing job, a worker that does
+        not answer in time) are raised here, as a call of one's own would.
+        """
+        if not self.enabled:
+            return None
+        deadline = time.monotonic() + stream_timeout_s
+        with self._lock:
+            up = self._upstreams.get(key)
+            if up is not None and up.finished:
+                del self._upstreams[key]
+                up = None
+            if up is None:
+                up = Upstream(
+                    self, key, offset, open_call, final_to_dict, stream_timeout_s
+                )
+                self._upstreams[key] = up
+                creator = True
+            else:
+                creator = False
+            up.followers += 1
+        follower = Follower(
+            self, up, offset, open_call, final_to_dict, worker_id, deadline
+        )
+        try:
+            if creator:
+                up.start(diagnose)
+            elif not up.wait_started():
+                follower.close()
+                return None
+            if not follower.attach():
+                follower.close()
+                return None
+        except BaseException:
+            follower.close()
+            raise
+        return follower
+
+    def detach(self, up: Upstream) -> None:
+        """One follower left ``up``; the last one cancels its call."""
+        with self._lock:
+            up.followers -= 1
+            last = up.followers == 0
+            if last and self._upstreams.get(up.key) is up:
+                del self._upstreams[up.key]
+        if last:
+            up.cancel()
+
+    def forget(self, up: Upstream) -> None:
+        """``up`` has ended: later followers start a new upstream."""
+        with self._lock:
+            if self._upstreams.get(up.key) is up:
+                del self._upstreams[up.key]
+
+    def _account(self, delta: int) -> int:
+        """Add ``delta`` to the bytes kept by all upstreams; returns the excess."""
+        with self._bytes_lock:
+            self._bytes += delta
+            return self._bytes - self.budget_bytes
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._bytes
+
+    def upstreams(self) -> int:
+        with self._lock:
+            return len(self._upstreams)
+
+
+class Upstream:
+    """One ``StreamOutput`` call and the window of its newest chunks.
+
+    Chunks are numbered in arrival order; ``base`` is the number of the
+    oldest kept. ``lo`` is the first position the window still covers: a
+    follower at a position before it can no longer be served from here.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        key: Hashable,
+        offset: int,
+        open_call: OpenCall,
+        final_to_dict: Callable[[Any], dict],
+        timeout_s: float,
+    ):
+        self.relay = relay
+        self.key = key
+        self.followers = 0
+        self.cond = threading.Condition(threading.Lock())
+        self.chunks: collections.deque[Chunk] = collections.deque()
+        self.base = 0
+        self.lo = offset
+        self.hi = offset  # the position just past the newest chunk
+        self.kept = 0
+        self.keepalives = 0
+        self.started = False
+        self.pulling = False
+        self.done = False  # the call ended: final, or error
+        self.final: dict | None = None
+        self.error: BaseException | None = None
+        self.failed_first = False  # the call failed before its first message
+        self._cancelled = False
+        self._final_to_dict = final_to_dict
+        self._offset = offset
+        self._open_call = open_call
+        self._timeout_s = timeout_s
+        self.call: Any = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done or self._cancelled
+
+    # -- the first message ----------------------------------------------------
+
+    def start(self, diagnose: Callable[[], Exception]) -> None:
+        """Open the call and take its first message (by the first follower)."""
+        try:
+            self.call = self._open_call(self._offset, self._timeout_s)
+        except BaseException as exc:
+            self._finish(error=exc)
+            raise
+        with self.cond:
+            self.pulling = True
+        # The worker answers a stream at once (data, a keep-alive or the end):
+        # waiting longer than a call's deadline means it is busy or hung.
+        timer = threading.Timer(self.relay.first_message_timeout_s, self.call.cancel)
+        timer.start()
+        try:
+            msg = next(self.call, None)
+        except grpc.RpcError as exc:
+            error: BaseException = exc
+            if exc.code() == grpc.StatusCode.CANCELLED and not timer.is_alive():
+                error = diagnose()
+            self._finish(error=error, first=True)
+            raise error from None
+        except BaseException as exc:
+            self._finish(error=exc, first=True)
+            raise
+        finally:
+            timer.cancel()
+        self._took(msg)
+
+    def wait_started(self) -> bool:
+        """Wait for the first message; raise the error the first follower got.
+
+        False if the call failed after its first message: the follower had
+        better open a call of its own than join a stream that ends in error.
+        """
+        with self.cond:
+            while not self.started:
+                self.cond.wait()
+            if self.error is None:
+                return True
+            if self.failed_first:
+                raise self.error.with_traceback(None)
+            return False
+
+    # -- pulling ----------------------------------------------------------------
+
+    def pull(self) -> None:
+        """Take the next message from the call (by a follower that needs one)."""
+        try:
+            self._took(next(self.call, None))
+        except BaseException as exc:  # noqa: BLE001 - followers re-raise it
+            self._finish(error=exc)
+
+    def _took(self, msg) -> None:
+        if msg is None:
+            self._finish()
+            return
+        if msg.HasField("final"):
+            self._finish(final=self._final_to_dict(msg.final))
+            return
+        with self.cond:
+            self.pulling = False
+            self.started = True
+            if msg.data:
+                self._append((msg.offset, msg.data, msg.skipped))
+            else:
+                self.keepalives += 1
+            self.cond.notify_all()
+
+    def _append(self, chunk: Chunk) -> None:
+        """Keep ``chunk``; drop the oldest chunks over the limits (under cond)."""
+        offset, data, _ = chunk
+        self.chunks.append(chunk)
+        self.hi = offset + len(data)
+        self.kept += len(data)
+        excess = self.relay._account(len(data))
+        freed = 0
+        while len(self.chunks) > 1 and (
+            self.kept > self.relay.window_bytes or excess - freed > 0
+        ):
+            old_offset, old_data, _ = self.chunks.popleft()
+            self.base += 1
+            self.lo = old_offset + len(old_data)
+            self.kept -= len(old_data)
+            freed += len(old_data)
+        if freed:
+            self.relay._account(-freed)
+
+    def _finish(
+        self,
+        final: dict | None = None,
+        error: BaseException | None = None,
+        first: bool = False,
+    ) -> None:
+        with self.cond:
+            self.pulling = False
+            self.started = True
+            self.done = True
+            self.final = final
+            self.error = error
+            if first:
+                self.failed_first = error is not None
+            self.cond.notify_all()
+        self.relay.forget(self)
+
+    def cancel(self) -> None:
+        """Cancel the call and give back the window (the last follower left)."""
+        with self.cond:
+            self._cancelled = True
+            kept, self.kept = self.kept, 0
+            self.chunks.clear()
+            self.cond.notify_all()
+        if kept:
+            self.relay._account(-kept)
+        if self.call is not None:
+            self.call.cancel()
+
+    # -- what followers see ---------------------------------------------------
+
+    def first_seq(self, pos: int) -> int | None:
+        """The number of the first chunk a follower at ``pos`` needs (under cond).
+
+        None when ``pos`` lies before the window.
+        """
+        if pos < self.lo:
+            return None
+        seq = self.base
+        for offset, data, _ in self.chunks:
+            if offset + len(data) > pos:
+                break
+            seq += 1
+        return seq
+
+
+class Follower:
+    """One HTTP follower: reads its upstream's window, or a call of its own.
+
+    The same interface as :class:`scheduler.gateway.OutputStream`: iterate
+    it (or :attr:`chunks`, which the HTTP layer may wrap) for
+    ``(offset, data, skipped)``; :attr:`final` is the job's status once the
+    stream has ended; :meth:`close` lets go of the stream.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        up: Upstream,
+        offset: int,
+        open_call: OpenCall,
+        final_to_dict: Callable[[Any], dict],
+        worker_id: str,
+        deadline: float,
+    ):
+        self.worker_id = worker_id
+        self.final: dict | None = None
+        self.chunks: Iterator[Chunk] = iter(self)
+        self._relay = relay
+        self._up: Upstream | None = up
+        self._pos = offset
+        self._seq = 0
+        self._keepalives = 0
+        self._open_call = open_call
+        self._final_to_dict = final_to_dict
+        self._deadline = deadline
+        self._own_call: Any = None
+        self._closed = False
+
+    @property
+    def shared(self) -> bool:
+        """Whether this follower still reads the shared window."""
+        return self._up is not None
+
+    def attach(self) -> bool:
+        """Find where to start in the window; False if the offset is before it."""
+        up = self._up
+        with up.cond:
+            seq = up.first_seq(self._pos)
+            if seq is None:
+                return False
+            self._seq = seq
+            self._keepalives = up.keepalives
+        return True
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            if self._up is not None:
+                yield from self._from_window()
+            if not self._closed and self._up is None and self.final is None:
+                yield from self._from_own_call()
+        finally:
+            self.close()
+
+    def _from_window(self) -> Iterator[Chunk]:
+        up = self._up
+        while True:
+            item, fallback = self._next(up)
+            if fallback:
+                self._leave()
+                return
+            if item is None:
+                return
+            yield item
+
+    def _next(self, up: Upstream) -> tuple[Chunk | None, bool]:
+        """The next item from the window: (item, False), (None, False) at the
+        end, (None, True) when this follower must continue on its own call."""
+        while True:
+            pull = False
+            with up.cond:
+                while True:
+                    if self._closed or up._cancelled:
+                        return None, False
+                    if self._seq < up.base:
+                        seq = up.first_seq(self._pos)
+                        if seq is None:
+                            return None, True  # fell behind: the window moved on
+                        self._seq = seq
+                    index = self._seq - up.base
+                    if index < len(up.chunks):
+                        self._seq += 1
+                        item = self._clip(up.chunks[index])
+                        if item is not None:
+                            return item, False
+                        continue
+                    if up.done:
+                        return self._ended(up)
+                    if up.keepalives != self._keepalives:
+                        self._keepalives = up.keepalives
+                        return (self._pos, b"", 0), False
+                    if not up.pulling:
+                        up.pulling = True
+                        pull = True
+                        break
+                    remaining = self._deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise StreamExpired()
+                    up.cond.wait(remaining)
+            if pull:
+                up.pull()
+
+    def _clip(self, chunk: Chunk) -> Chunk | None:
+        """``chunk`` as this follower sees it from its position, or None."""
+        offset, data, _ = chunk
+        end = offset + len(data)
+        pos = self._pos
+        if end <= pos:
+            return None  # all before this follower's offset
+        self._pos = end
+        if offset >= pos:
+            return offset, data, offset - pos
+        return pos, data[pos - offset :], 0
+
+    def _ended(self, up: Upstream) -> tuple[Chunk | None, bool]:
+        """At the end of the window of an upstream that ended (under cond)."""
+        if up.error is None:
+            self.final = up.final
+            return None, False
+        if (
+            isinstance(up.error, grpc.RpcError)
+            and up.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            and time.monotonic() < self._deadline
+        ):
+            # The shared call ran out of time before this follower did.
+            return None, True
+        raise up.error.with_traceback(None)
+
+    def _leave(self) -> None:
+        up, self._up = self._up, None
+        if up is not None:
+            self._relay.detach(up)
+
+    def _from_own_call(self) -> Iterator[Chunk]:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise StreamExpired()
+        log.debug("an output follower continues on a call of its own at %d", self._pos)
+        call = self._own_call = self._open_call(self._pos, remaining)
+        if self._closed:  # closed while the call was being opened
+            call.cancel()
+            return
+        for msg in call:
+            if msg.HasField("final"):
+                self.final = self._final_to_dict(msg.final)
+                return  # the last message of a stream
+            else:
+                yield msg.offset, msg.data, msg.skipped
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._leave()
+        if self._own_call is not None:
+            self._own_call.cancel()
+
+
+class StreamExpired(grpc.RpcError):
+    """The follower's stream ran past ``[workers].stream_timeout_s``."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "the output stream lasted its longest allowed time"
+
+    def __str__(self) -> str:
+        return self.details()
