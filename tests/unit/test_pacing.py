@@ -308,11 +308,11 @@ def test_the_worker_adopts_the_interval_each_heartbeat_answer_gives():
     times = [t - started for t in registrar._stub.times]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert len(times) == 4
-    assert times[0] == pytest.approx(0.05, abs=0.04)
-    assert gaps[0] == pytest.approx(0.4, abs=0.08)  # the longer interval
-    assert gaps[1] == pytest.approx(0.05, abs=0.04)  # and back
+    assert times[0] < 0.3
+    assert 0.38 <= gaps[0] < 0.8  # the longer interval
+    assert gaps[1] < 0.3  # and back
     # An answer without an interval (an older scheduler) keeps the last one.
-    assert gaps[2] == pytest.approx(0.05, abs=0.04)
+    assert gaps[2] < 0.3
     assert registrar.heartbeat_interval == 0.05
 
 
