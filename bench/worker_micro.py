@@ -88,6 +88,11 @@ def jobs(args) -> None:
         time.sleep(1)
         target = ids[0]
         stop = time.monotonic() + args.seconds
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        time.sleep(args.seconds / 2)
+        idle_cpu = (time.process_time() - cpu0) / (time.monotonic() - wall0) * 100
+        print(f"jobs={args.n} without calls: process CPU {idle_cpu:.0f}% of one core")
+        stop = time.monotonic() + args.seconds
         lat: list[list[float]] = [[] for _ in range(8)]
 
         def client(i: int) -> None:

@@ -27,7 +27,8 @@ from jobgate.errors import (
 )
 from jobgate.jobstate import ExitReason, JobState
 from worker.config import JobsSection
-from worker.runner import SAFE_PATH, JobRunner
+from worker.reactor import Reactor
+from worker.runner import SAFE_PATH, JobRunner, ProcessOps
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,6 +54,10 @@ SCRIPTS = {
     'bash -c \'trap "" TERM; echo "stubborn $$"; exec sleep 30\' &\nwait\n',
     # The main process itself ignores SIGTERM.
     "stubborn.sh": "trap '' TERM\necho ready\nsleep 30\n",
+    # Exits at once, leaving a child behind that holds the output pipe.
+    "leaver.sh": 'sleep 30 &\necho "child $!"\nexit 0\n',
+    # A line every 10 ms, $1 times.
+    "ticker.sh": 'for ((i = 1; i <= $1; i++)); do echo "tick $i"; sleep 0.01; done\n',
     # Leaves a process in a session of its own that holds the output pipe.
     "escape.sh": "setsid sleep 5 &\npid=$!\n"
     "for ((i = 0; i < 100000; i++)); do\n"
@@ -104,12 +109,12 @@ def fifos():
 def make_runner(scripts, tmp_path):
     runners = []
 
-    def make(**settings) -> JobRunner:
+    def make(ops: ProcessOps | None = None, **settings) -> JobRunner:
         settings.setdefault("stop_grace_s", 2.0)
         settings.setdefault("drain_timeout_s", 1.0)
         cfg = JobsSection(scripts_dir=scripts, state_dir=tmp_path / "state", **settings)
         try:
-            runner = JobRunner(cfg, worker_name="worker-1")
+            runner = JobRunner(cfg, worker_name="worker-1", ops=ops)
         except OSError as exc:
             if cfg.isolation == "cgroup" and "cgroup" in str(exc):
                 pytest.skip(str(exc))
@@ -740,3 +745,132 @@ def test_job_left_running_by_a_previous_worker_is_lost(make_runner, tmp_path):
     assert in_thread(follow, reloaded, record.job_id) == output
     assert [r.job_id for r in reloaded.list()] == [record.job_id]
     assert reloaded.running_count() == 0
+
+
+# -- the reactor ---------------------------------------------------------------
+
+
+class GatedExit(ProcessOps):
+    """Reports a job's exit only when the test says so (a pipe, not a pidfd)."""
+
+    def __init__(self):
+        self.gates: dict[int, int] = {}
+
+    def exit_fd(self, pid: int) -> int:
+        r, w = os.pipe()
+        self.gates[pid] = w
+        return r
+
+    def open(self, pid: int) -> None:
+        os.write(self.gates.pop(pid), b"x")
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_job_ends_when_its_exit_is_reported_killing_what_it_left(make_runner):
+    ops = GatedExit()
+    runner = make_runner(ops=ops, isolation="process-group")
+    record, _ = runner.start("bash", "leaver.sh")
+    output = wait_for(runner, record.job_id, b"child")
+    child = int(output.split()[-1])
+    deadline = time.monotonic() + 5
+    while process_state(record.pid) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The main process exited and is not reaped; until its exit is reported
+    # the job runs, and what it left runs too.
+    assert process_state(record.pid) == "Z"
+    assert runner.get(record.job_id).state is JobState.RUNNING
+    assert process_alive(child)
+    ops.open(record.pid)
+    final = runner.wait(record.job_id, 10)
+    assert final.state is JobState.SUCCEEDED
+    assert final.exit_code == 0
+    deadline = time.monotonic() + 2
+    while process_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.01)  # SIGKILL is delivered asynchronously
+    assert not process_alive(child)
+    assert not Path(f"/proc/{record.pid}").exists()  # reaped
+
+
+def test_an_error_while_watching_a_job_ends_it_as_lost(make_runner, monkeypatch):
+    runner = make_runner(isolation="process-group")
+    real_kill_all = runner.isolation.kill_all
+    calls = []
+
+    def failing_kill_all(job_id, pgid):
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise OSError("simulated failure")
+        real_kill_all(job_id, pgid)
+
+    monkeypatch.setattr(runner.isolation, "kill_all", failing_kill_all)
+    record, _ = runner.start("bash", "mixed.sh")
+    final = runner.wait(record.job_id, 10)
+    assert final.state is JobState.LOST
+    assert final.exit_reason is ExitReason.LOST
+    assert "the worker lost track of the job: simulated failure" in final.reason
+    assert runner.running_count() == 0
+    # The reactor goes on watching the jobs that come after.
+    again, output = run(runner, "mixed.sh")
+    assert again.state is JobState.SUCCEEDED
+    assert output == b"out 1\nerr 1\nout 2\nerr 2\n"
+
+
+def test_many_jobs_share_one_thread(make_runner):
+    runner = make_runner(max_concurrent=100)
+    tasks = len(os.listdir("/proc/self/task"))
+    ids = [runner.start("bash", "ticker.sh", ["30"])[0].job_id for _ in range(40)]
+    assert len(os.listdir("/proc/self/task")) <= tasks + 1
+    expected = "".join(f"tick {i}\n" for i in range(1, 31)).encode()
+    for job_id in ids:
+        assert follow(runner, job_id) == expected
+        assert runner.get(job_id).state is JobState.SUCCEEDED
+    assert runner.running_count() == 0
+
+
+def test_timeout_of_a_job_that_ended_leaves_no_timer_behind(make_runner):
+    runner = make_runner()
+    for _ in range(3):
+        run(runner, "hello.sh", timeout_s=3600)
+    timers = runner._reactor._timers
+    assert all(entry[2].cancelled for entry in timers)
+
+
+def test_reactor_runs_calls_and_timers_in_order_and_survives_errors():
+    reactor = Reactor()
+    try:
+        seen = []
+        done = threading.Event()
+
+        def boom():
+            raise RuntimeError("a failing callback")
+
+        reactor.call_later(0.05, lambda: (seen.append("late"), done.set()))
+        reactor.call_later(0.02, seen.append, "early")
+        cancelled = reactor.call_later(0.01, seen.append, "cancelled")
+        cancelled.cancel()
+        reactor.call_soon(boom)
+        reactor.call_soon(seen.append, "soon")
+        assert done.wait(5)
+        assert seen == ["soon", "early", "late"]
+    finally:
+        reactor.close()
+
+
+def test_reactor_drops_cancelled_timers_in_bulk():
+    reactor = Reactor()
+    try:
+        timers = [reactor.call_later(3600, lambda: None) for _ in range(500)]
+        for t in timers:
+            t.cancel()
+        fired = threading.Event()
+        reactor.call_later(0, fired.set)
+        assert fired.wait(5)
+        deadline = time.monotonic() + 5
+        while len(reactor._timers) > 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(reactor._timers) <= 100
+    finally:
+        reactor.close()
