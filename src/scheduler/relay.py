@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 Chunk = tuple[int, bytes, int]  # offset, data, bytes skipped just before offset
 
+# A lagging follower's consecutive chunks are joined into items of about this
+# size (the worker's default read size), one copy in flight per follower.
+GATHER_BYTES = 64 * 1024
+
 # open_call(offset, timeout_s): a new follow call of the job's output from
 # ``offset``; it iterates OutputChunk messages and has cancel().
 OpenCall = Callable[[int, float], Any]
@@ -419,7 +423,7 @@ class Follower:
                         self._seq += 1
                         item = self._clip(up.chunks[index])
                         if item is not None:
-                            return item, False
+                            return self._gather(up, item), False
                         continue
                     if up.done:
                         return self._ended(up)
@@ -436,6 +440,29 @@ class Follower:
                     up.cond.wait(remaining)
             if pull:
                 up.pull()
+
+    def _gather(self, up: Upstream, item: Chunk) -> Chunk:
+        """``item`` joined with the chunks right after it (under cond).
+
+        A follower that lags gets what it missed in a few large writes rather
+        than in as many small ones as the job made, as it would from a call
+        of its own; a gap ends the gathering, so it keeps its notice.
+        """
+        offset, data, skipped = item
+        index = self._seq - up.base
+        if index >= len(up.chunks) or len(data) >= GATHER_BYTES:
+            return item
+        parts, size = [data], len(data)
+        while index < len(up.chunks) and size < GATHER_BYTES:
+            next_offset, next_data, next_skipped = up.chunks[index]
+            if next_skipped or next_offset != self._pos:
+                break
+            parts.append(next_data)
+            size += len(next_data)
+            self._pos = next_offset + len(next_data)
+            self._seq += 1
+            index += 1
+        return offset, b"".join(parts), skipped
 
     def _clip(self, chunk: Chunk) -> Chunk | None:
         """``chunk`` as this follower sees it from its position, or None."""

@@ -388,3 +388,21 @@ def test_disabled_relay_shares_nothing():
     relay, calls = new_relay(window=0), Calls()
     assert follow(relay, calls) is None
     assert calls.made == []
+
+
+def test_lagging_follower_gets_what_it_missed_joined_up_to_a_gap():
+    relay, calls = new_relay(), Calls()
+    t, box = follow_soon(relay, calls)
+    first = calls.wait(1)
+    first.data(0, b"ab")
+    t.join(5)
+    a, lagging = box["f"], follow(relay, calls)
+    a_it = iter(a.chunks)
+    assert next(a_it) == (0, b"ab", 0)
+    for offset, data, skipped in ((2, b"cd", 0), (4, b"ef", 0), (9, b"xy", 3)):
+        first.data(offset, data, skipped)
+        assert next(a_it) == (offset, data, skipped)
+    first.final(11)
+    assert list(lagging.chunks) == [(0, b"abcdef", 0), (9, b"xy", 3)]
+    assert lagging.final["output_bytes"] == 11
+    a.close()
