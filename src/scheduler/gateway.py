@@ -63,11 +63,13 @@ def _metadata() -> tuple[tuple[str, str], ...]:
 
 
 class WorkerCalls:
-    """A worker's stub whose timed-out calls say whether it is busy or hung.
+    """A worker's stub that counts its calls and explains timed-out ones.
 
-    When a call runs past its deadline, the worker's gRPC health service is
-    asked (with a short deadline of its own): a worker that answers it is
-    alive but busy (504), one that does not is hung or cut off (503).
+    Every call is counted by method and final status code
+    (``jobgate_worker_calls_total``). When a call runs past its deadline, the
+    worker's gRPC health service is asked (with a short deadline of its own):
+    a worker that answers it is alive but busy (504), one that does not is
+    hung or cut off (503).
     """
 
     HEALTH_TIMEOUT_S = 1.0
@@ -80,15 +82,33 @@ class WorkerCalls:
 
     def __getattr__(self, name: str):
         method = getattr(self._stub, name)
+        counter = metrics.WORKER_CALLS
+        worker = self._worker.name
+        if isinstance(method, grpc.UnaryStreamMultiCallable):
 
-        def call(*args, **kwargs):
-            try:
-                return method(*args, **kwargs)
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise
-                raise self.diagnose(name) from None
+            def call(*args, **kwargs):
+                stream = method(*args, **kwargs)
+                stream.add_done_callback(
+                    lambda c: counter.labels(worker, name, c.code().name).inc()
+                )
+                return stream
 
+        else:
+
+            def call(*args, **kwargs):
+                try:
+                    result = method(*args, **kwargs)
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                    counter.labels(worker, name, code.name).inc()
+                    if code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise
+                    raise self.diagnose(name) from None
+                counter.labels(worker, name, "OK").inc()
+                return result
+
+        # Made once per method: later lookups find the attribute directly.
+        setattr(self, name, call)
         return call
 
     def diagnose(self, method: str) -> Exception:
@@ -139,9 +159,11 @@ class ChannelPool:
                 identity.dns_name(self.cluster, identity.WORKER, worker.name),
             )
             health = health_pb2_grpc.HealthStub(channel)
-            channel = grpc.intercept_channel(channel, metrics.CallMetrics(worker.name))
             stub = WorkerCalls(
-                worker_pb2_grpc.WorkerStub(channel), health, worker, self.retry_after_s
+                worker_pb2_grpc.WorkerStub(channel),
+                health,
+                worker,
+                self.retry_after_s,
             )
             self._channels[worker.id] = (worker.address, channel, stub)
         if entry is not None:
@@ -195,11 +217,14 @@ class Gateway:
 
     # -- workers ------------------------------------------------------------------
 
-    def worker_to_dict(self, w: WorkerRow, now: float | None = None) -> dict:
-        state = w.effective_state(
+    def _state(self, w: WorkerRow, now: float | None = None) -> str:
+        return w.effective_state(
             now if now is not None else time.time(),
             self.cfg.workers.heartbeat_timeout_s,
         )
+
+    def worker_to_dict(self, w: WorkerRow, now: float | None = None) -> dict:
+        state = self._state(w, now)
         return {
             "id": w.id,
             "name": w.name,
@@ -229,7 +254,7 @@ class Gateway:
 
     def _reachable(self, ref: str) -> tuple[WorkerRow, WorkerCalls]:
         worker = self.find(ref)
-        state = self.worker_to_dict(worker)["state"]
+        state = self._state(worker)
         if state != ONLINE:
             raise Unavailable(
                 f"worker {worker.name!r} is {state}; retry when it is online",
@@ -283,7 +308,7 @@ class Gateway:
         scheduler saw of each job it started there, marked as possibly stale.
         """
         worker = self.find(ref)
-        if self.worker_to_dict(worker)["state"] != ONLINE:
+        if self._state(worker) != ONLINE:
             return self.store.worker_jobs(worker.id), True
         stub = self.pool.stub(worker)
         resp = stub.ListJobs(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 
-import grpc
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -116,28 +115,3 @@ class Middleware:
         route = req.uri_template or "unmatched"
         HTTP_LATENCY.labels(route, req.method).observe(time.perf_counter() - started)
         HTTP_REQUESTS.labels(route, req.method, resp.status_code).inc()
-
-
-class CallMetrics(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Counts each gRPC call to one worker by method and final status code."""
-
-    def __init__(self, worker: str):
-        self.worker = worker
-
-    def _count(self, method: str):
-        name = method.rsplit("/", 1)[-1]
-
-        def done(call) -> None:
-            WORKER_CALLS.labels(self.worker, name, call.code().name).inc()
-
-        return done
-
-    def intercept_unary_unary(self, continuation, details, request):
-        outcome = continuation(details, request)
-        outcome.add_done_callback(self._count(details.method))
-        return outcome
-
-    def intercept_unary_stream(self, continuation, details, request):
-        call = continuation(details, request)
-        call.add_done_callback(self._count(details.method))
-        return call

@@ -179,7 +179,7 @@ def test_scheduler_serves_with_two_gunicorn_processes(cluster):
         pids = {
             line.split()[3]
             for line in f
-            if "gunicorn.access" in line and "/v1/workers/worker-1" in line
+            if "scheduler.http.access" in line and "/v1/workers/worker-1" in line
         }
     assert len(pids) == 2
 

@@ -113,9 +113,11 @@ def test_scheduler_metrics_add_up_across_processes(metered):
     pids = {
         line.split()[3]
         for line in (metered.logs / "scheduler.log").read_text().splitlines()
-        if "gunicorn.access" in line and '"GET /v1/workers HTTP' in line
+        if "scheduler.http.access" in line and '"GET /v1/workers"' in line
     }
     assert len(pids) == 2
+    # One access line per request, the app's: gunicorn's own is off.
+    assert "gunicorn.access" not in (metered.logs / "scheduler.log").read_text()
 
 
 def test_metrics_need_a_token(metered):

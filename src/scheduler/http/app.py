@@ -11,7 +11,7 @@ from scheduler.http import openapi
 from scheduler.http import resources as r
 from scheduler.http.auth import Auth, TokenFile
 from scheduler.http.errors import json_errors, make_handlers
-from scheduler.http.middleware import RequestId
+from scheduler.http.middleware import AccessLog, RequestId
 
 
 def create_app(
@@ -22,7 +22,11 @@ def create_app(
     """The HTTP API. ``client_scopes`` enables client-certificate auth."""
     cfg = gateway.cfg
     auth = Auth(tokens, cfg.cluster.name, client_scopes)
-    app = falcon.App(middleware=[RequestId(), metrics.Middleware(), auth])
+    middleware = [RequestId(), metrics.Middleware(), auth]
+    if cfg.http.access_log:
+        # After RequestId, so the line carries the request's id.
+        middleware.insert(1, AccessLog())
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(json_errors)
     for exc, handler in make_handlers(cfg.workers.retry_after_s):

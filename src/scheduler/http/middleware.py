@@ -1,8 +1,10 @@
-"""Request ids: one per HTTP request, in the response and in every log line."""
+"""Request ids and the access log: what every HTTP request leaves behind."""
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 
 import falcon
@@ -31,3 +33,32 @@ class RequestId:
         token = getattr(req.context, "log_token", None)
         if token is not None:
             logs.unbind(token)
+
+
+class AccessLog:
+    """One log line per request: client, method, path, status and time taken.
+
+    The line is written when the response's status and headers are ready, so
+    for an output stream the time is that to the first byte (as in the
+    ``jobgate_http_request_duration_seconds`` histogram). It carries the
+    request id like every other line of the request.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None):
+        self.log = logger or logging.getLogger("scheduler.http.access")
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.access_started = time.perf_counter()
+
+    def process_response(self, req, resp, resource, req_succeeded) -> None:
+        started = getattr(req.context, "access_started", None)
+        if started is None or not self.log.isEnabledFor(logging.INFO):
+            return
+        self.log.info(
+            '%s "%s %s" %d %.1fms',
+            req.remote_addr,
+            req.method,
+            req.relative_uri,
+            resp.status_code,
+            (time.perf_counter() - started) * 1000,
+        )
