@@ -391,8 +391,9 @@ def _schemas() -> dict[str, Schema]:
             "type": "string",
             "enum": WORKER_STATES,
             "description": "online; unreachable when an online worker has not "
-            "sent a heartbeat for [workers].heartbeat_timeout_s; offline after it "
-            "deregistered",
+            "sent a heartbeat for its timeout ([workers].heartbeat_timeout_s, "
+            "longer in a large fleet, where heartbeats are spaced further "
+            "apart); offline after it deregistered",
         },
         "Worker": _obj(
             {
