@@ -186,6 +186,11 @@ class WorkersSection:
         min=0,
         help="output kept for followers by one HTTP process, all jobs together",
     )
+    follow_write_bytes: int = setting(
+        16384,
+        min=1024,
+        help="largest write to a follower that lags, joined from chunks",
+    )
     retry_after_s: int = setting(
         5, min=1, help="Retry-After of a 503 (worker down) or 429 (worker full)"
     )

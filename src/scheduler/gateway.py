@@ -414,7 +414,12 @@ class Gateway:
             w = self.cfg.workers
             relay = self.__dict__.setdefault(
                 "_relay",
-                Relay(w.follow_window_bytes, w.follow_buffer_bytes, w.rpc_timeout_s),
+                Relay(
+                    w.follow_window_bytes,
+                    w.follow_buffer_bytes,
+                    w.rpc_timeout_s,
+                    w.follow_write_bytes,
+                ),
             )
         return relay
 

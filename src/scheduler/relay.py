@@ -26,7 +26,6 @@ stream ended.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -38,10 +37,6 @@ import grpc
 log = logging.getLogger(__name__)
 
 Chunk = tuple[int, bytes, int]  # offset, data, bytes skipped just before offset
-
-# A lagging follower's consecutive chunks are joined into items of about this
-# size (the worker's default read size), one copy in flight per follower.
-GATHER_BYTES = 64 * 1024
 
 # open_call(offset, timeout_s): a new follow call of the job's output from
 # ``offset``; it iterates OutputChunk messages and has cancel().
@@ -55,7 +50,9 @@ class Relay:
     followers; ``budget_bytes`` bounds what all upstreams keep together (an
     upstream over either gives up its oldest chunks, always keeping its newest
     one). ``first_message_timeout_s`` is how long a new upstream may take to
-    produce its first message before it is cancelled and diagnosed.
+    produce its first message before it is cancelled and diagnosed. A
+    follower that lags gets consecutive chunks joined into items of at most
+    ``write_bytes`` (larger chunks pass whole).
     """
 
     def __init__(
@@ -63,8 +60,10 @@ class Relay:
         window_bytes: int,
         budget_bytes: int,
         first_message_timeout_s: float,
+        write_bytes: int = 16384,
     ):
         self.window_bytes = window_bytes
+        self.write_bytes = write_bytes
         self.budget_bytes = budget_bytes
         self.first_message_timeout_s = first_message_timeout_s
         self._lock = threading.Lock()
@@ -160,8 +159,14 @@ class Upstream:
     """One ``StreamOutput`` call and the window of its newest chunks.
 
     Chunks are numbered in arrival order; ``base`` is the number of the
-    oldest kept. ``lo`` is the first position the window still covers: a
-    follower at a position before it can no longer be served from here.
+    oldest kept, ``next_seq`` that of the next to come. ``lo`` is the first
+    position the window still covers: a follower at a position before it can
+    no longer be served from here.
+
+    Followers read ``chunks`` (by number) without taking the lock, so the
+    hundreds of them woken by one new chunk do not queue on it; everything
+    else changes under the lock. A follower with nothing to read waits on a
+    lock of its own, which whoever changes the state releases.
     """
 
     def __init__(
@@ -176,9 +181,11 @@ class Upstream:
         self.relay = relay
         self.key = key
         self.followers = 0
-        self.cond = threading.Condition(threading.Lock())
-        self.chunks: collections.deque[Chunk] = collections.deque()
+        self.lock = threading.Lock()
+        self.chunks: dict[int, Chunk] = {}
         self.base = 0
+        self.next_seq = 0
+        self._waiters: list[threading.Lock] = []
         self.lo = offset
         self.hi = offset  # the position just past the newest chunk
         self.kept = 0
@@ -209,7 +216,7 @@ class Upstream:
         except BaseException as exc:
             self._finish(error=exc)
             raise
-        with self.cond:
+        with self.lock:
             self.pulling = True
         # The worker answers a stream at once (data, a keep-alive or the end):
         # waiting longer than a call's deadline means it is busy or hung.
@@ -236,9 +243,13 @@ class Upstream:
         False if the call failed after its first message: the follower had
         better open a call of its own than join a stream that ends in error.
         """
-        with self.cond:
-            while not self.started:
-                self.cond.wait()
+        while True:
+            with self.lock:
+                if self.started:
+                    break
+                waiter = self.waiter()
+            waiter.acquire()
+        with self.lock:
             if self.error is None:
                 return True
             if self.failed_first:
@@ -261,27 +272,40 @@ class Upstream:
         if msg.HasField("final"):
             self._finish(final=self._final_to_dict(msg.final))
             return
-        with self.cond:
+        with self.lock:
             self.pulling = False
             self.started = True
             if msg.data:
                 self._append((msg.offset, msg.data, msg.skipped))
             else:
                 self.keepalives += 1
-            self.cond.notify_all()
+            waiters = self._take_waiters()
+        _wake(waiters)
+
+    def waiter(self) -> threading.Lock:
+        """A lock to wait on until the state changes (under the lock)."""
+        waiter = threading.Lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        return waiter
+
+    def _take_waiters(self) -> list[threading.Lock]:
+        waiters, self._waiters = self._waiters, []
+        return waiters
 
     def _append(self, chunk: Chunk) -> None:
-        """Keep ``chunk``; drop the oldest chunks over the limits (under cond)."""
+        """Keep ``chunk``; drop the oldest chunks over the limits (under lock)."""
         offset, data, _ = chunk
-        self.chunks.append(chunk)
+        self.chunks[self.next_seq] = chunk
+        self.next_seq += 1
         self.hi = offset + len(data)
         self.kept += len(data)
         excess = self.relay._account(len(data))
         freed = 0
-        while len(self.chunks) > 1 and (
+        while self.next_seq - self.base > 1 and (
             self.kept > self.relay.window_bytes or excess - freed > 0
         ):
-            old_offset, old_data, _ = self.chunks.popleft()
+            old_offset, old_data, _ = self.chunks.pop(self.base)
             self.base += 1
             self.lo = old_offset + len(old_data)
             self.kept -= len(old_data)
@@ -295,7 +319,7 @@ class Upstream:
         error: BaseException | None = None,
         first: bool = False,
     ) -> None:
-        with self.cond:
+        with self.lock:
             self.pulling = False
             self.started = True
             self.done = True
@@ -303,16 +327,18 @@ class Upstream:
             self.error = error
             if first:
                 self.failed_first = error is not None
-            self.cond.notify_all()
+            waiters = self._take_waiters()
+        _wake(waiters)
         self.relay.forget(self)
 
     def cancel(self) -> None:
         """Cancel the call and give back the window (the last follower left)."""
-        with self.cond:
+        with self.lock:
             self._cancelled = True
             kept, self.kept = self.kept, 0
             self.chunks.clear()
-            self.cond.notify_all()
+            waiters = self._take_waiters()
+        _wake(waiters)
         if kept:
             self.relay._account(-kept)
         if self.call is not None:
@@ -321,18 +347,24 @@ class Upstream:
     # -- what followers see ---------------------------------------------------
 
     def first_seq(self, pos: int) -> int | None:
-        """The number of the first chunk a follower at ``pos`` needs (under cond).
+        """The number of the first chunk a follower at ``pos`` needs (under lock).
 
         None when ``pos`` lies before the window.
         """
         if pos < self.lo:
             return None
         seq = self.base
-        for offset, data, _ in self.chunks:
+        while seq < self.next_seq:
+            offset, data, _ = self.chunks[seq]
             if offset + len(data) > pos:
                 break
             seq += 1
         return seq
+
+
+def _wake(waiters: list[threading.Lock]) -> None:
+    for waiter in waiters:
+        waiter.release()
 
 
 class Follower:
@@ -376,7 +408,7 @@ class Follower:
     def attach(self) -> bool:
         """Find where to start in the window; False if the offset is before it."""
         up = self._up
-        with up.cond:
+        with up.lock:
             seq = up.first_seq(self._pos)
             if seq is None:
                 return False
@@ -408,60 +440,67 @@ class Follower:
         """The next item from the window: (item, False), (None, False) at the
         end, (None, True) when this follower must continue on its own call."""
         while True:
-            pull = False
-            with up.cond:
-                while True:
-                    if self._closed or up._cancelled:
-                        return None, False
-                    if self._seq < up.base:
-                        seq = up.first_seq(self._pos)
-                        if seq is None:
-                            return None, True  # fell behind: the window moved on
-                        self._seq = seq
-                    index = self._seq - up.base
-                    if index < len(up.chunks):
-                        self._seq += 1
-                        item = self._clip(up.chunks[index])
-                        if item is not None:
-                            return self._gather(up, item), False
-                        continue
-                    if up.done:
-                        return self._ended(up)
-                    if up.keepalives != self._keepalives:
-                        self._keepalives = up.keepalives
-                        return (self._pos, b"", 0), False
-                    if not up.pulling:
-                        up.pulling = True
-                        pull = True
-                        break
+            if self._closed or up._cancelled:
+                return None, False
+            chunk = up.chunks.get(self._seq)
+            if chunk is not None:
+                self._seq += 1
+                item = self._clip(chunk)
+                if item is not None:
+                    return self._gather(up, item), False
+                continue
+            with up.lock:
+                if self._seq < up.base:
+                    seq = up.first_seq(self._pos)
+                    if seq is None:
+                        return None, True  # fell behind: the window moved on
+                    self._seq = seq
+                    continue
+                if self._seq in up.chunks or up._cancelled:
+                    continue
+                if up.done:
+                    return self._ended(up)
+                if up.keepalives != self._keepalives:
+                    self._keepalives = up.keepalives
+                    return (self._pos, b"", 0), False
+                pull = not up.pulling
+                if pull:
+                    up.pulling = True
+                else:
                     remaining = self._deadline - time.monotonic()
                     if remaining <= 0:
                         raise StreamExpired()
-                    up.cond.wait(remaining)
+                    waiter = up.waiter()
             if pull:
                 up.pull()
+            else:
+                waiter.acquire(timeout=min(remaining, threading.TIMEOUT_MAX))
 
     def _gather(self, up: Upstream, item: Chunk) -> Chunk:
-        """``item`` joined with the chunks right after it (under cond).
+        """``item`` joined with the chunks right after it.
 
         A follower that lags gets what it missed in a few large writes rather
         than in as many small ones as the job made, as it would from a call
         of its own; a gap ends the gathering, so it keeps its notice.
         """
         offset, data, skipped = item
-        index = self._seq - up.base
-        if index >= len(up.chunks) or len(data) >= GATHER_BYTES:
-            return item
         parts, size = [data], len(data)
-        while index < len(up.chunks) and size < GATHER_BYTES:
-            next_offset, next_data, next_skipped = up.chunks[index]
+        limit = self._relay.write_bytes
+        while True:
+            chunk = up.chunks.get(self._seq)
+            if chunk is None:
+                break
+            next_offset, next_data, next_skipped = chunk
             if next_skipped or next_offset != self._pos:
+                break
+            if size + len(next_data) > limit:
                 break
             parts.append(next_data)
             size += len(next_data)
             self._pos = next_offset + len(next_data)
             self._seq += 1
-            index += 1
+        if len(parts) == 1:
+            return item
         return offset, b"".join(parts), skipped
 
     def _clip(self, chunk: Chunk) -> Chunk | None:
@@ -477,7 +516,7 @@ class Follower:
         return pos, data[pos - offset :], 0
 
     def _ended(self, up: Upstream) -> tuple[Chunk | None, bool]:
-        """At the end of the window of an upstream that ended (under cond)."""
+        """At the end of the window of an upstream that ended (under lock)."""
         if up.error is None:
             self.final = up.final
             return None, False
