@@ -70,10 +70,13 @@ class OutputLog:
             self.total = pos
 
     def close(self) -> None:
-        for fd in (self._head_fd, self._tail_fd):
-            if fd is not None:
-                os.close(fd)
-        self._head_fd = self._tail_fd = None
+        """Close the writer's files; reading goes on (each read opens them)."""
+        with self.lock:  # a reader of the ring may be using the tail's fd
+            fds = (self._head_fd, self._tail_fd)
+            self._head_fd = self._tail_fd = None
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
 
     # -- reading --------------------------------------------------------------
 
@@ -101,16 +104,16 @@ class OutputLog:
             ring = self.tail_bytes
             start = (pos - self.head_bytes) % ring
             n = end - pos
-            first = os.pread(self._tail_fd_for_read(), min(n, ring - start), start)
-            if len(first) < n:
-                first += os.pread(self._tail_fd_for_read(), n - len(first), 0)
-            return pos, first
-
-    def _tail_fd_for_read(self) -> int:
-        if self._tail_fd is None:
-            # A finished job's log, reopened after a restart.
-            self._tail_fd = os.open(self.tail_path, os.O_RDONLY)
-        return self._tail_fd
+            fd = self._tail_fd
+            if fd is not None:  # the writer's
+                return pos, _pread_ring(fd, start, n, ring)
+            # A finished job's log: opened for this read only, so that no
+            # descriptor stays open per job once it has ended.
+            fd = os.open(self.tail_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return pos, _pread_ring(fd, start, n, ring)
+            finally:
+                os.close(fd)
 
     def recover(self) -> int:
         """Recompute ``total`` from the files after the writer died unexpectedly.
@@ -125,6 +128,14 @@ class OutputLog:
             tail = 0
         self.total = head + tail
         return self.total
+
+
+def _pread_ring(fd: int, start: int, n: int, ring: int) -> bytes:
+    """``n`` bytes of a ring of ``ring`` bytes from ``start``, wrapping once."""
+    data = os.pread(fd, min(n, ring - start), start)
+    if len(data) < n:
+        data += os.pread(fd, n - len(data), 0)
+    return data
 
 
 def _write_all(fd, data: bytes) -> None:

@@ -10,6 +10,9 @@ Callbacks run on the reactor's thread and must not block. Other threads hand
 work to it with :meth:`Reactor.call_soon` and :meth:`Reactor.call_later`; an
 eventfd wakes the loop. An exception in a callback is logged and the loop goes
 on: one failing job never stops the others from being watched.
+
+:meth:`Reactor.close` runs the calls handed over before it in a last round, so
+none is lost; deadlines still pending are dropped, and later calls raise.
 """
 
 from __future__ import annotations
@@ -75,10 +78,7 @@ class Reactor:
             if self._closing:
                 raise RuntimeError("the reactor is closed")
             self._calls.append((fn, args))
-            wake = not self._woken
-            self._woken = True
-        if wake:
-            os.eventfd_write(self._wake_fd, 1)
+            self._wake()
 
     def call_later(self, delay: float, fn: Callable, *args) -> Timer:
         """Run ``fn(*args)`` on the reactor's thread after ``delay`` seconds."""
@@ -88,22 +88,30 @@ class Reactor:
                 raise RuntimeError("the reactor is closed")
             first = not self._timers or timer.when < self._timers[0][0]
             heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
-            wake = first and not self._woken and not self.in_loop()
-            if wake:
-                self._woken = True
-        if wake:
-            os.eventfd_write(self._wake_fd, 1)
+            if first and not self.in_loop():
+                self._wake()
         return timer
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the loop and release its descriptors (registered ones stay open)."""
+        """Stop the loop and release its descriptors (registered ones stay open).
+
+        Calls handed over before run first; pending deadlines are dropped.
+        """
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-        os.eventfd_write(self._wake_fd, 1)
+            self._woken = False
+            self._wake()
         if not self.in_loop():
             self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        # Under _lock: the loop closes the eventfd under it too, so a write
+        # never reaches a closed descriptor (or one reused for something else).
+        if not self._woken and self._wake_fd >= 0:
+            self._woken = True
+            os.eventfd_write(self._wake_fd, 1)
 
     # -- on the reactor's thread ------------------------------------------------
 
@@ -126,8 +134,14 @@ class Reactor:
             except Exception:  # noqa: BLE001 - the loop must outlive any error
                 log.exception("the job reactor hit an error; it keeps running")
                 time.sleep(0.01)  # never spin on an error that repeats
-        self._selector.close()
-        os.close(self._wake_fd)
+        # Calls handed over before close() still run, so that none is lost.
+        self._run_calls()
+        with self._lock:
+            self._selector.close()
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+            self._calls.clear()
+            self._timers.clear()
 
     def _iterate(self) -> bool:
         """One round of waiting and dispatching; True once closed."""

@@ -47,6 +47,7 @@ from jobgate.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState, check_transition
 from worker import isolation, metrics
@@ -141,6 +142,24 @@ class ProcessOps:
         """
         return os.pidfd_open(pid)
 
+    def check(self) -> None:
+        """Raise OSError, saying what is missing, if :meth:`exit_fd` cannot work.
+
+        Jobs are watched through pidfds: Linux 5.3 or newer, and a seccomp
+        policy that allows pidfd_open. There is no fallback (a thread per job
+        blocked in waitid would bring back what the reactor replaced), so a
+        host without them is refused when the worker starts instead of failing
+        every job it would start.
+        """
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except (AttributeError, OSError) as exc:
+            detail = getattr(exc, "strerror", None) or str(exc)
+            raise OSError(
+                "the worker needs pidfd_open (Linux 5.3 or newer, not blocked "
+                f"by a seccomp filter) to watch its jobs: {detail}"
+            ) from None
+
     def now(self) -> float:
         return time.time()
 
@@ -185,6 +204,7 @@ class JobRunner:
         self.cfg = cfg
         self.worker_name = worker_name
         self.ops = ops or ProcessOps()
+        self.ops.check()
         self.jobs_dir = cfg.state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.scripts_dir = cfg.scripts_dir.resolve()
@@ -205,6 +225,7 @@ class JobRunner:
         self._jobs: dict[str, _Job] = {}
         self._by_key: dict[str, str] = {}
         self._active: set[_Job] = set()  # jobs not ended yet
+        self._closing = False  # shutdown() began: start() refuses (under _lock)
         self._closed = threading.Event()
         self._load_history()
         self._reactor = Reactor(name="job-reactor")
@@ -354,6 +375,11 @@ class JobRunner:
         if len(idempotency_key) > 256:
             raise InvalidArgument("idempotency_key is longer than 256 characters")
         with self._lock:
+            if self._closing:
+                raise Unavailable(
+                    "the worker is shutting down and starts no more jobs; "
+                    "start the job on another worker"
+                )
             if idempotency_key and idempotency_key in self._by_key:
                 return self._snapshot(self._jobs[self._by_key[idempotency_key]]), True
             running = len(self._active)
@@ -373,41 +399,25 @@ class JobRunner:
                 idempotency_key=idempotency_key,
                 started_at=self.ops.now(),
             )
-            # The job's directory, its first record and its output files are
-            # made on the reactor's thread (_watch), off the request's path;
-            # the output log is opened when the first output arrives.
+            # The output log is opened when the first output arrives.
             directory = self.jobs_dir / job_id
             job = _Job(record, directory, self._output(directory))
             self._jobs[job_id] = job
             self._active.add(job)
             if idempotency_key:
                 self._by_key[idempotency_key] = job_id
+            # From here on the job must end, whatever fails.
             spawn_started = time.perf_counter()
-            try:
-                self._spawn(job, [exe, str(script), *args])
-            except OSError as exc:
-                job.output.close()
-                self._make_dir(job)
-                self._finish(
-                    job,
-                    ExitReason.START_FAILED,
-                    f"could not execute {exe}: {exc.strerror}",
-                    None,
-                )
+            failure = self._launch(job, [exe, str(script), *args], timeout)
+            if failure is not None and job.proc is None:
+                self._end_unstarted(job, failure)  # nothing runs: cheap
                 return self._snapshot(job), False
-            try:
-                job.exit_fd = self.ops.exit_fd(record.pid)
-                if timeout:
-                    job.timers.append(
-                        self._reactor.call_later(
-                            timeout, self._job_event, job, self._on_timeout
-                        )
-                    )
-                self._reactor.call_soon(self._job_event, job, self._watch)
-            except (OSError, RuntimeError) as exc:  # out of descriptors, closed
-                self._abandon(job, exc)
-                return self._snapshot(job), False
-            metrics.SPAWN_SECONDS.observe(time.perf_counter() - spawn_started)
+        if failure is not None:
+            # A process runs but cannot be watched: kill it and wait for it
+            # here, outside the lock, so other requests do not wait with it.
+            self._abandon(job, failure)
+            return self._snapshot(job), False
+        metrics.SPAWN_SECONDS.observe(time.perf_counter() - spawn_started)
         log.info(
             "job %s started: %s %s (pid %d)",
             job_id,
@@ -417,6 +427,50 @@ class JobRunner:
             extra={"JOB_ID": job_id},
         )
         return self._snapshot(job), False
+
+    def _launch(self, job: _Job, argv: list[str], timeout: int) -> str | None:
+        """Record, spawn and hand a job to the reactor; None, or why it failed.
+
+        The job's directory and first ``job.json`` exist before its process
+        does: should the worker die at any point after start() returned, its
+        next run knows the job (as lost) and its idempotency key.
+        """
+        stage = "record"
+        try:
+            self._persist(job.dir, job.record, new=True)
+            stage = "spawn"
+            self._spawn(job, argv)
+            stage = "watch"
+            job.exit_fd = self.ops.exit_fd(job.record.pid)
+            if timeout:
+                job.timers.append(
+                    self._reactor.call_later(
+                        timeout, self._job_event, job, self._on_timeout
+                    )
+                )
+            self._reactor.call_soon(self._job_event, job, self._watch)
+            return None
+        except Exception as exc:  # noqa: BLE001 - the job is ended by the caller
+            if not isinstance(exc, (OSError, RuntimeError)):
+                log.exception("job %s: starting it failed", job.record.job_id)
+            detail = getattr(exc, "strerror", None) or str(exc)
+            if stage == "record":
+                return f"could not record the job: {detail}"
+            if stage == "spawn":
+                return f"could not execute {argv[0]}: {detail}"
+            return f"the worker could not watch the job: {detail}"
+
+    def _end_unstarted(self, job: _Job, text: str) -> None:
+        """End a job whose process never started."""
+        try:
+            if job.status_fd is not None:
+                os.close(job.status_fd)
+                job.status_fd = None
+            self.isolation.release(job.record.job_id)  # its cgroup, if made
+        except Exception:  # noqa: BLE001 - end the job regardless
+            log.exception("job %s: cleaning up after it failed", job.record.job_id)
+        finally:
+            self._finish(job, ExitReason.START_FAILED, text, None)
 
     def _spawn(self, job: _Job, argv: list[str]) -> None:
         _check_executable(argv[0])
@@ -442,6 +496,7 @@ class JobRunner:
                 user=self._user if not priv else None,
                 group=self._group if not priv else None,
             )
+            self._spawned(job)
         else:
             status_r, status_w = os.pipe()
             # The shim needs the worker's privileges to join the cgroup.
@@ -455,50 +510,38 @@ class JobRunner:
                     group=None,
                     stdin=status_w,
                 )
-            except OSError:
+            except BaseException:
                 os.close(status_r)
                 raise
             finally:
                 os.close(status_w)
+            self._spawned(job)
+            job.status_fd = status_r
             # Read only once the shim has exited; never wait on it.
             os.set_blocking(status_r, False)
-            job.status_fd = status_r
+
+    @staticmethod
+    def _spawned(job: _Job) -> None:
+        assert job.proc is not None and job.proc.stdout is not None
         job.record.pid = job.proc.pid
         job.out_fd = job.proc.stdout.fileno()
         job.reaped = job.sealed = False
 
-    def _abandon(self, job: _Job, exc: Exception) -> None:
-        """End a job that cannot be watched (no descriptor left, closing)."""
-        log.error(
-            "job %s: cannot watch it (%s); killing it",
-            job.record.job_id,
-            exc,
-            extra={"JOB_ID": job.record.job_id},
-        )
-        assert job.proc is not None
-        with job.cond:
-            self.isolation.kill_all(job.record.job_id, job.proc.pid)
-            job.proc.wait()
-            job.reaped = True
-            timers, job.timers = job.timers, []
-        for timer in timers:
-            timer.cancel()
-        self.isolation.cleanup(job.record.job_id)
-        job.proc.stdout.close()
-        job.out_fd = None
-        self._make_dir(job)
-        if job.exit_fd is not None:
-            os.close(job.exit_fd)
-            job.exit_fd = None
-        if job.status_fd is not None:
-            os.close(job.status_fd)
-            job.status_fd = None
-        self._finish(
-            job,
-            ExitReason.START_FAILED,
-            f"the worker could not watch the job: {exc}",
-            None,
-        )
+    def _abandon(self, job: _Job, text: str) -> None:
+        """End a job whose process runs but cannot be watched (no descriptor left).
+
+        Never under ``_lock``: killing and reaping may take a moment, and the
+        job's cgroup up to ``CGROUP_REMOVE_S`` to empty.
+        """
+        jid = job.record.job_id
+        log.error("job %s: %s; killing it", jid, text, extra={"JOB_ID": jid})
+        try:
+            if not self._teardown(job):
+                self.isolation.cleanup(jid)
+        except Exception:  # noqa: BLE001 - record the end regardless
+            log.exception("job %s: cleaning up after it failed", jid)
+        finally:
+            self._finish(job, ExitReason.START_FAILED, text, None)
 
     def get(self, job_id: str) -> JobRecord:
         return self._snapshot(self._job(job_id))
@@ -517,11 +560,19 @@ class JobRunner:
         return records
 
     def responsive(self, timeout: float = 5.0) -> bool:
-        """False if the runner's lock cannot be taken in ``timeout`` (a hang)."""
+        """False if the runner hangs: its lock cannot be taken in ``timeout``,
+        or its reactor does not run a call in what is left of it.
+        """
+        deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=timeout):
             return False
         self._lock.release()
-        return True
+        ran = threading.Event()
+        try:
+            self._reactor.call_soon(ran.set)
+        except RuntimeError:
+            return True  # shut down: there is nothing left to watch
+        return ran.wait(max(0.0, deadline - time.monotonic()))
 
     def running_count(self) -> int:
         return len(self._active)
@@ -551,8 +602,13 @@ class JobRunner:
         return self._snapshot(job)
 
     def shutdown(self, grace_s: float | None = None) -> None:
-        """Stop every running job (the worker is going away)."""
+        """Stop every running job (the worker is going away).
+
+        From the moment it takes the lock, start() refuses: a job started
+        after the running ones are collected would be left unwatched.
+        """
         with self._lock:
+            self._closing = True
             running = [j for j in self._jobs.values() if not j.done.is_set()]
         grace = grace_s if grace_s is not None else self.cfg.stop_grace_s
         for j in running:
@@ -647,22 +703,11 @@ class JobRunner:
             return r
 
     def _persist(self, directory: Path, record: JobRecord, new: bool = False) -> None:
-        data = json.dumps(record.to_json()).encode()
+        """Write ``job.json`` whole (a new job's directory is made first)."""
         if new:
-            # The first record of a job: nothing to replace, so write it in
-            # place. A torn write reads as unreadable, like a missing file.
-            fd = os.open(
-                directory / "job.json",
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                0o644,
-            )
-            try:
-                _write_all(fd, data)
-            finally:
-                os.close(fd)
-            return
+            os.mkdir(directory, 0o750)
         tmp = directory / "job.json.tmp"
-        tmp.write_bytes(data)
+        tmp.write_text(json.dumps(record.to_json()))
         os.replace(tmp, directory / "job.json")
 
     def _terminate(
@@ -681,7 +726,7 @@ class JobRunner:
         grace = grace_s or self.cfg.stop_grace_s
         jid = job.record.job_id
         with job.cond:
-            if job.done.is_set() or job.proc is None or job.reaped:
+            if job.done.is_set() or job.proc is None or job.reaped or job.concluded:
                 return  # ended already (perhaps still draining its output)
             if job.stop_reason is None:
                 job.stop_reason, job.stop_text = reason, text
@@ -695,11 +740,14 @@ class JobRunner:
                 extra={"JOB_ID": jid},
             )
             self.isolation.signal(jid, job.proc.pid, signal.SIGTERM)
-            job.timers.append(
-                self._reactor.call_later(
+            try:
+                timer = self._reactor.call_later(
                     grace, self._job_event, job, self._escalate, grace
                 )
-            )
+            except RuntimeError:  # the reactor is closed: no grace to wait out
+                self.isolation.kill_all(jid, job.proc.pid)
+                return
+            job.timers.append(timer)
 
     # -- on the reactor's thread -----------------------------------------------
     #
@@ -713,14 +761,10 @@ class JobRunner:
         except Exception as exc:  # noqa: BLE001 - see above
             self._fail(job, exc)
 
-    def _make_dir(self, job: _Job) -> None:
-        os.mkdir(job.dir, 0o750)
-        self._persist(job.dir, job.record, new=True)
-
     def _watch(self, job: _Job) -> None:
+        if job.concluded or job.done.is_set():
+            return
         assert job.out_fd is not None and job.exit_fd is not None
-        with job.cond:  # the record may change under a stop request
-            self._make_dir(job)
         os.set_blocking(job.out_fd, False)
         self._reactor.add_reader(
             job.out_fd, functools.partial(self._job_event, job, self._on_output)
@@ -732,7 +776,7 @@ class JobRunner:
     def _escalate(self, job: _Job, grace: float) -> None:
         jid = job.record.job_id
         with job.cond:
-            if job.reaped or job.proc is None:
+            if job.reaped or job.proc is None or job.concluded:
                 return
             log.info(
                 "job %s still running after %.1fs; SIGKILL",
@@ -799,11 +843,13 @@ class JobRunner:
             self._release(job, time.monotonic() + CGROUP_REMOVE_S, 0.001)
 
     def _on_exit(self, job: _Job) -> None:
+        if job.exit_fd is None:
+            return  # the job was torn down earlier in this round
         proc = job.proc
-        assert proc is not None and job.exit_fd is not None
-        self._reactor.remove_reader(job.exit_fd)
-        os.close(job.exit_fd)
-        job.exit_fd = None
+        assert proc is not None
+        fd, job.exit_fd = job.exit_fd, None
+        self._reactor.remove_reader(fd)
+        os.close(fd)
         jid = job.record.job_id
         with job.cond:
             # The main process is a zombie, so its pid still names the job's
@@ -869,6 +915,14 @@ class JobRunner:
     def _fail(self, job: _Job, exc: Exception) -> None:
         """Something went wrong watching a job: end it rather than lose it."""
         jid = job.record.job_id
+        if job.done.is_set():
+            log.warning(
+                "job %s: an event after its end failed: %r",
+                jid,
+                exc,
+                extra={"JOB_ID": jid},
+            )
+            return
         log.error(
             "job %s: watching it failed: %s; ending it",
             jid,
@@ -876,59 +930,75 @@ class JobRunner:
             exc_info=exc,
             extra={"JOB_ID": jid},
         )
-        if job.done.is_set():
-            return
         try:
             self._teardown(job)
         except Exception:  # noqa: BLE001 - record the end regardless
             log.exception("job %s: cleaning up after it failed", jid)
-        try:
-            if job.record.state is JobState.RUNNING:
-                self._finish(
-                    job,
-                    ExitReason.LOST,
-                    f"the worker lost track of the job: {exc}",
-                    job.returncode,
-                )
-                return
-        except Exception:  # noqa: BLE001 - at least never leave it running
-            log.exception("job %s: recording its end failed", jid)
-        with job.cond:
-            job.sealed = True
-            job.cond.notify_all()
-        self._active.discard(job)
-        job.done.set()
+        finally:
+            self._finish(
+                job,
+                ExitReason.LOST,
+                f"the worker lost track of the job: {exc}",
+                job.returncode,
+            )
 
-    def _teardown(self, job: _Job) -> None:
-        job.concluded = True
+    def _teardown(self, job: _Job) -> bool:
+        """Kill and reap what is left of a job and close its descriptors.
+
+        Each step runs whatever the others do, so a failing one leaks
+        nothing. Returns whether the job's cgroup (if any) could be removed.
+        """
+        jid = job.record.job_id
+        errors: list[BaseException] = []
+
+        def attempt(fn: Callable, *args) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - raised after the rest
+                errors.append(exc)
+
         with job.cond:
+            # From now on no stop or timeout signals the job's pid.
+            job.concluded = True
             timers, job.timers = job.timers, []
         for timer in timers:
-            timer.cancel()
-        for name in ("out_fd", "exit_fd"):
+            attempt(timer.cancel)
+        if job.out_fd is not None:
+            attempt(self._reactor.remove_reader, job.out_fd)
+            job.out_fd = None
+            if job.proc is not None and job.proc.stdout is not None:
+                attempt(job.proc.stdout.close)
+        for name in ("exit_fd", "status_fd"):
             fd = getattr(job, name)
             if fd is not None:
-                self._reactor.remove_reader(fd)
                 setattr(job, name, None)
-                if name == "out_fd" and job.proc is not None:
-                    job.proc.stdout.close()
-                else:
-                    os.close(fd)
-        if job.status_fd is not None:
-            os.close(job.status_fd)
-            job.status_fd = None
+                if name == "exit_fd":
+                    attempt(self._reactor.remove_reader, fd)
+                attempt(os.close, fd)
         proc = job.proc
         if proc is not None and not job.reaped:
-            with job.cond:
-                self.isolation.kill_all(job.record.job_id, proc.pid)
+            attempt(self.isolation.kill_all, jid, proc.pid)
             try:
                 job.returncode = proc.wait(timeout=1.0)
+                job.reaped = True
             except subprocess.TimeoutExpired:
+                # Not reaped: its pid stays the job's, never another's.
                 log.error(
-                    "job %s: its process %d did not die", job.record.job_id, proc.pid
+                    "job %s: its process %d did not die",
+                    jid,
+                    proc.pid,
+                    extra={"JOB_ID": jid},
                 )
-            job.reaped = True
-        self.isolation.release(job.record.job_id)
+            except Exception as exc:  # noqa: BLE001 - raised after the rest
+                errors.append(exc)
+        released = False
+        try:
+            released = self.isolation.release(jid)
+        except Exception as exc:  # noqa: BLE001 - raised after the rest
+            errors.append(exc)
+        if errors:
+            raise errors[0]
+        return released
 
     def _start_error(self, job: _Job) -> str:
         if job.status_fd is None:
@@ -947,26 +1017,39 @@ class JobRunner:
     def _finish(
         self, job: _Job, reason: ExitReason, text: str, returncode: int | None
     ) -> None:
+        r = job.record
         with job.cond:
-            job.sealed = True
-            job.output.close()
-            r = job.record
-            if returncode is not None and returncode < 0:
-                r.signal = -returncode
-            elif returncode is not None:
-                r.exit_code = returncode
-            check_transition(r.state, reason.state)
-            r.state, r.exit_reason, r.reason = reason.state, reason, text
-            r.ended_at = self.ops.now()
-            r.output_bytes = job.output.total
-            r.output_dropped_bytes = job.output.dropped
-            if r.output_dropped_bytes:
-                r.reason += (
-                    f"; {r.output_dropped_bytes} bytes of output were dropped "
-                    "between the kept head and tail"
-                )
+            # Whatever fails here, the job ends: followers, stop(), shutdown()
+            # and the running count never wait on it.
             try:
-                self._persist(job.dir, r)
+                job.sealed = True
+                try:
+                    job.output.close()
+                except OSError as exc:
+                    log.error("job %s: closing its output: %s", r.job_id, exc)
+                if returncode is not None and returncode < 0:
+                    r.signal = -returncode
+                elif returncode is not None:
+                    r.exit_code = returncode
+                check_transition(r.state, reason.state)
+                r.state, r.exit_reason, r.reason = reason.state, reason, text
+                r.ended_at = self.ops.now()
+                r.output_bytes = job.output.total
+                r.output_dropped_bytes = job.output.dropped
+                if r.output_dropped_bytes:
+                    r.reason += (
+                        f"; {r.output_dropped_bytes} bytes of output were dropped "
+                        "between the kept head and tail"
+                    )
+                try:
+                    self._persist(job.dir, r)
+                except OSError as exc:  # e.g. the disk is full
+                    log.error(
+                        "job %s: could not record its end on disk: %s",
+                        r.job_id,
+                        exc,
+                        extra={"JOB_ID": r.job_id},
+                    )
             finally:
                 job.cond.notify_all()
                 self._active.discard(job)
@@ -1039,9 +1122,3 @@ def _check_executable(path: str) -> None:
     st = os.stat(path)  # ENOENT, ENOTDIR, ELOOP ...
     if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
         raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]

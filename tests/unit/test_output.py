@@ -6,6 +6,7 @@ written, the first ``head`` bytes and the newest ``tail`` bytes after them.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -213,3 +214,14 @@ def test_recover_with_no_output_at_all(tmp_path):
     log = OutputLog(tmp_path, 10, 16)
     assert log.recover() == 0
     assert read_all(log) == []
+
+
+def test_reading_a_closed_log_keeps_no_descriptor_open(tmp_path):
+    log = OutputLog(tmp_path, 4, 8)
+    data = b"0123456789abcdefghij"
+    log.append(data)
+    log.close()
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert b"".join(d for _, d in read_all(log)) == data[:4] + data[-8:]
+    assert len(os.listdir("/proc/self/fd")) == fds

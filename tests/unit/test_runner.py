@@ -6,6 +6,7 @@ When the tests run as root, jobs run as the configured unprivileged account
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -24,6 +25,7 @@ from jobgate.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
 from worker.config import JobsSection
@@ -44,6 +46,8 @@ SCRIPTS = {
     "binary.sh": "printf '\\x00\\x01\\xff\\xfe\\xc3\\x28\\r\\n'\n",
     "env.sh": 'env\necho "uid=$(id -u)"\necho "stdin=$(readlink /proc/self/fd/0)"\n',
     "sleeper.sh": 'echo ready\nsleep "${1:-30}"\n',
+    # Sleeps without a word: closing its output pipe does not end it.
+    "quiet.sh": 'sleep "${1:-30}"\n',
     "killself.sh": "echo before\nkill -KILL $$\n",
     # gated.sh FIFO N: N lines, wait for a word on FIFO, N more lines with it.
     "gated.sh": 'for ((i = 1; i <= ${2:-1}; i++)); do echo "before $i"; done\n'
@@ -874,3 +878,285 @@ def test_reactor_drops_cancelled_timers_in_bulk():
         assert len(reactor._timers) <= 100
     finally:
         reactor.close()
+
+
+# -- a job always ends, whatever fails -------------------------------------------
+
+
+class NoExitFd(ProcessOps):
+    """The host is out of descriptors when the job's exit is to be watched."""
+
+    def __init__(self):
+        self.spawned: list[int] = []
+
+    def spawn(self, argv, **kw):
+        proc = super().spawn(argv, **kw)
+        self.spawned.append(proc.pid)
+        return proc
+
+    def exit_fd(self, pid: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+
+def disk_full(runner: JobRunner, monkeypatch, when: str) -> None:
+    """Make writing a job's first record fail (``"new"``), or its last ("end")."""
+    real = runner._persist
+
+    def persist(directory, record, new=False):
+        if new == (when == "new"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(directory, record, new)
+
+    monkeypatch.setattr(runner, "_persist", persist)
+
+
+def assert_ended(runner: JobRunner, record, key: str) -> None:
+    """The job has ended everywhere: waits, stops, counts, its key."""
+    final = in_thread(runner.stop, record.job_id, timeout=5)
+    assert final.state is JobState.FAILED
+    assert final.exit_reason is ExitReason.START_FAILED
+    assert runner.running_count() == 0
+    assert in_thread(follow, runner, record.job_id, timeout=5) == b""
+    again, existing = runner.start("bash", "hello.sh", idempotency_key=key)
+    assert existing
+    assert again.job_id == record.job_id
+    assert again.state is JobState.FAILED
+
+
+@pytest.mark.parametrize("records", ["kept", "disk full"])
+def test_a_job_that_cannot_be_watched_is_killed_and_ends(
+    make_runner, monkeypatch, records
+):
+    ops = NoExitFd()
+    runner = make_runner(ops=ops, isolation="process-group")
+    if records == "disk full":
+        disk_full(runner, monkeypatch, "end")
+    record, existing = runner.start("bash", "sleeper.sh", idempotency_key="k")
+    assert not existing
+    assert record.state is JobState.FAILED
+    assert record.reason == "the worker could not watch the job: Too many open files"
+    assert_ended(runner, record, "k")
+    pid = ops.spawned[-1]
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped
+    job_json = runner.jobs_dir / record.job_id / "job.json"
+    state = json.loads(job_json.read_text())["state"]
+    assert state == ("failed" if records == "kept" else "running")
+    in_thread(runner.shutdown, 0.2, timeout=10)
+
+
+def test_a_job_that_cannot_be_recorded_never_runs_and_ends(make_runner, monkeypatch):
+    ops = NoExitFd()
+    runner = make_runner(ops=ops)
+    disk_full(runner, monkeypatch, "new")
+    record, _ = runner.start("bash", "sleeper.sh", idempotency_key="k")
+    assert record.state is JobState.FAILED
+    assert record.reason == "could not record the job: No space left on device"
+    assert ops.spawned == []
+    assert_ended(runner, record, "k")
+    in_thread(runner.shutdown, 0.2, timeout=10)
+
+
+def test_a_job_that_cannot_spawn_ends_even_if_its_end_cannot_be_recorded(
+    make_runner, monkeypatch
+):
+    runner = make_runner(interpreters={"bash": "/nonexistent/interpreter"})
+    disk_full(runner, monkeypatch, "end")
+    record, _ = runner.start("bash", "hello.sh", idempotency_key="k")
+    assert record.reason == (
+        "could not execute /nonexistent/interpreter: No such file or directory"
+    )
+    assert_ended(runner, record, "k")
+
+
+def test_killing_a_job_that_cannot_be_watched_holds_no_lock(make_runner, monkeypatch):
+    runner = make_runner(ops=NoExitFd(), isolation="process-group")
+    other, _ = runner.start("bash", "hello.sh")  # NoExitFd: ends at once
+    gate = threading.Event()
+    entered = threading.Event()
+    real_kill_all = runner.isolation.kill_all
+
+    def slow_kill_all(job_id, pgid):
+        entered.set()
+        gate.wait(10)
+        real_kill_all(job_id, pgid)
+
+    monkeypatch.setattr(runner.isolation, "kill_all", slow_kill_all)
+    starter = threading.Thread(target=runner.start, args=("bash", "sleeper.sh"))
+    starter.start()
+    try:
+        assert entered.wait(10)
+        # Other requests go on while the job is killed.
+        assert runner.responsive(timeout=2)
+        assert in_thread(runner.get, other.job_id, timeout=2).job_id == other.job_id
+        assert len(in_thread(runner.list, timeout=2)) == 2
+    finally:
+        gate.set()
+        starter.join(10)
+    assert runner.running_count() == 0
+
+
+def test_job_record_exists_when_start_returns_and_survives_a_crash(make_runner):
+    # process-group: a second runner on the same state would otherwise remove
+    # the first one's cgroups as left over from an earlier run.
+    runner = make_runner(isolation="process-group")
+    gate = threading.Event()
+    runner._reactor.call_soon(gate.wait, 10)  # the reactor is busy
+    try:
+        record, _ = runner.start("bash", "hello.sh", idempotency_key="once")
+        job_json = runner.jobs_dir / record.job_id / "job.json"
+        saved = json.loads(job_json.read_text())
+        assert saved["state"] == "running"
+        assert saved["idempotency_key"] == "once"
+        # The worker dies now; its next run knows the job and its key.
+        restarted = make_runner(isolation="process-group")
+        lost = restarted.get(record.job_id)
+        assert lost.state is JobState.LOST
+        again, existing = restarted.start("bash", "hello.sh", idempotency_key="once")
+        assert existing
+        assert again.job_id == record.job_id
+    finally:
+        gate.set()
+    assert runner.wait(record.job_id, 10).state is JobState.SUCCEEDED
+
+
+def test_a_job_that_fails_to_spawn_is_recorded_as_start_failed(make_runner):
+    runner = make_runner(interpreters={"broken": "/nonexistent/interpreter"})
+    record, _ = runner.start("broken", "hello.sh")
+    saved = json.loads((runner.jobs_dir / record.job_id / "job.json").read_text())
+    assert saved["state"] == "failed"
+    assert saved["exit_reason"] == ExitReason.START_FAILED.value
+    reloaded = make_runner(interpreters={"broken": "/nonexistent/interpreter"})
+    assert reloaded.get(record.job_id).exit_reason is ExitReason.START_FAILED
+
+
+# -- shutting down ---------------------------------------------------------------
+
+
+def test_start_during_shutdown_is_refused_and_nothing_is_left_running(make_runner):
+    runner = make_runner()
+    first, _ = runner.start("bash", "sleeper.sh")
+    refused = []
+    real_close = runner._reactor.close
+
+    def close_after_a_late_start(*args, **kwargs):
+        # The running jobs were collected and stopped; a start comes now.
+        try:
+            runner.start("bash", "sleeper.sh")
+        except Unavailable as exc:
+            refused.append(exc)
+        return real_close(*args, **kwargs)
+
+    runner._reactor.close = close_after_a_late_start
+    in_thread(runner.shutdown, 0.2, timeout=20)
+    assert len(refused) == 1
+    assert "shutting down" in refused[0].message
+    assert [r.job_id for r in runner.list()] == [first.job_id]
+    with pytest.raises(Unavailable, match="shutting down"):
+        runner.start("bash", "hello.sh")
+    # Asking to stop a job after shutdown answers with its final record.
+    final = in_thread(runner.stop, first.job_id, timeout=5)
+    assert final.state is JobState.STOPPED
+    assert runner.responsive(timeout=1)
+
+
+def test_reactor_close_runs_the_calls_handed_over_before_it():
+    reactor = Reactor()
+    gate, busy = threading.Event(), threading.Event()
+    seen = []
+    reactor.call_soon(lambda: (busy.set(), gate.wait(10)))
+    assert busy.wait(5)
+    reactor.call_soon(seen.append, "queued")
+    closer = threading.Thread(target=reactor.close)
+    closer.start()
+    deadline = time.monotonic() + 5
+    while not reactor._closing and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError):
+        reactor.call_soon(seen.append, "late")
+    gate.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert seen == ["queued"]
+
+
+# -- health and host requirements ------------------------------------------------
+
+
+def test_runner_is_not_responsive_while_its_reactor_is_wedged(make_runner):
+    runner = make_runner()
+    assert runner.responsive(timeout=5)
+    gate = threading.Event()
+    runner._reactor.call_soon(gate.wait, 10)
+    try:
+        assert not runner.responsive(timeout=0.2)
+    finally:
+        gate.set()
+    assert runner.responsive(timeout=5)
+
+
+@pytest.mark.parametrize("missing", ["ENOSYS", "EPERM", "no function"])
+def test_runner_refuses_to_start_without_pidfd_open(
+    scripts, tmp_path, monkeypatch, missing
+):
+    if missing == "no function":
+        monkeypatch.delattr(os, "pidfd_open")
+    else:
+
+        def pidfd_open(pid, flags=0):
+            code = getattr(errno, missing)
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(os, "pidfd_open", pidfd_open)
+    cfg = JobsSection(
+        scripts_dir=scripts, state_dir=tmp_path / "state", isolation="process-group"
+    )
+    with pytest.raises(OSError, match=r"needs pidfd_open \(Linux 5\.3 or newer"):
+        JobRunner(cfg, worker_name="worker-1")
+
+
+# -- loose ends ------------------------------------------------------------------
+
+
+def test_a_job_whose_process_does_not_die_is_not_marked_reaped(
+    make_runner, monkeypatch
+):
+    ops = NoExitFd()
+    runner = make_runner(ops=ops, isolation="process-group")
+    monkeypatch.setattr(runner.isolation, "kill_all", lambda job_id, pgid: None)
+    record, _ = runner.start("bash", "quiet.sh")
+    pid = ops.spawned[-1]
+    try:
+        assert record.exit_reason is ExitReason.START_FAILED
+        job = runner._jobs[record.job_id]
+        assert not job.reaped  # its pid is still the job's: never reused
+        assert process_alive(pid)
+    finally:
+        os.killpg(pid, signal.SIGKILL)
+        runner._jobs[record.job_id].proc.wait(5)
+
+
+def test_an_event_of_a_job_torn_down_in_the_same_round_is_ignored(make_runner, caplog):
+    ops = GatedExit()
+    runner = make_runner(ops=ops, isolation="process-group")
+    record, _ = runner.start("bash", "hello.sh", ["x"])
+    job = runner._jobs[record.job_id]
+    gate = threading.Event()
+    runner._reactor.call_soon(gate.wait, 10)  # the reactor is busy meanwhile
+    try:
+        deadline = time.monotonic() + 5
+        while process_state(record.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # The output is ready first, then the exit: one round gets both.
+
+        def broken_append(data):
+            raise RuntimeError("simulated failure")
+
+        job.output.append = broken_append
+        ops.open(record.pid)
+    finally:
+        gate.set()
+    final = runner.wait(record.job_id, 10)
+    assert final.state is JobState.LOST
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("watching it failed" in m for m in messages) == 1
+    assert not [m for m in messages if "after its end" in m]
