@@ -111,7 +111,7 @@ class JobsSection:
         65536, min=1, help="largest total size of a job's arguments"
     )
     read_chunk_bytes: int = setting(
-        65536, min=512, max=4 * 1024 * 1024, help="output chunk size"
+        262144, min=512, max=4 * 1024 * 1024, help="output chunk size"
     )
     environment: dict[str, str] = setting(
         default_factory=dict, help="extra environment variables for every job"
