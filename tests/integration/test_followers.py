@@ -28,23 +28,13 @@ WORKER = "fol-1"
 FOLLOWERS = 24
 
 
-class FollowersCluster(DevCluster):
-    """One HTTP process with a thread for each follower."""
-
-    def scheduler_config(self) -> Path:
-        path = super().scheduler_config()
-        text = path.read_text()
-        assert "\nthreads = 8\n" in text
-        path.write_text(text.replace("\nthreads = 8\n", "\nthreads = 64\n"))
-        return path
-
-
 def _cluster(scripts_dir: Path, prefix: str, scheduler_extra: str = ""):
     directory = make_public_dir(prefix)
-    c = FollowersCluster(
+    c = DevCluster(
         directory,
         scripts_dir=scripts_dir,
         http_processes=1,
+        http_threads=64,  # a thread for each follower
         scheduler_extra=scheduler_extra,
     )
     try:

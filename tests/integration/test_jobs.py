@@ -226,9 +226,9 @@ class Site(NamedTuple):
     worker: str
 
 
-def _own_cluster(prefix: str, scripts: Path, worker: str, cls=DevCluster, **kw):
+def _own_cluster(prefix: str, scripts: Path, worker: str, **kw):
     directory = make_public_dir(prefix)
-    c = cls(directory, scripts_dir=scripts, http_processes=1, **kw)
+    c = DevCluster(directory, scripts_dir=scripts, http_processes=1, **kw)
     try:
         c.start((worker,))
         yield Site(c, Api(c), worker)
@@ -307,21 +307,11 @@ def restarts(scripts_dir):
     )
 
 
-class WideCluster(DevCluster):
-    """A cluster whose HTTP server has a thread for each of 64 clients at once."""
-
-    def scheduler_config(self) -> Path:
-        path = super().scheduler_config()
-        text = path.read_text()
-        assert "\nthreads = 8\n" in text
-        path.write_text(text.replace("\nthreads = 8\n", "\nthreads = 64\n"))
-        return path
-
-
 @pytest.fixture(scope="module")
 def wide(scripts_dir):
+    # The HTTP server has a thread for each of 64 clients at once.
     yield from _own_cluster(
-        "jobgate-test-wide-", scripts_dir, "wide-1", cls=WideCluster
+        "jobgate-test-wide-", scripts_dir, "wide-1", http_threads=64
     )
 
 
