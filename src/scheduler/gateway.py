@@ -25,6 +25,7 @@ from jobgate.tls import Credentials, secure_channel
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scheduler import metrics
 from scheduler.config import SchedulerConfig
+from scheduler.relay import Relay
 from scheduler.store import ONLINE, Store, WorkerRow, timestamp
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,14 @@ class Gateway:
         self.pool = pool
         pool.retry_after_s = cfg.workers.retry_after_s
         self._last_seen: dict[str, tuple[str, int]] = {}
+        w = cfg.workers
+        # Shared follow streams of this process (scheduler.relay).
+        self.relay = Relay(
+            w.follow_window_bytes,
+            w.follow_buffer_bytes,
+            w.rpc_timeout_s,
+            w.follow_write_bytes,
+        )
         self._health = None
         if grpc_target:
             channel = secure_channel(
@@ -380,7 +389,7 @@ class Gateway:
             )
 
         if follow:
-            shared = self._output_relay().follow(
+            shared = self.relay.follow(
                 (worker.id, worker.address, job_id),
                 offset,
                 open_call,
@@ -404,24 +413,6 @@ class Gateway:
             raise
         finally:
             timer.cancel()
-
-    def _output_relay(self):
-        """This process's :class:`scheduler.relay.Relay`, made on first use."""
-        relay = self.__dict__.get("_relay")
-        if relay is None:
-            from scheduler.relay import Relay
-
-            w = self.cfg.workers
-            relay = self.__dict__.setdefault(
-                "_relay",
-                Relay(
-                    w.follow_window_bytes,
-                    w.follow_buffer_bytes,
-                    w.rpc_timeout_s,
-                    w.follow_write_bytes,
-                ),
-            )
-        return relay
 
 
 class OutputStream:
