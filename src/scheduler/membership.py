@@ -145,9 +145,12 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             self._workers[w.id] = (w.name, w.state == ONLINE)
             if w.state != ONLINE:
                 continue
-            timeout = max(cfg.workers.heartbeat_timeout_s, w.heartbeat_timeout_s)
+            timeout = w.timeout_s(cfg.workers.heartbeat_timeout_s)
             self._deadlines[w.id] = mono + (w.last_seen_at + timeout - now)
-            self._paced[w.id] = timeout / self.pacing.ratio
+            # Never below the configured interval, which may have been raised.
+            self._paced[w.id] = max(
+                self.pacing.min_interval, timeout / self.pacing.ratio
+            )
         self._active = sum(1 for d in self._deadlines.values() if d > mono)
         self._recount_at = mono + RECOUNT_S
 
@@ -168,21 +171,30 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
                 self._lock.release()
         return self._active
 
-    def _pace(self, worker_id: str) -> tuple[float, float]:
-        """(interval, timeout) for the worker's next heartbeat; notes its deadline."""
-        base = self.pacing.base(self.active_workers())
-        interval = self.pacing.interval(
-            base, self._paced.get(worker_id, self.pacing.min_interval)
-        )
-        timeout = self.pacing.timeout(interval)
-        self._paced[worker_id] = base
+    def _pace(self, low: float, joining: bool = False) -> tuple[float, float, float]:
+        """(base, interval, timeout) to hand a worker last paced at ``low``."""
+        base = self.pacing.base(self.active_workers() + joining)
+        interval = self.pacing.interval(base, low)
+        return base, interval, self.pacing.timeout(interval)
+
+    def _note(
+        self, worker_id: str, base: float, timeout: float, name: str | None = None
+    ) -> None:
+        """Record the pace a worker was given and count it as heard from.
+
+        ``name`` (at registration) marks the worker online; otherwise a worker
+        that deregistered meanwhile is left alone, so it is not counted again.
+        """
         now = time.monotonic()
-        overdue = self._deadlines.get(worker_id, 0.0) <= now
-        self._deadlines[worker_id] = now + timeout
-        if overdue:  # it was not counted any more: count it again
-            with self._lock:
-                self._active += 1
-        return interval, timeout
+        with self._lock:
+            if name is not None:
+                self._workers[worker_id] = (name, True)
+            elif not self._workers.get(worker_id, ("", False))[1]:
+                return
+            if self._deadlines.get(worker_id, 0.0) <= now:
+                self._active += 1  # it was not counted any more
+            self._paced[worker_id] = base
+            self._deadlines[worker_id] = now + timeout
 
     def _own(self, context, worker_id: str, action: str):
         name = self._caller(context)
@@ -221,11 +233,9 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
                 f"{MAX_LABEL_CHARS} characters"
             )
         # The first interval lies anywhere from the shortest to the current
-        # one, so a fleet registering at once (a restart of the scheduler)
-        # spreads its heartbeats at once. The count includes this worker.
-        base = self.pacing.base(self.active_workers() + 1)
-        interval = self.pacing.interval(base, self.pacing.min_interval)
-        timeout = self.pacing.timeout(interval)
+        # one, so a fleet registering at once spreads its heartbeats from the
+        # start. The count includes this worker.
+        base, interval, timeout = self._pace(self.pacing.min_interval, joining=True)
         row = self.store.register_worker(
             name,
             request.address,
@@ -234,13 +244,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             request.version,
             heartbeat_timeout_s=timeout,
         )
-        now = time.monotonic()
-        with self._lock:
-            if self._deadlines.get(row.id, 0.0) <= now:
-                self._active += 1
-            self._workers[row.id] = (name, True)
-            self._paced[row.id] = base
-            self._deadlines[row.id] = now + timeout
+        self._note(row.id, base, timeout, name)
         log.info(
             "worker %s registered as %s at %s",
             name,
@@ -261,7 +265,10 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise PermissionDenied(
                 f"worker {name!r} may not heartbeat for worker {known[0]!r}"
             )
-        interval, timeout = self._pace(request.worker_id)
+        base, interval, timeout = self._pace(
+            self._paced.get(request.worker_id, self.pacing.min_interval)
+        )
+        self._note(request.worker_id, base, timeout)
         self.heartbeats.record(request.worker_id, request.running_jobs, timeout)
         return scheduler_pb2.HeartbeatResponse(heartbeat_interval_s=interval)
 

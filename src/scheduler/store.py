@@ -77,14 +77,18 @@ class WorkerRow:
     # given); 0 for rows written before it was kept.
     heartbeat_timeout_s: float = 0.0
 
-    def effective_state(self, now: float, heartbeat_timeout_s: float) -> str:
-        """online, offline, or unreachable when an online worker went silent.
+    def timeout_s(self, configured: float) -> float:
+        """How long the worker may stay silent before it is unreachable.
 
-        ``heartbeat_timeout_s`` is the configured timeout; a worker told to
-        heartbeat less often than the configured interval has a longer one of
-        its own, and the longer of the two applies.
+        ``configured`` is ``[workers].heartbeat_timeout_s``; a worker told to
+        heartbeat less often than the configured interval has a longer timeout
+        of its own, and the longer of the two applies.
         """
-        timeout = max(heartbeat_timeout_s, self.heartbeat_timeout_s)
+        return max(configured, self.heartbeat_timeout_s)
+
+    def effective_state(self, now: float, heartbeat_timeout_s: float) -> str:
+        """online, offline, or unreachable when an online worker went silent."""
+        timeout = self.timeout_s(heartbeat_timeout_s)
         if self.state == ONLINE and now - self.last_seen_at > timeout:
             return UNREACHABLE
         return self.state
