@@ -16,8 +16,6 @@ be forged by choosing a name with dots or slashes in it.
 from __future__ import annotations
 
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import grpc
@@ -67,61 +65,6 @@ def parse_uri(value: str) -> Identity | None:
     return Identity(cluster, m.group(4), m.group(5))
 
 
-class IdentityCache:
-    """Identities already read from certificates, least recently used dropped.
-
-    The key is the certificate itself (its PEM bytes, as the TLS layer hands
-    them over) with the cluster asked about, so a certificate is read once
-    however many calls its holder makes, and a different certificate, even
-    for the same name, is always read afresh.
-    """
-
-    def __init__(self, size: int):
-        self.size = size
-        self._entries: OrderedDict[tuple[str, bytes], Identity | None] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple[str, bytes]) -> tuple[bool, Identity | None]:
-        with self._lock:
-            try:
-                ident = self._entries[key]
-            except KeyError:
-                self.misses += 1
-                return False, None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return True, ident
-
-    def put(self, key: tuple[str, bytes], ident: Identity | None) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._entries[key] = ident
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-    def resize(self, size: int) -> None:
-        with self._lock:
-            self.size = size
-            while len(self._entries) > max(size, 0):
-                self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-DEFAULT_CACHE_SIZE = 10_000
-CACHE = IdentityCache(DEFAULT_CACHE_SIZE)
-
-
-def set_cache_size(size: int) -> None:
-    """How many certificates' identities :func:`peer_identity` keeps (0: none)."""
-    CACHE.resize(size)
-
-
 def peer_identity(context: grpc.ServicerContext, cluster: str) -> Identity | None:
     """The caller's identity in ``cluster``, from its verified client certificate.
 
@@ -129,18 +72,6 @@ def peer_identity(context: grpc.ServicerContext, cluster: str) -> Identity | Non
     TLS layer already refused certificates the cluster CA did not sign).
     """
     auth = context.auth_context() or {}
-    pem = auth.get("x509_pem_cert")
-    if not pem or len(pem) != 1:
-        return _read_identity(auth, cluster)
-    key = (cluster, pem[0])
-    found, ident = CACHE.get(key)
-    if not found:
-        ident = _read_identity(auth, cluster)
-        CACHE.put(key, ident)
-    return ident
-
-
-def _read_identity(auth, cluster: str) -> Identity | None:
     found = None
     for raw in auth.get("peer_uri", []) + auth.get("peer_spiffe_id", []):
         ident = parse_uri(raw.decode("utf-8", "replace"))

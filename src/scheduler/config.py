@@ -109,12 +109,6 @@ class GrpcSection:
     max_message_bytes: int = setting(
         4 * 1024 * 1024, min=65536, help="largest gRPC message accepted"
     )
-    identity_cache_size: int = setting(
-        10_000,
-        min=0,
-        max=10_000_000,
-        help="caller certificates whose identity is kept parsed; 0: parse each call",
-    )
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, "bind")

@@ -21,7 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-from jobgate import identity
 from jobgate.config import parse_hostport
 from jobgate.notify import Notifier
 from jobgate.service import (
@@ -110,7 +109,6 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
     store = Store(cfg.state.path, cfg.state.busy_timeout_s)
     store.initialize()
     creds = Credentials.load(cfg.tls)
-    identity.set_cache_size(cfg.grpc.identity_cache_size)
     server, health_servicer = grpc_server(
         cfg.cluster.name, POLICY, cfg.grpc.max_threads, cfg.grpc.max_message_bytes
     )

@@ -444,7 +444,6 @@ def test_scheduler_config_loads_with_defaults(confdir):
         ("workers", "retry_after_s", 1.5, "expected an integer, got number 1.5"),
         ("workers", "max_heartbeats_per_s", 0, "0 is below the minimum 0.01"),
         ("workers", "heartbeat_jitter", 1.5, "1.5 is above the maximum 1.0"),
-        ("grpc", "identity_cache_size", -1, "-1 is below the minimum 0"),
     ],
 )
 def test_scheduler_config_error_names_file_and_key(

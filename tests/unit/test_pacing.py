@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from jobgate.identity import Identity
 from jobgate.tls import TLSConfig
 from jobgate.v1 import scheduler_pb2
 from scheduler.config import (
@@ -314,16 +313,3 @@ def test_the_worker_adopts_the_interval_each_heartbeat_answer_gives():
     # An answer without an interval (an older scheduler) keeps the last one.
     assert gaps[2] < 0.3
     assert registrar.heartbeat_interval == 0.05
-
-
-def test_identity_cache_is_used_by_the_membership_service(membership):
-    from jobgate import identity
-
-    identity.CACHE.resize(identity.DEFAULT_CACHE_SIZE)
-    resp = register(membership, "w1")
-    before = identity.CACHE.hits
-    heartbeat(membership, "w1", resp.worker_id)
-    assert identity.CACHE.hits > before
-    assert identity.peer_identity(FakeContext("w1"), "dev") == Identity(
-        "dev", "worker", "w1"
-    )
