@@ -261,8 +261,9 @@ class Gateway:
     def get_worker(self, ref: str) -> dict:
         return self.worker_to_dict(self.find(ref))
 
-    def _reachable(self, ref: str) -> tuple[WorkerRow, WorkerCalls]:
-        worker = self.find(ref)
+    def _reachable(self, ref: str | WorkerRow) -> tuple[WorkerRow, WorkerCalls]:
+        """The worker (found by id or name, unless given) and its stub, if online."""
+        worker = self.find(ref) if isinstance(ref, str) else ref
         state = self._state(worker)
         if state != ONLINE:
             raise Unavailable(
@@ -328,7 +329,13 @@ class Gateway:
         return [job_to_dict(j, worker.id) for j in resp.jobs], False
 
     def get_job(self, ref: str, job_id: str) -> dict:
-        worker, stub = self._reachable(ref)
+        worker = self.find(ref)
+        # An ended job's status never changes: once seen, the index answers
+        # for it, whatever the state of its worker now.
+        ended = self.store.ended_job(worker.id, job_id)
+        if ended is not None:
+            return ended
+        worker, stub = self._reachable(worker)
         job = stub.GetJob(
             worker_pb2.GetJobRequest(job_id=job_id),
             timeout=self.cfg.workers.rpc_timeout_s,
@@ -348,7 +355,11 @@ class Gateway:
 
     def wait_job(self, ref: str, job_id: str) -> dict:
         """The job's status once it ended, or after ``[workers].max_wait_s``."""
-        worker, stub = self._reachable(ref)
+        worker = self.find(ref)
+        ended = self.store.ended_job(worker.id, job_id)
+        if ended is not None:
+            return ended
+        worker, stub = self._reachable(worker)
         wait_s = self.cfg.workers.max_wait_s
         job = stub.WaitJob(
             worker_pb2.WaitJobRequest(job_id=job_id, timeout_s=wait_s),

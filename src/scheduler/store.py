@@ -284,11 +284,34 @@ class Store:
         )
 
     def update_job(self, status: dict) -> None:
-        """Keep the last status seen of a job the scheduler knows."""
+        """Keep the last status seen of a job the scheduler knows.
+
+        An ended job's status is final: a status of it that is older (one
+        that an earlier call saw running, written late) does not replace it.
+        """
         self._conn().execute(
-            "UPDATE jobs SET state = ?, status = ?, updated_at = ? WHERE job_id = ?",
+            "UPDATE jobs SET state = ?, status = ?, updated_at = ? "
+            "WHERE job_id = ? AND state = 'running'",
             (status["state"], json.dumps(status), time.time(), status["job_id"]),
         )
+
+    def ended_job(self, worker_id: str, job_id: str) -> dict | None:
+        """The final status of the worker's job if the index saw it end.
+
+        A worker never changes the status of a job that ended, so this
+        answers for the worker (its retention may even have removed the job
+        since).
+        """
+        row = (
+            self._conn()
+            .execute(
+                "SELECT status FROM jobs WHERE job_id = ? AND worker_id = ? "
+                "AND state != 'running'",
+                (job_id, worker_id),
+            )
+            .fetchone()
+        )
+        return None if row is None else json.loads(row["status"])
 
     def worker_jobs(self, worker_id: str, limit: int = 1000) -> list[dict]:
         """Last known statuses of a worker's jobs, newest first."""

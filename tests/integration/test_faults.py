@@ -421,12 +421,20 @@ def test_scheduler_restarted_twice_with_jobs_running_loses_nothing(clusters):
 def test_worker_stopped_mid_job_stops_it_and_returns_with_its_id(clusters):
     c, api = clusters("term", workers=("worker-a",))
     before = api.worker("worker-a")
+    ended = api.start("worker-a", "hello.sh")
+    api.output("worker-a", ended["job_id"])
+    ended_path = f"/v1/workers/worker-a/jobs/{ended['job_id']}"
+    status, _, final = api.get(ended_path)
+    assert status == 200 and final["state"] == "succeeded"
     job = api.start("worker-a", "sleep.sh", ["300"])
     jid = job["job_id"]
 
     assert c.workers["worker-a"].stop() == 0
     assert api.worker("worker-a")["state"] == "offline"
     assert wait_for(lambda: not pid_alive(job["pid"]), timeout=5)
+    # The ended job's status is final and known; the other one's is not.
+    assert api.get(ended_path)[::2] == (200, final)
+    assert api.get(f"/v1/workers/worker-a/jobs/{jid}")[0] == 503
     status, _, listing = api.get("/v1/workers/worker-a/jobs")
     assert status == 200 and listing["stale"] is True
     assert jid in {j["job_id"] for j in listing["jobs"]}
@@ -442,7 +450,10 @@ def test_worker_stopped_mid_job_stops_it_and_returns_with_its_id(clusters):
     assert data["ended_at"] is not None
     status, _, listing = api.get("/v1/workers/worker-a/jobs")
     assert listing["stale"] is False
-    assert {j["job_id"]: j["state"] for j in listing["jobs"]} == {jid: "stopped"}
+    assert {j["job_id"]: j["state"] for j in listing["jobs"]} == {
+        jid: "stopped",
+        ended["job_id"]: "succeeded",
+    }
 
 
 def test_worker_killed_mid_job_reports_it_lost_and_keeps_its_id(clusters):

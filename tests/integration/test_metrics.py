@@ -138,3 +138,33 @@ def test_worker_metrics_listener(metered):
     assert sample(values, "jobgate_worker_job_duration_seconds_count") >= 1
     assert sample(values, "jobgate_worker_spawn_seconds_count") >= 1
     assert sample(values, "jobgate_worker_output_bytes_total") >= len(out)
+
+
+def _get_job_calls(api: Api) -> float:
+    values = samples(api.get("/metrics")[2].decode())
+    return sample(values, "jobgate_worker_calls_total", method="GetJob")
+
+
+def test_an_ended_jobs_status_comes_from_the_index_not_the_worker(metered):
+    api = Api(metered)
+    running = api.start("worker-1", "sleep.sh", ["30"])
+    ended = api.start("worker-1", "hello.sh")
+    api.output("worker-1", ended["job_id"])  # follows it to its end
+    path = f"/v1/workers/worker-1/jobs/{ended['job_id']}"
+    # The first status after the end comes from the worker and is recorded.
+    status, _, final = api.get(path)
+    assert status == 200 and final["state"] == "succeeded"
+    before = _get_job_calls(api)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: api.get(path), range(20)))
+    assert all(s == 200 and b == final for s, _, b in answers)
+    status, _, body = api.post(
+        "/query", {"worker_id": "worker-1", "job_id": ended["job_id"]}
+    )
+    assert status == 200 and body["done"] is True
+    assert _get_job_calls(api) == before
+    # A running job's status is the worker's, every time.
+    for _ in range(3):
+        assert api.get(f"/v1/workers/worker-1/jobs/{running['job_id']}")[0] == 200
+    assert _get_job_calls(api) == before + 3
+    assert api.post(f"/v1/workers/worker-1/jobs/{running['job_id']}/stop")[0] == 200

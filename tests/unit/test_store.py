@@ -1,0 +1,57 @@
+"""The scheduler's job index: an ended job's recorded status is final."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.store import Store
+
+
+@pytest.fixture
+def index(tmp_path):
+    """A store with two workers; returns it and their ids."""
+    store = Store(tmp_path / "state.db")
+    store.initialize()
+    ids = [
+        store.register_worker(name, "127.0.0.1:1", {}, 1, "test").id
+        for name in ("a", "b")
+    ]
+    return store, ids
+
+
+def status(job_id: str, worker_id: str, state: str, output_bytes: int = 0) -> dict:
+    return {
+        "job_id": job_id,
+        "worker_id": worker_id,
+        "state": state,
+        "exit_code": None if state == "running" else 0,
+        "output_bytes": output_bytes,
+    }
+
+
+def test_a_running_job_has_no_ended_status(index):
+    store, (a, _) = index
+    store.record_job(status("j1", a, "running"))
+    store.update_job(status("j1", a, "running", 10))
+    assert store.ended_job(a, "j1") is None
+    assert store.ended_job(a, "unknown") is None
+
+
+def test_the_ended_status_is_kept_and_answered_for_its_worker_only(index):
+    store, (a, b) = index
+    store.record_job(status("j1", a, "running"))
+    final = status("j1", a, "succeeded", 42)
+    store.update_job(final)
+    assert store.ended_job(a, "j1") == final
+    assert store.ended_job(b, "j1") is None
+    # A status seen earlier but written later does not bring the job back.
+    store.update_job(status("j1", a, "running", 10))
+    assert store.ended_job(a, "j1") == final
+    assert store.worker_jobs(a)[0]["state"] == "succeeded"
+
+
+def test_a_job_that_had_ended_when_it_was_recorded(index):
+    store, (a, _) = index
+    final = status("j2", a, "failed")
+    store.record_job(final)
+    assert store.ended_job(a, "j2") == final
