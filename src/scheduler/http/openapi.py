@@ -363,8 +363,9 @@ def _schemas() -> dict[str, Schema]:
         description="A worker the job could not be started on.",
     )
     group_job = {
-        "description": "A job of a group: its status, fresh from the worker or, "
-        "when the worker cannot be asked, the last one the scheduler saw (stale).",
+        "description": "A job of a group: its status, fresh from the worker (or "
+        "final, from the scheduler's record) or, when the worker cannot be asked, "
+        "the last one the scheduler saw (stale).",
         "allOf": [
             _s("Job"),
             _obj(
@@ -899,6 +900,9 @@ def _paths() -> dict[str, Schema]:
                 "jobs",
                 {200: _response("The job's status.", {JSON: job_json})},
                 scope=READ,
+                description="A running job's status comes from its worker. Once "
+                "the scheduler has seen a job it started end, it answers with "
+                "that final status itself, also while the worker is offline.",
                 errors=WORKER_ERRORS,
             ),
         },
