@@ -899,18 +899,21 @@ def test_retention_by_count_removes_the_oldest_finished_jobs(restarts):
     api, c, w = restarts.api, restarts.cluster, restarts.worker
     running = api.start(w, "sleep.sh", ["300"], timeout_s=60)
     try:
-        finished, dirs = [], []
+        finished, dirs, final = [], [], {}
         for _ in range(4):
             job = api.start(w, "hello.sh", timeout_s=60)
-            run_to_end(api, w, job["job_id"])
+            final[job["job_id"]], _ = run_to_end(api, w, job["job_id"])
             finished.append(job["job_id"])
             dirs.append(job_dir(c, job["job_id"]))  # while it is among the newest
         assert wait_for(
-            lambda: api.get(jobs_path(w, finished[0]))[0] == 404, timeout=10
+            lambda: api.get(jobs_path(w, finished[0], "/output"))[0] == 404,
+            timeout=10,
         )
         assert not dirs[0].exists()
         assert all(d.exists() for d in dirs[1:])
-        assert api.get(jobs_path(w, finished[0], "/output"))[0] == 404
+        assert finished[0] not in job_ids(api, w)
+        # The scheduler saw it end: its final status is still answered.
+        assert status_of(api, w, finished[0]) == final[finished[0]]
         for job_id in finished[1:]:
             assert status_of(api, w, job_id)["state"] == "succeeded"
         # A running job is never retention's to remove, however old.
