@@ -2,12 +2,17 @@
 
     .venv/bin/python -m bench.worker_micro start [--n 200] [--profile]
     .venv/bin/python -m bench.worker_micro jobs [--n 200] [--seconds 10]
+    .venv/bin/python -m bench.worker_micro chain [--n 200]
 
 ``start``: N sequential starts of a script that exits at once; p50/p90/p99 of
 ``JobRunner.start`` and, with ``--profile``, the top functions by cumulative
 time (cProfile). ``jobs``: N jobs each printing a line every 50 ms while 8
 threads call ``JobRunner.get`` on one of them: the calls' latency, the
-process's CPU and its thread count.
+process's CPU and its thread count. ``chain`` (as root): what the processes
+of one job that exits at once cost, started each way a job could be started
+(the exec chain the runner uses, and the alternatives), N times each: the CPU
+of the children (``getrusage``), and how long ``Popen`` itself takes in a
+process of the worker's size.
 """
 
 from __future__ import annotations
@@ -121,15 +126,60 @@ def jobs(args) -> None:
         print(f"shutdown of {args.n} jobs: {time.monotonic() - t0:.2f} s")
 
 
+def chain(args) -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("chain: run as root (the chains switch to another user)")
+    import resource
+    import subprocess
+
+    script = str(SCRIPTS / "exit0.sh")
+    nobody = ["--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+    shim = 'echo $$ > /dev/null; exec "$@"'  # the runner's shim, minus the cgroup
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    ballast = [bytearray(1024) for _ in range(50_000)]  # about the worker's RSS
+    chains = (
+        ("bash alone (as root)", ["/bin/bash", script], {}),
+        ("setpriv, bash", [setpriv, *nobody, "/bin/bash", script], {}),
+        (
+            "sh shim, setpriv, bash (cgroup mode, as root)",
+            ["/bin/sh", "-c", shim, "shim", setpriv, *nobody, "/bin/bash", script],
+            {},
+        ),
+        (
+            "bash, user switched by subprocess (fork, not vfork)",
+            ["/bin/bash", script],
+            {"user": 65534, "group": 65534, "extra_groups": []},
+        ),
+    )
+    for label, argv, kw in chains:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        popen = []
+        for _ in range(args.n):
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, **kw)
+            popen.append((time.perf_counter() - t0) * 1000)
+            proc.wait()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (
+            after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        ) / args.n
+        print(
+            f"{label}: children's CPU {cpu * 1000:.2f} ms per job; "
+            f"Popen p50 {_pct(popen, 0.5):.2f} ms"
+        )
+    del ballast
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("start", "jobs"))
+    parser.add_argument("what", choices=("start", "jobs", "chain"))
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--isolation", default="auto")
     args = parser.parse_args()
-    {"start": start, "jobs": jobs}[args.what](args)
+    {"start": start, "jobs": jobs, "chain": chain}[args.what](args)
 
 
 if __name__ == "__main__":
