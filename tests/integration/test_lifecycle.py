@@ -13,10 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from conftest import REPO, Api, make_public_dir
+from test_mtls import START_HELLO, pair, worker_stub
 
 from jobgate.devcluster import DevCluster
+from jobgate.v1 import worker_pb2
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -272,3 +275,34 @@ def test_heartbeat_interval_follows_the_fleet_and_the_timeout_follows_it(
     assert w["state"] == "unreachable"
     assert 8.0 <= silent < 11.5, silent
     assert worker_state(api, "worker-b") == "online"
+
+
+def test_worker_shutting_down_refuses_starts_over_grpc(small_cluster):
+    """While a stopping worker waits for its jobs, StartJob gets UNAVAILABLE."""
+    api = Api(small_cluster)
+    job = api.start("worker-a", "stubborn.sh")
+    # The job ignores SIGTERM: the worker's shutdown waits [jobs].stop_grace_s
+    # for it, serving gRPC meanwhile.
+    assert wait_for(
+        lambda: b"stubborn" in api.output("worker-a", job["job_id"], "follow=false")
+    )
+    worker = small_cluster.workers["worker-a"]
+    scheduler = pair(small_cluster.pki, "scheduler")
+    with worker_stub(small_cluster, "worker-a", scheduler) as stub:
+        stub.GetJob(worker_pb2.GetJobRequest(job_id=job["job_id"]), timeout=5)
+        worker.signal(signal.SIGTERM)
+        refused = None
+        deadline = time.monotonic() + 5
+        while refused is None and time.monotonic() < deadline:
+            try:
+                stub.StartJob(START_HELLO, timeout=5)
+            except grpc.RpcError as exc:
+                if "shutting down" in (exc.details() or ""):
+                    refused = exc
+                    break
+            time.sleep(0.02)
+    assert refused is not None, "no start was refused during the shutdown"
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE
+    assert "another worker" in refused.details()
+    assert worker.proc.wait(timeout=15) == 0
+    assert worker_state(api, "worker-a") == "offline"
