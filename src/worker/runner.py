@@ -69,6 +69,10 @@ SHIM = (
 # How long the cgroup of a job that ended may take to empty before it is
 # left for the next start of the worker to remove.
 CGROUP_REMOVE_S = 5.0
+# A job's process that outlived SIGKILL is looked at again after this long,
+# then at doubling intervals up to the maximum, until it can be reaped.
+REAP_LATER_S = 1.0
+REAP_LATER_MAX_S = 60.0
 
 
 @dataclasses.dataclass
@@ -982,13 +986,19 @@ class JobRunner:
                 job.returncode = proc.wait(timeout=1.0)
                 job.reaped = True
             except subprocess.TimeoutExpired:
-                # Not reaped: its pid stays the job's, never another's.
+                # Not reaped: its pid stays the job's, never another's. It is
+                # reaped once it dies (a process in an uninterruptible sleep
+                # takes SIGKILL only when it wakes).
                 log.error(
-                    "job %s: its process %d did not die",
+                    "job %s: its process %d did not die; it is reaped when it does",
                     jid,
                     proc.pid,
                     extra={"JOB_ID": jid},
                 )
+                try:
+                    self._reactor.call_later(REAP_LATER_S, self._reap_later, job)
+                except RuntimeError:
+                    pass  # the worker is stopping: init reaps it after us
             except Exception as exc:  # noqa: BLE001 - raised after the rest
                 errors.append(exc)
         released = False
@@ -999,6 +1009,28 @@ class JobRunner:
         if errors:
             raise errors[0]
         return released
+
+    def _reap_later(self, job: _Job, delay: float = REAP_LATER_S) -> None:
+        """Reap the process of an ended job that outlived its SIGKILL."""
+        assert job.proc is not None
+        try:
+            returncode = job.proc.poll()
+        except OSError as exc:
+            log.warning("job %s: reaping its process: %s", job.record.job_id, exc)
+            return
+        if returncode is None:
+            self._reactor.call_later(
+                delay, self._reap_later, job, min(delay * 2, REAP_LATER_MAX_S)
+            )
+            return
+        with job.cond:
+            job.reaped = True
+        log.info(
+            "job %s: its process %d ended at last and was reaped",
+            job.record.job_id,
+            job.proc.pid,
+            extra={"JOB_ID": job.record.job_id},
+        )
 
     def _start_error(self, job: _Job) -> str:
         if job.status_fd is None:

@@ -1129,14 +1129,19 @@ def test_a_job_whose_process_does_not_die_is_not_marked_reaped(
     monkeypatch.setattr(runner.isolation, "kill_all", lambda job_id, pgid: None)
     record, _ = runner.start("bash", "quiet.sh")
     pid = ops.spawned[-1]
+    job = runner._jobs[record.job_id]
     try:
         assert record.exit_reason is ExitReason.START_FAILED
-        job = runner._jobs[record.job_id]
         assert not job.reaped  # its pid is still the job's: never reused
         assert process_alive(pid)
     finally:
         os.killpg(pid, signal.SIGKILL)
-        runner._jobs[record.job_id].proc.wait(5)
+    # Once it dies it is reaped, not left a zombie until the worker exits.
+    deadline = time.monotonic() + 10
+    while not job.reaped and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.reaped
+    assert not Path(f"/proc/{pid}").exists()
 
 
 def test_an_event_of_a_job_torn_down_in_the_same_round_is_ignored(make_runner, caplog):
