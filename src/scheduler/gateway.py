@@ -261,9 +261,11 @@ class Gateway:
     def get_worker(self, ref: str) -> dict:
         return self.worker_to_dict(self.find(ref))
 
-    def _reachable(self, ref: str | WorkerRow) -> tuple[WorkerRow, WorkerCalls]:
-        """The worker (found by id or name, unless given) and its stub, if online."""
-        worker = self.find(ref) if isinstance(ref, str) else ref
+    def _reachable(self, ref: str) -> tuple[WorkerRow, WorkerCalls]:
+        return self._stub(self.find(ref))
+
+    def _stub(self, worker: WorkerRow) -> tuple[WorkerRow, WorkerCalls]:
+        """The worker and its stub, or Unavailable unless it is online."""
         state = self._state(worker)
         if state != ONLINE:
             raise Unavailable(
@@ -328,14 +330,20 @@ class Gateway:
         )
         return [job_to_dict(j, worker.id) for j in resp.jobs], False
 
-    def get_job(self, ref: str, job_id: str) -> dict:
+    def _ended(self, ref: str, job_id: str) -> tuple[WorkerRow, dict | None]:
+        """The worker, and the job's final status if the index saw it end.
+
+        An ended job's status never changes: once seen, the index answers for
+        it, whatever the state of its worker now.
+        """
         worker = self.find(ref)
-        # An ended job's status never changes: once seen, the index answers
-        # for it, whatever the state of its worker now.
-        ended = self.store.ended_job(worker.id, job_id)
+        return worker, self.store.ended_job(worker.id, job_id)
+
+    def get_job(self, ref: str, job_id: str) -> dict:
+        worker, ended = self._ended(ref, job_id)
         if ended is not None:
             return ended
-        worker, stub = self._reachable(worker)
+        worker, stub = self._stub(worker)
         job = stub.GetJob(
             worker_pb2.GetJobRequest(job_id=job_id),
             timeout=self.cfg.workers.rpc_timeout_s,
@@ -355,11 +363,10 @@ class Gateway:
 
     def wait_job(self, ref: str, job_id: str) -> dict:
         """The job's status once it ended, or after ``[workers].max_wait_s``."""
-        worker = self.find(ref)
-        ended = self.store.ended_job(worker.id, job_id)
+        worker, ended = self._ended(ref, job_id)
         if ended is not None:
             return ended
-        worker, stub = self._reachable(worker)
+        worker, stub = self._stub(worker)
         wait_s = self.cfg.workers.max_wait_s
         job = stub.WaitJob(
             worker_pb2.WaitJobRequest(job_id=job_id, timeout_s=wait_s),
