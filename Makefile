@@ -11,7 +11,8 @@ PROTOS := $(wildcard proto/jobgate/v1/*.proto)
 
 all: proto
 
-$(VENV)/.installed: pyproject.toml
+# setup.py compiles the worker's job spawner (src/worker/_spawn.c) in place.
+$(VENV)/.installed: pyproject.toml setup.py src/worker/_spawn.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -54,7 +55,7 @@ DEB_DIST  := dist/deb
 # dependencies, and the project's venv stays what `make test` needs.
 TOOLS_VENV := .venv-appliance
 APPLIANCE_APT := systemd-container debootstrap dh-virtualenv debhelper dpkg-dev \
-	build-essential lintian ruby vagrant python3 python3-venv iproute2 \
+	build-essential python3-dev lintian ruby vagrant python3 python3-venv iproute2 \
 	openssh-client util-linux procps
 
 .PHONY: deb appliance-deps test-appliance

@@ -1,13 +1,16 @@
-"""Build hook: generate the gRPC stubs from proto/ while building the package.
+"""Build hooks: the gRPC stubs and the worker's job spawner.
 
-All metadata lives in pyproject.toml. This file only makes ``pip install .``
-(and so the Debian package build) produce ``jobgate/v1/*_pb2*.py`` from the
-``.proto`` files, the same way ``make proto`` does for a development checkout.
+All metadata lives in pyproject.toml. This file makes ``pip install .`` (and
+so the Debian package build) produce ``jobgate/v1/*_pb2*.py`` from the
+``.proto`` files, the same way ``make proto`` does for a development checkout,
+and compile ``worker._spawn`` (C, Linux only), which starts a job's program
+with one exec. It is optional: where no C compiler is at hand the build goes
+on without it, and the worker starts jobs through ``setpriv`` instead.
 """
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -39,4 +42,11 @@ class BuildWithStubs(build_py):
             generate_stubs(Path(self.build_lib))
 
 
-setup(cmdclass={"build_py": BuildWithStubs})
+SPAWN = Extension(
+    "worker._spawn",
+    ["src/worker/_spawn.c"],
+    extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-O2"],
+    optional=True,
+)
+
+setup(cmdclass={"build_py": BuildWithStubs}, ext_modules=[SPAWN])

@@ -4,10 +4,11 @@ Two mechanisms, chosen at start-up (``[jobs].isolation``):
 
 * ``cgroup``: every job gets its own cgroup v2 below the worker's own cgroup
   (under systemd, ``Delegate=yes`` hands the worker its cgroup). The job joins
-  it before its program runs (a ``/bin/sh`` shim writes its own pid into the
-  cgroup, then execs the job, through ``setpriv`` when it must drop to the
-  job's user), and nothing it starts can leave it: not a double fork, not
-  ``setsid``. Stopping signals every process in it, and ``cgroup.kill`` ends
+  it before its program runs (the child started by :mod:`worker.spawn` joins
+  it before its exec; without that module a ``/bin/sh`` shim writes its own
+  pid into the cgroup, then execs the job, through ``setpriv`` when it must
+  drop to the job's user), and nothing it starts can leave it: not a double
+  fork, not ``setsid``. Stopping signals every process in it, and ``cgroup.kill`` ends
   them all at once.
 * ``process-group``: every job is the leader of a new session and process
   group, and signals go to the group. A process that calls ``setsid`` escapes

@@ -51,6 +51,7 @@ from jobgate.errors import (
 )
 from jobgate.jobstate import ExitReason, JobState, check_transition
 from worker import isolation, metrics
+from worker import spawn as one_exec
 from worker.config import JobsSection
 from worker.output import OutputLog
 from worker.reactor import Reactor, Timer
@@ -119,11 +120,35 @@ _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
 
 
 class ProcessOps:
-    """The runner's seam to the operating system."""
+    """The runner's seam to the operating system.
+
+    ``native``: jobs start with one exec (:mod:`worker.spawn`), which joins
+    the job's cgroup and drops to its user itself; else through ``subprocess``,
+    and the runner builds the chain of programs that does it.
+    """
+
+    native = not one_exec.available()
 
     def spawn(
-        self, argv, *, cwd, env, user, group, stdin=subprocess.DEVNULL
-    ) -> subprocess.Popen:
+        self,
+        argv,
+        *,
+        cwd,
+        env,
+        user,
+        group,
+        stdin=subprocess.DEVNULL,
+        cgroup_procs: str | None = None,
+    ) -> subprocess.Popen | one_exec.Child:
+        if self.native:
+            return one_exec.spawn(
+                argv,
+                cwd=cwd,
+                env=env,
+                user=user,
+                group=group,
+                cgroup_procs=cgroup_procs,
+            )
         return subprocess.Popen(
             argv,
             cwd=cwd,
@@ -217,14 +242,22 @@ class JobRunner:
             isolation_mode or cfg.isolation,
             isolation.instance_name(worker_name, cfg.state_dir),
         )
-        # Drop privileges with setpriv rather than in the forked child, so
-        # that spawning can use vfork, much cheaper from a large process.
+        # Without the one-exec spawner, drop privileges with setpriv rather
+        # than in the forked child, so that spawning can use vfork, much
+        # cheaper from a large process.
         self._setpriv = (
             getattr(self.isolation, "setpriv", None)
             or shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
-            if self._user is not None
+            if self._user is not None and not self.ops.native
             else None
         )
+        if self.ops.native:
+            log.info("jobs start with a single exec (worker._spawn)")
+        else:
+            log.info(
+                "jobs start through /bin/sh and setpriv: %s",
+                one_exec.available() or "the one-exec spawner is turned off",
+            )
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._by_key: dict[str, str] = {}
@@ -460,6 +493,10 @@ class JobRunner:
             detail = getattr(exc, "strerror", None) or str(exc)
             if stage == "record":
                 return f"could not record the job: {detail}"
+            if stage == "spawn" and isinstance(exc, OSError) and not exc.filename:
+                # Not the exec: what the child had to do before it, or a
+                # descriptor the worker could not get.
+                return f"could not start the job: {detail}"
             if stage == "spawn":
                 return f"could not execute {argv[0]}: {detail}"
             return f"the worker could not watch the job: {detail}"
@@ -480,6 +517,17 @@ class JobRunner:
         _check_executable(argv[0])
         procs = self.isolation.prepare(job.record.job_id)
         env = self._environment(job.record.job_id)
+        if self.ops.native:
+            job.proc = self.ops.spawn(
+                argv,
+                cwd=str(self.scripts_dir),
+                env=env,
+                user=self._user,
+                group=self._group,
+                cgroup_procs=None if procs == "-" else procs,
+            )
+            self._spawned(job)
+            return
         # The job's program runs with the job's user only, through setpriv:
         # no uid switch in the forked child lets subprocess use vfork.
         priv = []

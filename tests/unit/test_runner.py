@@ -38,6 +38,16 @@ pytestmark = pytest.mark.timeout(60)
 # where the host has no writable cgroup v2.
 MODES = ["process-group", "cgroup"]
 
+
+class ExecChain(ProcessOps):
+    """Starts jobs the way a worker without worker._spawn does."""
+
+    native = False
+
+
+# Both ways a job's program is started: one exec, or /bin/sh and setpriv.
+SPAWNERS = {"one-exec": None, "exec-chain": ExecChain}
+
 SCRIPTS = {
     # Interleaves stdout and stderr, then exits with $1.
     "mixed.sh": 'echo "out 1"\necho "err 1" >&2\necho "out 2"\necho "err 2" >&2\n'
@@ -273,10 +283,14 @@ def test_args_reach_the_script_verbatim(make_runner):
     assert record.args == args
 
 
+@pytest.mark.parametrize("spawner", SPAWNERS)
 @pytest.mark.parametrize("mode", MODES)
-def test_environment_is_scrubbed_and_stdin_is_dev_null(make_runner, monkeypatch, mode):
+def test_environment_is_scrubbed_and_stdin_is_dev_null(
+    make_runner, monkeypatch, mode, spawner
+):
     monkeypatch.setenv("LEAKME", "x")
-    runner = make_runner(environment={"EXTRA": "1"}, isolation=mode)
+    ops = SPAWNERS[spawner]
+    runner = make_runner(ops=ops and ops(), environment={"EXTRA": "1"}, isolation=mode)
     record, output = run(runner, "env.sh")
     lines = output.decode().splitlines()
     env = dict(line.split("=", 1) for line in lines if "=" in line)
@@ -294,8 +308,12 @@ def test_environment_is_scrubbed_and_stdin_is_dev_null(make_runner, monkeypatch,
 
 
 @pytest.mark.skipif(not running_as_root(), reason="jobs change account only as root")
-def test_job_runs_as_the_configured_account(make_runner):
-    _, output = run(make_runner(user="nobody"), "env.sh")
+@pytest.mark.parametrize("spawner", SPAWNERS)
+@pytest.mark.parametrize("mode", MODES)
+def test_job_runs_as_the_configured_account(make_runner, mode, spawner):
+    ops = SPAWNERS[spawner]
+    runner = make_runner(ops=ops and ops(), user="nobody", isolation=mode)
+    _, output = run(runner, "env.sh")
     assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
     assert b"USER=nobody\n" in output
 
@@ -687,8 +705,43 @@ def test_job_that_exited_in_time_is_not_timed_out_while_draining(make_runner):
             pass
 
 
-def test_cgroup_ends_processes_that_left_the_session(make_runner):
-    runner = make_runner(drain_timeout_s=5, isolation="cgroup")
+@pytest.mark.parametrize(
+    "spawner, reason",
+    [
+        ("one-exec", "could not start the job: joining the job's cgroup: "),
+        ("exec-chain", "could not move the job into its cgroup"),
+    ],
+)
+def test_a_job_that_cannot_join_its_cgroup_never_runs(
+    make_runner, monkeypatch, spawner, reason
+):
+    ops = SPAWNERS[spawner]
+    runner = make_runner(ops=ops and ops(), isolation="cgroup")
+    made = []
+
+    def prepare(job_id: str) -> str:
+        procs = Path(real(job_id))
+        made.append(procs.parent)
+        return str(procs.parent / "cgroup.events")  # not writable: cannot join
+
+    real = runner.isolation.prepare
+    monkeypatch.setattr(runner.isolation, "prepare", prepare)
+    record, _ = runner.start("bash", "env.sh")
+    final = runner.wait(record.job_id, 10)
+    assert final.state is JobState.FAILED
+    assert final.exit_reason is ExitReason.START_FAILED
+    assert final.reason.startswith(reason)
+    assert b"uid=" not in follow(runner, record.job_id)  # env.sh never ran
+    deadline = time.monotonic() + 5
+    while made[0].exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not made[0].exists()  # its cgroup is removed
+
+
+@pytest.mark.parametrize("spawner", SPAWNERS)
+def test_cgroup_ends_processes_that_left_the_session(make_runner, spawner):
+    ops = SPAWNERS[spawner]
+    runner = make_runner(ops=ops and ops(), drain_timeout_s=5, isolation="cgroup")
     started = time.monotonic()
     record, output = run(runner, "escape.sh")
     escaped = int(output.split()[-1])
