@@ -11,8 +11,8 @@ threads call ``JobRunner.get`` on one of them: the calls' latency, the
 process's CPU and its thread count. ``chain`` (as root): what the processes
 of one job that exits at once cost, started each way a job could be started
 (the exec chain the runner uses, and the alternatives), N times each: the CPU
-of the children (``getrusage``), and how long ``Popen`` itself takes in a
-process of the worker's size.
+of the children (``getrusage``), and how long spawning (``Popen``, or
+``worker.spawn``) takes in a process of the worker's size.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from worker import spawn
 from worker.config import JobsSection
 from worker.runner import JobRunner
 
@@ -152,12 +153,26 @@ def chain(args) -> None:
             {"user": 65534, "group": 65534, "extra_groups": []},
         ),
     )
+    if spawn.available() == "":
+        # What the runner uses: the child joins (here: no) cgroup and switches
+        # to the job's ids itself, then execs the interpreter.
+        chains += (("bash, one exec (worker._spawn)", ["/bin/bash", script], None),)
+
+    def start(argv, kw):
+        if kw is None:
+            child = spawn.spawn(
+                argv, cwd="/", env=env, user=65534, group=65534, cgroup_procs=None
+            )
+            child.stdout.close()
+            return child
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, **kw)
+
     for label, argv, kw in chains:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         popen = []
         for _ in range(args.n):
             t0 = time.perf_counter()
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, **kw)
+            proc = start(argv, kw)
             popen.append((time.perf_counter() - t0) * 1000)
             proc.wait()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -166,7 +181,7 @@ def chain(args) -> None:
         ) / args.n
         print(
             f"{label}: children's CPU {cpu * 1000:.2f} ms per job; "
-            f"Popen p50 {_pct(popen, 0.5):.2f} ms"
+            f"spawning p50 {_pct(popen, 0.5):.2f} ms"
         )
     del ballast
 
