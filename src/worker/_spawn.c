@@ -7,7 +7,8 @@
  * account, then the interpreter. Here one vfork()ed child does all of it
  * itself before it executes the interpreter:
  *
- *   1. every signal back to its default action, then no signal blocked;
+ *   1. every signal back to its default action, then no signal blocked
+ *      (raw system calls: glibc's wrappers skip the signals it reserves);
  *   2. joins the job's cgroup (writes "0" to an open cgroup.procs);
  *   3. leads a new session;
  *   4. stdin, stdout and stderr from the given descriptors, every other
@@ -110,18 +111,24 @@ static void __attribute__((noreturn))
 child(const struct plan *p)
 {
     struct failure f = {0, 0};
-    struct sigaction dfl;
-    sigset_t none;
+    /* The kernel's struct sigaction: glibc's wrapper refuses the signals it
+       keeps for itself (32 and 33), which may be ignored too. */
+    struct {
+        void (*handler)(int);
+        unsigned long flags;
+        void (*restorer)(void);
+        unsigned long mask;
+    } dfl;
+    unsigned long none = 0;
     int sig;
 
     memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
-    for (sig = 1; sig < NSIG; sig++) {
+    dfl.handler = SIG_DFL;
+    for (sig = 1; sig <= 64; sig++) {
         if (sig != SIGKILL && sig != SIGSTOP)
-            (void)sigaction(sig, &dfl, NULL); /* fails only for invalid numbers */
+            (void)syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof dfl.mask);
     }
-    sigemptyset(&none);
-    (void)sigprocmask(SIG_SETMASK, &none, NULL);
+    (void)syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof none);
 
     if (p->cgroup_fd >= 0 && write(p->cgroup_fd, "0", 1) != 1) {
         f.step = STEP_CGROUP;
