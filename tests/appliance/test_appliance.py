@@ -128,8 +128,23 @@ def test_jobs_run_unprivileged_and_cannot_read_the_worker_key(deployed: Deployme
     assert "user=jobgate-job" in lines, out
     assert "NoNewPrivs=1" in lines, out
     assert "CapEff=0000000000000000" in lines, out
+    assert "CapPrm=0000000000000000" in lines, out
     assert "key=unreadable" in lines, out
     assert "etc=read-only" in lines, out
+    # Only its own group, and its own cgroup below the unit's.
+    node = deployed.node(name)
+    gid = node.run("getent", "group", "jobgate-job").stdout.split(":")[2]
+    assert f"groups={gid}" in lines, out
+    assert any(
+        line.startswith("cgroup=")
+        and "/jobgate-worker.service/" in line
+        and line.endswith(f"/{body['job_id']}")
+        for line in lines
+    ), out
+    # Started with one exec (worker._spawn), not through /bin/sh and setpriv:
+    # the unit's system-call filter and capabilities let it work.
+    journal = node.journal("-u", "jobgate-worker.service")
+    assert "jobs start with a single exec" in journal, journal
 
 
 def test_journal_finds_a_jobs_lines_by_its_id(deployed: Deployment):

@@ -1,8 +1,10 @@
 #!/bin/bash
-# What a job may do on a worker: who it runs as, its privileges, and whether
-# it can read the worker's TLS key or write to the system.
+# What a job may do on a worker: who it runs as, its privileges, its cgroup,
+# and whether it can read the worker's TLS key or write to the system.
 echo "user=$(id -un)"
-grep -E '^(NoNewPrivs|CapEff):' /proc/self/status | tr -d '\t' | tr ':' '='
+echo "groups=$(id -G | tr ' ' ',')"
+grep -E '^(NoNewPrivs|CapEff|CapPrm):' /proc/self/status | tr -d '\t' | tr ':' '='
+echo "cgroup=$(grep '^0::' /proc/self/cgroup | cut -d: -f3)"
 if cat /etc/jobgate/pki/worker.key >/dev/null 2>&1; then
   echo "key=readable"
 else
