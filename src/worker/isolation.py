@@ -93,6 +93,7 @@ class Cgroups(ProcessGroups):
     def __init__(self, base: Path, setpriv: str | None = None):
         self.base = base
         self.setpriv = setpriv
+        self._base = os.fspath(base)  # per-job paths are made on every start
 
     @classmethod
     def create(cls, instance: str) -> Cgroups:
@@ -126,19 +127,18 @@ class Cgroups(ProcessGroups):
                 )
                 self.cleanup(d.name)
 
-    def _dir(self, job_id: str) -> Path:
-        return self.base / job_id
+    def _dir(self, job_id: str) -> str:
+        return f"{self._base}/{job_id}"
 
     def prepare(self, job_id: str) -> str:
         d = self._dir(job_id)
-        d.mkdir()
-        return str(d / "cgroup.procs")
+        os.mkdir(d)
+        return d + "/cgroup.procs"
 
     def pids(self, job_id: str) -> list[int]:
         try:
-            return [
-                int(p) for p in (self._dir(job_id) / "cgroup.procs").read_text().split()
-            ]
+            with open(self._dir(job_id) + "/cgroup.procs") as f:
+                return [int(p) for p in f.read().split()]
         except OSError:
             return []
 
@@ -152,13 +152,17 @@ class Cgroups(ProcessGroups):
 
     def kill_all(self, job_id: str, pgid: int) -> None:
         try:
-            (self._dir(job_id) / "cgroup.kill").write_text("1")
+            fd = os.open(self._dir(job_id) + "/cgroup.kill", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"1")
+            finally:
+                os.close(fd)
         except OSError:  # kernels before 5.14: signal every member instead
             self.signal(job_id, pgid, signal.SIGKILL)
 
     def wait_empty(self, job_id: str, timeout: float) -> bool:
         """Wait until no process is left in the job's cgroup."""
-        events = self._dir(job_id) / "cgroup.events"
+        events = self._dir(job_id) + "/cgroup.events"
         deadline = time.monotonic() + timeout
         try:
             with open(events, "rb", buffering=0) as f:
@@ -177,18 +181,20 @@ class Cgroups(ProcessGroups):
             return True
 
     def release(self, job_id: str) -> bool:
-        """Kill what is left in the job's cgroup and remove it if it is empty.
+        """Remove the job's cgroup if it is empty, else kill what is left in it.
 
         False while processes are still in it (they were killed, but dying
         takes a moment); a cgroup that is already gone counts as removed.
+        The runner has killed the job's processes when its main one exited,
+        so the first try usually finds the cgroup empty.
         """
-        self.kill_all(job_id, 0)
         try:
             os.rmdir(self._dir(job_id))
         except FileNotFoundError:
             pass
         except OSError as exc:
             if exc.errno == errno.EBUSY:
+                self.kill_all(job_id, 0)
                 return False
             log.warning("could not remove the cgroup of job %s: %s", job_id, exc)
         return True
@@ -197,7 +203,7 @@ class Cgroups(ProcessGroups):
         self.kill_all(job_id, 0)
         self.wait_empty(job_id, 5.0)
         try:
-            self._dir(job_id).rmdir()
+            os.rmdir(self._dir(job_id))
         except OSError as exc:
             log.warning("could not remove the cgroup of job %s: %s", job_id, exc)
 

@@ -237,6 +237,9 @@ class JobRunner:
         self.jobs_dir = cfg.state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.scripts_dir = cfg.scripts_dir.resolve()
+        self._scripts = str(self.scripts_dir)
+        # Inside it means below it: the directory itself is no script.
+        self._scripts_prefix = self._scripts.rstrip("/") + "/"
         self._user, self._group, self._home = self._job_account()
         self.isolation = isolation.choose(
             isolation_mode or cfg.isolation,
@@ -334,18 +337,24 @@ class JobRunner:
                 f"path {path!r} is absolute; give it relative to the scripts directory"
             )
         try:
-            real = Path(os.path.realpath(self.scripts_dir / path))
-            if os.path.commonpath([real, self.scripts_dir]) != str(self.scripts_dir):
+            real = os.path.realpath(os.path.join(self._scripts, path))
+            if real != self._scripts and not real.startswith(self._scripts_prefix):
                 raise PermissionDenied(
                     f"path {path!r} is outside the scripts directory"
                 )
-            if real.is_dir():
+            try:
+                mode = os.stat(real).st_mode
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    raise
+                mode = 0  # nothing there
+            if stat.S_ISDIR(mode):
                 raise InvalidArgument(f"path {path!r} is a directory, not a script")
-            if not real.is_file():
+            if not stat.S_ISREG(mode):
                 raise InvalidArgument(f"no script {path!r} in the scripts directory")
         except OSError as exc:  # e.g. a name longer than the filesystem allows
             raise InvalidArgument(f"path {path!r}: {exc.strerror}") from None
-        return real
+        return Path(real)
 
     def _interpreter(self, command: str) -> str:
         exe = self.cfg.interpreters.get(command)
@@ -755,12 +764,24 @@ class JobRunner:
             return r
 
     def _persist(self, directory: Path, record: JobRecord, new: bool = False) -> None:
-        """Write ``job.json`` whole (a new job's directory is made first)."""
+        """Write ``job.json`` whole (a new job's directory is made first).
+
+        On every start and end of a job: plain ``os`` calls on strings, not
+        ``pathlib`` with a text layer, which cost more than the writing.
+        """
+        base = os.fspath(directory)
         if new:
-            os.mkdir(directory, 0o750)
-        tmp = directory / "job.json.tmp"
-        tmp.write_text(json.dumps(record.to_json()))
-        os.replace(tmp, directory / "job.json")
+            os.mkdir(base, 0o750)
+        tmp = base + "/job.json.tmp"
+        data = json.dumps(record.to_json()).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:  # a short write (the disk filling up) is retried
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, base + "/job.json")
 
     def _terminate(
         self,
