@@ -28,6 +28,7 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
+from worker import isolation
 from worker.config import JobsSection
 from worker.reactor import Reactor
 from worker.runner import SAFE_PATH, JobRunner, ProcessOps
@@ -316,6 +317,17 @@ def test_job_runs_as_the_configured_account(make_runner, mode, spawner):
     _, output = run(runner, "env.sh")
     assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
     assert b"USER=nobody\n" in output
+
+
+@pytest.mark.skipif(not running_as_root(), reason="jobs change account only as root")
+def test_cgroup_mode_needs_no_setpriv_with_the_one_exec_spawner(
+    make_runner, monkeypatch
+):
+    monkeypatch.setattr(isolation.shutil, "which", lambda *a, **kw: None)
+    runner = make_runner(user="nobody", isolation="cgroup")
+    assert runner.isolation.name == "cgroup"
+    _, output = run(runner, "env.sh")
+    assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
 
 
 @pytest.mark.skipif(not running_as_root(), reason="the account is checked only as root")
