@@ -25,6 +25,17 @@ def make_public_dir(prefix: str) -> Path:
     return path
 
 
+def skip_unless_required(reason: str, variable: str) -> None:
+    """Skip for ``reason``, or fail where ``variable`` is "1".
+
+    CI sets the ``JOBGATE_REQUIRE_*`` variables (``.ci/run``): there a test
+    that needs root, a cgroup or a network namespace must run, not skip.
+    """
+    if os.environ.get(variable) == "1":
+        pytest.fail(f"{variable}=1 but {reason}")
+    pytest.skip(reason)
+
+
 def devca(*args: str) -> None:
     subprocess.run(
         [sys.executable, str(DEVCA), *args], check=True, stdout=subprocess.DEVNULL

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from conftest import skip_unless_required
 
 from . import lab as appliance_lab
 
@@ -31,16 +31,11 @@ LAB_TOKEN = "lab-token-0123456789abcdef"
 SCHEDULER, WORKERS, PKGTEST = "scheduler", ("worker-1", "worker-2"), "pkgtest"
 HTTP_PORT = 8080
 
-REQUIRED = os.environ.get("JOBGATE_REQUIRE_APPLIANCE") == "1"
-
 
 def need(ok: bool, reason: str) -> None:
     """Skip (or, under JOBGATE_REQUIRE_APPLIANCE=1, fail) unless ``ok``."""
-    if ok:
-        return
-    if REQUIRED:
-        pytest.fail(f"{reason} (JOBGATE_REQUIRE_APPLIANCE=1: this must not skip)")
-    pytest.skip(reason)
+    if not ok:
+        skip_unless_required(reason, "JOBGATE_REQUIRE_APPLIANCE")
 
 
 def need_programs(*names: str) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Api, make_public_dir
+from conftest import Api, make_public_dir, skip_unless_required
 from test_lifecycle import pid_alive, wait_for
 
 from jobgate.devcluster import DevCluster, Process
@@ -586,9 +586,7 @@ def netns():
     name, host_if, ns_if = f"jobgate-test-{tag}", f"jgh{tag}", f"jgn{tag}"
     reason = add_netns(name)
     if reason is not None:
-        if os.environ.get("JOBGATE_REQUIRE_NETNS") == "1":
-            pytest.fail(f"JOBGATE_REQUIRE_NETNS=1 but {reason}")
-        pytest.skip(reason)
+        skip_unless_required(reason, "JOBGATE_REQUIRE_NETNS")
     try:
         ns = Netns(name, host_if, *free_test_subnet())
         must(ip("link", "add", ns.host_if, "type", "veth", "peer", "name", ns_if))

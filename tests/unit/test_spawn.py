@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import skip_unless_required
 
 from worker import isolation, spawn
 
@@ -26,9 +27,19 @@ echo "env=$(env | grep -c .)"
 """
 
 
+def start(argv: list[str], **kw) -> spawn.Child:
+    """spawn.spawn with defaults: in /, PATH only, no user, no cgroup."""
+    kw.setdefault("cwd", "/")
+    kw.setdefault("env", {"PATH": "/usr/bin:/bin"})
+    kw.setdefault("user", None)
+    kw.setdefault("group", None)
+    kw.setdefault("cgroup_procs", None)
+    return spawn.spawn(argv, **kw)
+
+
 def status(**kw) -> dict[str, str]:
     """/proc/PID/status of a child that is the spawned program itself."""
-    child = spawn.spawn(["/bin/cat", "/proc/self/status"], cwd="/", env={}, **kw)
+    child = start(["/bin/cat", "/proc/self/status"], **kw)
     with child.stdout:
         out = child.stdout.read().decode()
     assert child.wait(timeout=10) == 0
@@ -38,12 +49,7 @@ def status(**kw) -> dict[str, str]:
 
 
 def run(argv, **kw) -> tuple[spawn.Child, dict[str, list[str]]]:
-    kw.setdefault("cwd", "/")
-    kw.setdefault("env", {"PATH": "/usr/bin:/bin"})
-    kw.setdefault("user", None)
-    kw.setdefault("group", None)
-    kw.setdefault("cgroup_procs", None)
-    child = spawn.spawn(argv, **kw)
+    child = start(argv, **kw)
     with child.stdout:
         out = child.stdout.read().decode()
     child.wait(timeout=10)
@@ -126,9 +132,7 @@ def cgroup():
     """A fresh cgroup v2 below this process's own, removed afterwards."""
     mount, own = isolation._cgroup2_mount(), isolation._own_cgroup()
     if mount is None or own is None or os.geteuid() != 0:
-        if os.environ.get("JOBGATE_REQUIRE_CGROUP") == "1":
-            pytest.fail("JOBGATE_REQUIRE_CGROUP=1 but no writable cgroup v2 here")
-        pytest.skip("needs a writable cgroup v2 (as root)")
+        skip_unless_required("no writable cgroup v2 here", "JOBGATE_REQUIRE_CGROUP")
     path = mount / own.lstrip("/") / f"jobgate-spawn-test-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     yield path
@@ -149,12 +153,8 @@ def test_a_cgroup_that_cannot_be_joined_fails_the_start_and_runs_nothing(
     marker = tmp_path / "ran"
     with pytest.raises(OSError) as caught:
         # A file that is not a cgroup.procs: the write fails in the child.
-        spawn.spawn(
+        start(
             ["/bin/sh", "-c", f"touch {marker}"],
-            cwd="/",
-            env={},
-            user=None,
-            group=None,
             cgroup_procs=str(cgroup / "cgroup.events"),
         )
     assert caught.value.strerror.startswith("joining the job's cgroup: ")
@@ -166,9 +166,7 @@ def test_a_program_that_cannot_be_executed_raises_what_exec_met(tmp_path):
     script.write_text("#!/bin/sh\necho ran\n")
     for path, code in [(tmp_path / "missing", errno.ENOENT), (script, errno.EACCES)]:
         with pytest.raises(OSError) as caught:
-            spawn.spawn(
-                [str(path)], cwd="/", env={}, user=None, group=None, cgroup_procs=None
-            )
+            start([str(path)])
         assert caught.value.errno == code
         assert caught.value.filename == os.fsencode(path)
     # The failed children were reaped: no zombie is left of them.
@@ -191,14 +189,7 @@ def zombie_children() -> list[int]:
 
 def test_a_working_directory_that_is_missing_fails_the_start(tmp_path):
     with pytest.raises(FileNotFoundError) as caught:
-        spawn.spawn(
-            ["/bin/true"],
-            cwd=str(tmp_path / "gone"),
-            env={},
-            user=None,
-            group=None,
-            cgroup_procs=None,
-        )
+        start(["/bin/true"], cwd=str(tmp_path / "gone"))
     assert caught.value.strerror == (
         "changing to the working directory: No such file or directory"
     )
@@ -206,33 +197,20 @@ def test_a_working_directory_that_is_missing_fails_the_start(tmp_path):
 
 def test_arguments_with_nul_are_refused_before_anything_starts():
     with pytest.raises(ValueError):
-        spawn.spawn(
-            ["/bin/echo", "a\0b"],
-            cwd="/",
-            env={},
-            user=None,
-            group=None,
-            cgroup_procs=None,
-        )
+        start(["/bin/echo", "a\0b"])
     with pytest.raises(ValueError):
-        spawn.spawn(
-            ["/bin/true"], cwd="/", env={}, user=1, group=None, cgroup_procs=None
-        )
+        start(["/bin/true"], user=1)
 
 
 def test_wait_with_a_timeout_and_poll():
-    child = spawn.spawn(
-        ["/bin/sleep", "0.3"], cwd="/", env={}, user=None, group=None, cgroup_procs=None
-    )
+    child = start(["/bin/sleep", "0.3"])
     child.stdout.close()
     assert child.poll() is None
     with pytest.raises(subprocess.TimeoutExpired):
         child.wait(timeout=0.05)
     assert child.wait(timeout=10) == 0
     assert child.poll() == 0
-    killed = spawn.spawn(
-        ["/bin/sleep", "30"], cwd="/", env={}, user=None, group=None, cgroup_procs=None
-    )
+    killed = start(["/bin/sleep", "30"])
     killed.stdout.close()
     os.kill(killed.pid, signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
