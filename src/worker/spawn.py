@@ -14,6 +14,7 @@ The module is built with the package when a C compiler is at hand
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import subprocess
 import time
@@ -30,8 +31,12 @@ else:
 _WAIT_MAX_DELAY_S = 0.05
 
 
+@functools.cache
 def available() -> str:
-    """Empty if jobs can be started with one exec here, else the reason why not."""
+    """Empty if jobs can be started with one exec here, else the reason why not.
+
+    Asked once per process: the module and the kernel do not change under it.
+    """
     if _spawn is None:
         return _MISSING
     try:
