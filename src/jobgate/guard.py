@@ -57,6 +57,9 @@ class ServerGuard(grpc.ServerInterceptor):
     def __init__(self, cluster: str, policy: Mapping[str, Iterable[str]]):
         self.cluster = cluster
         self.policy = {k: frozenset(v) for k, v in policy.items()}
+        # gRPC asks the interceptor on every call; a method's guarded handler
+        # is made once, for the handler object the server resolves it to.
+        self._guarded: dict[str, tuple[object, object]] = {}
 
     def allowed_roles(self, method: str) -> frozenset[str]:
         if method in self.policy:
@@ -70,8 +73,13 @@ class ServerGuard(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        roles = self.allowed_roles(handler_call_details.method)
-        return _wrap(handler, self.cluster, roles, handler_call_details.method)
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = _wrap(handler, self.cluster, self.allowed_roles(method), method)
+        self._guarded[method] = (handler, guarded)
+        return guarded
 
 
 def _check(context, cluster: str, roles: frozenset[str], method: str) -> Identity:

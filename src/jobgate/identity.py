@@ -15,6 +15,7 @@ be forged by choosing a name with dots or slashes in it.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -54,8 +55,13 @@ def dns_name(cluster: str, role: str, name: str = "") -> str:
     return f"{name}.{role}.{cluster}.jobgate"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_uri(value: str) -> Identity | None:
-    """The identity a SPIFFE URI names, or None if it is not one of ours."""
+    """The identity a SPIFFE URI names, or None if it is not one of ours.
+
+    Asked on every gRPC call with the caller's certificate URI; the few
+    distinct URIs a server sees are parsed once.
+    """
     m = URI_RE.fullmatch(value)
     if not m:
         return None

@@ -61,6 +61,13 @@ class HttpSection:
     keepalive_s: int = setting(
         5, min=0, help="idle keep-alive time of client connections"
     )
+    linger_ms: float = setting(
+        5.0,
+        min=0,
+        max=1000,
+        help="how long a thread that answered on a kept-alive connection waits "
+        "for the next request there before handing the connection back; 0: never",
+    )
     access_log: bool = setting(True, help="log one line per HTTP request")
     scheme: str = setting(
         "https", choices=("https", "http"), help="https, or plain http (see below)"

@@ -19,6 +19,7 @@ from gunicorn.glogging import Logger
 
 from jobgate import logs
 from scheduler import config
+from scheduler.http_worker import LingeringThreadWorker
 
 
 class GunicornLogger(Logger):
@@ -52,6 +53,7 @@ class HttpServer(BaseApplication):
 
     def load_config(self) -> None:
         h = self.jg_cfg.http
+        LingeringThreadWorker.linger_s = h.linger_ms / 1000
         ready_fd = self.ready_fd
 
         def post_worker_init(worker) -> None:
@@ -69,7 +71,7 @@ class HttpServer(BaseApplication):
             "child_exit": child_exit,
             "bind": [f"fd://{self.listen_fd}"],
             "workers": h.processes,
-            "worker_class": "gthread",
+            "worker_class": "scheduler.http_worker.LingeringThreadWorker",
             "threads": h.threads,
             "timeout": h.timeout_s,
             "graceful_timeout": h.graceful_timeout_s,
