@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -61,6 +61,55 @@ def _metadata() -> tuple[tuple[str, str], ...]:
     """gRPC metadata that carries the HTTP request's id to the worker."""
     rid = logs.current("REQUEST_ID")
     return ((REQUEST_ID_KEY, rid),) if rid else ()
+
+
+class _Call:
+    __slots__ = ("done", "result", "failed")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: dict | None = None
+        self.failed = False
+
+
+class SharedCalls:
+    """Identical reads of a worker that overlap in time share one call.
+
+    A request that arrives while the same call is under way in this process
+    waits for that call's answer instead of making a call of its own. Many
+    clients polling one job then cost the worker about one call at a time
+    per scheduler process, not one per request. The answer a waiting request
+    gets is the worker's as of that call, which may have started up to one
+    call's duration before the request arrived: no older than a reply that
+    was already on its way. A call that fails is not shared: each request
+    that waited for it then makes its own.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._calls: dict[tuple, _Call] = {}
+
+    def share(self, key: tuple, fetch: Callable[[], dict]) -> dict:
+        with self._lock:
+            call = self._calls.get(key)
+            leader = call is None
+            if leader:
+                call = self._calls[key] = _Call()
+        if not leader:
+            if call.done.wait(self.timeout_s) and not call.failed:
+                return dict(call.result)
+            return fetch()
+        try:
+            call.result = fetch()
+        except BaseException:
+            call.failed = True
+            raise
+        finally:
+            with self._lock:
+                del self._calls[key]
+            call.done.set()
+        return dict(call.result)
 
 
 class WorkerCalls:
@@ -191,6 +240,7 @@ class Gateway:
         self.pool = pool
         pool.retry_after_s = cfg.workers.retry_after_s
         self._last_seen: dict[str, tuple[str, int]] = {}
+        self._calls = SharedCalls(cfg.workers.rpc_timeout_s)
         w = cfg.workers
         # Shared follow streams of this process (scheduler.relay).
         self.relay = Relay(
@@ -344,12 +394,16 @@ class Gateway:
         if ended is not None:
             return ended
         worker, stub = self._stub(worker)
-        job = stub.GetJob(
-            worker_pb2.GetJobRequest(job_id=job_id),
-            timeout=self.cfg.workers.rpc_timeout_s,
-            metadata=_metadata(),
-        )
-        return self._seen(job_to_dict(job, worker.id))
+
+        def ask() -> dict:
+            job = stub.GetJob(
+                worker_pb2.GetJobRequest(job_id=job_id),
+                timeout=self.cfg.workers.rpc_timeout_s,
+                metadata=_metadata(),
+            )
+            return self._seen(job_to_dict(job, worker.id))
+
+        return self._calls.share((worker.id, job_id), ask)
 
     def _seen(self, status: dict) -> dict:
         """Record a job's status in the index when it changed since last seen."""
@@ -411,7 +465,9 @@ class Gateway:
                 (worker.id, worker.address, job_id),
                 offset,
                 open_call,
-                lambda final: job_to_dict(final, worker.id),
+                # The end a follower sees is in the index before the
+                # follower does: a status asked for after it answers from there.
+                lambda final: self._seen(job_to_dict(final, worker.id)),
                 lambda: stub.diagnose("StreamOutput"),
                 worker.id,
                 self.cfg.workers.stream_timeout_s,
