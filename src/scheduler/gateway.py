@@ -25,6 +25,7 @@ from jobgate.tls import Credentials, secure_channel
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scheduler import metrics
 from scheduler.config import SchedulerConfig
+from scheduler.deferred import after_response
 from scheduler.relay import Relay
 from scheduler.store import ONLINE, Store, WorkerRow, timestamp
 
@@ -61,6 +62,10 @@ def _metadata() -> tuple[tuple[str, str], ...]:
     """gRPC metadata that carries the HTTP request's id to the worker."""
     rid = logs.current("REQUEST_ID")
     return ((REQUEST_ID_KEY, rid),) if rid else ()
+
+
+def _now(fn: Callable, *args) -> None:
+    fn(*args)
 
 
 class _Call:
@@ -335,8 +340,14 @@ class Gateway:
         timeout_s: int = 0,
         idempotency_key: str = "",
         group_id: str | None = None,
+        defer_log: bool = True,
     ) -> tuple[dict, bool]:
-        """Start a job; returns its status and whether it already existed."""
+        """Start a job; returns its status and whether it already existed.
+
+        With ``defer_log``, the job's count and log line wait until the
+        answer is sent (:mod:`scheduler.deferred`); a start whose answer is
+        the job's output or final status logs at once.
+        """
         worker, stub = self._reachable(ref)
         resp = stub.StartJob(
             worker_pb2.StartJobRequest(
@@ -352,16 +363,19 @@ class Gateway:
         status = job_to_dict(resp.job, worker.id)
         self.store.record_job(status, group_id)
         if not resp.existing:
-            metrics.JOBS_STARTED.labels(worker.name).inc()
-            log.info(
-                "started job %s on %s: %s %s",
-                resp.job.job_id,
-                worker.name,
-                command,
-                path,
-                extra={"JOB_ID": resp.job.job_id, "WORKER_ID": worker.id},
-            )
+            (after_response if defer_log else _now)(self._started, worker, status)
         return status, resp.existing
+
+    def _started(self, worker: WorkerRow, status: dict) -> None:
+        metrics.JOBS_STARTED.labels(worker.name).inc()
+        log.info(
+            "started job %s on %s: %s %s",
+            status["job_id"],
+            worker.name,
+            status["command"],
+            status["path"],
+            extra={"JOB_ID": status["job_id"], "WORKER_ID": worker.id},
+        )
 
     def list_jobs(self, ref: str) -> tuple[list[dict], bool]:
         """The worker's jobs, and whether they come from the scheduler's record.

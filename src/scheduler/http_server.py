@@ -104,6 +104,7 @@ class HttpServer(BaseApplication):
 
     def load(self):
         from jobgate.tls import Credentials
+        from scheduler.deferred import AfterResponse
         from scheduler.gateway import ChannelPool, Gateway
         from scheduler.http.app import create_app
         from scheduler.http.auth import TokenFile
@@ -115,7 +116,8 @@ class HttpServer(BaseApplication):
         gateway = Gateway(cfg, store, pool, self.grpc_target)
         tls = cfg.http.tls
         client_scopes = dict(tls.client_scopes) if tls.client_ca_file else None
-        return create_app(gateway, TokenFile(cfg.auth.tokens_file), client_scopes)
+        app = create_app(gateway, TokenFile(cfg.auth.tokens_file), client_scopes)
+        return AfterResponse(app)
 
 
 def main(argv: list[str] | None = None) -> int:

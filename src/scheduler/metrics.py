@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from scheduler.deferred import after_response
 from scheduler.store import Store
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -112,6 +113,15 @@ class Middleware:
         started = getattr(req.context, "metrics_started", None)
         if started is None:
             return
-        route = req.uri_template or "unmatched"
-        HTTP_LATENCY.labels(route, req.method).observe(time.perf_counter() - started)
-        HTTP_REQUESTS.labels(route, req.method, resp.status_code).inc()
+        after_response(
+            _count_request,
+            req.uri_template or "unmatched",
+            req.method,
+            resp.status_code,
+            time.perf_counter() - started,
+        )
+
+
+def _count_request(route: str, method: str, status: int, seconds: float) -> None:
+    HTTP_LATENCY.labels(route, method).observe(seconds)
+    HTTP_REQUESTS.labels(route, method, status).inc()

@@ -10,6 +10,7 @@ import uuid
 import falcon
 
 from jobgate import logs
+from scheduler.deferred import after_response
 
 _VALID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -38,9 +39,10 @@ class RequestId:
 class AccessLog:
     """One log line per request: client, method, path, status and time taken.
 
-    The line is written when the response's status and headers are ready, so
-    for an output stream the time is that to the first byte (as in the
-    ``jobgate_http_request_duration_seconds`` histogram). It carries the
+    The time is taken when the response's status and headers are ready, so
+    for an output stream it is the time to the first byte (as in the
+    ``jobgate_http_request_duration_seconds`` histogram); the line is written
+    once the response is sent (:mod:`scheduler.deferred`). It carries the
     request id like every other line of the request.
     """
 
@@ -54,7 +56,8 @@ class AccessLog:
         started = getattr(req.context, "access_started", None)
         if started is None or not self.log.isEnabledFor(logging.INFO):
             return
-        self.log.info(
+        after_response(
+            self.log.info,
             '%s "%s %s" %d %.1fms',
             req.remote_addr,
             req.method,

@@ -148,6 +148,7 @@ class Jobs(_Base):
             args=body.string_list(b, "args"),
             timeout_s=body.integer(b, "timeout_s"),
             idempotency_key=body.string(b, "idempotency_key", max_len=256),
+            defer_log=not (wait or follow),
         )
         resp.location = f"/v1/workers/{job['worker_id']}/jobs/{job['job_id']}"
         resp.set_header("X-Job-ID", job["job_id"])
