@@ -3,31 +3,37 @@ follower saw is what a status asked for after it reports."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
-from jobgate.devcluster import DevCluster
 
+@contextlib.contextmanager
+def polling(api, path: str, clients: int):
+    """``clients`` threads asking for ``path`` until the block ends; yields
+    the (status, job_id, state) of every answer."""
+    stop, seen = threading.Event(), []
 
-def poll_until(api, path: str, stop: threading.Event, seen: list):
-    while not stop.is_set():
-        status, _, data = api.get(path)
-        seen.append((status, data.get("job_id"), data.get("state")))
+    def poll():
+        while not stop.is_set():
+            status, _, data = api.get(path)
+            seen.append((status, data.get("job_id"), data.get("state")))
+
+    threads = [threading.Thread(target=poll) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
 
 
 def test_concurrent_polls_of_a_running_job_all_get_its_status(api):
     job = api.start("worker-1", "count.sh", ["5", "0.2"])
     path = f"/v1/workers/worker-1/jobs/{job['job_id']}"
-    stop, seen = threading.Event(), []
-    threads = [
-        threading.Thread(target=poll_until, args=(api, path, stop, seen))
-        for _ in range(12)
-    ]
-    for t in threads:
-        t.start()
-    final = api.output("worker-1", job["job_id"])  # follows to the end
-    stop.set()
-    for t in threads:
-        t.join(30)
+    with polling(api, path, 12) as seen:
+        final = api.output("worker-1", job["job_id"])  # follows to the end
     assert final == b"1\n2\n3\n4\n5\n"
     assert len(seen) > 24
     assert {s for s, _, _ in seen} == {200}
@@ -37,25 +43,12 @@ def test_concurrent_polls_of_a_running_job_all_get_its_status(api):
     assert status == 200 and data["state"] == "succeeded"
 
 
-def test_after_a_follow_ends_the_status_is_the_end_even_while_others_poll(
-    api, cluster: DevCluster
-):
+def test_after_a_follow_ends_the_status_is_the_end_even_while_others_poll(api):
     for _ in range(5):
         job = api.start("worker-2", "count.sh", ["2", "0.05"])
         path = f"/v1/workers/worker-2/jobs/{job['job_id']}"
-        stop, seen = threading.Event(), []
-        pollers = [
-            threading.Thread(target=poll_until, args=(api, path, stop, seen))
-            for _ in range(4)
-        ]
-        for t in pollers:
-            t.start()
-        try:
+        with polling(api, path, 4):
             assert api.output("worker-2", job["job_id"]) == b"1\n2\n"
             status, _, data = api.get(path)
-        finally:
-            stop.set()
-            for t in pollers:
-                t.join(30)
         assert status == 200
         assert data["state"] == "succeeded", data
