@@ -3,8 +3,9 @@
 Bookkeeping that the client does not wait for (the access log line, request
 metrics, the log line and count of a job just started) is handed to
 :func:`after_response` and runs once gunicorn has written the response,
-while the client reads it and sends its next request. Outside an HTTP
-request (fan-out threads, tests that call the gateway directly) it runs at
+while the client reads it and sends its next request. A streamed response
+does not wait for that: its work runs as soon as the stream starts. Outside
+an HTTP request (fan-out threads, tests that call the gateway directly) it runs at
 once.
 """
 
@@ -51,6 +52,11 @@ class AfterResponse:
         finally:
             _TASKS.reset(token)
         if not tasks:
+            return body
+        if not isinstance(body, list):
+            # A stream (a job's output) can last for hours: its access line
+            # and metrics are not held back until it ends.
+            _run(tasks)
             return body
         return _ThenRun(body, tasks)
 

@@ -106,3 +106,18 @@ def test_when_the_app_raises_its_deferred_work_still_runs():
     assert done == ["recorded"]
     # And the next request starts with no work left over.
     assert serve(lambda e, s: [b"y"]) == [("sent", b"y")]
+
+
+def test_a_stream_does_not_hold_its_work_back_until_it_ends():
+    events = []
+
+    def stream():
+        events.append("first chunk")
+        yield b"a"
+
+    def app(environ, start_response):
+        after_response(events.append, "logged")
+        return stream()
+
+    serve(app, events)
+    assert events == ["logged", "first chunk", ("sent", b"a")]
