@@ -2,7 +2,9 @@
 
 Offsets are positions in everything the job wrote. The first ``head_bytes``
 go to ``output.log``; after that, bytes go to ``output.tail``, a ring of
-``tail_bytes`` that always holds the newest output. What falls out of the ring
+``tail_bytes`` that always holds the newest output. Both live in the job's
+directory, made with the first byte: a job that writes nothing leaves no
+file. What falls out of the ring
 between the two is dropped and counted, so a job writing without end costs at
 most ``head_bytes + tail_bytes`` of disk and no memory beyond one chunk.
 
@@ -25,6 +27,7 @@ class OutputLog:
     def __init__(
         self, directory: Path, head_bytes: int, tail_bytes: int, total: int = 0
     ):
+        self.directory = directory
         self.head_path = directory / HEAD_NAME
         self.tail_path = directory / TAIL_NAME
         self.head_bytes = head_bytes
@@ -36,8 +39,15 @@ class OutputLog:
 
     # -- writing (one writer) -------------------------------------------------
 
+    def _make_directory(self) -> None:
+        try:
+            os.mkdir(self.directory, 0o750)
+        except FileExistsError:
+            pass
+
     def open_for_append(self) -> None:
         """Open the head for writing; :meth:`append` does it when first needed."""
+        self._make_directory()
         self._head_fd = os.open(
             self.head_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
         )
@@ -54,6 +64,8 @@ class OutputLog:
                 data = data[len(part) :]
             if data:
                 if self._tail_fd is None:
+                    if self._head_fd is None:  # no head is kept at all
+                        self._make_directory()
                     self._tail_fd = os.open(
                         self.tail_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640
                     )

@@ -25,6 +25,7 @@ so tests can replace them; the tests also run the real thing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -56,6 +57,7 @@ from worker import spawn as one_exec
 from worker.config import JobsSection
 from worker.output import OutputLog
 from worker.reactor import Reactor, Timer
+from worker.records import RecordLog
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ REAP_LATER_MAX_S = 60.0
 
 @dataclasses.dataclass
 class JobRecord:
-    """What is known and persisted about one job (``job.json``)."""
+    """What is known and persisted about one job (:mod:`worker.records`)."""
 
     job_id: str
     command: str
@@ -268,6 +270,7 @@ class JobRunner:
         self._active: set[_Job] = set()  # jobs not ended yet
         self._closing = False  # shutdown() began: start() refuses (under _lock)
         self._closed = threading.Event()
+        self._records = RecordLog(self.jobs_dir)
         self._load_history()
         self._reactor = Reactor(name="job-reactor")
         self._retention = threading.Thread(
@@ -298,30 +301,58 @@ class JobRunner:
         )
 
     def _load_history(self) -> None:
-        """Read the records a previous run left; jobs it was running are lost."""
+        """Read the records a previous run left; jobs it was running are lost.
+
+        Records of the earlier layout, a ``job.json`` in each job's directory,
+        are taken over into the record file and their files removed.
+        """
+        found = self._records.load()
+        known = {d["job_id"] for d in found}
+        legacy = []  # taken over: removed once the record file holds them
         for path in sorted(self.jobs_dir.glob("*/job.json")):
             try:
-                record = JobRecord.from_json(json.loads(path.read_text()))
-            except (OSError, ValueError, TypeError, KeyError) as exc:
+                d = json.loads(path.read_text())
+                if not isinstance(d, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
                 log.warning("ignoring unreadable job record %s: %s", path, exc)
                 continue
-            output = self._output(path.parent, record.output_bytes)
+            legacy.append(path)
+            if d.get("job_id") not in known:
+                found.append(d)
+        kept = []
+        for d in found:
+            try:
+                record = JobRecord.from_json(d)
+                if record.job_id != str(uuid.UUID(record.job_id)):
+                    raise ValueError(f"job id {record.job_id!r} is not a UUID")
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                log.warning("ignoring job record %r: %s", d.get("job_id"), exc)
+                continue
+            directory = self.jobs_dir / record.job_id
+            output = self._output(directory, record.output_bytes)
             if record.state is JobState.RUNNING:
                 record.state = JobState.LOST
                 record.exit_reason = ExitReason.LOST
                 record.ended_at = self.ops.now()
                 record.reason = "the worker stopped while the job was running"
                 record.output_bytes = output.recover()
-                self._persist(path.parent, record)
                 log.warning(
                     "job %s was running when the worker stopped: lost",
                     record.job_id,
                     extra={"JOB_ID": record.job_id},
                 )
-            job = _Job(record, path.parent, output)
+            kept.append(record.to_json())
+            job = _Job(record, directory, output)
             self._jobs[record.job_id] = job
             if record.idempotency_key:
                 self._by_key[record.idempotency_key] = record.job_id
+        # One line per job, the lost ones with their end; a line a crash cut
+        # short is gone, so appends start on a line of their own.
+        self._records.reset(kept)
+        for path in legacy:
+            with contextlib.suppress(OSError):
+                path.unlink()
         if self._jobs:
             log.info("loaded %d job records from %s", len(self._jobs), self.jobs_dir)
 
@@ -478,13 +509,13 @@ class JobRunner:
     def _launch(self, job: _Job, argv: list[str], timeout: int) -> str | None:
         """Record, spawn and hand a job to the reactor; None, or why it failed.
 
-        The job's directory and first ``job.json`` exist before its process
-        does: should the worker die at any point after start() returned, its
-        next run knows the job (as lost) and its idempotency key.
+        The job's first record is written before its process exists: should
+        the worker die at any point after start() returned, its next run
+        knows the job (as lost) and its idempotency key.
         """
         stage = "record"
         try:
-            self._persist(job.dir, job.record, new=True)
+            self._records.write(job.record.to_json())
             stage = "spawn"
             self._spawn(job, argv)
             stage = "watch"
@@ -689,6 +720,7 @@ class JobRunner:
         self._closed.set()
         self._reactor.close()
         self.isolation.close()
+        self._records.close()
 
     def read_output(
         self,
@@ -764,26 +796,6 @@ class JobRunner:
                 r.output_bytes = job.output.total
                 r.output_dropped_bytes = job.output.dropped
             return r
-
-    def _persist(self, directory: Path, record: JobRecord, new: bool = False) -> None:
-        """Write ``job.json`` whole (a new job's directory is made first).
-
-        On every start and end of a job: plain ``os`` calls on strings, not
-        ``pathlib`` with a text layer, which cost more than the writing.
-        """
-        base = os.fspath(directory)
-        if new:
-            os.mkdir(base, 0o750)
-        tmp = base + "/job.json.tmp"
-        data = json.dumps(record.to_json()).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        try:
-            view = memoryview(data)
-            while view:  # a short write (the disk filling up) is retried
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, base + "/job.json")
 
     def _terminate(
         self,
@@ -1145,7 +1157,7 @@ class JobRunner:
                         "between the kept head and tail"
                     )
                 try:
-                    self._persist(job.dir, r)
+                    self._records.write(r.to_json())
                 except OSError as exc:  # e.g. the disk is full
                     log.error(
                         "job %s: could not record its end on disk: %s",
@@ -1213,6 +1225,11 @@ class JobRunner:
                 del self._jobs[j.record.job_id]
                 if j.record.idempotency_key:
                     self._by_key.pop(j.record.idempotency_key, None)
+        if doomed:
+            try:
+                self._records.remove(j.record.job_id for j in doomed)
+            except OSError as exc:  # they come back after a restart, no worse
+                log.error("retention could not record what it removed: %s", exc)
         for j in doomed:
             shutil.rmtree(j.dir, ignore_errors=True)
         if doomed:

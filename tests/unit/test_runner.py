@@ -32,6 +32,7 @@ from jobgate.jobstate import ExitReason, JobState
 from worker import isolation
 from worker.config import JobsSection
 from worker.reactor import Reactor
+from worker.records import RecordLog
 from worker.runner import SAFE_PATH, JobRunner, ProcessOps
 
 pytestmark = pytest.mark.timeout(60)
@@ -266,13 +267,25 @@ def test_job_killed_by_a_signal_is_failed_with_signal_name(make_runner):
     assert record.reason == "killed by SIGKILL"
 
 
-def test_final_record_is_persisted_as_job_json(make_runner, tmp_path):
+def saved(runner: JobRunner, job_id: str) -> dict | None:
+    """The job's record as a restarted worker would read it from disk."""
+    return {r["job_id"]: r for r in RecordLog(runner.jobs_dir).load()}.get(job_id)
+
+
+def test_final_record_is_persisted(make_runner):
     runner = make_runner()
     record, _ = run(runner, "mixed.sh", "2")
-    job_json = tmp_path / "state" / "jobs" / record.job_id / "job.json"
-    saved = json.loads(job_json.read_text())
-    assert saved == record.to_json()
-    assert saved["state"] == "failed"
+    assert saved(runner, record.job_id) == record.to_json()
+    assert saved(runner, record.job_id)["state"] == "failed"
+
+
+def test_a_job_without_output_leaves_no_directory(make_runner):
+    runner = make_runner()
+    record, output = run(runner, "hello.sh")  # no args: prints nothing
+    assert output == b""
+    assert record.state is JobState.SUCCEEDED
+    assert not (runner.jobs_dir / record.job_id).exists()
+    assert sorted(p.name for p in runner.jobs_dir.iterdir()) == ["records.jsonl"]
 
 
 def test_args_reach_the_script_verbatim(make_runner):
@@ -792,19 +805,61 @@ def test_new_runner_reports_earlier_jobs(make_runner):
     assert reloaded.running_count() == 0
 
 
+def test_jobs_removed_by_retention_stay_removed_after_a_restart(make_runner):
+    first = make_runner(retention_max_jobs=1, retention_interval_s=3600)
+    old, _ = run(first, "mixed.sh", "0")
+    new, _ = run(first, "mixed.sh", "0")
+    assert first.enforce_retention() == [old.job_id]
+    assert not (first.jobs_dir / old.job_id).exists()
+    reloaded = make_runner(retention_max_jobs=1, retention_interval_s=3600)
+    assert [r.job_id for r in reloaded.list()] == [new.job_id]
+    with pytest.raises(NotFound):
+        reloaded.get(old.job_id)
+
+
+def test_records_of_the_job_json_layout_are_taken_over(make_runner):
+    first = make_runner()
+    ended, output = run(first, "mixed.sh", "0")
+    first.shutdown(0.2)
+    jobs = first.jobs_dir
+    (jobs / "records.jsonl").unlink()
+    # The layout before the record file: a job.json beside each job's output.
+    (jobs / ended.job_id / "job.json").write_text(json.dumps(ended.to_json()))
+    running_id = str(uuid.uuid4())
+    start = dict(ended.to_json(), job_id=running_id, state="running", ended_at=None)
+    (jobs / running_id).mkdir()
+    (jobs / running_id / "job.json").write_text(json.dumps(start))
+    (jobs / "garbage").mkdir()
+    (jobs / "garbage" / "job.json").write_text("{not json")
+
+    reloaded = make_runner()
+    assert reloaded.get(ended.job_id) == ended
+    assert follow(reloaded, ended.job_id) == output
+    assert reloaded.get(running_id).state is JobState.LOST
+    assert saved(reloaded, running_id)["state"] == "lost"
+    assert saved(reloaded, ended.job_id) == ended.to_json()
+    # Taken over, their files are gone; what could not be read is left alone.
+    assert list(jobs.glob("*/job.json")) == [jobs / "garbage" / "job.json"]
+
+
 def test_job_left_running_by_a_previous_worker_is_lost(make_runner, tmp_path):
     first = make_runner()
     record, output = run(first, "mixed.sh", "0")
-    # Make it look as if the worker died while the job ran.
-    job_json = tmp_path / "state" / "jobs" / record.job_id / "job.json"
-    saved = json.loads(job_json.read_text())
-    saved.update(
-        state="running", exit_code=None, ended_at=None, reason="", output_bytes=0
+    first.shutdown(0.2)
+    # Make it look as if the worker died while the job ran: its start is the
+    # last line of it, and a crash cut the line after that short.
+    start = dict(
+        record.to_json(),
+        state="running",
+        exit_code=None,
+        ended_at=None,
+        exit_reason=None,
+        reason="",
+        output_bytes=0,
     )
-    job_json.write_text(json.dumps(saved))
-    garbage = tmp_path / "state" / "jobs" / "garbage"
-    garbage.mkdir()
-    (garbage / "job.json").write_text("{not json")
+    records = first.jobs_dir / "records.jsonl"
+    with records.open("a") as f:
+        f.write(json.dumps(start) + '\n{"job_id": "cut sh')
 
     reloaded = make_runner()
     lost = reloaded.get(record.job_id)
@@ -812,7 +867,8 @@ def test_job_left_running_by_a_previous_worker_is_lost(make_runner, tmp_path):
     assert lost.reason == "the worker stopped while the job was running"
     assert lost.ended_at is not None
     assert lost.output_bytes == len(output)
-    assert json.loads(job_json.read_text())["state"] == "lost"
+    assert saved(reloaded, record.job_id)["state"] == "lost"
+    assert records.read_bytes().endswith(b"\n")  # the cut line is gone
     assert in_thread(follow, reloaded, record.job_id) == output
     assert [r.job_id for r in reloaded.list()] == [record.job_id]
     assert reloaded.running_count() == 0
@@ -967,14 +1023,14 @@ class NoExitFd(ProcessOps):
 
 def disk_full(runner: JobRunner, monkeypatch, when: str) -> None:
     """Make writing a job's first record fail (``"new"``), or its last ("end")."""
-    real = runner._persist
+    real = runner._records.write
 
-    def persist(directory, record, new=False):
-        if new == (when == "new"):
+    def write(record):
+        if (record["state"] == "running") == (when == "new"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(directory, record, new)
+        real(record)
 
-    monkeypatch.setattr(runner, "_persist", persist)
+    monkeypatch.setattr(runner._records, "write", write)
 
 
 def assert_ended(runner: JobRunner, record, key: str) -> None:
@@ -1005,8 +1061,7 @@ def test_a_job_that_cannot_be_watched_is_killed_and_ends(
     assert_ended(runner, record, "k")
     pid = ops.spawned[-1]
     assert not Path(f"/proc/{pid}").exists()  # killed and reaped
-    job_json = runner.jobs_dir / record.job_id / "job.json"
-    state = json.loads(job_json.read_text())["state"]
+    state = saved(runner, record.job_id)["state"]
     assert state == ("failed" if records == "kept" else "running")
     in_thread(runner.shutdown, 0.2, timeout=10)
 
@@ -1070,10 +1125,9 @@ def test_job_record_exists_when_start_returns_and_survives_a_crash(make_runner):
     runner._reactor.call_soon(gate.wait, 10)  # the reactor is busy
     try:
         record, _ = runner.start("bash", "hello.sh", idempotency_key="once")
-        job_json = runner.jobs_dir / record.job_id / "job.json"
-        saved = json.loads(job_json.read_text())
-        assert saved["state"] == "running"
-        assert saved["idempotency_key"] == "once"
+        first = saved(runner, record.job_id)
+        assert first["state"] == "running"
+        assert first["idempotency_key"] == "once"
         # The worker dies now; its next run knows the job and its key.
         restarted = make_runner(isolation="process-group")
         lost = restarted.get(record.job_id)
@@ -1089,9 +1143,9 @@ def test_job_record_exists_when_start_returns_and_survives_a_crash(make_runner):
 def test_a_job_that_fails_to_spawn_is_recorded_as_start_failed(make_runner):
     runner = make_runner(interpreters={"broken": "/nonexistent/interpreter"})
     record, _ = runner.start("broken", "hello.sh")
-    saved = json.loads((runner.jobs_dir / record.job_id / "job.json").read_text())
-    assert saved["state"] == "failed"
-    assert saved["exit_reason"] == ExitReason.START_FAILED.value
+    on_disk = saved(runner, record.job_id)
+    assert on_disk["state"] == "failed"
+    assert on_disk["exit_reason"] == ExitReason.START_FAILED.value
     reloaded = make_runner(interpreters={"broken": "/nonexistent/interpreter"})
     assert reloaded.get(record.job_id).exit_reason is ExitReason.START_FAILED
 
@@ -1210,10 +1264,12 @@ def test_a_job_whose_process_does_not_die_is_not_marked_reaped(
 def test_an_event_of_a_job_torn_down_in_the_same_round_is_ignored(make_runner, caplog):
     ops = GatedExit()
     runner = make_runner(ops=ops, isolation="process-group")
+    gate = threading.Event()
+    # The reactor is busy from before the start, so it cannot read the
+    # job's output before the test has broken the log.
+    runner._reactor.call_soon(gate.wait, 10)
     record, _ = runner.start("bash", "hello.sh", ["x"])
     job = runner._jobs[record.job_id]
-    gate = threading.Event()
-    runner._reactor.call_soon(gate.wait, 10)  # the reactor is busy meanwhile
     try:
         deadline = time.monotonic() + 5
         while process_state(record.pid) != "Z" and time.monotonic() < deadline:
