@@ -494,7 +494,7 @@ class Gateway:
         timer = threading.Timer(self.cfg.workers.rpc_timeout_s, call.cancel)
         timer.start()
         try:
-            return OutputStream(call, worker.id)
+            return OutputStream(call, worker.id, self._seen)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and not timer.is_alive():
                 raise stub.diagnose("StreamOutput") from None
@@ -510,12 +510,21 @@ class OutputStream:
     error becomes an HTTP error status rather than a truncated 200.
     Iterating yields ``(offset, data, skipped)``, ``skipped`` being bytes the
     output cap dropped just before ``offset``; :attr:`final` holds the job's
-    status once the stream has ended. :meth:`close` cancels the call.
+    status once the stream has ended, after ``on_final`` was given it (the
+    gateway records it in the job index, as the shared relay does, so a status
+    asked for after the stream answers with what the reader saw).
+    :meth:`close` cancels the call.
     """
 
-    def __init__(self, call, worker_id: str):
+    def __init__(
+        self,
+        call,
+        worker_id: str,
+        on_final: Callable[[dict], dict] = lambda status: status,
+    ):
         self._call = call
         self.worker_id = worker_id
+        self._on_final = on_final
         self.final: dict | None = None
         # What consumers iterate; the HTTP layer may wrap it (token checks).
         self.chunks: Iterator[tuple[int, bytes, int]] = iter(self)
@@ -533,7 +542,7 @@ class OutputStream:
             self._first = None
             while msg is not None:
                 if msg.HasField("final"):
-                    self.final = job_to_dict(msg.final, self.worker_id)
+                    self.final = self._on_final(job_to_dict(msg.final, self.worker_id))
                 else:  # empty data: a keep-alive from a quiet job
                     yield msg.offset, msg.data, msg.skipped
                 msg = next(self._call, None)

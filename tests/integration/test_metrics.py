@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import shutil
+import time
 import urllib.request
 
 import pytest
@@ -168,3 +169,26 @@ def test_an_ended_jobs_status_comes_from_the_index_not_the_worker(metered):
         assert api.get(f"/v1/workers/worker-1/jobs/{running['job_id']}")[0] == 200
     assert _get_job_calls(api) == before + 3
     assert api.post(f"/v1/workers/worker-1/jobs/{running['job_id']}/stop")[0] == 200
+
+
+def _worker_finished(metered) -> float:
+    port = metered.worker_info["worker-1"]["metrics_port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        values = samples(r.read().decode())
+    return sample(values, "jobgate_worker_jobs_finished_total")
+
+
+def test_the_end_a_plain_output_read_saw_is_recorded_in_the_index(metered):
+    api = Api(metered)
+    finished = _worker_finished(metered)
+    job = api.start("worker-1", "hello.sh")
+    # Wait for the end on the worker's side, without asking the scheduler.
+    deadline = time.monotonic() + 10
+    while _worker_finished(metered) == finished and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # A read without follow gets a stream of its own (not the shared relay).
+    assert api.output("worker-1", job["job_id"], query="") == b"hello from worker-1\n"
+    before = _get_job_calls(api)
+    status, _, body = api.get(f"/v1/workers/worker-1/jobs/{job['job_id']}")
+    assert status == 200 and body["state"] == "succeeded"
+    assert _get_job_calls(api) == before  # answered from the index
