@@ -59,7 +59,7 @@ class OutputLog:
                 if self._head_fd is None:
                     self.open_for_append()
                 part = data[: self.head_bytes - pos]
-                _write_all(self._head_fd, part)
+                write_all(self._head_fd, part)
                 pos += len(part)
                 data = data[len(part) :]
             if data:
@@ -150,7 +150,8 @@ def _pread_ring(fd: int, start: int, n: int, ring: int) -> bytes:
     return data
 
 
-def _write_all(fd, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``; a short write (the disk filling up) is retried."""
     view = memoryview(data)
     while view:
         n = os.write(fd, view)

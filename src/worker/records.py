@@ -29,6 +29,8 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from worker.output import write_all
+
 log = logging.getLogger(__name__)
 
 FILE_NAME = "records.jsonl"
@@ -55,18 +57,20 @@ class RecordLog:
         """The last record of each job the file holds, in the order first seen.
 
         Lines that are not a record (cut short, or edited by hand) are skipped
-        with one warning that says how many and where.
+        with one warning that says how many and where; empty lines silently.
+        Reading leaves this log as it is: :meth:`reset` makes what was read
+        its content.
         """
         latest: dict[str, dict] = {}
         bad: list[int] = []
-        lines = 0
         try:
             f = open(self.path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             return []
         with f:
             for number, line in enumerate(f, 1):
-                lines += 1
+                if not line.strip():
+                    continue
                 try:
                     record = json.loads(line)
                     job_id = record["job_id"]
@@ -87,9 +91,6 @@ class RecordLog:
                 ", ".join(map(str, bad[:5])),
                 " ..." if len(bad) > 5 else "",
             )
-        with self._lock:
-            self._latest = {k: _line(v) for k, v in latest.items()}
-            self._lines = lines
         return list(latest.values())
 
     def __len__(self) -> int:
@@ -124,11 +125,6 @@ class RecordLog:
             self._latest = {r["job_id"]: _line(r) for r in records}
             self._rewrite()
 
-    def compact(self) -> None:
-        """Rewrite the file with one line per job."""
-        with self._lock:
-            self._rewrite()
-
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
@@ -145,15 +141,14 @@ class RecordLog:
                 0o640,
             )
         if self._torn:
-            # End the fragment a failed write left, so this line stands alone;
-            # the fragment is skipped when the file is read.
+            # End what a failed write may have left, so this line stands
+            # alone; a fragment is skipped when the file is read, and an
+            # empty line ignored.
             data = b"\n" + data
-        view = memoryview(data)
         try:
-            while view:  # a short write (the disk filling up) is retried
-                view = view[os.write(self._fd, view) :]
+            write_all(self._fd, data)
         except OSError:
-            self._torn = len(view) < len(data)
+            self._torn = True
             raise
         self._torn = False
         self._lines += lines
@@ -171,9 +166,7 @@ class RecordLog:
             self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640
         )
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
         except BaseException:
             os.close(fd)
             os.unlink(self._tmp)
