@@ -45,9 +45,8 @@ PROFILE_TAG = "cluster"
 EXTRA_SCHEDULER: dict[str, str] = {}
 EXTRA_WORKER: dict[str, str] = {}
 
-# The product's defaults ([http].threads, [workers] heartbeats and call
-# deadline), which the development cluster shortens for its tests.
-HTTP_THREADS = 16
+# The product's defaults ([workers] heartbeats and call deadline), which the
+# development cluster shortens for its tests.
 HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_TIMEOUT_S = 15.0
 RPC_TIMEOUT_S = 10.0
@@ -125,7 +124,6 @@ class BenchCluster(DevCluster):
         worker: dict[str, str] | None = None,
     ):
         self.scheduler_settings = {
-            "http.threads": str(HTTP_THREADS),
             "workers.heartbeat_interval_s": str(HEARTBEAT_INTERVAL_S),
             "workers.heartbeat_timeout_s": str(HEARTBEAT_TIMEOUT_S),
             "workers.rpc_timeout_s": str(RPC_TIMEOUT_S),

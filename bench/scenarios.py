@@ -254,11 +254,10 @@ def expected_lines(batches: int, per_batch: int) -> bytes:
 def many_followers(s: Sizes) -> tuple[dict, dict]:
     import hashlib
 
-    # Each follower holds a gunicorn thread for as long as it follows, so the
-    # HTTP thread pool must be larger than the followers. The worker keeps
-    # its defaults: the followers in one gunicorn process share one stream
-    # from it ([workers].follow_window_bytes).
-    c = BenchCluster(scheduler={"http.threads": str(min(1024, s.followers + 24))})
+    # Defaults throughout: a follower costs the scheduler a coroutine, and
+    # the followers in one HTTP process share one stream from the worker
+    # ([workers].follow_window_bytes).
+    c = BenchCluster()
     expected = expected_lines(s.followers_batches, s.followers_lines)
     want = hashlib.sha256(expected).hexdigest()
     with running(c):

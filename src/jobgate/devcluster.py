@@ -136,7 +136,6 @@ class DevCluster:
         cluster: str = "dev",
         http_processes: int = 2,
         scripts_dir: Path | None = None,
-        http_threads: int = 8,
         http_port: int = 0,
         scheduler_extra: str = "",
         worker_extra: str = "",
@@ -146,7 +145,6 @@ class DevCluster:
         self.dir = directory.resolve()
         self.cluster = cluster
         self.http_processes = http_processes
-        self.http_threads = http_threads
         self.http_port = http_port
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
@@ -202,7 +200,6 @@ name = "{self.cluster}"
 bind = "127.0.0.1:{self.http_port}"
 processes = {self.http_processes}
 scheme = "http"
-threads = {self.http_threads}
 
 [grpc]
 bind = "{_hostport(self.grpc_host, self.grpc_port)}"

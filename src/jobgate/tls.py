@@ -62,9 +62,25 @@ SERVER_OPTIONS = (
 )
 
 
+def _channel_options(peer_dns_name: str, options) -> list:
+    return [
+        *CHANNEL_OPTIONS,
+        ("grpc.ssl_target_name_override", peer_dns_name),
+        *options,
+    ]
+
+
 def secure_channel(
     target: str, creds: Credentials, peer_dns_name: str, options=()
 ) -> grpc.Channel:
     """A channel to ``target`` that only talks to the holder of ``peer_dns_name``."""
-    opts = list(CHANNEL_OPTIONS) + [("grpc.ssl_target_name_override", peer_dns_name)]
-    return grpc.secure_channel(target, creds.channel(), options=opts + list(options))
+    opts = _channel_options(peer_dns_name, options)
+    return grpc.secure_channel(target, creds.channel(), options=opts)
+
+
+def secure_aio_channel(
+    target: str, creds: Credentials, peer_dns_name: str, options=()
+) -> grpc.aio.Channel:
+    """:func:`secure_channel` for asyncio code; made inside the running loop."""
+    opts = _channel_options(peer_dns_name, options)
+    return grpc.aio.secure_channel(target, creds.channel(), options=opts)

@@ -50,23 +50,49 @@ class HttpSection:
         "127.0.0.1:8080", help="host:port of the HTTP API; port 0 picks one"
     )
     processes: int = setting(2, min=1, max=64, help="gunicorn worker processes")
-    threads: int = setting(
-        16, min=1, max=1024, help="threads per process (each stream holds one)"
-    )
     max_body_bytes: int = setting(
         65536, min=1024, help="largest request body; larger is 413"
+    )
+    max_json_depth: int = setting(
+        32, min=2, max=1000, help="deepest nesting of a JSON body; deeper is 400"
     )
     timeout_s: int = setting(30, min=1, help="gunicorn worker heartbeat timeout")
     graceful_timeout_s: int = setting(10, min=1, help="time to finish requests on stop")
     keepalive_s: int = setting(
         5, min=0, help="idle keep-alive time of client connections"
     )
-    linger_ms: float = setting(
-        5.0,
-        min=0,
-        max=1000,
-        help="how long a thread that answered on a kept-alive connection waits "
-        "for the next request there before handing the connection back; 0: never",
+    request_timeout_s: float = setting(
+        10.0,
+        min=0.5,
+        max=3600,
+        help="time a request's head and body have to arrive; then 408",
+    )
+    max_connections: int = setting(
+        10_000,
+        min=16,
+        max=1_000_000,
+        help="open client connections per process; more are refused with 503",
+    )
+    max_followers: int = setting(
+        20_000, min=1, help="output streams following a job, per process; then 503"
+    )
+    max_followers_per_caller: int = setting(
+        10_000,
+        min=1,
+        help="output streams following a job, per token or client certificate "
+        "and process; then 503",
+    )
+    max_request_line_bytes: int = setting(
+        8192, min=256, max=1_048_576, help="longest request line; longer is 414"
+    )
+    max_head_bytes: int = setting(
+        32768, min=1024, max=1_048_576, help="largest request head; larger is 431"
+    )
+    threads: int | None = setting(
+        None, min=1, help="no longer used (the gateway is asynchronous); ignored"
+    )
+    linger_ms: float | None = setting(
+        None, min=0, help="no longer used (the gateway is asynchronous); ignored"
     )
     access_log: bool = setting(True, help="log one line per HTTP request")
     scheme: str = setting(

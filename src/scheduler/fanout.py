@@ -10,11 +10,11 @@ record, flagged ``stale``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
@@ -40,14 +40,16 @@ class FanOut:
         self.gw = gateway
         self.max_parallel = max_parallel
         self.max_workers = max_workers
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
 
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:  # made on first use, after gunicorn forked
-                self._pool = ThreadPoolExecutor(self.max_parallel, "fanout")
-            return self._pool
+    async def _each(self, fn: Callable[..., Awaitable], items: Iterable) -> list:
+        """``fn`` of every item, at most ``max_parallel`` at a time, in order."""
+        gate = asyncio.Semaphore(self.max_parallel)
+
+        async def one(item):
+            async with gate:
+                return await fn(item)
+
+        return list(await asyncio.gather(*(one(item) for item in items)))
 
     def select(self, selector: dict) -> tuple[list[WorkerRow], list[dict]]:
         """Workers the selector names that can be asked, and error entries."""
@@ -92,16 +94,20 @@ class FanOut:
     def _error(worker: WorkerRow, message: str) -> dict:
         return {"worker_id": worker.id, "worker_name": worker.name, "error": message}
 
-    def start(self, selector: dict, spec: dict) -> dict:
-        targets, errors = self.select(selector)
+    async def start(self, selector: dict, spec: dict) -> dict:
+        targets, errors = await asyncio.to_thread(self.select, selector)
         if not targets and not errors:
             raise NotFound("no worker matches the selector; GET /v1/workers lists them")
         group_id = str(uuid.uuid4())
-        self.gw.store.create_group(group_id, {"selector": selector, **spec}, [])
+        await asyncio.to_thread(
+            self.gw.store.create_group, group_id, {"selector": selector, **spec}, []
+        )
 
-        def start_one(worker: WorkerRow):
+        async def start_one(worker: WorkerRow):
             try:
-                status, _ = self.gw.start_job(worker.id, group_id=group_id, **spec)
+                status, _ = await self.gw.start_job(
+                    worker.id, group_id=group_id, **spec
+                )
                 return {
                     "worker_id": worker.id,
                     "worker_name": worker.name,
@@ -111,12 +117,12 @@ class FanOut:
                 return None, self._error(worker, describe_error(exc))
 
         jobs = []
-        for job, error in self._executor().map(start_one, targets):
+        for job, error in await self._each(start_one, targets):
             if job:
                 jobs.append(job)
             else:
                 errors.append(error)
-        self.gw.store.set_group_errors(group_id, errors)
+        await asyncio.to_thread(self.gw.store.set_group_errors, group_id, errors)
         log.info(
             "group %s: started on %d workers, %d errors",
             group_id,
@@ -126,23 +132,23 @@ class FanOut:
         )
         return {"group_id": group_id, "jobs": jobs, "errors": errors}
 
-    def status(self, group_id: str, wait: bool = False) -> dict:
-        found = self.gw.store.get_group(group_id)
+    async def status(self, group_id: str, wait: bool = False) -> dict:
+        found = await asyncio.to_thread(self.gw.store.get_group, group_id)
         if found is None:
             raise NotFound(f"no group {group_id!r}")
         request, errors, recorded = found
 
-        def fresh(job: dict) -> dict:
+        async def fresh(job: dict) -> dict:
             try:
                 if wait and job["state"] == JobState.RUNNING.value:
-                    status = self.gw.wait_job(job["worker_id"], job["job_id"])
+                    status = await self.gw.wait_job(job["worker_id"], job["job_id"])
                 else:
-                    status = self.gw.get_job(job["worker_id"], job["job_id"])
+                    status = await self.gw.get_job(job["worker_id"], job["job_id"])
                 return {**status, "stale": False}
             except Exception as exc:  # noqa: BLE001 - answer from the record instead
                 return {**job, "stale": True, "stale_reason": describe_error(exc)}
 
-        jobs = list(self._executor().map(fresh, recorded))
+        jobs = await self._each(fresh, recorded)
         for job in jobs:
             job.pop("recorded_at", None)
         counts: dict[str, int] = {}

@@ -9,23 +9,22 @@ worker; ``scheduler.errors`` maps both to HTTP in one table.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobgate import identity, logs
-from jobgate.errors import DeadlineExceeded, NotFound, Unavailable
+from jobgate.errors import DeadlineExceeded, JobgateError, NotFound, Unavailable
 from jobgate.guard import REQUEST_ID_KEY
 from jobgate.jobstate import ExitReason, JobState
-from jobgate.tls import Credentials, secure_channel
+from jobgate.tls import Credentials, secure_aio_channel
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scheduler import metrics
 from scheduler.config import SchedulerConfig
-from scheduler.deferred import after_response
 from scheduler.relay import Relay
 from scheduler.store import ONLINE, Store, WorkerRow, timestamp
 
@@ -64,57 +63,38 @@ def _metadata() -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_KEY, rid),) if rid else ()
 
 
-def _now(fn: Callable, *args) -> None:
-    fn(*args)
-
-
-class _Call:
-    __slots__ = ("done", "result", "failed")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.result: dict | None = None
-        self.failed = False
-
-
 class SharedCalls:
     """Identical reads of a worker that overlap in time share one call.
 
     A request that arrives while the same call is under way in this process
-    waits for that call's answer instead of making a call of its own. Many
+    awaits that call's answer instead of making a call of its own. Many
     clients polling one job then cost the worker about one call at a time
-    per scheduler process, not one per request. The answer a waiting request
+    per scheduler process, not one per request (the figure this buys is the
+    200-job status p99 in ``bench/README.md``). The answer a waiting request
     gets is the worker's as of that call, which may have started up to one
     call's duration before the request arrived: no older than a reply that
     was already on its way. A call that fails is not shared: each request
     that waited for it then makes its own.
     """
 
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._calls: dict[tuple, _Call] = {}
+    def __init__(self) -> None:
+        self._calls: dict[tuple, asyncio.Future] = {}
 
-    def share(self, key: tuple, fetch: Callable[[], dict]) -> dict:
-        with self._lock:
-            call = self._calls.get(key)
-            leader = call is None
-            if leader:
-                call = self._calls[key] = _Call()
-        if not leader:
-            if call.done.wait(self.timeout_s) and not call.failed:
-                return dict(call.result)
-            return fetch()
-        try:
-            call.result = fetch()
-        except BaseException:
-            call.failed = True
-            raise
-        finally:
-            with self._lock:
-                del self._calls[key]
-            call.done.set()
-        return dict(call.result)
+    async def share(self, key: tuple, fetch: Callable[[], Awaitable[dict]]) -> dict:
+        call = self._calls.get(key)
+        if call is not None:
+            try:
+                # Shielded: a waiter that is cancelled (its client left)
+                # does not cancel the call the others wait for.
+                return dict(await asyncio.shield(call))
+            except grpc.RpcError:
+                return await fetch()
+            except JobgateError:
+                return await fetch()
+        call = asyncio.ensure_future(fetch())
+        self._calls[key] = call
+        call.add_done_callback(lambda _: self._calls.pop(key, None))
+        return dict(await asyncio.shield(call))
 
 
 class WorkerCalls:
@@ -139,26 +119,26 @@ class WorkerCalls:
         method = getattr(self._stub, name)
         counter = metrics.WORKER_CALLS
         worker = self._worker.name
-        if isinstance(method, grpc.UnaryStreamMultiCallable):
+        if isinstance(method, grpc.aio.UnaryStreamMultiCallable):
 
             def call(*args, **kwargs):
                 stream = method(*args, **kwargs)
                 stream.add_done_callback(
-                    lambda c: counter.labels(worker, name, c.code().name).inc()
+                    lambda c: asyncio.ensure_future(_count(c, counter, worker, name))
                 )
                 return stream
 
         else:
 
-            def call(*args, **kwargs):
+            async def call(*args, **kwargs):
                 try:
-                    result = method(*args, **kwargs)
+                    result = await method(*args, **kwargs)
                 except grpc.RpcError as exc:
                     code = exc.code()
                     counter.labels(worker, name, code.name).inc()
                     if code != grpc.StatusCode.DEADLINE_EXCEEDED:
                         raise
-                    raise self.diagnose(name) from None
+                    raise await self.diagnose(name) from None
                 counter.labels(worker, name, "OK").inc()
                 return result
 
@@ -166,11 +146,11 @@ class WorkerCalls:
         setattr(self, name, call)
         return call
 
-    def diagnose(self, method: str) -> Exception:
+    async def diagnose(self, method: str) -> Exception:
         """The error for a call to ``method`` that ran past its deadline."""
         name = self._worker.name
         try:
-            resp = self._health.Check(
+            resp = await self._health.Check(
                 health_pb2.HealthCheckRequest(), timeout=self.HEALTH_TIMEOUT_S
             )
             if resp.status == health_pb2.HealthCheckResponse.SERVING:
@@ -187,52 +167,66 @@ class WorkerCalls:
         )
 
 
+async def _count(call, counter, worker: str, method: str) -> None:
+    """Count a finished stream by its status code."""
+    try:
+        code = (await call.code()).name
+    except Exception:  # noqa: BLE001 - a call cancelled before it began
+        code = "CANCELLED"
+    counter.labels(worker, method, code).inc()
+
+
 class ChannelPool:
     """One long-lived mutual-TLS channel per worker, per process.
 
-    Channels are made lazily, after gunicorn forked this process, and are kept
-    for the life of the process; a worker that re-registers at a new address
-    gets a new channel. Each channel verifies that the peer holds the
-    certificate of the worker it was dialled for.
+    Channels are made lazily, inside the event loop of the gunicorn process
+    that uses them (never before the fork), and are kept for the life of the
+    process; a worker that re-registers at a new address gets a new channel.
+    Each channel verifies that the peer holds the certificate of the worker
+    it was dialled for.
     """
 
     def __init__(self, cluster: str, creds: Credentials):
         self.cluster = cluster
         self.creds = creds
-        self._lock = threading.Lock()
-        self._channels: dict[str, tuple[str, grpc.Channel, WorkerCalls]] = {}
+        self._channels: dict[str, tuple[str, grpc.aio.Channel, WorkerCalls]] = {}
         self.retry_after_s = 5
 
     def stub(self, worker: WorkerRow) -> WorkerCalls:
-        with self._lock:
-            entry = self._channels.get(worker.id)
-            if entry is not None and entry[0] == worker.address:
-                return entry[2]
-            channel = secure_channel(
-                worker.address,
-                self.creds,
-                identity.dns_name(self.cluster, identity.WORKER, worker.name),
-            )
-            health = health_pb2_grpc.HealthStub(channel)
-            stub = WorkerCalls(
-                worker_pb2_grpc.WorkerStub(channel),
-                health,
-                worker,
-                self.retry_after_s,
-            )
-            self._channels[worker.id] = (worker.address, channel, stub)
+        entry = self._channels.get(worker.id)
+        if entry is not None and entry[0] == worker.address:
+            return entry[2]
+        channel = secure_aio_channel(
+            worker.address,
+            self.creds,
+            identity.dns_name(self.cluster, identity.WORKER, worker.name),
+        )
+        stub = WorkerCalls(
+            worker_pb2_grpc.WorkerStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+            worker,
+            self.retry_after_s,
+        )
+        self._channels[worker.id] = (worker.address, channel, stub)
         if entry is not None:
-            entry[1].close()
+            asyncio.ensure_future(entry[1].close())
         return stub
 
-    def close(self) -> None:
-        with self._lock:
-            entries, self._channels = list(self._channels.values()), {}
+    async def close(self) -> None:
+        entries, self._channels = list(self._channels.values()), {}
         for _, channel, _ in entries:
-            channel.close()
+            await channel.close()
 
 
 class Gateway:
+    """The scheduler's use cases, as coroutines of the HTTP process's loop.
+
+    Reads of the state database that cannot wait on a lock (WAL readers
+    never do) run on the loop; writes and large reads run on a thread
+    (:func:`asyncio.to_thread`), so a database busy with another process's
+    write stalls one request, never the loop and every connection on it.
+    """
+
     def __init__(
         self,
         cfg: SchedulerConfig,
@@ -245,7 +239,7 @@ class Gateway:
         self.pool = pool
         pool.retry_after_s = cfg.workers.retry_after_s
         self._last_seen: dict[str, tuple[str, int]] = {}
-        self._calls = SharedCalls(cfg.workers.rpc_timeout_s)
+        self._calls = SharedCalls()
         w = cfg.workers
         # Shared follow streams of this process (scheduler.relay).
         self.relay = Relay(
@@ -254,29 +248,32 @@ class Gateway:
             w.rpc_timeout_s,
             w.follow_write_bytes,
         )
+        self._grpc_target = grpc_target
         self._health = None
-        if grpc_target:
-            channel = secure_channel(
-                grpc_target,
-                pool.creds,
-                identity.dns_name(cfg.cluster.name, identity.SCHEDULER),
-            )
-            self._health = health_pb2_grpc.HealthStub(channel)
 
-    def readiness_problems(self) -> list[str]:
+    async def readiness_problems(self) -> list[str]:
         """What keeps the scheduler from serving; empty when it is ready."""
         problems = []
-        if not self.store.writable():
+        if not await asyncio.to_thread(self.store.writable):
             problems.append(f"the state database {self.store.path} is not writable")
-        if self._health is None:
+        if self._grpc_target is None:
             problems.append("this process does not know the scheduler's gRPC address")
-        else:
-            try:
-                resp = self._health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if resp.status != health_pb2.HealthCheckResponse.SERVING:
-                    problems.append("the gRPC server is not serving")
-            except grpc.RpcError as exc:
-                problems.append(f"the gRPC server does not answer: {exc.code().name}")
+            return problems
+        if self._health is None:
+            channel = secure_aio_channel(
+                self._grpc_target,
+                self.pool.creds,
+                identity.dns_name(self.cfg.cluster.name, identity.SCHEDULER),
+            )
+            self._health = health_pb2_grpc.HealthStub(channel)
+        try:
+            resp = await self._health.Check(
+                health_pb2.HealthCheckRequest(), timeout=1.0
+            )
+            if resp.status != health_pb2.HealthCheckResponse.SERVING:
+                problems.append("the gRPC server is not serving")
+        except grpc.RpcError as exc:
+            problems.append(f"the gRPC server does not answer: {exc.code().name}")
         return problems
 
     # -- workers ------------------------------------------------------------------
@@ -302,8 +299,12 @@ class Gateway:
             "version": w.version,
         }
 
-    def list_workers(self) -> list[dict]:
-        return [self.worker_to_dict(w) for w in self.store.list_workers()]
+    async def list_workers(self) -> list[dict]:
+        def render() -> list[dict]:
+            now = time.time()
+            return [self.worker_to_dict(w, now) for w in self.store.list_workers()]
+
+        return await asyncio.to_thread(render)
 
     def find(self, ref: str) -> WorkerRow:
         worker = self.store.find_worker(ref)
@@ -331,7 +332,7 @@ class Gateway:
 
     # -- jobs ---------------------------------------------------------------------
 
-    def start_job(
+    async def start_job(
         self,
         ref: str,
         command: str,
@@ -340,16 +341,10 @@ class Gateway:
         timeout_s: int = 0,
         idempotency_key: str = "",
         group_id: str | None = None,
-        defer_log: bool = True,
     ) -> tuple[dict, bool]:
-        """Start a job; returns its status and whether it already existed.
-
-        With ``defer_log``, the job's count and log line wait until the
-        answer is sent (:mod:`scheduler.deferred`); a start whose answer is
-        the job's output or final status logs at once.
-        """
+        """Start a job; returns its status and whether it already existed."""
         worker, stub = self._reachable(ref)
-        resp = stub.StartJob(
+        resp = await stub.StartJob(
             worker_pb2.StartJobRequest(
                 command=command,
                 path=path,
@@ -361,23 +356,20 @@ class Gateway:
             metadata=_metadata(),
         )
         status = job_to_dict(resp.job, worker.id)
-        self.store.record_job(status, group_id)
+        await asyncio.to_thread(self.store.record_job, status, group_id)
         if not resp.existing:
-            (after_response if defer_log else _now)(self._started, worker, status)
+            metrics.JOBS_STARTED.labels(worker.name).inc()
+            log.info(
+                "started job %s on %s: %s %s",
+                status["job_id"],
+                worker.name,
+                status["command"],
+                status["path"],
+                extra={"JOB_ID": status["job_id"], "WORKER_ID": worker.id},
+            )
         return status, resp.existing
 
-    def _started(self, worker: WorkerRow, status: dict) -> None:
-        metrics.JOBS_STARTED.labels(worker.name).inc()
-        log.info(
-            "started job %s on %s: %s %s",
-            status["job_id"],
-            worker.name,
-            status["command"],
-            status["path"],
-            extra={"JOB_ID": status["job_id"], "WORKER_ID": worker.id},
-        )
-
-    def list_jobs(self, ref: str) -> tuple[list[dict], bool]:
+    async def list_jobs(self, ref: str) -> tuple[list[dict], bool]:
         """The worker's jobs, and whether they come from the scheduler's record.
 
         When the worker cannot be asked, the answer is the last status the
@@ -385,9 +377,9 @@ class Gateway:
         """
         worker = self.find(ref)
         if self._state(worker) != ONLINE:
-            return self.store.worker_jobs(worker.id), True
+            return await asyncio.to_thread(self.store.worker_jobs, worker.id), True
         stub = self.pool.stub(worker)
-        resp = stub.ListJobs(
+        resp = await stub.ListJobs(
             worker_pb2.ListJobsRequest(),
             timeout=self.cfg.workers.rpc_timeout_s,
             metadata=_metadata(),
@@ -403,56 +395,56 @@ class Gateway:
         worker = self.find(ref)
         return worker, self.store.ended_job(worker.id, job_id)
 
-    def get_job(self, ref: str, job_id: str) -> dict:
+    async def get_job(self, ref: str, job_id: str) -> dict:
         worker, ended = self._ended(ref, job_id)
         if ended is not None:
             return ended
         worker, stub = self._stub(worker)
 
-        def ask() -> dict:
-            job = stub.GetJob(
+        async def ask() -> dict:
+            job = await stub.GetJob(
                 worker_pb2.GetJobRequest(job_id=job_id),
                 timeout=self.cfg.workers.rpc_timeout_s,
                 metadata=_metadata(),
             )
-            return self._seen(job_to_dict(job, worker.id))
+            return await self._seen(job_to_dict(job, worker.id))
 
-        return self._calls.share((worker.id, job_id), ask)
+        return await self._calls.share((worker.id, job_id), ask)
 
-    def _seen(self, status: dict) -> dict:
+    async def _seen(self, status: dict) -> dict:
         """Record a job's status in the index when it changed since last seen."""
         key = (status["state"], status["output_bytes"])
         if self._last_seen.get(status["job_id"]) != key:
-            self.store.update_job(status)
+            await asyncio.to_thread(self.store.update_job, status)
             if len(self._last_seen) > 10_000:
                 self._last_seen.clear()
             self._last_seen[status["job_id"]] = key
         return status
 
-    def wait_job(self, ref: str, job_id: str) -> dict:
+    async def wait_job(self, ref: str, job_id: str) -> dict:
         """The job's status once it ended, or after ``[workers].max_wait_s``."""
         worker, ended = self._ended(ref, job_id)
         if ended is not None:
             return ended
         worker, stub = self._stub(worker)
         wait_s = self.cfg.workers.max_wait_s
-        job = stub.WaitJob(
+        job = await stub.WaitJob(
             worker_pb2.WaitJobRequest(job_id=job_id, timeout_s=wait_s),
             timeout=wait_s + self.cfg.workers.rpc_timeout_s,
             metadata=_metadata(),
         )
-        return self._seen(job_to_dict(job, worker.id))
+        return await self._seen(job_to_dict(job, worker.id))
 
-    def stop_job(self, ref: str, job_id: str, requested_by: str = "") -> dict:
+    async def stop_job(self, ref: str, job_id: str, requested_by: str = "") -> dict:
         worker, stub = self._reachable(ref)
-        job = stub.StopJob(
+        job = await stub.StopJob(
             worker_pb2.StopJobRequest(job_id=job_id, requested_by=requested_by),
             timeout=self.cfg.workers.stop_timeout_s,
             metadata=_metadata(),
         )
-        return self._seen(job_to_dict(job, worker.id))
+        return await self._seen(job_to_dict(job, worker.id))
 
-    def output(
+    async def output(
         self, ref: str, job_id: str, offset: int = 0, follow: bool = False
     ) -> OutputStream:
         """Open the job's output stream; errors surface here, before any byte.
@@ -474,45 +466,41 @@ class Gateway:
                 metadata=metadata,
             )
 
+        def final(msg) -> Awaitable[dict]:
+            # The end a follower sees is in the index before the follower
+            # sees it: a status asked for after it answers from there.
+            return self._seen(job_to_dict(msg, worker.id))
+
         if follow:
-            shared = self.relay.follow(
+            shared = await self.relay.follow(
                 (worker.id, worker.address, job_id),
                 offset,
                 open_call,
-                # The end a follower sees is in the index before the
-                # follower does: a status asked for after it answers from there.
-                lambda final: self._seen(job_to_dict(final, worker.id)),
+                final,
                 lambda: stub.diagnose("StreamOutput"),
                 worker.id,
                 self.cfg.workers.stream_timeout_s,
             )
             if shared is not None:
                 return shared  # type: ignore[return-value] - same interface
-        call = open_call(offset, self.cfg.workers.stream_timeout_s)
-        # The worker answers a stream at once (data, a keep-alive or the end):
-        # waiting longer than a call's deadline means it is busy or hung.
-        timer = threading.Timer(self.cfg.workers.rpc_timeout_s, call.cancel)
-        timer.start()
-        try:
-            return OutputStream(call, worker.id, self._seen)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED and not timer.is_alive():
-                raise stub.diagnose("StreamOutput") from None
-            raise
-        finally:
-            timer.cancel()
+        stream = OutputStream(
+            open_call(offset, self.cfg.workers.stream_timeout_s), worker.id, final
+        )
+        await stream.first(
+            self.cfg.workers.rpc_timeout_s, lambda: stub.diagnose("StreamOutput")
+        )
+        return stream
 
 
 class OutputStream:
     """A job's output as it arrives from the worker.
 
-    Construction waits for the first message, so a missing job or a worker
+    :meth:`first` waits for the first message, so a missing job or a worker
     error becomes an HTTP error status rather than a truncated 200.
-    Iterating yields ``(offset, data, skipped)``, ``skipped`` being bytes the
-    output cap dropped just before ``offset``; :attr:`final` holds the job's
-    status once the stream has ended, after ``on_final`` was given it (the
-    gateway records it in the job index, as the shared relay does, so a status
-    asked for after the stream answers with what the reader saw).
+    Iterating (``async for``) yields ``(offset, data, skipped)``, ``skipped``
+    being bytes the output cap dropped just before ``offset``; an empty
+    ``data`` is a keep-alive from a quiet job. :attr:`final` holds the job's
+    status once the stream has ended, after ``on_final`` recorded it.
     :meth:`close` cancels the call.
     """
 
@@ -520,32 +508,47 @@ class OutputStream:
         self,
         call,
         worker_id: str,
-        on_final: Callable[[dict], dict] = lambda status: status,
+        on_final: Callable[[object], Awaitable[dict]],
     ):
         self._call = call
         self.worker_id = worker_id
         self._on_final = on_final
         self.final: dict | None = None
+        self._first = None
         # What consumers iterate; the HTTP layer may wrap it (token checks).
-        self.chunks: Iterator[tuple[int, bytes, int]] = iter(self)
-        try:
-            self._first = next(call)
-        except StopIteration:
-            self._first = None
-        except grpc.RpcError:
-            call.cancel()
-            raise
+        self.chunks: AsyncIterator[tuple[int, bytes, int]] = self._iterate()
 
-    def __iter__(self) -> Iterator[tuple[int, bytes, int]]:
+    async def first(
+        self, timeout_s: float, diagnose: Callable[[], Awaitable[Exception]]
+    ) -> None:
+        """Wait for the first message: the worker answers a stream at once
+        (data, a keep-alive or the end), so a longer wait means it is busy or
+        hung."""
+        try:
+            msg = await asyncio.wait_for(self._call.read(), timeout_s)
+        except TimeoutError:
+            self._call.cancel()
+            raise await diagnose() from None
+        except BaseException:
+            self._call.cancel()
+            raise
+        self._first = None if msg is grpc.aio.EOF else msg
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, bytes, int]]:
+        return self.chunks
+
+    async def _iterate(self) -> AsyncIterator[tuple[int, bytes, int]]:
         try:
             msg = self._first
             self._first = None
             while msg is not None:
                 if msg.HasField("final"):
-                    self.final = self._on_final(job_to_dict(msg.final, self.worker_id))
-                else:  # empty data: a keep-alive from a quiet job
+                    self.final = await self._on_final(msg.final)
+                else:
                     yield msg.offset, msg.data, msg.skipped
-                msg = next(self._call, None)
+                msg = await self._call.read()
+                if msg is grpc.aio.EOF:
+                    break
         finally:
             self._call.cancel()
 

@@ -1,10 +1,15 @@
-"""The HTTP half of the scheduler: the Falcon app under gunicorn (gthread).
+"""The HTTP half of the scheduler: the Falcon ASGI app under gunicorn.
 
 Started by ``scheduler.server`` as a child process with an already-bound
 listening socket (``--listen-fd``), so port 0 works and the port is known
-before gunicorn starts. The app is built in each gunicorn worker process after
-the fork, so no gRPC object ever crosses a fork. Each worker process writes a
-byte to ``--ready-fd`` once it is serving.
+before gunicorn starts. Each gunicorn worker process serves the app on an
+event loop (:class:`scheduler.http_worker.AsyncHttpWorker`). The app is built
+in each worker process after the fork, so no gRPC object ever crosses a fork.
+Each worker process writes a byte to ``--ready-fd`` once it is serving.
+
+This process dies with the scheduler's main process (``--parent-pid``): the
+kernel signals it when its parent goes, even by ``kill -9``, so a restarted
+scheduler never finds its port held by an orphan.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from gunicorn.glogging import Logger
 
 from jobgate import logs
 from scheduler import config
-from scheduler.http_worker import LingeringThreadWorker
+from scheduler.http.connection import Limits
+from scheduler.http_worker import AsyncHttpWorker, die_with_parent
 
 
 class GunicornLogger(Logger):
@@ -53,7 +59,14 @@ class HttpServer(BaseApplication):
 
     def load_config(self) -> None:
         h = self.jg_cfg.http
-        LingeringThreadWorker.linger_s = h.linger_ms / 1000
+        AsyncHttpWorker.limits = Limits(
+            request_timeout_s=h.request_timeout_s,
+            keepalive_s=h.keepalive_s,
+            max_connections=h.max_connections,
+            max_request_line_bytes=h.max_request_line_bytes,
+            max_head_bytes=h.max_head_bytes,
+            retry_after_s=self.jg_cfg.workers.retry_after_s,
+        )
         ready_fd = self.ready_fd
 
         def post_worker_init(worker) -> None:
@@ -71,8 +84,7 @@ class HttpServer(BaseApplication):
             "child_exit": child_exit,
             "bind": [f"fd://{self.listen_fd}"],
             "workers": h.processes,
-            "worker_class": "scheduler.http_worker.LingeringThreadWorker",
-            "threads": h.threads,
+            "worker_class": "scheduler.http_worker.AsyncHttpWorker",
             "timeout": h.timeout_s,
             "graceful_timeout": h.graceful_timeout_s,
             "keepalive": h.keepalive_s,
@@ -104,7 +116,6 @@ class HttpServer(BaseApplication):
 
     def load(self):
         from jobgate.tls import Credentials
-        from scheduler.deferred import AfterResponse
         from scheduler.gateway import ChannelPool, Gateway
         from scheduler.http.app import create_app
         from scheduler.http.auth import TokenFile
@@ -116,8 +127,17 @@ class HttpServer(BaseApplication):
         gateway = Gateway(cfg, store, pool, self.grpc_target)
         tls = cfg.http.tls
         client_scopes = dict(tls.client_scopes) if tls.client_ca_file else None
-        app = create_app(gateway, TokenFile(cfg.auth.tokens_file), client_scopes)
-        return AfterResponse(app)
+        return create_app(gateway, TokenFile(cfg.auth.tokens_file), client_scopes)
+
+
+def _raise_open_files_limit() -> None:
+    """Each client connection is a file descriptor: allow as many as the
+    hard limit (systemd's LimitNOFILE=) permits."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--grpc-target", required=True)
+    parser.add_argument("--parent-pid", type=int, default=0)
     args = parser.parse_args(argv)
+    die_with_parent()
+    if args.parent_pid and os.getppid() != args.parent_pid:
+        return 1  # the parent died before the line above took effect
+    _raise_open_files_limit()
     cfg = config.load(args.config)
     HttpServer(cfg, args.listen_fd, args.ready_fd, args.grpc_target).run()
     return 0

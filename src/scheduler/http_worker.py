@@ -1,60 +1,137 @@
-"""gunicorn's threaded worker, keeping a busy keep-alive connection on its thread.
+"""The gunicorn worker class of the HTTP gateway: one asyncio loop per process.
 
-In gunicorn's ``gthread`` worker every request on a kept-alive connection
-travels: the main thread's poller sees the socket readable, hands the
-connection to a pool thread, which answers and hands it back through a pipe
-to the main thread, which registers it with the poller again. A client that
-sends its next request at once (a script polling a job, a CI step starting
-jobs one after another) pays for that round trip on every request, and the
-main thread's share of the interpreter lock is taken from the requests.
+gunicorn's arbiter keeps doing what it is good at (forking the processes,
+restarting one that dies or hangs, graceful stops and reloads); each worker
+process serves all its connections from one event loop with
+:class:`scheduler.http.connection.HttpConnection`, so a slow, idle or
+streaming client holds a coroutine, not a thread.
 
-:class:`LingeringThreadWorker` lets the thread that answered wait a little
-(``[http].linger_ms``) for the next request on the same connection and answer
-it directly. It lingers only while no other connection waits for a thread,
-and hands the connection back as before when the client is quiet, so a
-connection that idles never holds a thread longer than the linger.
+Why not gunicorn's own ``asgi`` worker or uvicorn's: neither puts a deadline
+on a request's head (a client that sends ``GET /v1/wor`` and nothing more
+holds its connection for ever), neither enforces a connection cap, and both
+answer their own errors in plain text. Those are the three properties the
+scheduler's HTTP contract needs, and the connection class is where they live.
 """
 
 from __future__ import annotations
 
-import select
+import asyncio
+import ctypes
+import os
+import signal
+import sys
 
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn import sock as gunicorn_sock
+from gunicorn.workers.base import Worker
+
+from scheduler.http.connection import Counter, HttpConnection, Limits
+
+PR_SET_PDEATHSIG = 1
 
 
-class LingeringThreadWorker(ThreadWorker):
-    """``gthread`` with a short wait for the next request on the same thread."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent check in the serving loop still holds
 
-    # Set from [http].linger_ms by scheduler.http_server before the fork.
-    linger_s = 0.0
 
-    def handle(self, conn):
-        keepalive = super().handle(conn)
-        while keepalive is True and self.alive and self._next_request_soon(conn):
-            keepalive = super().handle(conn)
-        return keepalive
+class AsyncHttpWorker(Worker):
+    """Serves the ASGI app the gunicorn application loads, on one event loop.
 
-    def _next_request_soon(self, conn) -> bool:
-        """Whether the next request on ``conn`` is here or comes within the linger."""
-        if getattr(conn, "is_http2", False):
-            return False
-        unreader = getattr(conn.parser, "unreader", None)
-        buf = getattr(unreader, "buf", None)
-        if buf is not None and buf.getvalue():
-            return True  # read ahead with the last request
-        pending = getattr(conn.sock, "pending", None)
-        if pending is not None and pending():
-            return True  # decrypted bytes the socket already holds
-        if self.linger_s <= 0 or self._others_waiting():
-            return False
-        poller = select.poll()
-        poller.register(conn.sock, select.POLLIN)
+    The limits come from ``[http]`` through :attr:`limits`, set by
+    :mod:`scheduler.http_server` before the fork.
+    """
+
+    limits = Limits()
+
+    def init_process(self) -> None:
+        die_with_parent()
+        if os.getppid() != self.ppid:
+            sys.exit(0)  # the arbiter died while this process was forked
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.counter = Counter()
+        self.stopping = asyncio.Event()
+        self.quick = False
+        super().init_process()
+
+    def init_signals(self) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        add = self.loop.add_signal_handler
+        add(signal.SIGTERM, self._stop, False)
+        add(signal.SIGQUIT, self._stop, True)
+        add(signal.SIGINT, self._stop, True)
+        add(signal.SIGUSR1, self.log.reopen_files)
+        add(signal.SIGWINCH, lambda: None)
+        add(signal.SIGABRT, self._abort)
+
+    def _stop(self, quick: bool) -> None:
+        self.alive = False
+        self.quick = self.quick or quick
+        self.stopping.set()
+
+    def _abort(self) -> None:
+        self.alive = False
+        self.cfg.worker_abort(self)
+        sys.exit(1)
+
+    def run(self) -> None:
         try:
-            return bool(poller.poll(self.linger_s * 1000))
-        except (OSError, ValueError):
-            return False
+            self.loop.run_until_complete(self._serve())
+        finally:
+            self.loop.close()
 
-    def _others_waiting(self) -> bool:
-        """Whether connections are queued for a thread of this process."""
-        queue = getattr(self.tpool, "_work_queue", None)
-        return queue is None or not queue.empty()
+    async def _serve(self) -> None:
+        ssl_context = gunicorn_sock.ssl_context(self.cfg) if self.cfg.is_ssl else None
+        scheme = "https" if ssl_context else "http"
+        limits = self.limits
+        app = self.wsgi  # the ASGI app; gunicorn names what it loads so
+
+        def protocol() -> HttpConnection:
+            return HttpConnection(app, limits, self.counter, scheme)
+
+        servers = []
+        for listener in self.sockets:
+            servers.append(
+                await self.loop.create_server(
+                    protocol,
+                    sock=listener.sock,
+                    ssl=ssl_context,
+                    ssl_handshake_timeout=limits.request_timeout_s
+                    if ssl_context
+                    else None,
+                    backlog=2048,
+                )
+            )
+        # The arbiter's liveness check wants a sign of life well within its
+        # timeout; the parent check ends this process if the arbiter died.
+        beat = max(0.5, min(self.timeout / 2, 5.0))
+        while self.alive:
+            self.notify()
+            if os.getppid() != self.ppid:
+                self.log.info("the gunicorn arbiter is gone; stopping")
+                break
+            try:
+                await asyncio.wait_for(self.stopping.wait(), beat)
+            except TimeoutError:
+                pass
+        for server in servers:
+            server.close()
+        if not self.quick:
+            await self._drain(self.cfg.graceful_timeout)
+
+    async def _drain(self, grace: float) -> None:
+        """Let requests under way finish, for at most ``grace`` seconds."""
+        idle = self.counter.idle_event()
+        try:
+            await asyncio.wait_for(idle.wait(), grace)
+        except TimeoutError:
+            self.log.warning(
+                "cutting %d connections still open after %g s",
+                self.counter.open,
+                grace,
+            )

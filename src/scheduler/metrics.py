@@ -23,7 +23,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
-from scheduler.deferred import after_response
 from scheduler.store import Store
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -104,24 +103,14 @@ def render(store: Store, heartbeat_timeout_s: float) -> bytes:
 
 
 class Middleware:
-    """Falcon middleware counting and timing every request by route."""
+    """Falcon middleware counting and timing every request by route, from the
+    request's first byte (see :func:`scheduler.http.middleware.received_at`)."""
 
-    def process_request(self, req, resp) -> None:
-        req.context.metrics_started = time.perf_counter()
+    async def process_response(self, req, resp, resource, req_succeeded) -> None:
+        from scheduler.http.middleware import received_at
 
-    def process_response(self, req, resp, resource, req_succeeded) -> None:
-        started = getattr(req.context, "metrics_started", None)
-        if started is None:
-            return
-        after_response(
-            _count_request,
-            req.uri_template or "unmatched",
-            req.method,
-            resp.status_code,
-            time.perf_counter() - started,
+        route = req.uri_template or "unmatched"
+        HTTP_LATENCY.labels(route, req.method).observe(
+            time.perf_counter() - received_at(req)
         )
-
-
-def _count_request(route: str, method: str, status: int, seconds: float) -> None:
-    HTTP_LATENCY.labels(route, method).observe(seconds)
-    HTTP_REQUESTS.labels(route, method, status).inc()
+        HTTP_REQUESTS.labels(route, req.method, resp.status_code).inc()

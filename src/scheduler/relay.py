@@ -2,10 +2,10 @@
 
 Without sharing, each HTTP follower of a job holds its own ``StreamOutput``
 call, and each call buffers what the worker sent until its follower takes it:
-a thousand followers of a chatty job cost the scheduler a thousand copies of
-the output in flight. The relay opens one upstream call per (worker, job) and
-keeps a bounded window of the newest chunks; every follower reads the window
-at its own pace.
+ten thousand followers of a chatty job would cost the scheduler ten thousand
+copies of the output in flight and the worker ten thousand streams. The relay
+opens one upstream call per (worker, job) and keeps a bounded window of the
+newest chunks; every follower reads the window at its own pace.
 
 - A follower that asks for an offset inside the window (or past it) joins.
 - A follower that asks for an offset before the window is not served here
@@ -18,6 +18,10 @@ at its own pace.
   back just as with a call of one's own.
 - The upstream call is cancelled when its last follower leaves.
 
+Everything runs on the HTTP process's event loop: state changes between two
+``await`` points are atomic, so there are no locks; a follower with nothing
+to read awaits a future that the next change resolves.
+
 A follower yields what :class:`scheduler.gateway.OutputStream` yields,
 ``(offset, data, skipped)``, with an empty ``data`` for each keep-alive the
 worker sends while the job is quiet; ``final`` is the job's status once the
@@ -26,21 +30,25 @@ stream ended.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any
 
 import grpc
+
+from jobgate.errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
 Chunk = tuple[int, bytes, int]  # offset, data, bytes skipped just before offset
 
 # open_call(offset, timeout_s): a new follow call of the job's output from
-# ``offset``; it iterates OutputChunk messages and has cancel().
+# ``offset``; ``await call.read()`` gives OutputChunk messages, then
+# ``grpc.aio.EOF``; it has cancel().
 OpenCall = Callable[[int, float], Any]
+FinalToDict = Callable[[Any], Awaitable[dict]]
 
 
 class Relay:
@@ -66,22 +74,20 @@ class Relay:
         self.write_bytes = write_bytes
         self.budget_bytes = budget_bytes
         self.first_message_timeout_s = first_message_timeout_s
-        self._lock = threading.Lock()
         self._upstreams: dict[Hashable, Upstream] = {}
-        self._bytes_lock = threading.Lock()
-        self._bytes = 0
+        self.kept_bytes = 0
 
     @property
     def enabled(self) -> bool:
         return self.window_bytes > 0 and self.budget_bytes > 0
 
-    def follow(
+    async def follow(
         self,
         key: Hashable,
         offset: int,
         open_call: OpenCall,
-        final_to_dict: Callable[[Any], dict],
-        diagnose: Callable[[], Exception],
+        final_to_dict: FinalToDict,
+        diagnose: Callable[[], Awaitable[Exception]],
         worker_id: str,
         stream_timeout_s: float,
     ) -> Follower | None:
@@ -93,27 +99,22 @@ class Relay:
         if not self.enabled:
             return None
         deadline = time.monotonic() + stream_timeout_s
-        with self._lock:
-            up = self._upstreams.get(key)
-            if up is not None and up.finished:
-                del self._upstreams[key]
-                up = None
-            if up is None:
-                up = Upstream(
-                    self, key, offset, open_call, final_to_dict, stream_timeout_s
-                )
-                self._upstreams[key] = up
-                creator = True
-            else:
-                creator = False
-            up.followers += 1
+        up = self._upstreams.get(key)
+        if up is not None and up.finished:
+            del self._upstreams[key]
+            up = None
+        creator = up is None
+        if creator:
+            up = Upstream(self, key, offset, open_call, final_to_dict, stream_timeout_s)
+            self._upstreams[key] = up
+        up.followers += 1
         follower = Follower(
             self, up, offset, open_call, final_to_dict, worker_id, deadline
         )
         try:
             if creator:
-                up.start(diagnose)
-            elif not up.wait_started():
+                await up.start(diagnose)
+            elif not await up.wait_started():
                 follower.close()
                 return None
             if not follower.attach():
@@ -126,33 +127,24 @@ class Relay:
 
     def detach(self, up: Upstream) -> None:
         """One follower left ``up``; the last one cancels its call."""
-        with self._lock:
-            up.followers -= 1
-            last = up.followers == 0
-            if last and self._upstreams.get(up.key) is up:
+        up.followers -= 1
+        if up.followers == 0:
+            if self._upstreams.get(up.key) is up:
                 del self._upstreams[up.key]
-        if last:
             up.cancel()
 
     def forget(self, up: Upstream) -> None:
         """``up`` has ended: later followers start a new upstream."""
-        with self._lock:
-            if self._upstreams.get(up.key) is up:
-                del self._upstreams[up.key]
+        if self._upstreams.get(up.key) is up:
+            del self._upstreams[up.key]
 
-    def _account(self, delta: int) -> int:
+    def account(self, delta: int) -> int:
         """Add ``delta`` to the bytes kept by all upstreams; returns the excess."""
-        with self._bytes_lock:
-            self._bytes += delta
-            return self._bytes - self.budget_bytes
-
-    @property
-    def kept_bytes(self) -> int:
-        return self._bytes
+        self.kept_bytes += delta
+        return self.kept_bytes - self.budget_bytes
 
     def upstreams(self) -> int:
-        with self._lock:
-            return len(self._upstreams)
+        return len(self._upstreams)
 
 
 class Upstream:
@@ -162,11 +154,6 @@ class Upstream:
     oldest kept, ``next_seq`` that of the next to come. ``lo`` is the first
     position the window still covers: a follower at a position before it can
     no longer be served from here.
-
-    Followers read ``chunks`` (by number) without taking the lock, so the
-    hundreds of them woken by one new chunk do not queue on it; everything
-    else changes under the lock. A follower with nothing to read waits on a
-    lock of its own, which whoever changes the state releases.
     """
 
     def __init__(
@@ -175,17 +162,15 @@ class Upstream:
         key: Hashable,
         offset: int,
         open_call: OpenCall,
-        final_to_dict: Callable[[Any], dict],
+        final_to_dict: FinalToDict,
         timeout_s: float,
     ):
         self.relay = relay
         self.key = key
         self.followers = 0
-        self.lock = threading.Lock()
         self.chunks: dict[int, Chunk] = {}
         self.base = 0
         self.next_seq = 0
-        self._waiters: list[threading.Lock] = []
         self.lo = offset
         self.hi = offset  # the position just past the newest chunk
         self.kept = 0
@@ -196,7 +181,9 @@ class Upstream:
         self.final: dict | None = None
         self.error: BaseException | None = None
         self.failed_first = False  # the call failed before its first message
-        self._cancelled = False
+        self.cancelled = False
+        self._changed: asyncio.Future | None = None
+        self._start_task: asyncio.Future | None = None
         self._final_to_dict = final_to_dict
         self._offset = offset
         self._open_call = open_call
@@ -205,102 +192,116 @@ class Upstream:
 
     @property
     def finished(self) -> bool:
-        return self.done or self._cancelled
+        return self.done or self.cancelled
+
+    def changed(self) -> asyncio.Future:
+        """A future resolved at the next change of this upstream."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
+
+    def _notify(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
 
     # -- the first message ----------------------------------------------------
 
-    def start(self, diagnose: Callable[[], Exception]) -> None:
-        """Open the call and take its first message (by the first follower)."""
+    async def start(self, diagnose: Callable[[], Awaitable[Exception]]) -> None:
+        """Open the call and take its first message (by the first follower).
+
+        The reading runs in a task of the upstream's own, here and in
+        :meth:`pull`: a follower whose client leaves mid-read is cancelled,
+        and must not cancel the call the other followers share.
+        """
+        self._start_task = asyncio.ensure_future(self._first(diagnose))
+        await asyncio.shield(self._start_task)
+
+    async def _first(self, diagnose: Callable[[], Awaitable[Exception]]) -> None:
         try:
             self.call = self._open_call(self._offset, self._timeout_s)
         except BaseException as exc:
-            self._finish(error=exc)
+            self._finish(error=exc, first=True)
             raise
-        with self.lock:
-            self.pulling = True
-        # The worker answers a stream at once (data, a keep-alive or the end):
-        # waiting longer than a call's deadline means it is busy or hung.
-        timer = threading.Timer(self.relay.first_message_timeout_s, self.call.cancel)
-        timer.start()
+        self.pulling = True
         try:
-            msg = next(self.call, None)
-        except grpc.RpcError as exc:
-            error: BaseException = exc
-            if exc.code() == grpc.StatusCode.CANCELLED and not timer.is_alive():
-                error = diagnose()
+            msg = await asyncio.wait_for(
+                self.call.read(), self.relay.first_message_timeout_s
+            )
+        except TimeoutError:
+            self.call.cancel()
+            error = await diagnose()
             self._finish(error=error, first=True)
             raise error from None
         except BaseException as exc:
             self._finish(error=exc, first=True)
             raise
-        finally:
-            timer.cancel()
-        self._took(msg)
+        await self._took(msg)
 
-    def wait_started(self) -> bool:
+    async def wait_started(self) -> bool:
         """Wait for the first message; raise the error the first follower got.
 
         False if the call failed after its first message: the follower had
         better open a call of its own than join a stream that ends in error.
         """
-        while True:
-            with self.lock:
-                if self.started:
-                    break
-                waiter = self.waiter()
-            waiter.acquire()
-        with self.lock:
-            if self.error is None:
-                return True
-            if self.failed_first:
-                raise self.error.with_traceback(None)
-            return False
+        while not self.started:
+            await asyncio.shield(self.changed())
+        if self.error is None:
+            return True
+        if self.failed_first:
+            raise self.error.with_traceback(None)
+        return False
 
     # -- pulling ----------------------------------------------------------------
 
     def pull(self) -> None:
-        """Take the next message from the call (by a follower that needs one)."""
+        """Have the next message taken from the call, unless that is under way.
+
+        Called by a follower that needs bytes nobody has yet; it then waits
+        for :meth:`changed` like every other follower.
+        """
+        if not self.pulling and not self.done:
+            self.pulling = True
+            asyncio.ensure_future(self._pull())
+
+    async def _pull(self) -> None:
         try:
-            self._took(next(self.call, None))
+            msg = await self.call.read()
+        except asyncio.CancelledError:
+            self._finish(error=DeadlineExceeded("the output stream was cancelled"))
+            return
         except BaseException as exc:  # noqa: BLE001 - followers re-raise it
             self._finish(error=exc)
+            return
+        await self._took(msg)
 
-    def _took(self, msg) -> None:
-        if msg is None:
+    async def _took(self, msg) -> None:
+        if msg is grpc.aio.EOF or msg is None:
             self._finish()
             return
         if msg.HasField("final"):
-            self._finish(final=self._final_to_dict(msg.final))
+            try:
+                final = await self._final_to_dict(msg.final)
+            except BaseException as exc:  # noqa: BLE001 - followers re-raise it
+                self._finish(error=exc)
+                return
+            self._finish(final=final)
             return
-        with self.lock:
-            self.pulling = False
-            self.started = True
-            if msg.data:
-                self._append((msg.offset, msg.data, msg.skipped))
-            else:
-                self.keepalives += 1
-            waiters = self._take_waiters()
-        _wake(waiters)
-
-    def waiter(self) -> threading.Lock:
-        """A lock to wait on until the state changes (under the lock)."""
-        waiter = threading.Lock()
-        waiter.acquire()
-        self._waiters.append(waiter)
-        return waiter
-
-    def _take_waiters(self) -> list[threading.Lock]:
-        waiters, self._waiters = self._waiters, []
-        return waiters
+        self.pulling = False
+        self.started = True
+        if msg.data:
+            self._append((msg.offset, msg.data, msg.skipped))
+        else:
+            self.keepalives += 1
+        self._notify()
 
     def _append(self, chunk: Chunk) -> None:
-        """Keep ``chunk``; drop the oldest chunks over the limits (under lock)."""
+        """Keep ``chunk``; drop the oldest chunks over the limits."""
         offset, data, _ = chunk
         self.chunks[self.next_seq] = chunk
         self.next_seq += 1
         self.hi = offset + len(data)
         self.kept += len(data)
-        excess = self.relay._account(len(data))
+        excess = self.relay.account(len(data))
         freed = 0
         while self.next_seq - self.base > 1 and (
             self.kept > self.relay.window_bytes or excess - freed > 0
@@ -311,7 +312,7 @@ class Upstream:
             self.kept -= len(old_data)
             freed += len(old_data)
         if freed:
-            self.relay._account(-freed)
+            self.relay.account(-freed)
 
     def _finish(
         self,
@@ -319,35 +320,31 @@ class Upstream:
         error: BaseException | None = None,
         first: bool = False,
     ) -> None:
-        with self.lock:
-            self.pulling = False
-            self.started = True
-            self.done = True
-            self.final = final
-            self.error = error
-            if first:
-                self.failed_first = error is not None
-            waiters = self._take_waiters()
-        _wake(waiters)
+        self.pulling = False
+        self.started = True
+        self.done = True
+        self.final = final
+        self.error = error
+        if first:
+            self.failed_first = error is not None
+        self._notify()
         self.relay.forget(self)
 
     def cancel(self) -> None:
         """Cancel the call and give back the window (the last follower left)."""
-        with self.lock:
-            self._cancelled = True
-            kept, self.kept = self.kept, 0
-            self.chunks.clear()
-            waiters = self._take_waiters()
-        _wake(waiters)
+        self.cancelled = True
+        kept, self.kept = self.kept, 0
+        self.chunks.clear()
         if kept:
-            self.relay._account(-kept)
+            self.relay.account(-kept)
+        self._notify()
         if self.call is not None:
             self.call.cancel()
 
     # -- what followers see ---------------------------------------------------
 
     def first_seq(self, pos: int) -> int | None:
-        """The number of the first chunk a follower at ``pos`` needs (under lock).
+        """The number of the first chunk a follower at ``pos`` needs.
 
         None when ``pos`` lies before the window.
         """
@@ -362,18 +359,13 @@ class Upstream:
         return seq
 
 
-def _wake(waiters: list[threading.Lock]) -> None:
-    for waiter in waiters:
-        waiter.release()
-
-
 class Follower:
     """One HTTP follower: reads its upstream's window, or a call of its own.
 
     The same interface as :class:`scheduler.gateway.OutputStream`: iterate
-    it (or :attr:`chunks`, which the HTTP layer may wrap) for
-    ``(offset, data, skipped)``; :attr:`final` is the job's status once the
-    stream has ended; :meth:`close` lets go of the stream.
+    it (or :attr:`chunks`, which the HTTP layer may wrap) with ``async for``
+    for ``(offset, data, skipped)``; :attr:`final` is the job's status once
+    the stream has ended; :meth:`close` lets go of the stream.
     """
 
     def __init__(
@@ -382,13 +374,13 @@ class Follower:
         up: Upstream,
         offset: int,
         open_call: OpenCall,
-        final_to_dict: Callable[[Any], dict],
+        final_to_dict: FinalToDict,
         worker_id: str,
         deadline: float,
     ):
         self.worker_id = worker_id
         self.final: dict | None = None
-        self.chunks: Iterator[Chunk] = iter(self)
+        self.chunks: AsyncIterator[Chunk] = self._iterate()
         self._relay = relay
         self._up: Upstream | None = up
         self._pos = offset
@@ -408,27 +400,31 @@ class Follower:
     def attach(self) -> bool:
         """Find where to start in the window; False if the offset is before it."""
         up = self._up
-        with up.lock:
-            seq = up.first_seq(self._pos)
-            if seq is None:
-                return False
-            self._seq = seq
-            self._keepalives = up.keepalives
+        seq = up.first_seq(self._pos)
+        if seq is None:
+            return False
+        self._seq = seq
+        self._keepalives = up.keepalives
         return True
 
-    def __iter__(self) -> Iterator[Chunk]:
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self.chunks
+
+    async def _iterate(self) -> AsyncIterator[Chunk]:
         try:
             if self._up is not None:
-                yield from self._from_window()
+                async for item in self._from_window():
+                    yield item
             if not self._closed and self._up is None and self.final is None:
-                yield from self._from_own_call()
+                async for item in self._from_own_call():
+                    yield item
         finally:
             self.close()
 
-    def _from_window(self) -> Iterator[Chunk]:
+    async def _from_window(self) -> AsyncIterator[Chunk]:
         up = self._up
         while True:
-            item, fallback = self._next(up)
+            item, fallback = await self._next(up)
             if fallback:
                 self._leave()
                 return
@@ -436,11 +432,11 @@ class Follower:
                 return
             yield item
 
-    def _next(self, up: Upstream) -> tuple[Chunk | None, bool]:
+    async def _next(self, up: Upstream) -> tuple[Chunk | None, bool]:
         """The next item from the window: (item, False), (None, False) at the
         end, (None, True) when this follower must continue on its own call."""
         while True:
-            if self._closed or up._cancelled:
+            if self._closed or up.cancelled:
                 return None, False
             chunk = up.chunks.get(self._seq)
             if chunk is not None:
@@ -449,32 +445,28 @@ class Follower:
                 if item is not None:
                     return self._gather(up, item), False
                 continue
-            with up.lock:
-                if self._seq < up.base:
-                    seq = up.first_seq(self._pos)
-                    if seq is None:
-                        return None, True  # fell behind: the window moved on
-                    self._seq = seq
-                    continue
-                if self._seq in up.chunks or up._cancelled:
-                    continue
-                if up.done:
-                    return self._ended(up)
-                if up.keepalives != self._keepalives:
-                    self._keepalives = up.keepalives
-                    return (self._pos, b"", 0), False
-                pull = not up.pulling
-                if pull:
-                    up.pulling = True
-                else:
-                    remaining = self._deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise StreamExpired()
-                    waiter = up.waiter()
-            if pull:
-                up.pull()
-            else:
-                waiter.acquire(timeout=min(remaining, threading.TIMEOUT_MAX))
+            if self._seq < up.base:
+                seq = up.first_seq(self._pos)
+                if seq is None:
+                    return None, True  # fell behind: the window moved on
+                self._seq = seq
+                continue
+            if up.done:
+                return self._ended(up)
+            if up.keepalives != self._keepalives:
+                self._keepalives = up.keepalives
+                return (self._pos, b"", 0), False
+            up.pull()
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise StreamExpired(
+                    "the output stream lasted its longest allowed time "
+                    "([workers].stream_timeout_s)"
+                )
+            try:
+                await asyncio.wait_for(asyncio.shield(up.changed()), remaining)
+            except TimeoutError:
+                continue
 
     def _gather(self, up: Upstream, item: Chunk) -> Chunk:
         """``item`` joined with the chunks right after it.
@@ -516,7 +508,7 @@ class Follower:
         return pos, data[pos - offset :], 0
 
     def _ended(self, up: Upstream) -> tuple[Chunk | None, bool]:
-        """At the end of the window of an upstream that ended (under lock)."""
+        """At the end of the window of an upstream that ended."""
         if up.error is None:
             self.final = up.final
             return None, False
@@ -534,21 +526,23 @@ class Follower:
         if up is not None:
             self._relay.detach(up)
 
-    def _from_own_call(self) -> Iterator[Chunk]:
+    async def _from_own_call(self) -> AsyncIterator[Chunk]:
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
-            raise StreamExpired()
+            raise StreamExpired(
+                "the output stream lasted its longest allowed time "
+                "([workers].stream_timeout_s)"
+            )
         log.debug("an output follower continues on a call of its own at %d", self._pos)
         call = self._own_call = self._open_call(self._pos, remaining)
-        if self._closed:  # closed while the call was being opened
-            call.cancel()
-            return
-        for msg in call:
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                return
             if msg.HasField("final"):
-                self.final = self._final_to_dict(msg.final)
+                self.final = await self._final_to_dict(msg.final)
                 return  # the last message of a stream
-            else:
-                yield msg.offset, msg.data, msg.skipped
+            yield msg.offset, msg.data, msg.skipped
 
     def close(self) -> None:
         if self._closed:
@@ -559,14 +553,5 @@ class Follower:
             self._own_call.cancel()
 
 
-class StreamExpired(grpc.RpcError):
+class StreamExpired(DeadlineExceeded):
     """The follower's stream ran past ``[workers].stream_timeout_s``."""
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def details(self) -> str:
-        return "the output stream lasted its longest allowed time"
-
-    def __str__(self) -> str:
-        return self.details()

@@ -89,6 +89,14 @@ def _status(cfg: SchedulerConfig, store: Store, http_port: int, grpc_port: int) 
 def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> int:
     stop = stop_event_on_signals()
     notifier = Notifier()
+    for key in ("threads", "linger_ms"):
+        if getattr(cfg.http, key) is not None:
+            log.warning(
+                "[http].%s is no longer used (the HTTP gateway is asynchronous); "
+                "remove it from %s",
+                key,
+                config_path,
+            )
     try:
         load_tokens(cfg.auth.tokens_file)  # refuse to start on a broken tokens file
     except TokenFileError as exc:
@@ -103,7 +111,7 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
                 "tokens file %s: %d tokens in force", cfg.auth.tokens_file, len(tokens)
             )
         except TokenFileError as exc:
-            log.error("%s; the tokens read before stay in force", exc)
+            log.error("%s; no token is valid until it is fixed", exc)
 
     signal.signal(signal.SIGHUP, on_hup)
     store = Store(cfg.state.path, cfg.state.busy_timeout_s)
@@ -143,6 +151,8 @@ def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> i
             str(ready_w),
             "--grpc-target",
             _loopback_target(cfg.grpc.bind, grpc_port),
+            "--parent-pid",
+            str(os.getpid()),
         ],
         pass_fds=(sock.fileno(), ready_w),
         env={

@@ -34,7 +34,6 @@ def _cluster(scripts_dir: Path, prefix: str, scheduler_extra: str = ""):
         directory,
         scripts_dir=scripts_dir,
         http_processes=1,
-        http_threads=64,  # a thread for each follower
         scheduler_extra=scheduler_extra,
     )
     try:

@@ -1,5 +1,5 @@
-"""Kept-alive HTTP connections: answered in order whether a thread lingers on
-them ([http].linger_ms) or gunicorn's poller hands them back."""
+"""Kept-alive HTTP connections: requests back to back, after pauses and
+pipelined, are answered in order."""
 
 from __future__ import annotations
 

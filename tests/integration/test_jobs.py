@@ -309,10 +309,8 @@ def restarts(scripts_dir):
 
 @pytest.fixture(scope="module")
 def wide(scripts_dir):
-    # The HTTP server has a thread for each of 64 clients at once.
-    yield from _own_cluster(
-        "jobgate-test-wide-", scripts_dir, "wide-1", http_threads=64
-    )
+    # 64 clients at once, on a cluster of their own.
+    yield from _own_cluster("jobgate-test-wide-", scripts_dir, "wide-1")
 
 
 def restart_worker(site: Site, sig: int = signal.SIGTERM) -> None:

@@ -200,7 +200,7 @@ def test_frozen_worker_is_told_apart_from_a_busy_one(small_cluster):
         worker.signal(signal.SIGCONT)
     # rpc_timeout_s (5 s in the development cluster) plus the health probe.
     assert elapsed < 8
-    assert status == 503
+    assert status == 503, (status, data, elapsed)
     assert "not even its health check" in data["description"]
     assert "Retry-After" in headers
 

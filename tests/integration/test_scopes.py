@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import os
 import secrets
+import signal
 import threading
 import time
 
@@ -112,12 +114,33 @@ def test_removed_token_ends_an_open_stream(api, cluster, extra_token):
     api.post(f"/v1/workers/worker-2/jobs/{job['job_id']}/stop")
 
 
-def test_broken_tokens_file_keeps_the_tokens_in_force(api, cluster):
+def test_broken_tokens_file_fails_closed_until_fixed(api, cluster):
     path = cluster.dir / "tokens"
     original = path.read_text()
     try:
         path.write_text(original + "this is not a token line\n")
-        assert api.get("/v1/workers")[0] == 200
+        status, _, data = api.get("/v1/workers")
+        assert status == 401, data
+        status, _, data = api.get("/readyz")
+        assert status == 503
+        assert any("tokens" in p and "not a token" not in p for p in data["problems"])
+    finally:
+        path.write_text(original)
+    assert api.get("/v1/workers")[0] == 200
+    assert api.get("/readyz")[0] == 200
+
+
+def test_removed_tokens_file_fails_closed_also_after_sighup(api, cluster):
+    path = cluster.dir / "tokens"
+    original = path.read_text()
+    try:
+        path.unlink()
+        os.kill(cluster.scheduler.pid, signal.SIGHUP)
+        status, _, data = api.get("/v1/workers")
+        assert status == 401, data
+        status, _, data = api.get("/readyz")
+        assert status == 503
+        assert any("tokens file" in p for p in data["problems"]), data
     finally:
         path.write_text(original)
     assert api.get("/v1/workers")[0] == 200

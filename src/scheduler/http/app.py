@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import falcon
+import falcon.asgi
 
 from scheduler import metrics
 from scheduler.fanout import FanOut
@@ -12,13 +12,14 @@ from scheduler.http import resources as r
 from scheduler.http.auth import Auth, TokenFile
 from scheduler.http.errors import json_errors, make_handlers
 from scheduler.http.middleware import AccessLog, RequestId
+from scheduler.http.streams import StreamSlots
 
 
 def create_app(
     gateway: Gateway,
     tokens: TokenFile,
     client_scopes: dict[str, str] | None = None,
-) -> falcon.App:
+) -> falcon.asgi.App:
     """The HTTP API. ``client_scopes`` enables client-certificate auth."""
     cfg = gateway.cfg
     auth = Auth(tokens, cfg.cluster.name, client_scopes)
@@ -26,16 +27,21 @@ def create_app(
     if cfg.http.access_log:
         # After RequestId, so the line carries the request's id.
         middleware.insert(1, AccessLog())
-    app = falcon.App(middleware=middleware)
+    app = falcon.asgi.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(json_errors)
     for exc, handler in make_handlers(cfg.workers.retry_after_s):
         app.add_error_handler(exc, handler)
-    args = (gateway, cfg.http.max_body_bytes, auth)
+    slots = StreamSlots(
+        cfg.http.max_followers,
+        cfg.http.max_followers_per_caller,
+        cfg.workers.retry_after_s,
+    )
+    args = (gateway, cfg.http.max_body_bytes, auth, slots, cfg.http.max_json_depth)
     app.add_route("/openapi.json", r.OpenAPI(openapi.document()))
     app.add_route("/metrics", r.Metrics(gateway))
     app.add_route("/healthz", r.Health())
-    app.add_route("/readyz", r.Ready(gateway))
+    app.add_route("/readyz", r.Ready(gateway, tokens))
     app.add_route("/v1/workers", r.Workers(*args))
     app.add_route("/v1/workers/{worker}", r.Worker(*args))
     app.add_route("/v1/workers/{worker}/jobs", r.Jobs(*args))
@@ -43,8 +49,8 @@ def create_app(
     app.add_route("/v1/workers/{worker}/jobs/{job}/stop", r.JobStop(*args))
     app.add_route("/v1/workers/{worker}/jobs/{job}/output", r.JobOutput(*args))
     fanout = FanOut(gateway, cfg.fanout.max_parallel, cfg.fanout.max_workers)
-    app.add_route("/v1/jobs", r.FanOutJobs(*args, fanout))
-    app.add_route("/v1/groups/{group}", r.Group(*args, fanout))
+    app.add_route("/v1/jobs", r.FanOutJobs(fanout, *args))
+    app.add_route("/v1/groups/{group}", r.Group(fanout, *args))
     app.add_route("/start", r.LegacyStart(*args))
     app.add_route("/stop", r.LegacyStop(*args))
     app.add_route("/query", r.LegacyQuery(*args))

@@ -12,8 +12,9 @@ The tokens file holds one token per line, ``sha256:<hex> <name> [<scope>]``
 ``jobgate-scheduler hash-token``. Only hashes are stored, so reading the file
 does not reveal a token. The file is re-read as soon as it changes: a token
 removed from it stops working at once, also for output streams already open.
-A file with a mistake in it is refused as a whole (and logged), and the
-tokens read before stay in force until it is fixed.
+A file that is missing, unreadable or has a mistake in it fails closed: no
+token is valid until it is fixed (the error is logged and ``/readyz`` names
+it), since the edit that broke it may have been meant to revoke a token.
 """
 
 from __future__ import annotations
@@ -110,9 +111,10 @@ class TokenFile:
         self._signature: tuple | None = None
         self._content = b""
         self._tokens: dict[str, tuple[str, str]] = {}
+        self.problem: str | None = None
         self.current()
-        if self._signature is None:
-            raise TokenFileError(f"{path}: cannot be read")
+        if self.problem is not None:
+            raise TokenFileError(self.problem)
 
     def _stat(self) -> tuple | None:
         try:
@@ -125,6 +127,7 @@ class TokenFile:
         """The tokens in force, re-reading the file if it changed."""
         sig = self._stat()
         if sig is None:
+            self._fail(f"{self.path}: the tokens file is missing or cannot be read")
             return self._tokens
         # A rewrite of the same size within one timestamp tick keeps the
         # signature, so while the file is that fresh its contents decide.
@@ -135,25 +138,32 @@ class TokenFile:
             try:
                 data = self.path.read_bytes()
             except OSError as exc:
-                log.error("%s: cannot read the tokens file: %s", self.path, exc)
+                self._fail(f"{self.path}: cannot read the tokens file: {exc.strerror}")
                 return self._tokens
             digest = hashlib.sha256(data).digest()
-            if digest != self._content:
+            if digest != self._content or self.problem:
                 try:
                     tokens = parse_tokens(self.path, data.decode("utf-8", "replace"))
                 except TokenFileError as exc:
-                    log.error(
-                        "%s; keeping the %d tokens read before", exc, len(self._tokens)
-                    )
+                    self._fail(str(exc))
                 else:
                     if self._signature is not None:
                         log.info(
                             "tokens file %s reloaded: %d tokens", self.path, len(tokens)
                         )
                     self._tokens = tokens
+                    self.problem = None
                 self._content = digest
             self._signature = sig
         return self._tokens
+
+    def _fail(self, problem: str) -> None:
+        """No token is valid until the file is right again."""
+        if problem != self.problem:
+            log.error("%s; no token is valid until it is fixed", problem)
+        self.problem = problem
+        self._tokens = {}
+        self._signature = None
 
     def lookup(self, token: str) -> Principal | None:
         digest = hash_token(token)
@@ -164,13 +174,9 @@ class TokenFile:
         return found
 
 
-def _peer_client(req: falcon.Request, cluster: str) -> str | None:
+def _peer_client(req, cluster: str) -> str | None:
     """The client name in a verified TLS client certificate, if any."""
-    sock = req.env.get("gunicorn.socket")
-    getpeercert = getattr(sock, "getpeercert", None)
-    if getpeercert is None:
-        return None
-    cert = getpeercert() or {}
+    cert = req.scope.get("jobgate.peercert") or {}
     for kind, value in cert.get("subjectAltName", ()):
         if kind == "URI":
             ident = identity.parse_uri(value)
@@ -196,7 +202,7 @@ class Auth:
         self.cluster = cluster
         self.client_scopes = client_scopes
 
-    def authenticate(self, req: falcon.Request) -> Principal:
+    def authenticate(self, req) -> Principal:
         if self.client_scopes is not None:
             name = _peer_client(req, self.cluster)
             if name is not None:
@@ -224,12 +230,12 @@ class Auth:
             )
         return principal
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req, resp) -> None:
         if req.path in OPEN_PATHS:
             return
         req.context.principal = self.authenticate(req)
 
-    def process_resource(self, req, resp, resource, params) -> None:
+    async def process_resource(self, req, resp, resource, params) -> None:
         principal = getattr(req.context, "principal", None)
         if principal is None:
             return

@@ -10,7 +10,7 @@ import falcon
 _MISSING = object()
 
 
-def read_json(req: falcon.Request, max_bytes: int) -> dict:
+async def read_json(req, max_bytes: int, max_depth: int = 32) -> dict:
     """The request body as a JSON object, or a 400/413 that says what to fix."""
     length = req.content_length
     if length is not None and length > max_bytes:
@@ -18,11 +18,7 @@ def read_json(req: falcon.Request, max_bytes: int) -> dict:
             title="Body too large",
             description=f"the body is {length} bytes; the limit is {max_bytes}",
         )
-    if length is None:
-        # A chunked body: the server ends the stream at its last chunk.
-        raw = req.stream.read(max_bytes + 1)
-    else:
-        raw = req.bounded_stream.read(max_bytes + 1)
+    raw = await req.stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise falcon.HTTPContentTooLarge(
             title="Body too large", description=f"the body exceeds {max_bytes} bytes"
@@ -30,6 +26,16 @@ def read_json(req: falcon.Request, max_bytes: int) -> dict:
     if not raw.strip():
         raise falcon.HTTPBadRequest(
             title="Bad request", description="the body is empty; send a JSON object"
+        )
+    # Counting brackets is cheap; only a body with more than the limit (in
+    # strings or not) is scanned for its real depth.
+    if raw.count(b"[") + raw.count(b"{") > max_depth and (
+        (depth := nesting(raw)) > max_depth
+    ):
+        raise falcon.HTTPBadRequest(
+            title="Bad request",
+            description=f"the body nests arrays and objects {depth} deep; the "
+            f"limit is {max_depth} ([http].max_json_depth)",
         )
     try:
         data = json.loads(raw)
@@ -43,6 +49,32 @@ def read_json(req: falcon.Request, max_bytes: int) -> dict:
             description=f"the body must be a JSON object, not {_json_type(data)}",
         )
     return data
+
+
+def nesting(raw: bytes) -> int:
+    """How deep arrays and objects nest in ``raw`` (JSON text, valid or not).
+
+    Checked before parsing: the parser recurses once per level, and a
+    64 KiB body can nest deep enough to exhaust the interpreter's stack.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
 
 
 def _json_type(value: Any) -> str:

@@ -8,6 +8,7 @@ import falcon
 import grpc
 
 from jobgate.errors import JobgateError, Unavailable
+from scheduler.http.connection import AbortResponse
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +66,19 @@ def http_error(code: grpc.StatusCode, message: str, retry_after: int | None = No
 def make_handlers(retry_after_s: int):
     """Falcon error handlers for domain errors and gRPC errors from workers."""
 
-    def on_domain_error(req, resp, exc: JobgateError, params):
+    async def on_domain_error(req, resp, exc: JobgateError, params):
         retry = exc.retry_after_s if isinstance(exc, Unavailable) else retry_after_s
         raise http_error(exc.code, exc.message, retry)
 
-    def on_rpc_error(req, resp, exc: grpc.RpcError, params):
+    async def on_rpc_error(req, resp, exc: grpc.RpcError, params):
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.UNAVAILABLE:
             details = f"the worker cannot be reached: {details}"
         raise http_error(code, details, retry_after_s)
 
-    def on_unexpected(req, resp, exc: Exception, params):
-        if isinstance(exc, falcon.HTTPError):
+    async def on_unexpected(req, resp, exc: Exception, params):
+        if isinstance(exc, falcon.HTTPError | AbortResponse):
             raise exc
         log.exception("unexpected error serving %s %s", req.method, req.path)
         raise falcon.HTTPInternalServerError(

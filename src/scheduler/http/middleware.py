@@ -7,10 +7,7 @@ import re
 import time
 import uuid
 
-import falcon
-
 from jobgate import logs
-from scheduler.deferred import after_response
 
 _VALID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -23,45 +20,49 @@ class RequestId:
     can be traced through the scheduler's and the worker's journals.
     """
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req, resp) -> None:
         given = req.get_header("X-Request-ID") or ""
         rid = given if _VALID.match(given) else uuid.uuid4().hex
         req.context.request_id = rid
         req.context.log_token = logs.bind(REQUEST_ID=rid)
         resp.set_header("X-Request-ID", rid)
 
-    def process_response(self, req, resp, resource, req_succeeded) -> None:
+    async def process_response(self, req, resp, resource, req_succeeded) -> None:
         token = getattr(req.context, "log_token", None)
         if token is not None:
             logs.unbind(token)
 
 
+def received_at(req) -> float:
+    """When the request's first byte arrived (``time.perf_counter``).
+
+    The HTTP server notes it in the ASGI scope; an app served otherwise
+    (tests) counts from when the app saw the request.
+    """
+    return req.scope.get("jobgate.received_at") or time.perf_counter()
+
+
 class AccessLog:
     """One log line per request: client, method, path, status and time taken.
 
-    The time is taken when the response's status and headers are ready, so
-    for an output stream it is the time to the first byte (as in the
-    ``jobgate_http_request_duration_seconds`` histogram); the line is written
-    once the response is sent (:mod:`scheduler.deferred`). It carries the
-    request id like every other line of the request.
+    The time runs from the request's first byte to when the response's
+    status and headers are ready, so a request that waited anywhere in the
+    server shows it; for an output stream it is the time to the first byte
+    (as in the ``jobgate_http_request_duration_seconds`` histogram). The
+    line carries the request id like every other line of the request.
     """
 
     def __init__(self, logger: logging.Logger | None = None):
         self.log = logger or logging.getLogger("scheduler.http.access")
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.access_started = time.perf_counter()
-
-    def process_response(self, req, resp, resource, req_succeeded) -> None:
-        started = getattr(req.context, "access_started", None)
-        if started is None or not self.log.isEnabledFor(logging.INFO):
+    async def process_response(self, req, resp, resource, req_succeeded) -> None:
+        if not self.log.isEnabledFor(logging.INFO):
             return
-        after_response(
-            self.log.info,
+        self.log.info(
             '%s "%s %s" %d %.1fms',
             req.remote_addr,
             req.method,
             req.relative_uri,
             resp.status_code,
-            (time.perf_counter() - started) * 1000,
+            (time.perf_counter() - received_at(req)) * 1000,
         )

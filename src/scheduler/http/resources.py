@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -10,7 +11,7 @@ import falcon
 from scheduler import metrics
 from scheduler.gateway import Gateway
 from scheduler.http import body, streams
-from scheduler.http.auth import READ, RUN, Auth
+from scheduler.http.auth import READ, RUN, Auth, TokenFile
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +28,34 @@ def _json(resp: falcon.Response, data, status: int = 200) -> None:
 class _Base:
     scopes: dict[str, str] = {}
 
-    def __init__(self, gateway: Gateway, max_body_bytes: int, auth: Auth):
+    def __init__(
+        self,
+        gateway: Gateway,
+        max_body_bytes: int,
+        auth: Auth,
+        slots: streams.StreamSlots,
+        max_json_depth: int = 32,
+    ):
         self.gw = gateway
         self.max_body = max_body_bytes
+        self.max_depth = max_json_depth
         self.auth = auth
+        self.slots = slots
 
-    def body(self, req: falcon.Request) -> dict:
-        return body.read_json(req, self.max_body)
+    async def body(self, req) -> dict:
+        return await body.read_json(req, self.max_body, self.max_depth)
 
-    def stream_output(
+    async def stream_output(
         self, req, resp, worker, job_id, offset, follow, sse=False, run=False
     ) -> None:
-        stream = self.gw.output(worker, job_id, offset, follow)
         principal = req.context.principal
+        slot = self.slots.take(str(principal)) if follow else None
+        try:
+            stream = await self.gw.output(worker, job_id, offset, follow)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
         stream.chunks = streams.guarded(
             stream, lambda: self.auth.still_valid(principal)
         )
@@ -47,12 +63,11 @@ class _Base:
         resp.set_header("Cache-Control", "no-store")
         if sse:
             resp.content_type = "text/event-stream; charset=utf-8"
-            resp.stream = streams.sse(stream)
+            chunks = streams.sse(stream)
         else:
             resp.content_type = "text/plain; charset=utf-8"
-            resp.stream = (
-                streams.run_and_follow(stream) if run else streams.plain(stream)
-            )
+            chunks = streams.run_and_follow(stream) if run else streams.plain(stream)
+        resp.stream = streams.Body(chunks, stream, slot)
 
 
 def _actor(req: falcon.Request) -> str:
@@ -68,7 +83,7 @@ class OpenAPI:
     def __init__(self, document: dict):
         self.text = json.dumps(document)
 
-    def on_get(self, req, resp):
+    async def on_get(self, req, resp):
         resp.content_type = falcon.MEDIA_JSON
         resp.text = self.text
 
@@ -81,24 +96,28 @@ class Metrics:
     def __init__(self, gateway: Gateway):
         self.gw = gateway
 
-    def on_get(self, req, resp):
+    async def on_get(self, req, resp):
         resp.content_type = metrics.CONTENT_TYPE
-        resp.data = metrics.render(
-            self.gw.store, self.gw.cfg.workers.heartbeat_timeout_s
+        resp.data = await asyncio.to_thread(
+            metrics.render, self.gw.store, self.gw.cfg.workers.heartbeat_timeout_s
         )
 
 
 class Health:
-    def on_get(self, req, resp):
+    async def on_get(self, req, resp):
         _json(resp, {"status": "ok"})
 
 
 class Ready:
-    def __init__(self, gateway: Gateway):
+    def __init__(self, gateway: Gateway, tokens: TokenFile):
         self.gw = gateway
+        self.tokens = tokens
 
-    def on_get(self, req, resp):
-        problems = self.gw.readiness_problems()
+    async def on_get(self, req, resp):
+        problems = await self.gw.readiness_problems()
+        self.tokens.current()
+        if self.tokens.problem:
+            problems.append(self.tokens.problem + "; no token is valid")
         if problems:
             _json(resp, {"status": "not ready", "problems": problems}, 503)
             resp.set_header("Retry-After", "1")
@@ -109,28 +128,28 @@ class Ready:
 class Workers(_Base):
     scopes = {"GET": READ}
 
-    def on_get(self, req, resp):
-        _json(resp, {"workers": self.gw.list_workers()})
+    async def on_get(self, req, resp):
+        _json(resp, {"workers": await self.gw.list_workers()})
 
 
 class Worker(_Base):
     scopes = {"GET": READ}
 
-    def on_get(self, req, resp, worker):
+    async def on_get(self, req, resp, worker):
         _json(resp, self.gw.get_worker(worker))
 
 
 class Jobs(_Base):
     scopes = {"GET": READ, "POST": RUN}
 
-    def on_get(self, req, resp, worker):
-        jobs, stale = self.gw.list_jobs(worker)
+    async def on_get(self, req, resp, worker):
+        jobs, stale = await self.gw.list_jobs(worker)
         if stale:
             # The worker cannot be asked: the scheduler's record, flagged.
             resp.set_header("Warning", '110 - "possibly stale: worker not reachable"')
         _json(resp, {"jobs": jobs, "stale": stale})
 
-    def on_post(self, req, resp, worker):
+    async def on_post(self, req, resp, worker):
         wait = req.get_param_as_bool("wait", default=False)
         follow = req.get_param_as_bool("follow", default=False)
         if wait and follow:
@@ -139,27 +158,26 @@ class Jobs(_Base):
                 description="wait and follow: choose one (wait returns the final "
                 "status as JSON, follow streams the output)",
             )
-        b = self.body(req)
+        b = await self.body(req)
         body.no_unknown(b, START_FIELDS)
-        job, existing = self.gw.start_job(
+        job, existing = await self.gw.start_job(
             worker,
             command=body.string(b, "command", required=True, max_len=256),
             path=body.string(b, "path", required=True),
             args=body.string_list(b, "args"),
             timeout_s=body.integer(b, "timeout_s"),
             idempotency_key=body.string(b, "idempotency_key", max_len=256),
-            defer_log=not (wait or follow),
         )
         resp.location = f"/v1/workers/{job['worker_id']}/jobs/{job['job_id']}"
         resp.set_header("X-Job-ID", job["job_id"])
         if follow:
             resp.status = falcon.HTTP_200 if existing else falcon.HTTP_201
-            self.stream_output(
+            await self.stream_output(
                 req, resp, job["worker_id"], job["job_id"], 0, True, run=True
             )
             return
         if wait and job["state"] == "running":
-            job = self.gw.wait_job(job["worker_id"], job["job_id"])
+            job = await self.gw.wait_job(job["worker_id"], job["job_id"])
         status = 200 if existing else 201
         if wait and job["state"] == "running":
             status = 202  # still running after [workers].max_wait_s
@@ -169,21 +187,21 @@ class Jobs(_Base):
 class Job(_Base):
     scopes = {"GET": READ}
 
-    def on_get(self, req, resp, worker, job):
-        _json(resp, self.gw.get_job(worker, job))
+    async def on_get(self, req, resp, worker, job):
+        _json(resp, await self.gw.get_job(worker, job))
 
 
 class JobStop(_Base):
     scopes = {"POST": RUN}
 
-    def on_post(self, req, resp, worker, job):
-        _json(resp, self.gw.stop_job(worker, job, _actor(req)))
+    async def on_post(self, req, resp, worker, job):
+        _json(resp, await self.gw.stop_job(worker, job, _actor(req)))
 
 
 class JobOutput(_Base):
     scopes = {"GET": READ}
 
-    def on_get(self, req, resp, worker, job):
+    async def on_get(self, req, resp, worker, job):
         sse = "text/event-stream" in (req.get_header("Accept") or "")
         offset = req.get_param_as_int(
             "offset", min_value=0, max_value=MAX_OFFSET, default=0
@@ -202,7 +220,7 @@ class JobOutput(_Base):
             offset = int(last_id)
         # An event stream follows unless told not to; plain text does not.
         follow = req.get_param_as_bool("follow", default=sse)
-        self.stream_output(req, resp, worker, job, offset, follow, sse=sse)
+        await self.stream_output(req, resp, worker, job, offset, follow, sse=sse)
 
 
 # -- fan-out -------------------------------------------------------------------
@@ -249,12 +267,12 @@ def _selector(b: dict) -> dict:
 class FanOutJobs(_Base):
     scopes = {"POST": RUN}
 
-    def __init__(self, gateway, max_body_bytes, auth, fanout):
-        super().__init__(gateway, max_body_bytes, auth)
+    def __init__(self, fanout, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.fanout = fanout
 
-    def on_post(self, req, resp):
-        b = self.body(req)
+    async def on_post(self, req, resp):
+        b = await self.body(req)
         body.no_unknown(b, FANOUT_FIELDS)
         selector = _selector(b)
         spec = {
@@ -264,7 +282,7 @@ class FanOutJobs(_Base):
             "timeout_s": body.integer(b, "timeout_s"),
             "idempotency_key": body.string(b, "idempotency_key", max_len=256),
         }
-        result = self.fanout.start(selector, spec)
+        result = await self.fanout.start(selector, spec)
         resp.location = f"/v1/groups/{result['group_id']}"
         _json(resp, result, 201)
 
@@ -272,13 +290,13 @@ class FanOutJobs(_Base):
 class Group(_Base):
     scopes = {"GET": READ}
 
-    def __init__(self, gateway, max_body_bytes, auth, fanout):
-        super().__init__(gateway, max_body_bytes, auth)
+    def __init__(self, fanout, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.fanout = fanout
 
-    def on_get(self, req, resp, group):
+    async def on_get(self, req, resp, group):
         wait = req.get_param_as_bool("wait", default=False)
-        _json(resp, self.fanout.status(group, wait))
+        _json(resp, await self.fanout.status(group, wait))
 
 
 # -- the original API, kept for its clients -----------------------------------
@@ -287,9 +305,9 @@ class Group(_Base):
 class LegacyStart(_Base):
     scopes = {"POST": RUN}
 
-    def on_post(self, req, resp):
-        b = self.body(req)
-        job, _ = self.gw.start_job(
+    async def on_post(self, req, resp):
+        b = await self.body(req)
+        job, _ = await self.gw.start_job(
             body.string(b, "worker_id", required=True),
             command=body.string(b, "command", required=True, max_len=256),
             path=body.string(b, "path", required=True),
@@ -301,9 +319,9 @@ class LegacyStart(_Base):
 class LegacyStop(_Base):
     scopes = {"POST": RUN}
 
-    def on_post(self, req, resp):
-        b = self.body(req)
-        self.gw.stop_job(
+    async def on_post(self, req, resp):
+        b = await self.body(req)
+        await self.gw.stop_job(
             body.string(b, "worker_id", required=True),
             body.string(b, "job_id", required=True),
             _actor(req),
@@ -314,9 +332,9 @@ class LegacyStop(_Base):
 class LegacyQuery(_Base):
     scopes = {"POST": READ}
 
-    def on_post(self, req, resp):
-        b = self.body(req)
-        job = self.gw.get_job(
+    async def on_post(self, req, resp):
+        b = await self.body(req)
+        job = await self.gw.get_job(
             body.string(b, "worker_id", required=True),
             body.string(b, "job_id", required=True),
         )
@@ -335,9 +353,9 @@ class LegacyQuery(_Base):
 class LegacyStream(_Base):
     scopes = {"POST": READ}
 
-    def on_post(self, req, resp):
-        b = self.body(req)
-        self.stream_output(
+    async def on_post(self, req, resp):
+        b = await self.body(req)
+        await self.stream_output(
             req,
             resp,
             body.string(b, "worker_id", required=True),

@@ -8,20 +8,22 @@ revoked token ends it.
 from __future__ import annotations
 
 import codecs
-import errno
 import json
 import logging
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 
+from jobgate.errors import Unavailable
 from scheduler import metrics
 from scheduler.gateway import OutputStream
+from scheduler.http.connection import AbortResponse
 
 log = logging.getLogger(__name__)
 
 
-def plain(stream: OutputStream) -> Iterator[bytes]:
+async def plain(stream: OutputStream) -> AsyncIterator[bytes]:
     try:
-        for offset, data, skipped in stream.chunks:
+        async for offset, data, skipped in stream.chunks:
             if skipped:
                 yield _gap_notice(offset, skipped)
             if data:
@@ -37,23 +39,23 @@ def _gap_notice(offset: int, skipped: int) -> bytes:
     ).encode()
 
 
-class JobFailed(ConnectionResetError):
-    """Ends a run-and-follow response without its last chunk (see README).
+class StreamAborted(AbortResponse):
+    """Ends a response without its last chunk: the server closes the
+    connection, so the client sees an incomplete transfer (curl exits
+    non-zero). Raised for a failed job of a run-and-follow, and for a stream
+    whose token was revoked."""
 
-    gunicorn treats a connection reset as a client gone away: it closes the
-    connection quietly, so curl sees an incomplete transfer and exits non-zero.
-    """
 
-
-def run_and_follow(stream: OutputStream) -> Iterator[bytes]:
+async def run_and_follow(stream: OutputStream) -> AsyncIterator[bytes]:
     """The job's output, then: on failure, a last line and an aborted stream."""
-    yield from plain(stream)
+    async for data in plain(stream):
+        yield data
     final = stream.final
     if final is not None and final["state"] != "succeeded":
         yield (
             f"\n[jobgate: job {final['job_id']} {final['state']}: {final['reason']}]\n"
         ).encode()
-        raise JobFailed(errno.ECONNRESET, f"job {final['state']}")
+        raise StreamAborted(f"job {final['state']}")
 
 
 def _sse_event(event: str, data: str, event_id: int | None = None) -> bytes:
@@ -64,7 +66,7 @@ def _sse_event(event: str, data: str, event_id: int | None = None) -> bytes:
     ).encode()
 
 
-def sse(stream: OutputStream) -> Iterator[bytes]:
+async def sse(stream: OutputStream) -> AsyncIterator[bytes]:
     """Server-Sent Events: ``output`` events whose ids are byte offsets.
 
     An event's id is the offset just past the bytes it carries, so a client
@@ -75,7 +77,7 @@ def sse(stream: OutputStream) -> Iterator[bytes]:
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
-        for offset, data, skipped in stream.chunks:
+        async for offset, data, skipped in stream.chunks:
             if skipped:
                 decoder.reset()
                 yield _sse_event(
@@ -96,27 +98,109 @@ def sse(stream: OutputStream) -> Iterator[bytes]:
         stream.close()
 
 
-class StreamRevoked(ConnectionResetError):
-    """Ends an open output stream whose token was revoked (the stream is cut)."""
-
-
 def guarded(
     stream: OutputStream, still_valid: Callable[[], bool]
-) -> Iterator[tuple[int, bytes, int]]:
+) -> AsyncIterator[tuple[int, bytes, int]]:
     """The stream's chunks while the caller's credentials stay valid.
 
     Keep-alives from the worker come at least every second while a job is
     quiet, so a revoked token ends even an idle stream promptly.
     """
+    return _guarded(stream.chunks, stream.close, still_valid)
+
+
+async def _guarded(
+    chunks: AsyncIterator[tuple[int, bytes, int]],
+    close: Callable[[], None],
+    still_valid: Callable[[], bool],
+) -> AsyncIterator[tuple[int, bytes, int]]:
     metrics.OPEN_STREAMS.inc()
     try:
-        for item in stream:
+        async for item in chunks:
             if not still_valid():
                 log.info("ending an output stream: its token was revoked")
-                stream.close()
-                raise StreamRevoked(errno.ECONNRESET, "token revoked")
+                close()
+                raise StreamAborted("token revoked")
             if item[1]:
                 metrics.OUTPUT_BYTES.inc(len(item[1]))
             yield item
     finally:
         metrics.OPEN_STREAMS.dec()
+
+
+class StreamSlots:
+    """Caps on the output streams that follow a job, per process and per caller.
+
+    A follower costs a coroutine and its buffers, so the caps are not about
+    threads: they keep one caller (a runaway script, a leaked token) from
+    taking what everyone else needs, and bound the process's memory. A
+    stream over either cap is refused with 503 and ``Retry-After``.
+    """
+
+    def __init__(self, per_process: int, per_caller: int, retry_after_s: int):
+        self.per_process = per_process
+        self.per_caller = per_caller
+        self.retry_after_s = retry_after_s
+        self.open = 0
+        self.by_caller: dict[str, int] = {}
+
+    def take(self, caller: str) -> Slot:
+        if self.open >= self.per_process:
+            raise Unavailable(
+                f"this server process already serves {self.open} output streams "
+                "([http].max_followers); retry later",
+                self.retry_after_s,
+            )
+        held = self.by_caller.get(caller, 0)
+        if held >= self.per_caller:
+            raise Unavailable(
+                f"{caller} already holds {held} output streams on this server "
+                "process ([http].max_followers_per_caller); close some or retry "
+                "later",
+                self.retry_after_s,
+            )
+        self.open += 1
+        self.by_caller[caller] = held + 1
+        return Slot(self, caller)
+
+    def _give_back(self, caller: str) -> None:
+        self.open -= 1
+        left = self.by_caller[caller] - 1
+        if left:
+            self.by_caller[caller] = left
+        else:
+            del self.by_caller[caller]
+
+
+class Slot:
+    """One stream's place under the caps; given back once, however it ends."""
+
+    def __init__(self, slots: StreamSlots, caller: str):
+        # Also given back when the slot is dropped unused (the client left
+        # before its response began, so no body was ever iterated).
+        self._finalizer = weakref.finalize(self, slots._give_back, caller)
+
+    def release(self) -> None:
+        self._finalizer()
+
+
+class Body:
+    """A streamed response body that lets go of its stream however it ends."""
+
+    def __init__(
+        self, chunks: AsyncIterator[bytes], stream: OutputStream, slot: Slot | None
+    ):
+        self._chunks = chunks
+        self._stream = stream
+        self._slot = slot
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+    async def close(self) -> None:
+        try:
+            await self._chunks.aclose()
+        finally:
+            self._stream.close()
+            if self._slot is not None:
+                self._slot.release()
