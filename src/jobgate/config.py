@@ -19,6 +19,7 @@ Constraints are declared on fields with :func:`setting`::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import tomllib
@@ -158,6 +159,17 @@ class _Context:
     def build(self, schema: type[T], data: dict[str, Any], keys: tuple[str, ...]) -> T:
         hints = typing.get_type_hints(schema)
         fields = {f.name: f for f in dataclasses.fields(schema)}
+        retired = getattr(schema, "RETIRED", {})
+        for name in [n for n in data if n in retired and n not in fields]:
+            # A key an older version knew: it no longer means anything, and
+            # a config written for that version still loads.
+            del data[name]
+            logging.getLogger(__name__).warning(
+                "%s: %s: no longer used (%s); remove it",
+                self.path,
+                _key(keys + (name,)),
+                retired[name],
+            )
         for name in data:
             if name not in fields:
                 known = ", ".join(sorted(fields))

@@ -68,6 +68,20 @@ def current(key: str) -> str | None:
     return _context.get({}).get(key)
 
 
+# Control characters (C0, DEL, C1) as escapes: a message or field that
+# quotes a client's input (a path with %0a in it) stays one line.
+_ESCAPES = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))
+} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x5C: "\\\\"}
+
+
+def escape(text: str) -> str:
+    """``text`` with control characters (and backslashes) escaped."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return text.translate(_ESCAPES)
+
+
 class _ContextFields(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in _context.get({}).items():
@@ -77,7 +91,11 @@ class _ContextFields(logging.Filter):
 
 
 def _suffix(record: logging.LogRecord) -> str:
-    parts = [f"{k}={getattr(record, k)}" for k in FIELDS if getattr(record, k, None)]
+    parts = [
+        f"{k}={escape(str(getattr(record, k)))}"
+        for k in FIELDS
+        if getattr(record, k, None)
+    ]
     return f" [{' '.join(parts)}]" if parts else ""
 
 
@@ -106,11 +124,9 @@ class TextFormatter(logging.Formatter):
         return f"{cached[1]},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        first, sep, rest = message.partition("\n")
         text = (
             f"{self.formatTime(record)} {record.levelname} {record.process} "
-            f"{record.name}: {first}{_suffix(record)}{sep}{rest}"
+            f"{record.name}: {escape(record.getMessage())}{_suffix(record)}"
         )
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
@@ -140,7 +156,7 @@ class JournalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = record.getMessage()
+            message = escape(record.getMessage())
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
             fields = {
@@ -155,7 +171,7 @@ class JournalHandler(logging.Handler):
             for key in FIELDS:
                 value = getattr(record, key, None)
                 if value:
-                    fields[key] = str(value)
+                    fields[key] = escape(str(value))
             self.sock.send(b"".join(self._field(k, v) for k, v in fields.items()))
         except Exception:  # noqa: BLE001 - logging must never take the service down
             self.handleError(record)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from jobgate import config
 from jobgate.config import Invalid, parse_hostport, setting
@@ -46,6 +47,11 @@ class HttpTLSSection:
 
 @dataclass(frozen=True)
 class HttpSection:
+    RETIRED: ClassVar[dict[str, str]] = {
+        "threads": "the HTTP gateway serves every connection from an event loop",
+        "linger_ms": "the HTTP gateway serves every connection from an event loop",
+    }
+
     bind: str = setting(
         "127.0.0.1:8080", help="host:port of the HTTP API; port 0 picks one"
     )
@@ -87,12 +93,6 @@ class HttpSection:
     )
     max_head_bytes: int = setting(
         32768, min=1024, max=1_048_576, help="largest request head; larger is 431"
-    )
-    threads: int | None = setting(
-        None, min=1, help="no longer used (the gateway is asynchronous); ignored"
-    )
-    linger_ms: float | None = setting(
-        None, min=0, help="no longer used (the gateway is asynchronous); ignored"
     )
     access_log: bool = setting(True, help="log one line per HTTP request")
     scheme: str = setting(

@@ -89,14 +89,6 @@ def _status(cfg: SchedulerConfig, store: Store, http_port: int, grpc_port: int) 
 def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> int:
     stop = stop_event_on_signals()
     notifier = Notifier()
-    for key in ("threads", "linger_ms"):
-        if getattr(cfg.http, key) is not None:
-            log.warning(
-                "[http].%s is no longer used (the HTTP gateway is asynchronous); "
-                "remove it from %s",
-                key,
-                config_path,
-            )
     try:
         load_tokens(cfg.auth.tokens_file)  # refuse to start on a broken tokens file
     except TokenFileError as exc:

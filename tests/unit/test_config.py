@@ -598,3 +598,21 @@ def test_check_config_reports_missing_file_with_exit_code_2(tmp_path):
     result = cli("jobgate-worker", "worker.cli", "check-config", str(path))
     assert result.returncode == 2
     assert result.stderr.strip() == f"jobgate-worker: {path}: no such file"
+
+
+def test_retired_http_keys_load_with_a_warning_naming_them(confdir, caplog):
+    doc = scheduler_doc()
+    doc["http"] = {"threads": 16, "linger_ms": 5}
+    path = write(confdir, doc)
+    with caplog.at_level("WARNING"):
+        cfg = scheduler_config.load(path)
+    assert cfg.http.request_timeout_s == 10
+    assert f"{path}: [http].threads: no longer used" in caplog.text
+    assert f"{path}: [http].linger_ms: no longer used" in caplog.text
+
+
+def test_retired_keys_are_only_retired_where_declared(confdir):
+    doc = scheduler_doc()
+    doc["grpc"] = {"threads": 16}
+    _, message = scheduler_error(confdir, doc)
+    assert "[grpc].threads: unknown key" in message

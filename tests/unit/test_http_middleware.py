@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import falcon
+import falcon.asgi
 import falcon.testing
 
 from jobgate import logs
@@ -12,16 +13,16 @@ from scheduler.http.middleware import AccessLog, RequestId
 
 
 class Thing:
-    def on_get(self, req, resp):
+    async def on_get(self, req, resp):
         logging.getLogger("test.thing").info("inside")
         resp.media = {"ok": True}
 
-    def on_post(self, req, resp):
+    async def on_post(self, req, resp):
         raise falcon.HTTPNotFound(description="no such thing")
 
 
 def client(*middleware) -> falcon.testing.TestClient:
-    app = falcon.App(middleware=list(middleware))
+    app = falcon.asgi.App(middleware=list(middleware))
     app.add_route("/thing", Thing())
     return falcon.testing.TestClient(app)
 

@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-from jobgate.logs import TextFormatter, bind, make_handler, unbind
+from jobgate.logs import JournalHandler, TextFormatter, bind, make_handler, unbind
 
 
 def record(msg, args=(), exc_info=None, **extra):
@@ -42,9 +42,34 @@ def test_the_time_is_the_records_own_to_the_millisecond():
     assert fmt.format(second).startswith(stamp + ",007 ")
 
 
-def test_fields_stay_on_the_first_line_of_a_multi_line_message():
-    text = TextFormatter().format(record("two\nlines", JOB_ID="j1"))
-    assert text.endswith(": two [JOB_ID=j1]\nlines")
+def test_a_message_with_control_characters_stays_one_line():
+    # A client's path with %0a in it must not forge a line of its own.
+    text = TextFormatter().format(
+        record("GET /v1/workers/x\n2026-01-01 INFO forged\x1b[0m\\", JOB_ID="j\n1")
+    )
+    assert "\n" not in text and "\x1b" not in text
+    assert text.endswith(
+        ": GET /v1/workers/x\\n2026-01-01 INFO forged\\x1b[0m\\\\ [JOB_ID=j\\n1]"
+    )
+
+
+def test_journal_fields_escape_control_characters():
+    sent = []
+
+    class Sock:
+        def send(self, data):
+            sent.append(data)
+
+    handler = JournalHandler.__new__(JournalHandler)
+    logging.Handler.__init__(handler)
+    handler.identifier, handler.sock = "test", Sock()
+    rec = record("forged\nMESSAGE=x", JOB_ID="a\nPRIORITY=0")
+    rec.pathname, rec.funcName = "x.py", "f"
+    handler.emit(rec)
+    fields = sent[0].split(b"\n")
+    assert b"MESSAGE=forged\\nMESSAGE=x" in fields
+    assert b"JOB_ID=a\\nPRIORITY=0" in fields
+    assert b"PRIORITY=0" not in fields
 
 
 def test_a_traceback_follows_the_line():

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import falcon
+import falcon.asgi
 import falcon.testing
 import pytest
 
@@ -138,14 +139,30 @@ def test_token_file_sees_added_and_removed_tokens(tmp_path):
     assert tokens.lookup(READER) is None
 
 
-def test_token_file_keeps_earlier_tokens_when_the_new_file_is_bad(tmp_path, caplog):
+def test_token_file_fails_closed_when_the_new_file_is_bad(tmp_path, caplog):
     path = write_tokens(tmp_path, f"{hash_token(READER)} reader\n")
     tokens = TokenFile(path)
     with caplog.at_level(logging.ERROR):
-        rewrite(path, "not a token line\n")
-        assert tokens.lookup(READER) is not None
-    assert f"{path}:1: expected" in caplog.text
-    assert "keeping the 1 tokens read before" in caplog.text
+        rewrite(path, f"{hash_token(READER)} reader\nnot a token line\n")
+        assert tokens.lookup(READER) is None
+    assert f"{path}:2: expected" in caplog.text
+    assert "no token is valid until it is fixed" in caplog.text
+    assert tokens.problem.startswith(f"{path}:2: expected")
+    rewrite(path, f"{hash_token(READER)} reader\n")
+    assert tokens.lookup(READER) is not None
+    assert tokens.problem is None
+
+
+def test_token_file_fails_closed_when_the_file_is_removed(tmp_path, caplog):
+    path = write_tokens(tmp_path, f"{hash_token(READER)} reader\n")
+    tokens = TokenFile(path)
+    path.unlink()
+    with caplog.at_level(logging.ERROR):
+        assert tokens.lookup(READER) is None
+    assert "missing or cannot be read" in caplog.text
+    assert "missing or cannot be read" in tokens.problem
+    write_tokens(tmp_path, f"{hash_token(READER)} reader\n")
+    assert tokens.lookup(READER) is not None
 
 
 # -- bearer authentication and scopes --------------------------------------------
@@ -154,18 +171,18 @@ def test_token_file_keeps_earlier_tokens_when_the_new_file_is_bad(tmp_path, capl
 class Jobs:
     scopes = {"GET": "read", "POST": "run"}
 
-    def on_get(self, req, resp):
+    async def on_get(self, req, resp):
         resp.media = {"who": str(req.context.principal)}
 
-    def on_post(self, req, resp):
+    async def on_post(self, req, resp):
         resp.media = {"who": str(req.context.principal)}
 
-    def on_delete(self, req, resp):  # not declared: needs run
+    async def on_delete(self, req, resp):  # not declared: needs run
         resp.media = {"deleted": True}
 
 
 class Health:
-    def on_get(self, req, resp):
+    async def on_get(self, req, resp):
         resp.media = {"ok": True}
 
 
@@ -183,7 +200,7 @@ def auth(tokens_path) -> Auth:
 
 @pytest.fixture
 def client(auth) -> falcon.testing.TestClient:
-    app = falcon.App(middleware=[auth])
+    app = falcon.asgi.App(middleware=[auth])
     app.add_route("/v1/jobs", Jobs())
     app.add_route("/healthz", Health())
     return falcon.testing.TestClient(app)
@@ -266,7 +283,7 @@ def test_narrowed_token_loses_its_scope(auth, tokens_path):
 
 
 def test_with_no_tokens_every_api_request_is_refused(tmp_path):
-    app = falcon.App(middleware=[Auth(TokenFile(write_tokens(tmp_path, "")))])
+    app = falcon.asgi.App(middleware=[Auth(TokenFile(write_tokens(tmp_path, "")))])
     app.add_route("/v1/jobs", Jobs())
     result = falcon.testing.TestClient(app).simulate_get(
         "/v1/jobs", headers=bearer(READER)

@@ -21,7 +21,8 @@ async def read_json(req, max_bytes: int, max_depth: int = 32) -> dict:
     raw = await req.stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise falcon.HTTPContentTooLarge(
-            title="Body too large", description=f"the body exceeds {max_bytes} bytes"
+            title="Body too large",
+            description=f"the body is over the limit; the limit is {max_bytes} bytes",
         )
     if not raw.strip():
         raise falcon.HTTPBadRequest(
