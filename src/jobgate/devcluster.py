@@ -139,6 +139,7 @@ class DevCluster:
         http_port: int = 0,
         scheduler_extra: str = "",
         worker_extra: str = "",
+        http_extra: str = "",
         grpc_host: str = "127.0.0.1",
         grpc_port: int = 0,
     ):
@@ -149,6 +150,7 @@ class DevCluster:
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
         self.scheduler_extra = scheduler_extra
+        self.http_extra = http_extra
         self.worker_extra = worker_extra
         self.pki = self.dir / "pki"
         self.logs = self.dir / "logs"
@@ -200,7 +202,7 @@ name = "{self.cluster}"
 bind = "127.0.0.1:{self.http_port}"
 processes = {self.http_processes}
 scheme = "http"
-
+{self.http_extra}
 [grpc]
 bind = "{_hostport(self.grpc_host, self.grpc_port)}"
 

@@ -37,6 +37,11 @@ import h11
 log = logging.getLogger("scheduler.http.access")
 
 
+# How long a connection refused with an error is read from (and what it
+# sends dropped) before it is closed; see HttpConnection._linger.
+LINGER_S = 2.0
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one connection may cost; see ``[http]`` in the scheduler's config."""
@@ -250,11 +255,31 @@ class HttpConnection(asyncio.Protocol):
 
     def _start(self, request: h11.Request) -> None:
         target = request.target
-        if len(target) > self.limits.max_request_line_bytes:
+        limits = self.limits
+        if len(target) > limits.max_request_line_bytes:
             self._refuse(
                 414,
-                f"the request line is longer than {self.limits.max_request_line_bytes}"
+                f"the request line is longer than {limits.max_request_line_bytes}"
                 " bytes ([http].max_request_line_bytes)",
+            )
+            return
+        # h11 bounds a head that arrives in pieces; one that arrives whole
+        # is measured here.
+        size = len(target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
+        if size > limits.max_head_bytes:
+            self._refuse(
+                431,
+                f"the request head is larger than {limits.max_head_bytes} bytes "
+                "([http].max_head_bytes)",
+            )
+            return
+        names = [k for k, _ in request.headers]
+        if b"transfer-encoding" in names and b"content-length" in names:
+            # Two framings that proxies may read differently (smuggling).
+            self._refuse(
+                400,
+                "malformed HTTP request: both Transfer-Encoding and "
+                "Content-Length; send one",
             )
             return
         path, _, query = target.partition(b"?")
@@ -438,7 +463,30 @@ class HttpConnection(asyncio.Protocol):
             self.transport.write(data)
             if self.peer is not None:
                 log.info('%s "-" %d (refused: %s)', self.peer[0], status, description)
-        self.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after an error answer without losing it.
+
+        Closing a socket that still holds unread bytes from the client makes
+        the kernel reset the connection, and a reset can destroy the answer
+        before the client reads it. So the server stops writing, reads and
+        drops whatever else comes for a moment (or until the client closes),
+        and only then closes.
+        """
+        self.closed = True
+        self._disarm()
+        self._wake()
+        if self.task is not None and not self.responded:
+            self.task.cancel()
+        transport = self.transport
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+        except (OSError, RuntimeError):
+            transport.close()
+            return
+        self.timer = self.loop.call_later(LINGER_S, transport.close)
 
     def close(self) -> None:
         if self.closed:
