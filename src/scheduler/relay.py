@@ -296,6 +296,10 @@ class Upstream:
 
     def _append(self, chunk: Chunk) -> None:
         """Keep ``chunk``; drop the oldest chunks over the limits."""
+        if self.cancelled:
+            # A read under way when the last follower left: the window was
+            # given back already, and nobody will read this.
+            return
         offset, data, _ = chunk
         self.chunks[self.next_seq] = chunk
         self.next_seq += 1

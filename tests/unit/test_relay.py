@@ -1,22 +1,43 @@
 """The relay that lets the followers of a job share one stream from the worker.
 
-Calls are fakes: queues the test feeds with ``OutputChunk`` messages, errors
-or the end of the stream.
+Calls are fakes with the client side of a ``grpc.aio`` server-streaming call:
+``await read()`` gives what the test fed them (``OutputChunk`` messages,
+errors), then ``grpc.aio.EOF``; ``cancel()`` ends them, and a read that is
+cancelled while it waits cancels its call, as in ``grpc.aio``. Nothing waits
+on time: a test feeds a call, then lets the loop run what can run.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import asyncio
+import functools
 
 import grpc
 import pytest
 
+from jobgate.errors import DeadlineExceeded
 from jobgate.v1 import common_pb2, worker_pb2
-from scheduler.relay import Relay
+from scheduler.relay import Relay, StreamExpired
 
-END = object()
 KEY = ("worker-id", "127.0.0.1:1", "job-id")
+END = object()  # the end of the stream: read as grpc.aio.EOF
+CANCEL = object()  # wakes a read of a cancelled call
+
+
+def run_async(test):
+    """Run an ``async def`` test on a loop of its own, for at most 5 s."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 5))
+
+    return wrapper
+
+
+async def settle() -> None:
+    """Let every task that can run, run (the fakes never wait on time)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
 
 
 class FakeError(grpc.RpcError):
@@ -33,41 +54,63 @@ class FakeError(grpc.RpcError):
 class FakeCall:
     """A server-streaming call whose messages the test puts in by hand."""
 
-    def __init__(self, offset: int):
+    def __init__(self, offset: int, timeout_s: float):
         self.offset = offset
-        self.items: queue.Queue = queue.Queue()
-        self.cancelled = threading.Event()
+        self.timeout_s = timeout_s
+        self.items: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.ended = False
+        self.reads = 0  # reads begun
+        self.waiting = False  # a read waits for the next message
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self.items.get(timeout=10)
+    async def read(self):
+        if self.cancelled:
+            raise asyncio.CancelledError()
+        if self.ended:
+            return grpc.aio.EOF
+        self.reads += 1
+        self.waiting = True
+        try:
+            item = await self.items.get()
+        except asyncio.CancelledError:
+            self.cancel()  # what grpc.aio does with a cancelled read
+            raise
+        finally:
+            self.waiting = False
+        if item is CANCEL:
+            raise asyncio.CancelledError()
         if item is END:
-            raise StopIteration
+            self.ended = True
+            return grpc.aio.EOF
         if isinstance(item, BaseException):
             raise item
         return item
 
-    def cancel(self) -> None:
-        self.cancelled.set()
-        self.items.put(FakeError(grpc.StatusCode.CANCELLED))
+    def cancel(self) -> bool:
+        if self.cancelled or self.ended:
+            return False
+        self.cancelled = True
+        self.items.put_nowait(CANCEL)
+        return True
 
     def data(self, offset: int, data: bytes, skipped: int = 0) -> None:
-        self.items.put(
+        self.items.put_nowait(
             worker_pb2.OutputChunk(offset=offset, data=data, skipped=skipped)
         )
 
     def keepalive(self, offset: int) -> None:
-        self.items.put(worker_pb2.OutputChunk(offset=offset))
+        self.items.put_nowait(worker_pb2.OutputChunk(offset=offset))
 
     def final(self, total: int) -> None:
-        self.items.put(
+        self.items.put_nowait(
             worker_pb2.OutputChunk(
                 offset=total, final=common_pb2.Job(job_id="job-id", output_bytes=total)
             )
         )
-        self.items.put(END)
+        self.items.put_nowait(END)
+
+    def fail(self, code: grpc.StatusCode) -> None:
+        self.items.put_nowait(FakeError(code))
 
 
 class Calls:
@@ -75,22 +118,22 @@ class Calls:
 
     def __init__(self):
         self.made: list[FakeCall] = []
-        self.ready = threading.Condition()
 
     def __call__(self, offset: int, timeout_s: float) -> FakeCall:
-        call = FakeCall(offset)
-        with self.ready:
-            self.made.append(call)
-            self.ready.notify_all()
+        call = FakeCall(offset, timeout_s)
+        self.made.append(call)
         return call
 
-    def wait(self, n: int) -> FakeCall:
-        with self.ready:
-            assert self.ready.wait_for(lambda: len(self.made) >= n, 10)
-            return self.made[n - 1]
+    async def wait(self, n: int) -> FakeCall:
+        """The n-th call made, once it waits for its first message."""
+        for _ in range(100):
+            if len(self.made) >= n and self.made[n - 1].waiting:
+                return self.made[n - 1]
+            await asyncio.sleep(0)
+        raise AssertionError(f"call {n} was never read ({len(self.made)} made)")
 
 
-def final_to_dict(job) -> dict:
+async def final_to_dict(job) -> dict:
     return {"job_id": job.job_id, "output_bytes": job.output_bytes}
 
 
@@ -98,311 +141,525 @@ class Busy(Exception):
     pass
 
 
-def follow(relay: Relay, calls: Calls, offset: int = 0, timeout_s: float = 3600):
-    return relay.follow(
-        KEY, offset, calls, final_to_dict, lambda: Busy("busy"), "worker-id", timeout_s
+async def busy() -> Exception:
+    return Busy("busy")
+
+
+async def follow(relay: Relay, calls: Calls, offset: int = 0, timeout_s=3600.0):
+    return await relay.follow(
+        KEY, offset, calls, final_to_dict, busy, "worker-id", timeout_s
     )
 
 
-def follow_soon(relay: Relay, calls: Calls, offset: int = 0):
-    """Start following in a thread (the first message may not be there yet)."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["f"] = follow(relay, calls, offset)
-        except BaseException as exc:  # noqa: BLE001 - the test looks at it
-            box["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, box
+def follow_soon(relay: Relay, calls: Calls, offset: int = 0) -> asyncio.Task:
+    """Start following in a task (the first message may not be there yet)."""
+    return asyncio.ensure_future(follow(relay, calls, offset))
 
 
-def read_all(stream) -> tuple[list, dict | None]:
-    items = list(stream)
+async def first_follower(relay: Relay, calls: Calls, data: bytes = b"abc"):
+    """The follower that opens the shared call, and that call, after ``data``."""
+    task = follow_soon(relay, calls)
+    call = await calls.wait(len(calls.made) + 1)
+    call.data(0, data)
+    return await task, call
+
+
+async def read_all(stream) -> tuple[list, dict | None]:
+    items = [item async for item in stream]
     return items, stream.final
 
 
-def collect(stream) -> tuple[threading.Thread, dict]:
-    box: dict = {}
+async def rest_of(it) -> list:
+    return [item async for item in it]
 
-    def run():
-        try:
-            box["items"], box["final"] = read_all(stream)
-        except BaseException as exc:  # noqa: BLE001 - the test looks at it
-            box["error"] = exc
 
-    t = threading.Thread(target=run)
-    t.start()
-    return t, box
+def collect(stream) -> asyncio.Task:
+    """Read ``stream`` to its end in a task: (items, final)."""
+    return asyncio.ensure_future(read_all(stream))
+
+
+async def next_of(it):
+    return await anext(it)
 
 
 def text(items) -> bytes:
     return b"".join(d for _, d, _ in items)
 
 
-def new_relay(window: int = 1 << 20, budget: int = 1 << 24, first_s: float = 5.0):
-    return Relay(window, budget, first_s)
+def new_relay(
+    window: int = 1 << 20,
+    budget: int = 1 << 24,
+    first_s: float = 5.0,
+    write_bytes: int = 16384,
+) -> Relay:
+    return Relay(window, budget, first_s, write_bytes)
 
 
-def test_followers_share_one_call_and_all_get_every_byte_and_the_final_status():
+@run_async
+async def test_followers_share_one_call_and_all_get_every_byte_and_the_final_status():
     relay, calls = new_relay(), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"abc")
-    t.join(5)
-    followers = [box["f"]] + [follow(relay, calls) for _ in range(3)]
+    first, call = await first_follower(relay, calls)
+    followers = [first] + [await follow(relay, calls) for _ in range(3)]
+    assert all(f.shared for f in followers)
     readers = [collect(f) for f in followers]
-    first.data(3, b"def")
-    first.keepalive(6)
-    first.data(6, b"ghi")
-    first.final(9)
-    for t, _ in readers:
-        t.join(5)
+    call.data(3, b"def")
+    call.keepalive(6)
+    call.data(6, b"ghi")
+    call.final(9)
+    for items, final in await asyncio.gather(*readers):
+        assert text(items) == b"abcdefghi"
+        assert final == {"job_id": "job-id", "output_bytes": 9}
     assert len(calls.made) == 1
-    for _, box in readers:
-        assert text(box["items"]) == b"abcdefghi"
-        assert box["final"] == {"job_id": "job-id", "output_bytes": 9}
     assert relay.upstreams() == 0
-    assert relay.kept_bytes == 0 or first.cancelled.is_set()
+    assert relay.kept_bytes == 0
 
 
-def test_keepalives_reach_every_idle_follower():
+@run_async
+async def test_nobody_reads_ahead_of_the_followers():
     relay, calls = new_relay(), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"abc")
-    t.join(5)
-    a, b = box["f"], follow(relay, calls, offset=1)
-    its = [iter(a.chunks), iter(b.chunks)]
-    assert [next(it) for it in its] == [(0, b"abc", 0), (1, b"bc", 0)]
-    first.keepalive(3)
-    assert [next(it) for it in its] == [(3, b"", 0), (3, b"", 0)]
-    first.keepalive(3)
-    assert [next(it) for it in its] == [(3, b"", 0), (3, b"", 0)]
-    first.final(3)
-    assert [list(it) for it in its] == [[], []]
+    a, call = await first_follower(relay, calls)
+    b = await follow(relay, calls)
+    call.data(3, b"def")
+    await settle()
+    assert call.reads == 1  # the first message only: nobody wanted more yet
+    a_it, b_it = aiter(a), aiter(b)
+    assert await anext(a_it) == await anext(b_it) == (0, b"abc", 0)
+    assert call.reads == 1  # served from the window
+    # Both want bytes nobody has yet: one read serves them both.
+    waiting = [asyncio.ensure_future(next_of(it)) for it in (a_it, b_it)]
+    await settle()
+    assert call.reads == 2
+    assert [await w for w in waiting] == [(3, b"def", 0), (3, b"def", 0)]
+    assert call.reads == 2
+    a.close()
+    b.close()
+
+
+@run_async
+async def test_keepalives_reach_every_idle_follower():
+    relay, calls = new_relay(), Calls()
+    a, call = await first_follower(relay, calls)
+    b = await follow(relay, calls, offset=1)
+    its = [aiter(a), aiter(b)]
+    assert [await anext(it) for it in its] == [(0, b"abc", 0), (1, b"bc", 0)]
+    call.keepalive(3)
+    assert [await anext(it) for it in its] == [(3, b"", 0), (3, b"", 0)]
+    call.keepalive(3)
+    assert [await anext(it) for it in its] == [(3, b"", 0), (3, b"", 0)]
+    call.final(3)
+    assert [[x async for x in it] for it in its] == [[], []]
     assert a.final == b.final == {"job_id": "job-id", "output_bytes": 3}
 
 
-def test_late_follower_inside_the_window_starts_at_its_offset_without_a_call():
+@run_async
+async def test_late_follower_inside_the_window_starts_at_its_offset_without_a_call():
     relay, calls = new_relay(), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"hello ")
-    t.join(5)
-    a = box["f"]
+    a, call = await first_follower(relay, calls, b"hello ")
     reader = collect(a)
-    first.data(6, b"world")
-    late = follow(relay, calls, offset=3)
+    call.data(6, b"world")
+    await settle()
+    late = await follow(relay, calls, offset=3)
     late_reader = collect(late)
-    first.final(11)
-    for t, _ in (reader, late_reader):
-        t.join(5)
+    call.final(11)
+    (items, _), (late_items, late_final) = await asyncio.gather(reader, late_reader)
     assert len(calls.made) == 1
-    assert text(reader[1]["items"]) == b"hello world"
-    assert late_reader[1]["items"][0][0] == 3
-    assert text(late_reader[1]["items"]) == b"lo world"
-    assert late_reader[1]["final"]["output_bytes"] == 11
+    assert text(items) == b"hello world"
+    assert late_items[0][0] == 3
+    assert text(late_items) == b"lo world"
+    assert late_final["output_bytes"] == 11
 
 
-def test_follower_ahead_of_the_output_gets_bytes_from_its_offset_on():
+@run_async
+async def test_follower_ahead_of_the_output_gets_bytes_from_its_offset_on():
     relay, calls = new_relay(), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"0123")
-    t.join(5)
-    ahead = follow(relay, calls, offset=6)
+    a, call = await first_follower(relay, calls, b"0123")
+    ahead = await follow(relay, calls, offset=6)
     reader = collect(ahead)
-    first.data(4, b"4567")
-    first.data(8, b"89")
-    first.final(10)
-    reader[0].join(5)
-    box["f"].close()
-    assert reader[1]["items"] == [(6, b"67", 0), (8, b"89", 0)]
-
-
-def test_follower_before_the_window_gets_no_shared_stream():
-    relay, calls = new_relay(window=4), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"aaaa")
-    t.join(5)
-    a = box["f"]
-    it = iter(a.chunks)
-    assert next(it) == (0, b"aaaa", 0)
-    first.data(4, b"bbbb")  # pushes "aaaa" out of the window
-    assert next(it) == (4, b"bbbb", 0)
-    assert follow(relay, calls, offset=2) is None
-    assert len(calls.made) == 1
-    assert follow(relay, calls, offset=5) is not None  # inside: joins
+    call.data(4, b"4567")
+    call.data(8, b"89")
+    call.final(10)
+    items, final = await reader
     a.close()
+    assert items == [(6, b"67", 0), (8, b"89", 0)]
+    assert final["output_bytes"] == 10
 
 
-def test_slow_follower_that_falls_behind_continues_on_its_own_call():
+@run_async
+async def test_follower_before_the_window_gets_no_shared_stream():
+    relay, calls = new_relay(window=4), Calls()
+    a, call = await first_follower(relay, calls, b"aaaa")
+    it = aiter(a)
+    assert await anext(it) == (0, b"aaaa", 0)
+    call.data(4, b"bbbb")  # pushes "aaaa" out of the window
+    assert await anext(it) == (4, b"bbbb", 0)
+    assert await follow(relay, calls, offset=2) is None
+    assert len(calls.made) == 1
+    inside = await follow(relay, calls, offset=5)  # inside: joins
+    assert inside is not None
+    assert len(calls.made) == 1
+    a.close()
+    inside.close()
+    assert relay.kept_bytes == 0
+
+
+@run_async
+async def test_a_follower_refused_by_the_window_leaves_the_others_their_call():
+    relay, calls = new_relay(window=4), Calls()
+    a, call = await first_follower(relay, calls, b"aaaa")
+    call.data(4, b"bbbb")
+    it = aiter(a)
+    assert [await anext(it) for _ in range(2)] == [(0, b"aaaa", 0), (4, b"bbbb", 0)]
+    assert await follow(relay, calls, offset=0) is None
+    assert not call.cancelled
+    assert relay.upstreams() == 1
+    a.close()
+    assert call.cancelled
+
+
+@run_async
+async def test_slow_follower_that_falls_behind_continues_on_its_own_call():
     relay, calls = new_relay(window=6), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"aaa")
-    t.join(5)
-    fast, slow = box["f"], follow(relay, calls)
-    slow_it = iter(slow.chunks)
-    assert next(slow_it) == (0, b"aaa", 0)  # then it stops reading a while
+    fast, call = await first_follower(relay, calls, b"aaa")
+    slow = await follow(relay, calls)
+    slow_it = aiter(slow)
+    assert await anext(slow_it) == (0, b"aaa", 0)  # then it stops reading a while
     fast_reader = collect(fast)
     for i, part in enumerate((b"bbb", b"ccc", b"ddd")):
-        first.data(3 + 3 * i, part)
-    first.final(12)
-    fast_reader[0].join(5)
-    assert text(fast_reader[1]["items"]) == b"aaabbbcccddd"
+        call.data(3 + 3 * i, part)
+    call.final(12)
+    fast_items, _ = await fast_reader
+    assert text(fast_items) == b"aaabbbcccddd"
     # "bbb" left the window while the slow one was away: it gets its own call
     # from where it was, and the rest from there.
-    rest: list = []
-    t = threading.Thread(target=lambda: rest.extend(slow_it))
-    t.start()
-    own = calls.wait(2)
+    rest = asyncio.ensure_future(rest_of(slow_it))
+    own = await calls.wait(2)
     assert own.offset == 3
+    assert not slow.shared
     own.data(3, b"bbbccc")
     own.data(9, b"ddd")
     own.final(12)
-    t.join(5)
-    assert text(rest) == b"bbbcccddd"
+    rest_items = await rest
+    assert text(rest_items) == b"bbbcccddd"
     assert slow.final["output_bytes"] == 12
-    assert first.cancelled.is_set() or relay.upstreams() == 0
+    assert relay.upstreams() == 0
+    assert relay.kept_bytes == 0
 
 
-def test_gaps_are_reported_from_each_followers_position():
+@run_async
+async def test_gaps_are_reported_from_each_followers_position():
     relay, calls = new_relay(), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"head")
-    t.join(5)
-    a = box["f"]
+    a, call = await first_follower(relay, calls, b"head")
     reader = collect(a)
-    first.data(10, b"tail", skipped=6)  # bytes 4-9 were dropped by the cap
-    mid_gap = follow(relay, calls, offset=7)
+    call.data(10, b"tail", skipped=6)  # bytes 4-9 were dropped by the cap
+    await settle()
+    mid_gap = await follow(relay, calls, offset=7)
     mid_reader = collect(mid_gap)
-    first.final(14)
-    for t, _ in (reader, mid_reader):
-        t.join(5)
-    assert reader[1]["items"] == [(0, b"head", 0), (10, b"tail", 6)]
-    assert mid_reader[1]["items"] == [(10, b"tail", 3)]
+    call.final(14)
+    (items, _), (mid_items, _) = await asyncio.gather(reader, mid_reader)
+    assert items == [(0, b"head", 0), (10, b"tail", 6)]
+    assert mid_items == [(10, b"tail", 3)]
 
 
-def test_error_before_the_first_message_is_raised_to_every_waiting_follower():
+@run_async
+async def test_error_before_the_first_message_is_raised_to_every_waiting_follower():
     relay, calls = new_relay(), Calls()
-    t1, box1 = follow_soon(relay, calls)
-    first = calls.wait(1)
-    t2, box2 = follow_soon(relay, calls)  # joins the same, not yet started call
-    first.items.put(FakeError(grpc.StatusCode.NOT_FOUND))
-    t1.join(5)
-    t2.join(5)
-    for box in (box1, box2):
-        assert box["error"].code() == grpc.StatusCode.NOT_FOUND
+    creator = follow_soon(relay, calls)
+    call = await calls.wait(1)
+    joiner = follow_soon(relay, calls)  # joins the same, not yet started call
+    await settle()
+    call.fail(grpc.StatusCode.NOT_FOUND)
+    for result in await asyncio.gather(creator, joiner, return_exceptions=True):
+        assert isinstance(result, grpc.RpcError)
+        assert result.code() == grpc.StatusCode.NOT_FOUND
     assert len(calls.made) == 1
     assert relay.upstreams() == 0
 
 
-def test_first_message_too_late_is_diagnosed():
-    relay, calls = new_relay(first_s=0.2), Calls()
+@run_async
+async def test_first_message_too_late_is_diagnosed():
+    relay, calls = new_relay(first_s=0), Calls()  # no time at all
     with pytest.raises(Busy):
-        follow(relay, calls)
-    assert calls.made[0].cancelled.is_set()
+        await follow(relay, calls)
+    assert calls.made[0].cancelled
     assert relay.upstreams() == 0
 
 
-def test_error_in_mid_stream_ends_each_follower_after_the_bytes_before_it():
+@run_async
+async def test_job_that_already_ended_gives_its_end_and_the_next_follower_a_new_call():
     relay, calls = new_relay(), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"abc")
-    t.join(5)
-    readers = [collect(box["f"]), collect(follow(relay, calls))]
-    first.items.put(FakeError(grpc.StatusCode.UNAVAILABLE))
-    for t, b in readers:
-        t.join(5)
-        assert b["error"].code() == grpc.StatusCode.UNAVAILABLE
+    creator = follow_soon(relay, calls, offset=5)
+    call = await calls.wait(1)
+    call.final(5)
+    f = await creator
+    assert await read_all(f) == ([], {"job_id": "job-id", "output_bytes": 5})
+    assert relay.upstreams() == 0
+    follow_soon(relay, calls, offset=5)
+    await calls.wait(2)  # not the ended one
+    assert relay.upstreams() == 1
+
+
+@run_async
+async def test_error_in_mid_stream_ends_each_follower_after_the_bytes_before_it():
+    relay, calls = new_relay(), Calls()
+    a, call = await first_follower(relay, calls)
+    b = await follow(relay, calls)
+    got: dict = {a: [], b: []}
+
+    async def read(f):
+        async for item in f:
+            got[f].append(item)
+
+    readers = [asyncio.ensure_future(read(f)) for f in (a, b)]
+    call.fail(grpc.StatusCode.UNAVAILABLE)
+    for result in await asyncio.gather(*readers, return_exceptions=True):
+        assert isinstance(result, grpc.RpcError)
+        assert result.code() == grpc.StatusCode.UNAVAILABLE
+    assert got[a] == got[b] == [(0, b"abc", 0)]
     # A follower arriving now starts a new call rather than join a failed one.
-    t, box = follow_soon(relay, calls)
-    calls.wait(2).data(0, b"abc")
-    t.join(5)
-    assert box["f"] is not None
-    box["f"].close()
+    c, second = await first_follower(relay, calls)
+    assert second is calls.made[1]
+    c.close()
+    assert relay.kept_bytes == 0
 
 
-def test_shared_call_running_out_of_time_hands_followers_their_own_calls():
+@run_async
+async def test_shared_call_running_out_of_time_hands_followers_their_own_calls():
     relay, calls = new_relay(), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"abc")
-    t.join(5)
-    reader = collect(box["f"])
-    first.items.put(FakeError(grpc.StatusCode.DEADLINE_EXCEEDED))
-    own = calls.wait(2)
+    a, call = await first_follower(relay, calls)
+    reader = collect(a)
+    call.fail(grpc.StatusCode.DEADLINE_EXCEEDED)
+    own = await calls.wait(2)
     assert own.offset == 3
     own.data(3, b"def")
     own.final(6)
-    reader[0].join(5)
-    assert "error" not in reader[1], reader[1]
-    assert text(reader[1]["items"]) == b"abcdef"
-    assert reader[1]["final"]["output_bytes"] == 6
+    items, final = await reader
+    assert text(items) == b"abcdef"
+    assert final["output_bytes"] == 6
 
 
-def test_last_follower_leaving_cancels_the_call():
+@run_async
+async def test_shared_call_cancelled_under_the_followers_ends_them_with_an_error():
     relay, calls = new_relay(), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"abc")
-    t.join(5)
-    a, b = box["f"], follow(relay, calls)
-    a_it = iter(a.chunks)
-    assert next(a_it) == (0, b"abc", 0)
-    a_it.close()  # the client went away mid-stream
-    assert not first.cancelled.is_set()
+    a, call = await first_follower(relay, calls)
+    reader = collect(a)
+    await settle()
+    call.items.put_nowait(CANCEL)  # as when the channel is torn down
+    with pytest.raises(DeadlineExceeded):
+        await reader
+
+
+@run_async
+async def test_follower_past_its_longest_time_ends_with_stream_expired():
+    relay, calls = new_relay(), Calls()
+    creator = asyncio.ensure_future(follow(relay, calls, timeout_s=0))
+    call = await calls.wait(1)
+    call.data(0, b"abc")
+    f = await creator
+    it = aiter(f)
+    assert await anext(it) == (0, b"abc", 0)  # what the window holds
+    with pytest.raises(StreamExpired):
+        await anext(it)
+    assert call.cancelled
+    assert relay.upstreams() == 0
+
+
+@run_async
+async def test_last_follower_leaving_cancels_the_call():
+    relay, calls = new_relay(), Calls()
+    a, call = await first_follower(relay, calls)
+    b = await follow(relay, calls)
+    a_it = aiter(a)
+    assert await anext(a_it) == (0, b"abc", 0)
+    await a_it.aclose()  # the client went away mid-stream
+    assert not call.cancelled
     assert relay.upstreams() == 1
     b.close()
-    assert first.cancelled.is_set()
+    assert call.cancelled
     assert relay.upstreams() == 0
     assert relay.kept_bytes == 0
 
 
-def test_budget_over_all_jobs_drops_the_oldest_chunks():
+@run_async
+async def test_follower_cancelled_mid_read_does_not_cancel_the_call_of_the_others():
+    relay, calls = new_relay(), Calls()
+    a, call = await first_follower(relay, calls)
+    b = await follow(relay, calls)
+    a_it, b_it = aiter(a), aiter(b)
+    assert await anext(a_it) == await anext(b_it) == (0, b"abc", 0)
+    a_next = asyncio.ensure_future(next_of(a_it))  # it pulls the next message
+    await settle()
+    assert call.waiting
+    b_next = asyncio.ensure_future(next_of(b_it))
+    await settle()
+    a_next.cancel()  # its client went away while it waited
+    await settle()
+    assert a_next.cancelled()
+    assert not call.cancelled
+    assert relay.upstreams() == 1
+    call.data(3, b"def")
+    assert await b_next == (3, b"def", 0)
+    call.final(6)
+    assert await rest_of(b_it) == []
+    assert b.final == {"job_id": "job-id", "output_bytes": 6}
+    assert len(calls.made) == 1
+
+
+@run_async
+async def test_only_follower_cancelled_mid_read_cancels_the_call_and_frees_its_window():
+    relay, calls = new_relay(), Calls()
+    a, call = await first_follower(relay, calls)
+    it = aiter(a)
+    assert await anext(it) == (0, b"abc", 0)
+    reading = asyncio.ensure_future(next_of(it))
+    await settle()
+    reading.cancel()
+    await settle()
+    assert reading.cancelled()
+    assert call.cancelled
+    assert relay.upstreams() == 0
+    assert relay.kept_bytes == 0
+
+
+@run_async
+async def test_creator_cancelled_before_the_first_message_leaves_others_the_call():
+    relay, calls = new_relay(), Calls()
+    creator = follow_soon(relay, calls)
+    call = await calls.wait(1)
+    joiner = follow_soon(relay, calls)
+    await settle()
+    creator.cancel()  # the first client went away before any byte
+    await settle()
+    assert creator.cancelled()
+    assert not call.cancelled
+    call.data(0, b"abc")
+    f = await joiner
+    assert await anext(aiter(f)) == (0, b"abc", 0)
+    assert len(calls.made) == 1
+    f.close()
+    assert call.cancelled
+    assert relay.upstreams() == 0
+
+
+@run_async
+async def test_joiner_cancelled_before_the_first_message_leaves_creator_the_call():
+    relay, calls = new_relay(), Calls()
+    creator = follow_soon(relay, calls)
+    call = await calls.wait(1)
+    joiner = follow_soon(relay, calls)
+    await settle()
+    joiner.cancel()
+    await settle()
+    assert joiner.cancelled()
+    assert not call.cancelled
+    call.data(0, b"abc")
+    f = await creator
+    assert await anext(aiter(f)) == (0, b"abc", 0)
+    f.close()
+    assert call.cancelled
+
+
+@run_async
+async def test_every_follower_cancelled_before_the_first_message_cancels_the_call():
+    relay, calls = new_relay(), Calls()
+    creator = follow_soon(relay, calls)
+    call = await calls.wait(1)
+    joiner = follow_soon(relay, calls)
+    await settle()
+    creator.cancel()
+    joiner.cancel()
+    await settle()
+    assert call.cancelled
+    assert relay.upstreams() == 0
+    # The next follower starts afresh.
+    f, second = await first_follower(relay, calls)
+    assert second is calls.made[1]
+    f.close()
+
+
+@run_async
+async def test_budget_over_all_jobs_drops_the_oldest_chunks():
     relay, calls = new_relay(window=100, budget=8), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"aaaa")
-    t.join(5)
-    a = box["f"]
-    it = iter(a.chunks)
-    assert next(it) == (0, b"aaaa", 0)
+    a, call = await first_follower(relay, calls, b"aaaa")
+    it = aiter(a)
+    assert await anext(it) == (0, b"aaaa", 0)
     for i in range(1, 4):
-        first.data(4 * i, b"xxxx")
-        assert next(it) == (4 * i, b"xxxx", 0)
+        call.data(4 * i, b"xxxx")
+        assert await anext(it) == (4 * i, b"xxxx", 0)
     assert relay.kept_bytes <= 8
-    assert follow(relay, calls, offset=0) is None  # dropped
+    assert await follow(relay, calls, offset=0) is None  # dropped
     a.close()
     assert relay.kept_bytes == 0
 
 
-def test_disabled_relay_shares_nothing():
-    relay, calls = new_relay(window=0), Calls()
-    assert follow(relay, calls) is None
-    assert calls.made == []
+@run_async
+async def test_disabled_relay_shares_nothing():
+    for relay in (new_relay(window=0), new_relay(budget=0)):
+        calls = Calls()
+        assert await follow(relay, calls) is None
+        assert calls.made == []
 
 
-def test_lagging_follower_gets_what_it_missed_joined_up_to_a_gap():
+@run_async
+async def test_lagging_follower_gets_what_it_missed_joined_up_to_a_gap():
     relay, calls = new_relay(), Calls()
-    t, box = follow_soon(relay, calls)
-    first = calls.wait(1)
-    first.data(0, b"ab")
-    t.join(5)
-    a, lagging = box["f"], follow(relay, calls)
-    a_it = iter(a.chunks)
-    assert next(a_it) == (0, b"ab", 0)
+    a, call = await first_follower(relay, calls, b"ab")
+    lagging = await follow(relay, calls)
+    a_it = aiter(a)
+    assert await anext(a_it) == (0, b"ab", 0)
     for offset, data, skipped in ((2, b"cd", 0), (4, b"ef", 0), (9, b"xy", 3)):
-        first.data(offset, data, skipped)
-        assert next(a_it) == (offset, data, skipped)
-    first.final(11)
-    assert list(lagging.chunks) == [(0, b"abcdef", 0), (9, b"xy", 3)]
-    assert lagging.final["output_bytes"] == 11
+        call.data(offset, data, skipped)
+        assert await anext(a_it) == (offset, data, skipped)
+    call.final(11)
+    assert await read_all(lagging) == (
+        [(0, b"abcdef", 0), (9, b"xy", 3)],
+        {"job_id": "job-id", "output_bytes": 11},
+    )
     a.close()
+
+
+@run_async
+async def test_lagging_follower_gets_joined_items_no_larger_than_write_bytes():
+    relay, calls = new_relay(write_bytes=4), Calls()
+    a, call = await first_follower(relay, calls, b"ab")
+    lagging = await follow(relay, calls)
+    a_it = aiter(a)
+    assert await anext(a_it) == (0, b"ab", 0)
+    for offset, data in ((2, b"cd"), (4, b"efghij"), (10, b"kl"), (12, b"mn")):
+        call.data(offset, data)
+        assert await anext(a_it) == (offset, data, 0)
+    call.final(14)
+    items, _ = await read_all(lagging)
+    # Joined up to 4 bytes; a larger chunk passes whole.
+    assert items == [(0, b"abcd", 0), (4, b"efghij", 0), (10, b"klmn", 0)]
+    a.close()
+
+
+@run_async
+async def test_window_is_given_back_when_the_last_follower_leaves_as_a_chunk_arrives():
+    relay, calls = new_relay(), Calls()
+    a, call = await first_follower(relay, calls)
+    it = aiter(a)
+    assert await anext(it) == (0, b"abc", 0)
+    reading = asyncio.ensure_future(next_of(it))  # pulls the next message
+    await settle()
+    call.data(3, b"def")  # the worker's next chunk is taken off the wire...
+    a.close()  # ...as the client goes away, in the same turn of the loop
+    await settle()
+    await asyncio.gather(reading, return_exceptions=True)
+    assert call.cancelled
+    assert relay.upstreams() == 0
+    assert relay.kept_bytes == 0
+
+
+@run_async
+async def test_window_is_given_back_when_the_creator_leaves_as_the_first_chunk_comes():
+    relay, calls = new_relay(), Calls()
+    creator = follow_soon(relay, calls)
+    call = await calls.wait(1)
+    creator.cancel()  # the client goes away...
+    call.data(0, b"abc")  # ...as the first chunk comes, in the same turn
+    await settle()
+    assert creator.cancelled()
+    assert call.cancelled
+    assert relay.upstreams() == 0
+    assert relay.kept_bytes == 0

@@ -2,117 +2,205 @@
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
+import functools
 
+import grpc
 import pytest
 
+from jobgate.errors import NotFound
 from scheduler.gateway import SharedCalls
+
+KEY = ("w", "j")
+
+
+def run_async(test):
+    """Run an ``async def`` test on a loop of its own, for at most 5 s."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 5))
+
+    return wrapper
+
+
+async def settle() -> None:
+    """Let every task that can run, run (the fakes never wait on time)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class FakeError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
 
 
 class Worker:
-    """A fake worker call that blocks until released and counts its calls."""
+    """A fake worker read that waits until released, and counts its calls."""
 
     def __init__(self):
         self.calls = 0
-        self.release = threading.Event()
-        self.entered = threading.Event()
-        self.fail = False
+        self.cancelled = 0
+        self.release = asyncio.Event()
+        self.fail: BaseException | None = None
 
-    def fetch(self) -> dict:
+    async def fetch(self) -> dict:
         self.calls += 1
-        self.entered.set()
-        assert self.release.wait(5)
-        if self.fail:
-            raise RuntimeError("worker failed")
-        return {"state": "running", "call": self.calls}
-
-
-def in_thread(fn, *args):
-    out = {}
-
-    def run():
+        n = self.calls
         try:
-            out["value"] = fn(*args)
-        except Exception as exc:  # noqa: BLE001 - handed to the test
-            out["error"] = exc
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail is not None:
+            raise self.fail
+        return {"state": "running", "call": n}
 
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
+
+async def arrive(shared: SharedCalls, fetch, key: tuple = KEY) -> asyncio.Task:
+    """A request that shares ``key``, let run until it waits."""
+    task = asyncio.ensure_future(shared.share(key, fetch))
+    await settle()
+    return task
 
 
-def test_requests_arriving_during_a_call_get_its_answer():
-    shared, worker = SharedCalls(5.0), Worker()
-    first, first_out = in_thread(shared.share, ("w", "j"), worker.fetch)
-    assert worker.entered.wait(5)
-    waiting = [in_thread(shared.share, ("w", "j"), worker.fetch) for _ in range(5)]
-    time.sleep(0.05)
-    worker.release.set()
-    for t, _ in [(first, first_out), *waiting]:
-        t.join(5)
+@run_async
+async def test_requests_arriving_during_a_call_get_its_answer():
+    shared, worker = SharedCalls(), Worker()
+    first = await arrive(shared, worker.fetch)
+    waiting = [await arrive(shared, worker.fetch) for _ in range(5)]
     assert worker.calls == 1
-    answers = [first_out["value"]] + [out["value"] for _, out in waiting]
-    assert all(a == {"state": "running", "call": 1} for a in answers)
-    # Each gets a copy of its own: changing one changes no other.
-    answers[0]["state"] = "changed"
-    assert answers[1]["state"] == "running"
-
-
-def test_a_request_after_the_call_ended_makes_a_new_call():
-    shared, worker = SharedCalls(5.0), Worker()
+    assert not any(t.done() for t in [first, *waiting])
     worker.release.set()
-    assert shared.share(("w", "j"), worker.fetch)["call"] == 1
-    assert shared.share(("w", "j"), worker.fetch)["call"] == 2
+    answers = await asyncio.gather(first, *waiting)
+    assert worker.calls == 1
+    assert all(a == {"state": "running", "call": 1} for a in answers)
+
+
+@run_async
+async def test_each_request_gets_a_copy_of_the_answer_of_its_own():
+    shared, worker = SharedCalls(), Worker()
+
+    async def first_that_edits() -> dict:
+        answer = await shared.share(KEY, worker.fetch)
+        # Edited at once, before the waiting requests have run again.
+        answer["state"] = "edited by the first"
+        return answer
+
+    first = asyncio.ensure_future(first_that_edits())
+    await settle()
+    waiting = [await arrive(shared, worker.fetch) for _ in range(2)]
+    worker.release.set()
+    answers = await asyncio.gather(first, *waiting)
+    assert answers[0]["state"] == "edited by the first"
+    assert [a["state"] for a in answers[1:]] == ["running", "running"]
+    answers[1]["state"] = "edited by the second"
+    assert answers[2]["state"] == "running"
+
+
+@run_async
+async def test_a_request_after_the_call_ended_makes_a_new_call():
+    shared, worker = SharedCalls(), Worker()
+    worker.release.set()
+    assert (await shared.share(KEY, worker.fetch))["call"] == 1
+    await settle()
+    assert (await shared.share(KEY, worker.fetch))["call"] == 2
+    await settle()
     assert shared._calls == {}
 
 
-def test_different_jobs_do_not_share():
-    shared, a, b = SharedCalls(5.0), Worker(), Worker()
-    ta, out_a = in_thread(shared.share, ("w", "a"), a.fetch)
-    assert a.entered.wait(5)
+@run_async
+async def test_different_jobs_do_not_share():
+    shared, a, b = SharedCalls(), Worker(), Worker()
+    ta = await arrive(shared, a.fetch, ("w", "a"))
     b.release.set()
-    assert shared.share(("w", "b"), b.fetch) == {"state": "running", "call": 1}
+    assert await shared.share(("w", "b"), b.fetch) == {"state": "running", "call": 1}
+    assert not ta.done()
     a.release.set()
-    ta.join(5)
+    assert await ta == {"state": "running", "call": 1}
     assert (a.calls, b.calls) == (1, 1)
 
 
-def test_a_failed_call_is_not_shared():
-    shared, worker = SharedCalls(5.0), Worker()
-    worker.fail = True
-    first, first_out = in_thread(shared.share, ("w", "j"), worker.fetch)
-    assert worker.entered.wait(5)
-    second, second_out = in_thread(shared.share, ("w", "j"), worker.fetch)
-    time.sleep(0.05)
+@pytest.mark.parametrize(
+    "error",
+    [FakeError(grpc.StatusCode.UNAVAILABLE), NotFound("no job 'j'")],
+    ids=["worker-error", "jobgate-error"],
+)
+@run_async
+async def test_a_failed_call_is_not_shared(error):
+    shared, worker = SharedCalls(), Worker()
+    worker.fail = error
+    first = await arrive(shared, worker.fetch)
+    second = await arrive(shared, worker.fetch)
+    assert worker.calls == 1
     worker.release.set()
-    first.join(5)
-    second.join(5)
     # The waiting request asked the worker itself, and got its own error.
+    results = await asyncio.gather(first, second, return_exceptions=True)
     assert worker.calls == 2
-    assert isinstance(first_out["error"], RuntimeError)
-    assert isinstance(second_out["error"], RuntimeError)
+    assert results == [error, error]
+    await settle()
     assert shared._calls == {}
 
 
-def test_a_request_stops_waiting_for_a_hung_call_after_the_timeout():
-    shared, hung = SharedCalls(0.1), Worker()
-    first, _ = in_thread(shared.share, ("w", "j"), hung.fetch)
-    assert hung.entered.wait(5)
-    began = time.monotonic()
-    answer = shared.share(("w", "j"), lambda: {"state": "own"})
-    assert answer == {"state": "own"}
-    assert 0.09 <= time.monotonic() - began < 2
-    hung.release.set()
-    first.join(5)
+@run_async
+async def test_a_waiter_whose_shared_call_failed_gets_its_own_answer():
+    shared, failing, healthy = SharedCalls(), Worker(), Worker()
+    failing.fail = FakeError(grpc.StatusCode.DEADLINE_EXCEEDED)
+    first = await arrive(shared, failing.fetch)
+    second = await arrive(shared, healthy.fetch)
+    healthy.release.set()
+    failing.release.set()
+    with pytest.raises(grpc.RpcError):
+        await first
+    assert await second == {"state": "running", "call": 1}
+    assert (failing.calls, healthy.calls) == (1, 1)
 
 
-def test_the_leader_sees_its_own_error():
-    shared = SharedCalls(5.0)
+@run_async
+async def test_the_leader_sees_its_own_error():
+    shared = SharedCalls()
 
-    def broken():
+    async def broken() -> dict:
         raise KeyError("job")
 
     with pytest.raises(KeyError):
-        shared.share(("w", "j"), broken)
+        await shared.share(KEY, broken)
+    await settle()
+    assert shared._calls == {}
+
+
+@run_async
+async def test_a_cancelled_waiter_does_not_cancel_the_call_the_others_wait_for():
+    shared, worker = SharedCalls(), Worker()
+    first = await arrive(shared, worker.fetch)
+    leaving, staying = [await arrive(shared, worker.fetch) for _ in range(2)]
+    leaving.cancel()  # its client went away
+    await settle()
+    assert leaving.cancelled()
+    assert worker.cancelled == 0
+    worker.release.set()
+    assert await first == {"state": "running", "call": 1}
+    assert await staying == {"state": "running", "call": 1}
+    assert (worker.calls, worker.cancelled) == (1, 0)
+
+
+@run_async
+async def test_a_cancelled_leader_does_not_cancel_the_call_its_waiters_wait_for():
+    shared, worker = SharedCalls(), Worker()
+    leader = await arrive(shared, worker.fetch)
+    waiter = await arrive(shared, worker.fetch)
+    leader.cancel()
+    await settle()
+    assert leader.cancelled()
+    assert worker.cancelled == 0
+    # A request arriving now still joins the call under way.
+    late = await arrive(shared, worker.fetch)
+    worker.release.set()
+    assert await waiter == {"state": "running", "call": 1}
+    assert await late == {"state": "running", "call": 1}
+    assert (worker.calls, worker.cancelled) == (1, 0)
+    await settle()
     assert shared._calls == {}
