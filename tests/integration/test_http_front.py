@@ -133,7 +133,7 @@ def test_connections_over_the_cap_are_refused_at_once_with_json(front):
                 front,
                 b"POST /v1/workers/worker-1/jobs HTTP/1.1\r\nHost: x\r\n"
                 + f"Authorization: Bearer {front.token}\r\n".encode()
-                + b"Content-Type: application/json\r\n"
+                + b"Content-Type: application/json\r\nConnection: close\r\n"
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body,
             )
