@@ -47,9 +47,11 @@ class Sizes:
     follow_lines: int = 1000
     follow_interval_s: float = 0.01
     follow_skip: int = 50  # lines written while the stream was being set up
-    followers: int = 1000
+    followers: int = 10_000
     followers_batches: int = 200  # lines.sh: batches of lines, one every 0.1 s
-    followers_lines: int = 50
+    followers_lines: int = 5  # 100-byte lines: 100 kB over 20 s
+    slow_idle: int = 5000
+    slow_partial: int = 1000
     sim_workers: int = 5000
     sim_processes: int = 2
     jobs: int = 200
@@ -67,6 +69,8 @@ TINY = Sizes(
     followers=10,
     followers_batches=10,
     followers_lines=10,
+    slow_idle=20,
+    slow_partial=10,
     sim_workers=50,
     sim_processes=1,
     jobs=10,
@@ -251,8 +255,26 @@ def expected_lines(batches: int, per_batch: int) -> bytes:
     return b"".join(b"line %09d %084d\n" % (n, 0) for n in range(batches * per_batch))
 
 
+def _status_figures(c: BenchCluster, job_id: str, s: Sizes, prefix: str) -> dict:
+    """``GET .../jobs/{job}`` with 8 keep-alive clients for ``status_s``."""
+    r = load.closed_loop(
+        c.port, c.token, status_request("get", job_id), 8, s.status_s, s.warmup_s
+    )
+    return load.throughput_figures(r, prefix)
+
+
+def _ratios(figures: dict) -> None:
+    for q in ("p50", "p99"):
+        figures[f"{q}_ratio"] = round(
+            figures[f"loaded_{q}_ms"] / max(figures[f"idle_{q}_ms"], 0.001), 2
+        )
+
+
 def many_followers(s: Sizes) -> tuple[dict, dict]:
     import hashlib
+    import threading
+
+    from bench import aioload
 
     # Defaults throughout: a follower costs the scheduler a coroutine, and
     # the followers in one HTTP process share one stream from the worker
@@ -260,16 +282,29 @@ def many_followers(s: Sizes) -> tuple[dict, dict]:
     c = BenchCluster()
     expected = expected_lines(s.followers_batches, s.followers_lines)
     want = hashlib.sha256(expected).hexdigest()
+    figures: dict = {}
     with running(c):
+        probe = c.start_job("steady.sh", [1, 600])["job_id"]
+        figures.update(_status_figures(c, probe, s, "idle_"))
         with ProcSampler(c.scheduler.pid, c.worker_pid()) as sampler:
             t0 = time.time()
             job = c.start_job("lines.sh", [s.followers_batches, s.followers_lines, 0.1])
             path = f"/v1/workers/{WORKER}/jobs/{job['job_id']}/output?follow=true"
-            followed, client_cpu = load.many_followers(
-                c.port, c.token, path, s.followers
+            done: dict = {}
+            follow = threading.Thread(
+                target=lambda: done.update(
+                    result=aioload.many_followers(c.port, c.token, path, s.followers)
+                )
             )
+            follow.start()
+            # Status calls while the followers attach and follow.
+            time.sleep(min(3.0, s.followers_batches * 0.1 / 4))
+            figures.update(_status_figures(c, probe, s, "loaded_"))
+            follow.join()
+            followed, client_cpu = done["result"]
             t1 = time.time()
         final = c.wait_job(job["job_id"])
+    _ratios(figures)
     ended = _parse_time(final["ended_at"])
     good = [f for f in followed if f.status == 200 and f.sha256 == want]
     errors = sorted({f.error for f in followed if f.error})
@@ -277,21 +312,55 @@ def many_followers(s: Sizes) -> tuple[dict, dict]:
     for f in followed:
         statuses[str(f.status)] = statuses.get(str(f.status), 0) + 1
     attached = [f.first_byte_at for f in followed if f.first_byte_at]
-    figures = {
-        "followers": s.followers,
-        "correct": len(good),
-        "incorrect": s.followers - len(good),
-        "bytes_each": len(expected),
-        # Followers whose first byte came while the job was still running.
-        "attached_while_running": sum(1 for t in attached if t <= ended),
-        "attach_s": round(max(attached) - t0, 3) if attached else -1,
-        "seconds": round(t1 - t0, 3),
-        **sampler.figures(),
-        "client_cpu_s": round(client_cpu, 1),
-    }
+    figures.update(
+        {
+            "followers": s.followers,
+            "correct": len(good),
+            "incorrect": s.followers - len(good),
+            "bytes_each": len(expected),
+            # Followers whose first byte came while the job was still running.
+            "attached_while_running": sum(1 for t in attached if t <= ended),
+            "attach_s": round(max(attached) - t0, 3) if attached else -1,
+            "seconds": round(t1 - t0, 3),
+            **sampler.figures(),
+            "client_cpu_s": round(client_cpu, 1),
+        }
+    )
     figures["status_codes"] = statuses
     if errors:
         figures["error_samples"] = errors[:3]
+    return figures, c.settings()
+
+
+def slow_clients(s: Sizes) -> tuple[dict, dict]:
+    """Idle connections and partial requests held open while 8 clients ask
+    for a job's status; the slow ones must be closed by the request deadline
+    ([http].request_timeout_s, 10 s by default) and starve nobody."""
+    from bench import aioload
+
+    c = BenchCluster()
+    figures: dict = {}
+    with running(c):
+        probe = c.start_job("steady.sh", [1, 600])["job_id"]
+        figures.update(_status_figures(c, probe, s, "idle_"))
+        with ProcSampler(c.scheduler.pid, c.worker_pid()) as sampler:
+            with aioload.SlowClients(c.port, s.slow_idle, s.slow_partial) as slow:
+                figures.update(_status_figures(c, probe, s, "loaded_"))
+                closed = slow.result()
+    _ratios(figures)
+    partial = [x for x in closed if x[0] == "partial"]
+    idle = [x for x in closed if x[0] == "idle"]
+    figures.update(
+        {
+            "idle_connections": s.slow_idle,
+            "partial_requests": s.slow_partial,
+            "partial_answered_408": sum(1 for x in partial if x[1] == "408"),
+            "idle_closed": sum(1 for x in idle if x[1] == "closed"),
+            "connect_errors": sum(1 for x in closed if x[0] == "connect-error"),
+            "slowest_close_s": round(max((x[2] for x in closed), default=0), 2),
+            **sampler.figures(),
+        }
+    )
     return figures, c.settings()
 
 
@@ -570,9 +639,13 @@ SCENARIOS = {
         ),
         Scenario(
             "followers",
-            "5. Many followers of one job",
+            "5. Many followers of one job (status with 8 clients meanwhile)",
             many_followers,
-            {"incorrect": ("<=", 0), "scheduler_rss_peak_mb": ("<=", 512)},
+            {
+                "incorrect": ("<=", 0),
+                "scheduler_rss_peak_mb": ("<=", 1024),
+                "p99_ratio": ("<=", 2),
+            },
             (
                 "followers",
                 "correct",
@@ -580,9 +653,32 @@ SCENARIOS = {
                 "attached_while_running",
                 "attach_s",
                 "seconds",
+                "idle_p99_ms",
+                "loaded_p99_ms",
+                "p99_ratio",
+                "loaded_errors",
                 "scheduler_rss_peak_mb",
                 "scheduler_pss_peak_mb",
                 "worker_rss_peak_mb",
+            ),
+        ),
+        Scenario(
+            "slow",
+            "8. Slow and idle clients (status with 8 clients meanwhile)",
+            slow_clients,
+            {"p99_ratio": ("<=", 2), "loaded_errors": ("<=", 0)},
+            (
+                "idle_connections",
+                "partial_requests",
+                "partial_answered_408",
+                "idle_closed",
+                "connect_errors",
+                "slowest_close_s",
+                "idle_p99_ms",
+                "loaded_p99_ms",
+                "p99_ratio",
+                "loaded_errors",
+                "scheduler_rss_peak_mb",
             ),
         ),
         Scenario(
