@@ -70,9 +70,12 @@ def current(key: str) -> str | None:
 
 # Control characters (C0, DEL, C1) as escapes: a message or field that
 # quotes a client's input (a path with %0a in it) stays one line.
-_ESCAPES = {
-    c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))
-} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x5C: "\\\\"}
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x09: "\\t",
+    0x5C: "\\\\",
+}
 
 
 def escape(text: str) -> str:

@@ -675,7 +675,10 @@ def _components_responses() -> dict[str, Schema]:
         ),
         "WorkerUnavailable": _error(
             "The worker is offline or unreachable, cannot be reached right now, "
-            "or does not answer even its health check.",
+            "or does not answer even its health check; or this server process "
+            "already holds its limit of output streams ([http].max_followers, "
+            "[http].max_followers_per_caller) or connections "
+            "([http].max_connections).",
             ("Retry-After",),
         ),
         "WorkerTimeout": _error(
@@ -794,8 +797,8 @@ def _paths() -> dict[str, Schema]:
         "/readyz": {
             "get": _operation(
                 "getReadiness",
-                "Readiness: the state database takes writes and the gRPC server "
-                "answers its health check",
+                "Readiness: the state database takes writes, the gRPC server "
+                "answers its health check and the tokens file is readable and valid",
                 "meta",
                 {
                     200: _response("Ready.", {JSON: _s("Ready")}),
