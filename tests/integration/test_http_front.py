@@ -71,6 +71,18 @@ def split_response(raw: bytes) -> tuple[int, dict, bytes]:
     return status, headers, body
 
 
+def read_answer(s: socket.socket, raw: bytes = b"") -> bytes:
+    """One answer with a Content-Length body, read whole from ``s`` (after
+    the ``raw`` bytes of it read already)."""
+    while b"\r\n\r\n" not in raw:
+        raw += s.recv(65536)
+    _, headers, body = split_response(raw)
+    while len(body) < int(headers.get("content-length", 0)):
+        body += s.recv(65536)
+        raw = raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" + body
+    return raw
+
+
 def timed(fn, *args) -> tuple[float, object]:
     started = time.monotonic()
     result = fn(*args)
@@ -332,9 +344,9 @@ def test_followers_over_the_per_caller_cap_get_503(front):
             held.append(s)
         for s in held:
             s.settimeout(5)
-            first = s.recv(65536)
+            first = s.recv(12)
             if first.startswith(b"HTTP/1.1 503"):
-                refused = first
+                refused = read_answer(s, first)
                 break
         assert refused is not None
         status, headers, body = split_response(refused)
