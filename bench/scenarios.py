@@ -327,6 +327,13 @@ def many_followers(s: Sizes) -> tuple[dict, dict]:
         }
     )
     figures["status_codes"] = statuses
+    sizes: dict[str, int] = {}
+    for f in followed:
+        if f.sha256 != want:
+            sizes[str(f.nbytes)] = sizes.get(str(f.nbytes), 0) + 1
+    if sizes:
+        # How much the followers that got the wrong bytes got.
+        figures["wrong_sizes"] = dict(sorted(sizes.items())[:5])
     if errors:
         figures["error_samples"] = errors[:3]
     return figures, c.settings()

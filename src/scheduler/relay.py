@@ -42,6 +42,11 @@ from jobgate.errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
+# What waking one follower costs, about, and the longest wait between two
+# wake-ups of an upstream's followers (see Upstream._notify_soon).
+NOTIFY_COST_S = 2e-6
+MAX_NOTIFY_GAP_S = 0.05
+
 Chunk = tuple[int, bytes, int]  # offset, data, bytes skipped just before offset
 
 # open_call(offset, timeout_s): a new follow call of the job's output from
@@ -182,7 +187,10 @@ class Upstream:
         self.error: BaseException | None = None
         self.failed_first = False  # the call failed before its first message
         self.cancelled = False
-        self._changed: asyncio.Future | None = None
+        self._waiters: list[asyncio.Future] = []
+        self._notify_handle: asyncio.TimerHandle | None = None
+        self._notified_at = 0.0
+        self.waiting = 0  # followers waiting for the next chunk, or just woken
         self._start_task: asyncio.Future | None = None
         self._final_to_dict = final_to_dict
         self._offset = offset
@@ -195,14 +203,44 @@ class Upstream:
         return self.done or self.cancelled
 
     def changed(self) -> asyncio.Future:
-        """A future resolved at the next change of this upstream."""
-        if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
+        """A future of the caller's own, resolved at the next change.
+
+        One each, rather than one shared: a follower whose client leaves is
+        cancelled while it waits, and must cancel nobody else's wait.
+        """
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+    def _notify_soon(self) -> None:
+        """Wake the followers for new output, at most once per gap.
+
+        Waking a follower and writing its bytes costs a few microseconds;
+        with thousands of followers of a chatty job, waking them all for
+        every message would take the event loop's whole time and deliver
+        less. So wake-ups are spaced by about what one costs: two
+        microseconds a follower (a few milliseconds for thousands, nothing
+        for a handful), and each wake-up carries what came meanwhile.
+        """
+        if self._notify_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        gap = min(self.followers * NOTIFY_COST_S, MAX_NOTIFY_GAP_S)
+        wait = self._notified_at + gap - loop.time()
+        if wait <= 0:
+            self._notify()
+        else:
+            self._notify_handle = loop.call_later(wait, self._notify)
 
     def _notify(self) -> None:
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
+        if self._notify_handle is not None:
+            self._notify_handle.cancel()
+            self._notify_handle = None
+        self._notified_at = asyncio.get_running_loop().time()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # -- the first message ----------------------------------------------------
 
@@ -235,6 +273,7 @@ class Upstream:
         except BaseException as exc:
             self._finish(error=exc, first=True)
             raise
+        self.pulling = False
         await self._took(msg)
 
     async def wait_started(self) -> bool:
@@ -244,7 +283,7 @@ class Upstream:
         better open a call of its own than join a stream that ends in error.
         """
         while not self.started:
-            await asyncio.shield(self.changed())
+            await self.changed()
         if self.error is None:
             return True
         if self.failed_first:
@@ -254,10 +293,15 @@ class Upstream:
     # -- pulling ----------------------------------------------------------------
 
     def pull(self) -> None:
-        """Have the next message taken from the call, unless that is under way.
+        """Have messages taken from the call, unless that is under way.
 
         Called by a follower that needs bytes nobody has yet; it then waits
-        for :meth:`changed` like every other follower.
+        for :meth:`changed` like every other follower. The reading goes on
+        while any follower waits for more (one woken by the last message
+        counts until it has run), so a chatty job's messages are taken as
+        they come, not one per round of every follower; when every follower
+        is busy writing to its client, it stops, and flow control holds the
+        worker back.
         """
         if not self.pulling and not self.done:
             self.pulling = True
@@ -265,14 +309,25 @@ class Upstream:
 
     async def _pull(self) -> None:
         try:
-            msg = await self.call.read()
-        except asyncio.CancelledError:
-            self._finish(error=DeadlineExceeded("the output stream was cancelled"))
-            return
-        except BaseException as exc:  # noqa: BLE001 - followers re-raise it
-            self._finish(error=exc)
-            return
-        await self._took(msg)
+            while not self.done and not self.cancelled:
+                try:
+                    msg = await self.call.read()
+                except asyncio.CancelledError:
+                    self._finish(
+                        error=DeadlineExceeded("the output stream was cancelled")
+                    )
+                    return
+                except BaseException as exc:  # noqa: BLE001 - followers re-raise it
+                    self._finish(error=exc)
+                    return
+                await self._took(msg)
+                # Let the woken followers take it; whoever is still short of
+                # bytes afterwards is waiting again.
+                await asyncio.sleep(0)
+                if self.waiting == 0:
+                    break
+        finally:
+            self.pulling = False
 
     async def _took(self, msg) -> None:
         if msg is grpc.aio.EOF or msg is None:
@@ -286,13 +341,12 @@ class Upstream:
                 return
             self._finish(final=final)
             return
-        self.pulling = False
         self.started = True
         if msg.data:
             self._append((msg.offset, msg.data, msg.skipped))
         else:
             self.keepalives += 1
-        self._notify()
+        self._notify_soon()
 
     def _append(self, chunk: Chunk) -> None:
         """Keep ``chunk``; drop the oldest chunks over the limits."""
@@ -393,6 +447,8 @@ class Follower:
         self._open_call = open_call
         self._final_to_dict = final_to_dict
         self._deadline = deadline
+        self._waiter: asyncio.Future | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._own_call: Any = None
         self._closed = False
 
@@ -460,17 +516,25 @@ class Follower:
             if up.keepalives != self._keepalives:
                 self._keepalives = up.keepalives
                 return (self._pos, b"", 0), False
-            up.pull()
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
+            if self._expired():
                 raise StreamExpired(
                     "the output stream lasted its longest allowed time "
                     "([workers].stream_timeout_s)"
                 )
+            waiter = self._waiter = up.changed()
+            if self._timer is None:
+                # One timer for the stream's whole life, not one per wait.
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_at(
+                    loop.time() + self._deadline - time.monotonic(), self._wake
+                )
+            up.waiting += 1
+            up.pull()
             try:
-                await asyncio.wait_for(asyncio.shield(up.changed()), remaining)
-            except TimeoutError:
-                continue
+                await waiter
+            finally:
+                up.waiting -= 1
+                self._waiter = None
 
     def _gather(self, up: Upstream, item: Chunk) -> Chunk:
         """``item`` joined with the chunks right after it.
@@ -548,10 +612,20 @@ class Follower:
                 return  # the last message of a stream
             yield msg.offset, msg.data, msg.skipped
 
+    def _expired(self) -> bool:
+        return time.monotonic() >= self._deadline
+
+    def _wake(self) -> None:
+        """The stream's time is up: wake the follower to end it."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         self._leave()
         if self._own_call is not None:
             self._own_call.cancel()
