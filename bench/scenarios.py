@@ -263,6 +263,21 @@ def _status_figures(c: BenchCluster, job_id: str, s: Sizes, prefix: str) -> dict
     return load.throughput_figures(r, prefix)
 
 
+def _wait_for_streams(c: BenchCluster, count: int, t0: float) -> float:
+    """Seconds from ``t0`` until ``count`` output streams are open (or -1)."""
+    import re
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        status, _, body = c.request("GET", "/metrics")
+        if status == 200:
+            found = re.search(rb"^jobgate_output_streams_open (\S+)$", body, re.M)
+            if found and float(found.group(1)) >= count:
+                return round(time.time() - t0, 2)
+        time.sleep(0.2)
+    return -1.0
+
+
 def _ratios(figures: dict) -> None:
     for q in ("p50", "p99"):
         figures[f"{q}_ratio"] = round(
@@ -297,8 +312,8 @@ def many_followers(s: Sizes) -> tuple[dict, dict]:
                 )
             )
             follow.start()
-            # Status calls while the followers attach and follow.
-            time.sleep(min(3.0, s.followers_batches * 0.1 / 4))
+            # Status calls once every follower is attached and following.
+            figures["all_attached_s"] = _wait_for_streams(c, s.followers, t0)
             figures.update(_status_figures(c, probe, s, "loaded_"))
             follow.join()
             followed, client_cpu = done["result"]
@@ -659,6 +674,7 @@ SCENARIOS = {
                 "incorrect",
                 "attached_while_running",
                 "attach_s",
+                "all_attached_s",
                 "seconds",
                 "idle_p99_ms",
                 "loaded_p99_ms",

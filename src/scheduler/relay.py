@@ -42,10 +42,15 @@ from jobgate.errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
-# What waking one follower costs, about, and the longest wait between two
-# wake-ups of an upstream's followers (see Upstream._notify_soon).
-NOTIFY_COST_S = 2e-6
-MAX_NOTIFY_GAP_S = 0.05
+# Wake-ups of an upstream's followers are spaced so that they take at most
+# about a quarter of the event loop's time: waking one follower and writing
+# its bytes costs about 30 microseconds (5,000 followers per process of bench
+# scenario 5, profiled), so the gap is 120 microseconds per follower, and at
+# most a second (see Upstream._notify_soon).
+NOTIFY_GAP_PER_FOLLOWER_S = 120e-6
+MAX_NOTIFY_GAP_S = 1.0
+# Followers woken in one turn of the event loop (see _wake).
+WAKE_SLICE = 128
 
 Chunk = tuple[int, bytes, int]  # offset, data, bytes skipped just before offset
 
@@ -215,17 +220,17 @@ class Upstream:
     def _notify_soon(self) -> None:
         """Wake the followers for new output, at most once per gap.
 
-        Waking a follower and writing its bytes costs a few microseconds;
-        with thousands of followers of a chatty job, waking them all for
-        every message would take the event loop's whole time and deliver
-        less. So wake-ups are spaced by about what one costs: two
-        microseconds a follower (a few milliseconds for thousands, nothing
-        for a handful), and each wake-up carries what came meanwhile.
+        With thousands of followers of a chatty job, waking them all for
+        every message would take the event loop's whole time, and every
+        other request of the process would wait. So wake-ups are spaced by
+        a gap that grows with the followers (nothing for one, 12 ms for 100,
+        0.6 s for 5,000: NOTIFY_GAP_PER_FOLLOWER_S), and each wake-up carries
+        all that came meanwhile.
         """
         if self._notify_handle is not None:
             return
         loop = asyncio.get_running_loop()
-        gap = min(self.followers * NOTIFY_COST_S, MAX_NOTIFY_GAP_S)
+        gap = min(self.followers * NOTIFY_GAP_PER_FOLLOWER_S, MAX_NOTIFY_GAP_S)
         wait = self._notified_at + gap - loop.time()
         if wait <= 0:
             self._notify()
@@ -236,11 +241,10 @@ class Upstream:
         if self._notify_handle is not None:
             self._notify_handle.cancel()
             self._notify_handle = None
-        self._notified_at = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._notified_at = loop.time()
         waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        _wake(loop, waiters, 0)
 
     # -- the first message ----------------------------------------------------
 
@@ -415,6 +419,21 @@ class Upstream:
                 break
             seq += 1
         return seq
+
+
+def _wake(loop: asyncio.AbstractEventLoop, waiters: list, start: int) -> None:
+    """Wake ``waiters`` a slice per turn of the event loop.
+
+    Thousands of followers woken in one turn would make that turn as long as
+    all their writes together, and every other request on the process would
+    wait for it; a slice at a time, other requests get a turn in between.
+    """
+    end = start + WAKE_SLICE
+    for waiter in waiters[start:end]:
+        if not waiter.done():
+            waiter.set_result(None)
+    if end < len(waiters):
+        loop.call_soon(_wake, loop, waiters, end)
 
 
 class Follower:

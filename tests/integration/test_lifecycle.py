@@ -189,7 +189,9 @@ def test_scheduler_serves_with_two_gunicorn_processes(cluster):
 
 def test_frozen_worker_is_told_apart_from_a_busy_one(small_cluster):
     api = Api(small_cluster)
-    job = api.start("worker-b", "hello.sh")
+    # A job still running, so its status must come from the worker (a job
+    # already ended when it was started is answered from the job index).
+    job = api.start("worker-b", "sleep.sh", ["30"])
     worker = small_cluster.workers["worker-b"]
     worker.signal(signal.SIGSTOP)
     try:
@@ -203,6 +205,7 @@ def test_frozen_worker_is_told_apart_from_a_busy_one(small_cluster):
     assert status == 503, (status, data, elapsed)
     assert "not even its health check" in data["description"]
     assert "Retry-After" in headers
+    api.post(f"/v1/workers/worker-b/jobs/{job['job_id']}/stop")
 
 
 # -- heartbeat pacing ------------------------------------------------------------
