@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 NOTIFY_GAP_PER_FOLLOWER_S = 120e-6
 MAX_NOTIFY_GAP_S = 1.0
 # Followers woken in one turn of the event loop (see _wake).
-WAKE_SLICE = 128
+WAKE_SLICE = 32
 
 Chunk = tuple[int, bytes, int]  # offset, data, bytes skipped just before offset
 
