@@ -136,6 +136,12 @@ class JobsSection:
     retention_interval_s: float = setting(
         60.0, min=0.1, help="how often retention runs"
     )
+    alive_interval_s: float = setting(
+        10.0,
+        min=0.1,
+        help="how often the worker stamps its state directory as alive; a job "
+        "lost in a crash ends, as far as is known, at the last stamp",
+    )
     follow_keepalive_s: float = setting(
         1.0,
         min=0.05,

@@ -12,6 +12,7 @@ cluster of their own; the others share the session's ``cluster``.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
 import hashlib
 import http.client
 import json
@@ -513,11 +514,18 @@ def test_worker_killed_mid_job_reports_it_lost_and_leaves_no_process(restarts):
     api, w = restarts.api, restarts.worker
     job, procs = start_tree(restarts, timeout_s=60)
     try:
+        before = status_of(api, w, job["job_id"])
+        killed_at = time.time()
         restart_worker(restarts, signal.SIGKILL)
         final = status_of(api, w, job["job_id"])
         assert (final["state"], final["exit_reason"]) == ("lost", "lost")
-        assert final["ended_at"] is not None
-        assert final["reason"]
+        # It keeps its pid, and it ended, as far as anyone knows, while the
+        # worker still watched it: never at the restart.
+        assert final["pid"] == before["pid"] != 0
+        ended = dt.datetime.fromisoformat(final["ended_at"]).timestamp()
+        started = dt.datetime.fromisoformat(final["started_at"]).timestamp()
+        assert started - 0.001 <= ended <= killed_at
+        assert "last time the worker knew it running" in final["reason"]
         # What the job wrote before the worker died is still served.
         assert b"escapee " in api.output(w, job["job_id"])
         if cgroup2_mounted():

@@ -860,18 +860,41 @@ def test_job_left_running_by_a_previous_worker_is_lost(make_runner, tmp_path):
     records = first.jobs_dir / "records.jsonl"
     with records.open("a") as f:
         f.write(json.dumps(start) + '\n{"job_id": "cut sh')
+    # The dead worker last stamped its state directory as alive 42 s after
+    # the job started.
+    last_alive = record.started_at + 42
+    os.utime(first.cfg.state_dir / "alive", (last_alive, last_alive))
 
     reloaded = make_runner()
     lost = reloaded.get(record.job_id)
     assert lost.state is JobState.LOST
-    assert lost.reason == "the worker stopped while the job was running"
-    assert lost.ended_at is not None
+    assert lost.reason == (
+        "the worker stopped while the job was running; ended_at is the last "
+        "time the worker knew it running"
+    )
+    assert lost.pid == record.pid != 0
+    assert lost.ended_at == pytest.approx(last_alive)
     assert lost.output_bytes == len(output)
     assert saved(reloaded, record.job_id)["state"] == "lost"
     assert records.read_bytes().endswith(b"\n")  # the cut line is gone
     assert in_thread(follow, reloaded, record.job_id) == output
     assert [r.job_id for r in reloaded.list()] == [record.job_id]
     assert reloaded.running_count() == 0
+
+
+def test_job_lost_before_its_process_was_known_has_no_end_time(make_runner):
+    first = make_runner()
+    record, _ = run(first, "hello.sh")
+    first.shutdown(0.2)
+    # The worker died between recording the job and spawning it.
+    start = dict(record.to_json(), state="running", pid=0, exit_code=None)
+    start.update(ended_at=None, exit_reason=None, reason="")
+    with (first.jobs_dir / "records.jsonl").open("a") as f:
+        f.write(json.dumps(start) + "\n")
+    lost = make_runner().get(record.job_id)
+    assert lost.state is JobState.LOST
+    assert lost.ended_at is None
+    assert "whether and when it ran is not known" in lost.reason
 
 
 # -- the reactor ---------------------------------------------------------------

@@ -222,6 +222,7 @@ EXIT_REASONS = [
     "timed_out",
     "lost",
     "start_failed",
+    "output_failed",
 ]
 WORKER_STATES = ["online", "unreachable", "offline"]
 

@@ -1,0 +1,249 @@
+"""Starting a job's process: the account, the environment, the spawn.
+
+Two ways, chosen once per worker:
+
+* one exec (:mod:`worker.spawn`, the C module ``worker._spawn``): the
+  ``vfork()``ed child joins the job's cgroup, drops to the job's account and
+  execs the interpreter. Used wherever the module is built and the kernel has
+  ``close_range`` (Linux 5.11).
+* a chain of programs through ``subprocess``: ``/bin/sh`` joins the cgroup
+  (a few lines of shell, :data:`SHIM`), ``setpriv`` drops to the job's
+  account, then the interpreter runs. Used where the C module is missing.
+
+OS effects (spawn, exit notification, clock) go through :class:`ProcessOps`
+so tests can replace them; the tests also run the real thing.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import time
+
+from worker import spawn as one_exec
+from worker.config import JobsSection
+
+log = logging.getLogger(__name__)
+
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Joins the job's cgroup before anything of the job runs, then execs the job
+# (through setpriv when it must drop to the job's user). The shim's stdin is
+# a pipe back to the worker, used only to report a failure to join; the job
+# itself gets /dev/null.
+SHIM = (
+    'echo $$ > "$1" || { echo cgroup >&0; exit 125; }; '
+    'exec 0</dev/null; shift; exec "$@"'
+)
+
+
+class ProcessOps:
+    """The runner's seam to the operating system.
+
+    ``native``: jobs start with one exec (:mod:`worker.spawn`), which joins
+    the job's cgroup and drops to its user itself; else through ``subprocess``,
+    and :class:`Spawner` builds the chain of programs that does it.
+    """
+
+    native = not one_exec.available()
+
+    def spawn(
+        self,
+        argv,
+        *,
+        cwd,
+        env,
+        user,
+        group,
+        stdin=subprocess.DEVNULL,
+        cgroup_procs: str | None = None,
+    ) -> subprocess.Popen | one_exec.Child:
+        if self.native:
+            return one_exec.spawn(
+                argv,
+                cwd=cwd,
+                env=env,
+                user=user,
+                group=group,
+                cgroup_procs=cgroup_procs,
+            )
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            start_new_session=True,
+            user=user,
+            group=group,
+            extra_groups=[] if user is not None else None,
+        )
+
+    def exit_fd(self, pid: int) -> int:
+        """A descriptor that becomes readable once ``pid`` has exited.
+
+        Reading it reaps nothing: the process stays a zombie until the runner
+        waits for it. The runner closes the descriptor.
+        """
+        return os.pidfd_open(pid)
+
+    def check(self) -> None:
+        """Raise OSError, saying what is missing, if :meth:`exit_fd` cannot work.
+
+        Jobs are watched through pidfds: Linux 5.3 or newer, and a seccomp
+        policy that allows pidfd_open. There is no fallback (a thread per job
+        blocked in waitid would bring back what the reactor replaced), so a
+        host without them is refused when the worker starts instead of failing
+        every job it would start.
+        """
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except (AttributeError, OSError) as exc:
+            detail = getattr(exc, "strerror", None) or str(exc)
+            raise OSError(
+                "the worker needs pidfd_open (Linux 5.3 or newer, not blocked "
+                f"by a seccomp filter) to watch its jobs: {detail}"
+            ) from None
+
+    def now(self) -> float:
+        return time.time()
+
+
+class Spawner:
+    """Starts a job's process as the job's account, in the job's cgroup."""
+
+    def __init__(
+        self,
+        cfg: JobsSection,
+        ops: ProcessOps,
+        worker_name: str,
+        setpriv: str | None,
+    ):
+        self.cfg = cfg
+        self.ops = ops
+        self.worker_name = worker_name
+        self.cwd = str(cfg.scripts_dir.resolve())
+        self.user, self.group, self.home = self._job_account()
+        # Without the one-exec spawner, drop privileges with setpriv rather
+        # than in the forked child, so that spawning can use vfork, much
+        # cheaper from a large process.
+        self.setpriv = (
+            setpriv or shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+            if self.user is not None and not ops.native
+            else None
+        )
+        if ops.native:
+            log.info("jobs start with a single exec (worker._spawn)")
+        else:
+            log.info(
+                "jobs start through /bin/sh and setpriv: %s",
+                one_exec.available() or "the one-exec spawner is turned off",
+            )
+
+    def _job_account(self) -> tuple[int | None, int | None, str]:
+        if os.geteuid() != 0:
+            return None, None, self.cwd
+        try:
+            pw = pwd.getpwnam(self.cfg.user)
+        except KeyError:
+            raise OSError(
+                f"[jobs].user: no such account {self.cfg.user!r} on this host"
+            ) from None
+        if pw.pw_uid == 0:
+            raise OSError(
+                f"[jobs].user: {self.cfg.user!r} is root; jobs never run as root"
+            )
+        return pw.pw_uid, pw.pw_gid, pw.pw_dir
+
+    def environment(self, job_id: str) -> dict[str, str]:
+        env = {
+            "PATH": SAFE_PATH,
+            "HOME": self.home,
+            "LANG": "C.UTF-8",
+            "JOBGATE_JOB_ID": job_id,
+            "JOBGATE_WORKER": self.worker_name,
+        }
+        if self.user is not None:
+            env["USER"] = env["LOGNAME"] = self.cfg.user
+        env.update(self.cfg.environment)
+        return env
+
+    def spawn(self, job_id: str, argv: list[str], procs: str):
+        """Start ``argv``; returns ``(process, status_fd)``.
+
+        ``procs`` is the ``cgroup.procs`` file the job joins, or ``"-"`` for
+        none. ``status_fd`` (or None) is readable once the chain's shim exited:
+        anything on it means the job could not join its cgroup and never ran.
+        """
+        check_executable(argv[0])
+        env = self.environment(job_id)
+        if self.ops.native:
+            proc = self.ops.spawn(
+                argv,
+                cwd=self.cwd,
+                env=env,
+                user=self.user,
+                group=self.group,
+                cgroup_procs=None if procs == "-" else procs,
+            )
+            return proc, None
+        # The job's program runs with the job's user only, through setpriv:
+        # no uid switch in the forked child lets subprocess use vfork.
+        priv = []
+        if self.setpriv is not None:
+            priv = [
+                self.setpriv,
+                f"--reuid={self.user}",
+                f"--regid={self.group}",
+                "--clear-groups",
+                "--",
+            ]
+        if procs == "-":
+            proc = self.ops.spawn(
+                [*priv, *argv],
+                cwd=self.cwd,
+                env=env,
+                # Without setpriv (not installed), the child switches itself.
+                user=self.user if not priv else None,
+                group=self.group if not priv else None,
+            )
+            return proc, None
+        status_r, status_w = os.pipe()
+        # The shim needs the worker's privileges to join the cgroup.
+        shim = ["/bin/sh", "-c", SHIM, "jobgate-job", procs, *priv, *argv]
+        try:
+            proc = self.ops.spawn(
+                shim, cwd=self.cwd, env=env, user=None, group=None, stdin=status_w
+            )
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(status_w)
+        # Read only once the shim has exited; never wait on it.
+        os.set_blocking(status_r, False)
+        return proc, status_r
+
+
+def read_start_error(status_fd: int) -> str:
+    """What the chain's shim reported (it has exited), then close the pipe."""
+    try:
+        data = os.read(status_fd, 4096).decode(errors="replace")
+    except BlockingIOError:
+        data = ""
+    finally:
+        os.close(status_fd)
+    return "could not move the job into its cgroup" if data else ""
+
+
+def check_executable(path: str) -> None:
+    """Raise the OSError an exec of ``path`` would meet, before spawning."""
+    st = os.stat(path)  # ENOENT, ENOTDIR, ELOOP ...
+    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
