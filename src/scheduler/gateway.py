@@ -300,6 +300,8 @@ class Gateway:
             "running_jobs": w.running_jobs if state == ONLINE else 0,
             "capacity": w.capacity,
             "version": w.version,
+            # Why an online worker starts no jobs now; null when it does.
+            "degraded": (w.degraded or None) if state == ONLINE else None,
         }
 
     def list_workers(self) -> list[dict]:
@@ -349,6 +351,12 @@ class Gateway:
         the job's output or final status logs at once.
         """
         worker, stub = self._reachable(ref)
+        if worker.degraded:
+            raise Unavailable(
+                f"worker {worker.name!r} is degraded and starts no jobs: "
+                f"{worker.degraded}",
+                self.cfg.workers.retry_after_s,
+            )
         resp = stub.StartJob(
             worker_pb2.StartJobRequest(
                 command=command,

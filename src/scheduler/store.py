@@ -30,7 +30,9 @@ CREATE TABLE IF NOT EXISTS workers (
     running_jobs  INTEGER NOT NULL DEFAULT 0,
     -- silence after which this worker is unreachable, for the heartbeat
     -- interval it was last given; 0: [workers].heartbeat_timeout_s
-    heartbeat_timeout_s REAL NOT NULL DEFAULT 0
+    heartbeat_timeout_s REAL NOT NULL DEFAULT 0,
+    -- why the worker starts no jobs now, as its last heartbeat said; '' if none
+    degraded      TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job_id     TEXT PRIMARY KEY,
@@ -51,11 +53,14 @@ CREATE TABLE IF NOT EXISTS groups (
 );
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added to a table after version 1, with their definitions: a database
 # written before gets them on start, with their defaults.
 ADDED_COLUMNS = {
-    "workers": {"heartbeat_timeout_s": "REAL NOT NULL DEFAULT 0"},
+    "workers": {
+        "heartbeat_timeout_s": "REAL NOT NULL DEFAULT 0",
+        "degraded": "TEXT NOT NULL DEFAULT ''",
+    },
 }
 
 ONLINE, OFFLINE, UNREACHABLE = "online", "offline", "unreachable"
@@ -76,6 +81,8 @@ class WorkerRow:
     # The worker's own timeout (scaled with the heartbeat interval it was
     # given); 0 for rows written before it was kept.
     heartbeat_timeout_s: float = 0.0
+    # Why the worker starts no jobs now (its own word); empty when healthy.
+    degraded: str = ""
 
     def timeout_s(self, configured: float) -> float:
         """How long the worker may stay silent before it is unreachable.
@@ -180,7 +187,8 @@ class Store:
                        capacity = excluded.capacity, version = excluded.version,
                        state = 'online', registered_at = excluded.registered_at,
                        last_seen_at = excluded.last_seen_at, running_jobs = 0,
-                       heartbeat_timeout_s = excluded.heartbeat_timeout_s""",
+                       heartbeat_timeout_s = excluded.heartbeat_timeout_s,
+                       degraded = ''""",
                 (
                     worker_id,
                     name,
@@ -208,11 +216,13 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def heartbeats(self, beats: dict[str, tuple[float, int, float]]) -> None:
+    def heartbeats(
+        self, beats: dict[str, tuple[float, int, float] | tuple[float, int, float, str]]
+    ) -> None:
         """Record many heartbeats in one transaction.
 
         ``beats`` maps a worker id to (time, running jobs, the worker's
-        heartbeat timeout from then on).
+        heartbeat timeout from then on[, why it is degraded or empty]).
         """
         if not beats:
             return
@@ -221,10 +231,11 @@ class Store:
         try:
             conn.executemany(
                 "UPDATE workers SET last_seen_at = ?, running_jobs = ?, "
-                "heartbeat_timeout_s = ? WHERE id = ? AND state = 'online'",
+                "heartbeat_timeout_s = ?, degraded = ? "
+                "WHERE id = ? AND state = 'online'",
                 [
-                    (t, n, timeout, worker_id)
-                    for worker_id, (t, n, timeout) in beats.items()
+                    (*beat[:3], beat[3] if len(beat) > 3 else "", worker_id)
+                    for worker_id, beat in beats.items()
                 ],
             )
             conn.execute("COMMIT")

@@ -139,8 +139,15 @@ class JobsSection:
     alive_interval_s: float = setting(
         10.0,
         min=0.1,
-        help="how often the worker stamps its state directory as alive; a job "
-        "lost in a crash ends, as far as is known, at the last stamp",
+        help="how often the worker stamps its state directory as alive (a job "
+        "lost in a crash ends, as far as is known, at the last stamp) and "
+        "checks that it is writable",
+    )
+    min_free_bytes: int = setting(
+        1024 * 1024,
+        min=0,
+        help="below this much free space in state_dir the worker is degraded "
+        "and starts no jobs",
     )
     follow_keepalive_s: float = setting(
         1.0,

@@ -46,6 +46,7 @@ from jobgate.errors import (
 from jobgate.jobstate import ExitReason, JobState
 from worker import history, isolation, metrics
 from worker.config import JobsSection
+from worker.health import Health
 from worker.job import Job, JobRecord, Phase
 from worker.output import OutputLog
 from worker.process import SAFE_PATH, ProcessOps, Spawner, read_start_error
@@ -98,6 +99,11 @@ class JobRunner:
         self._closing = False  # shutdown() began: start() refuses (under _lock)
         self._closed = threading.Event()
         self._records = RecordLog(self.jobs_dir)
+        # Jobs whose end could not be written (a full disk): written again
+        # once the worker has recovered, so a restart does not call them lost.
+        self._unrecorded: dict[str, Job] = {}
+        self.health = Health(cfg.state_dir, cfg.min_free_bytes)
+        self.health.check()
         self._alive = history.AliveStamp(cfg.state_dir)
         for job in history.load(
             self._records, self.jobs_dir, self._output, self._alive.last()
@@ -144,6 +150,11 @@ class JobRunner:
             key = req.idempotency_key
             if key and key in self._by_key:
                 return self._snapshot(self._jobs[self._by_key[key]]), True
+            if self.health.reason:
+                raise Unavailable(
+                    f"the worker is degraded: {self.health.reason}; start the "
+                    "job on another worker or retry later"
+                )
             running = len(self._active)
             if running >= self.cfg.max_concurrent:
                 raise ResourceExhausted(
@@ -226,6 +237,8 @@ class JobRunner:
                 log.exception("job %s: starting it failed", jid)
             detail = getattr(exc, "strerror", None) or str(exc)
             if stage == "record":
+                if isinstance(exc, OSError):
+                    self.health.write_failed("job records", exc)
                 return f"could not record the job: {detail}"
             if stage == "spawn" and isinstance(exc, OSError) and not exc.filename:
                 # Not the exec: what the child had to do before it, or a
@@ -240,6 +253,7 @@ class JobRunner:
         try:
             self._records.write(job.record.to_json())
         except OSError as exc:  # it runs all the same; only its pid is not kept
+            self.health.write_failed("job records", exc)
             log.error(
                 "job %s: could not record its pid: %s",
                 job.record.job_id,
@@ -523,7 +537,13 @@ class JobRunner:
         )
 
     def _read_once(self, job: Job) -> bool:
-        """Copy one chunk of the pipe into the output; False if none is there."""
+        """Copy one chunk of the pipe into the output; False if none is there.
+
+        Once the output cannot be written (a full disk), the pipe is still
+        read to its end and what comes is dropped: the job runs on, never
+        killed by a SIGPIPE of the worker's making, and its end says what
+        was lost (``output_failed``).
+        """
         fd = job.out_fd
         if fd is None:
             return False
@@ -532,31 +552,49 @@ class JobRunner:
         except BlockingIOError:
             return False
         except OSError as exc:
-            self._output_failed(job, exc)
+            self._read_failed(job, exc)
             return False
         if not data:
             self._close_output(job, "its output ended")
             return False
+        if job.output_error:
+            return True  # dropped: see above
         try:
             with job.cond:
                 job.output.append(data)
                 job.cond.notify_all()
         except OSError as exc:  # e.g. the disk is full
-            self._output_failed(job, exc)
-            return False
+            self._write_failed(job, exc)
+            return True
         metrics.OUTPUT_BYTES.inc(len(data))
         return True
 
     def _on_output(self, job: Job) -> None:
         self._read_once(job)
 
-    def _output_failed(self, job: Job, exc: OSError) -> None:
+    def _write_failed(self, job: Job, exc: OSError) -> None:
+        jid = job.record.job_id
+        kept = job.output.total
+        if job.output_failed(
+            f"the worker could not write its output after {kept} bytes: "
+            f"{exc.strerror or exc}"
+        ):
+            log.error(
+                "job %s: writing its output failed after %d bytes: %s; the rest "
+                "of its output is dropped",
+                jid,
+                kept,
+                exc,
+                extra={"JOB_ID": jid},
+            )
+        self.health.write_failed("job output", exc)
+
+    def _read_failed(self, job: Job, exc: OSError) -> None:
+        jid = job.record.job_id
         log.error(
-            "job %s: reading output failed: %s",
-            job.record.job_id,
-            exc,
-            extra={"JOB_ID": job.record.job_id},
+            "job %s: reading its output failed: %s", jid, exc, extra={"JOB_ID": jid}
         )
+        job.output_failed(f"the worker could not read its output: {exc}")
         self._close_output(job, f"reading its output failed: {exc}")
 
     def _close_output(self, job: Job, why: str) -> None:
@@ -763,6 +801,8 @@ class JobRunner:
                 try:
                     self._records.write(r.to_json())
                 except OSError as exc:  # e.g. the disk is full
+                    self.health.write_failed("job records", exc)
+                    self._unrecorded[r.job_id] = job
                     log.error(
                         "job %s: could not record its end on disk: %s",
                         r.job_id,
@@ -798,6 +838,8 @@ class JobRunner:
         step = min(self.cfg.alive_interval_s, self.cfg.retention_interval_s)
         while not self._closed.wait(step):
             self._stamp_alive()
+            if not self.health.check() and self._unrecorded:
+                self._record_late()
             if time.monotonic() < next_retention:
                 continue
             next_retention = time.monotonic() + self.cfg.retention_interval_s
@@ -805,6 +847,19 @@ class JobRunner:
                 self.enforce_retention()
             except Exception:  # noqa: BLE001 - keep retention alive; log once each
                 log.exception("retention failed")
+
+    def _record_late(self) -> None:
+        """Write the ends that could not be written when the jobs ended."""
+        for job_id, job in list(self._unrecorded.items()):
+            try:
+                self._records.write(job.record.to_json())
+            except OSError as exc:
+                self.health.write_failed("job records", exc)
+                return
+            del self._unrecorded[job_id]
+            log.info(
+                "job %s: its end is recorded at last", job_id, extra={"JOB_ID": job_id}
+            )
 
     def enforce_retention(self) -> list[str]:
         """Delete finished jobs beyond the configured age and count.
@@ -822,6 +877,7 @@ class JobRunner:
             )
             for j in doomed:
                 del self._jobs[j.record.job_id]
+                self._unrecorded.pop(j.record.job_id, None)
                 if j.record.idempotency_key:
                     self._by_key.pop(j.record.idempotency_key, None)
         if doomed:

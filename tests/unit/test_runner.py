@@ -31,6 +31,7 @@ from jobgate.errors import (
 from jobgate.jobstate import ExitReason, JobState
 from worker import isolation
 from worker.config import JobsSection
+from worker.output import OutputLog
 from worker.reactor import Reactor
 from worker.records import RecordLog
 from worker.runner import SAFE_PATH, JobRunner, ProcessOps
@@ -73,6 +74,9 @@ SCRIPTS = {
     "stubborn.sh": "trap '' TERM\necho ready\nsleep 30\n",
     # Exits at once, leaving a child behind that holds the output pipe.
     "leaver.sh": 'sleep 30 &\necho "child $!"\nexit 0\n',
+    # $1 lines of 100 bytes, then exits 0 (a SIGPIPE would end it earlier).
+    "writer.sh": 'for ((i = 0; i < $1; i++)); do printf "%099d\\n" "$i"; done\n'
+    'echo done >&2\n',
     # A line every 10 ms, $1 times.
     "ticker.sh": 'for ((i = 1; i <= $1; i++)); do echo "tick $i"; sleep 0.01; done\n',
     # Leaves a process in a session of its own that holds the output pipe.
@@ -1171,6 +1175,94 @@ def test_a_job_that_fails_to_spawn_is_recorded_as_start_failed(make_runner):
     assert on_disk["exit_reason"] == ExitReason.START_FAILED.value
     reloaded = make_runner(interpreters={"broken": "/nonexistent/interpreter"})
     assert reloaded.get(record.job_id).exit_reason is ExitReason.START_FAILED
+
+
+# -- a full disk --------------------------------------------------------------------
+
+
+def disk_fills_after(monkeypatch, limit: int) -> dict:
+    """Output beyond ``limit`` bytes fails as on a full disk, until "space" is back."""
+    disk = {"full": True}
+    real = OutputLog.append
+
+    def append(self, data):
+        if disk["full"] and self.total + len(data) > limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self, data)
+
+    monkeypatch.setattr(OutputLog, "append", append)
+    return disk
+
+
+def test_a_job_whose_output_cannot_be_written_ends_output_failed_not_sigpipe(
+    make_runner, monkeypatch
+):
+    runner = make_runner(alive_interval_s=0.1, min_free_bytes=0)
+    disk_fills_after(monkeypatch, 1000)
+    record, _ = runner.start("bash", "writer.sh", ["2000"])
+    final = runner.wait(record.job_id, 20)
+    assert (final.state, final.exit_reason) == (
+        JobState.FAILED,
+        ExitReason.OUTPUT_FAILED,
+    )
+    # The job ran to its end: nothing of the worker's making killed it.
+    assert (final.exit_code, final.signal) == (0, None)
+    assert final.reason.startswith("the worker could not write its output after ")
+    assert "No space left on device (exited with code 0)" in final.reason
+    assert final.output_bytes <= 1000
+    assert saved(runner, record.job_id)["exit_reason"] == "output_failed"
+
+
+def test_a_worker_that_cannot_write_is_degraded_until_space_is_back(
+    make_runner, monkeypatch
+):
+    runner = make_runner(alive_interval_s=0.1, min_free_bytes=0)
+    disk = disk_fills_after(monkeypatch, 0)
+    record, _ = runner.start("bash", "hello.sh", ["x"])
+    assert runner.wait(record.job_id, 10).exit_reason is ExitReason.OUTPUT_FAILED
+    assert "No space left on device" in runner.health.reason
+    with pytest.raises(Unavailable, match="degraded: cannot write job output in"):
+        runner.start("bash", "hello.sh")
+    disk["full"] = False
+    # It recovers by itself: the state directory is checked again.
+    deadline = time.monotonic() + 5
+    while runner.health.reason and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runner.health.reason == ""
+    again, output = run(runner, "hello.sh", "x")
+    assert (again.state, output) == (JobState.SUCCEEDED, b"arg: x\n")
+
+
+def test_a_worker_short_of_free_space_is_degraded_from_the_start(make_runner):
+    runner = make_runner(min_free_bytes=2**62)
+    assert "less than [jobs].min_free_bytes" in runner.health.reason
+    with pytest.raises(Unavailable, match="min_free_bytes"):
+        runner.start("bash", "hello.sh")
+
+
+def test_an_end_that_could_not_be_recorded_is_recorded_once_space_is_back(
+    make_runner, monkeypatch
+):
+    runner = make_runner(alive_interval_s=0.1, min_free_bytes=0)
+    real = runner._records.write
+    disk = {"full": True}
+
+    def write(record):
+        if disk["full"] and record["state"] != "running":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(record)
+
+    monkeypatch.setattr(runner._records, "write", write)
+    record, _ = runner.start("bash", "hello.sh")
+    assert runner.wait(record.job_id, 10).state is JobState.SUCCEEDED
+    assert saved(runner, record.job_id)["state"] == "running"
+    assert "cannot write job records" in runner.health.reason
+    disk["full"] = False
+    deadline = time.monotonic() + 5
+    while saved(runner, record.job_id)["state"] == "running":
+        assert time.monotonic() < deadline, "the end was never recorded"
+        time.sleep(0.05)
+    assert saved(runner, record.job_id)["state"] == "succeeded"
 
 
 # -- shutting down ---------------------------------------------------------------

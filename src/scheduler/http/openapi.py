@@ -411,6 +411,13 @@ def _schemas() -> dict[str, Schema]:
                 ),
                 "capacity": _int("the worker's [jobs].max_concurrent", minimum=0),
                 "version": _str("the jobgate version the worker runs"),
+                "degraded": _or_null(
+                    _str(
+                        "why an online worker starts no jobs now (e.g. its disk "
+                        "is full), as its last heartbeat said; starts on it are "
+                        "answered 503 until it recovers by itself"
+                    )
+                ),
             },
             description="A worker as the scheduler knows it.",
         ),
