@@ -87,9 +87,31 @@ class JobsSection:
         default_factory=lambda: {"bash": "/bin/bash", "sh": "/bin/sh"},
         help="allow-list: command name -> interpreter executable",
     )
+    user_mode: str = setting(
+        "dynamic",
+        choices=("dynamic", "fixed"),
+        help="when the worker runs as root: dynamic, each job under a user id "
+        "of its own from uid_min-uid_max; fixed, every job as [jobs].user",
+    )
     user: str = setting(
         "nobody",
-        help="account jobs run as when the worker runs as root (never root itself)",
+        help='account jobs run as with user_mode = "fixed" (never root itself)',
+    )
+    uid_min: int = setting(
+        61184, min=1, max=2**31 - 2, help="first user id handed out to jobs"
+    )
+    uid_max: int = setting(
+        65519, min=1, max=2**31 - 2, help="last user id handed out to jobs"
+    )
+    uid_lock_dir: Path = setting(
+        Path("/run/jobgate/job-uids"),
+        help="lock files of the user ids in use, shared by every worker on the "
+        "host (created if missing)",
+    )
+    tmp_dir: str = setting(
+        "",
+        help="where each job's private temporary directory is made; "
+        '"": a new directory under the system\'s temporary directory',
     )
     max_concurrent: int = setting(64, min=1, max=100_000, help="jobs running at once")
     default_timeout_s: int = setting(
@@ -155,6 +177,21 @@ class JobsSection:
         help="a follower of a quiet job gets an empty keep-alive message this often",
     )
     max_wait_s: float = setting(3600.0, min=1, help="longest a WaitJob call may block")
+
+    def __post_init__(self) -> None:
+        if self.uid_min > self.uid_max:
+            raise Invalid(
+                "uid_min",
+                f"{self.uid_min} is above uid_max ({self.uid_max}); give a range "
+                "low to high",
+            )
+        ids = self.uid_max - self.uid_min + 1
+        if self.user_mode == "dynamic" and ids < self.max_concurrent:
+            raise Invalid(
+                "uid_max",
+                f"uid_min-uid_max holds {ids} user ids, fewer than max_concurrent "
+                f"({self.max_concurrent}): widen the range or lower max_concurrent",
+            )
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,7 @@ class Job:
         self.out_fd: int | None = None  # the output pipe, while it is read
         self.exit_fd: int | None = None  # readable once the main process exits
         self.timers: list = []  # deadlines on the reactor
+        self.account = None  # accounts.Account, until given back
         self.returncode: int | None = None
         # The main process was waited for (its pid is free for reuse). Not a
         # phase: a job torn down after a failure ends while a process that

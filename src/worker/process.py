@@ -19,13 +19,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pwd
 import shutil
 import stat
 import subprocess
 import time
 
 from worker import spawn as one_exec
+from worker.accounts import Account
 from worker.config import JobsSection
 
 log = logging.getLogger(__name__)
@@ -124,18 +124,18 @@ class Spawner:
         ops: ProcessOps,
         worker_name: str,
         setpriv: str | None,
+        switches_user: bool,
     ):
         self.cfg = cfg
         self.ops = ops
         self.worker_name = worker_name
         self.cwd = str(cfg.scripts_dir.resolve())
-        self.user, self.group, self.home = self._job_account()
         # Without the one-exec spawner, drop privileges with setpriv rather
         # than in the forked child, so that spawning can use vfork, much
         # cheaper from a large process.
         self.setpriv = (
             setpriv or shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
-            if self.user is not None and not ops.native
+            if switches_user and not ops.native
             else None
         )
         if ops.native:
@@ -146,61 +146,50 @@ class Spawner:
                 one_exec.available() or "the one-exec spawner is turned off",
             )
 
-    def _job_account(self) -> tuple[int | None, int | None, str]:
-        if os.geteuid() != 0:
-            return None, None, self.cwd
-        try:
-            pw = pwd.getpwnam(self.cfg.user)
-        except KeyError:
-            raise OSError(
-                f"[jobs].user: no such account {self.cfg.user!r} on this host"
-            ) from None
-        if pw.pw_uid == 0:
-            raise OSError(
-                f"[jobs].user: {self.cfg.user!r} is root; jobs never run as root"
-            )
-        return pw.pw_uid, pw.pw_gid, pw.pw_dir
-
-    def environment(self, job_id: str) -> dict[str, str]:
+    def environment(self, job_id: str, account: Account) -> dict[str, str]:
         env = {
             "PATH": SAFE_PATH,
-            "HOME": self.home,
+            # A dynamic user has no home: its private directory stands in.
+            "HOME": account.home or account.tmp or self.cwd,
             "LANG": "C.UTF-8",
             "JOBGATE_JOB_ID": job_id,
             "JOBGATE_WORKER": self.worker_name,
         }
-        if self.user is not None:
-            env["USER"] = env["LOGNAME"] = self.cfg.user
+        if account.tmp:
+            env["TMPDIR"] = account.tmp
+        if account.uid is not None:
+            env["USER"] = env["LOGNAME"] = account.name
         env.update(self.cfg.environment)
         return env
 
-    def spawn(self, job_id: str, argv: list[str], procs: str):
-        """Start ``argv``; returns ``(process, status_fd)``.
+    def spawn(self, job_id: str, argv: list[str], procs: str, account: Account):
+        """Start ``argv`` as ``account``; returns ``(process, status_fd)``.
 
         ``procs`` is the ``cgroup.procs`` file the job joins, or ``"-"`` for
         none. ``status_fd`` (or None) is readable once the chain's shim exited:
         anything on it means the job could not join its cgroup and never ran.
         """
         check_executable(argv[0])
-        env = self.environment(job_id)
+        env = self.environment(job_id, account)
+        user, group = account.uid, account.gid
         if self.ops.native:
             proc = self.ops.spawn(
                 argv,
                 cwd=self.cwd,
                 env=env,
-                user=self.user,
-                group=self.group,
+                user=user,
+                group=group,
                 cgroup_procs=None if procs == "-" else procs,
             )
             return proc, None
         # The job's program runs with the job's user only, through setpriv:
         # no uid switch in the forked child lets subprocess use vfork.
         priv = []
-        if self.setpriv is not None:
+        if self.setpriv is not None and user is not None:
             priv = [
                 self.setpriv,
-                f"--reuid={self.user}",
-                f"--regid={self.group}",
+                f"--reuid={user}",
+                f"--regid={group}",
                 "--clear-groups",
                 "--",
             ]
@@ -210,8 +199,8 @@ class Spawner:
                 cwd=self.cwd,
                 env=env,
                 # Without setpriv (not installed), the child switches itself.
-                user=self.user if not priv else None,
-                group=self.group if not priv else None,
+                user=user if not priv else None,
+                group=group if not priv else None,
             )
             return proc, None
         status_r, status_w = os.pipe()

@@ -45,6 +45,7 @@ from jobgate.errors import (
 )
 from jobgate.jobstate import ExitReason, JobState
 from worker import history, isolation, metrics
+from worker.accounts import Accounts
 from worker.config import JobsSection
 from worker.health import Health
 from worker.job import Job, JobRecord, Phase
@@ -85,12 +86,15 @@ class JobRunner:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.validator = Validator(cfg)
         self.scripts_dir = self.validator.scripts_dir
-        self.isolation = isolation.choose(
-            isolation_mode or cfg.isolation,
-            isolation.instance_name(worker_name, cfg.state_dir),
-        )
+        instance = isolation.instance_name(worker_name, cfg.state_dir)
+        self.isolation = isolation.choose(isolation_mode or cfg.isolation, instance)
+        self.accounts = Accounts(cfg, instance)
         self.spawner = Spawner(
-            cfg, self.ops, worker_name, getattr(self.isolation, "setpriv", None)
+            cfg,
+            self.ops,
+            worker_name,
+            getattr(self.isolation, "setpriv", None),
+            switches_user=self.accounts.mode != "worker",
         )
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
@@ -162,6 +166,13 @@ class JobRunner:
                     f"([jobs].max_concurrent); retry when one ends"
                 )
             job_id = str(uuid.uuid4())
+            try:
+                account = self.accounts.acquire(job_id)
+            except OSError as exc:
+                raise Unavailable(
+                    "the worker could not make the job's temporary directory: "
+                    f"{exc.strerror or exc}"
+                ) from None
             record = JobRecord(
                 job_id=job_id,
                 command=req.command,
@@ -175,6 +186,7 @@ class JobRunner:
             # The output log is opened when the first output arrives.
             directory = self.jobs_dir / job_id
             job = Job(record, directory, self._output(directory), clock=self.ops.now)
+            job.account = account
             self._jobs[job_id] = job
             self._active.add(job)
             if key:
@@ -215,7 +227,7 @@ class JobRunner:
             self._records.write(job.record.to_json())
             stage = "spawn"
             procs = self.isolation.prepare(jid)
-            proc, job.status_fd = self.spawner.spawn(jid, argv, procs)
+            proc, job.status_fd = self.spawner.spawn(jid, argv, procs, job.account)
             assert proc.stdout is not None
             job.out_fd = proc.stdout.fileno()
             pending_stop = job.started(proc)
@@ -376,6 +388,7 @@ class JobRunner:
         self._closed.set()
         self._reactor.close()
         self.isolation.close()
+        self.accounts.close()
         self._records.close()
 
     def read_output(
@@ -780,6 +793,7 @@ class JobRunner:
             return
         with job.cond:
             job.reaped = True
+        self._give_back(job)
         log.info(
             "job %s: its process %d ended at last and was reaped",
             job.record.job_id,
@@ -813,6 +827,8 @@ class JobRunner:
                 job.cond.notify_all()
                 self._active.discard(job)
                 job.done.set()
+        if job.reaped:  # else once it is (_reap_later)
+            self._give_back(job)
         reason = r.exit_reason
         metrics.JOBS_FINISHED.labels(reason.value).inc()
         metrics.JOB_SECONDS.labels(reason.value).observe(r.ended_at - r.started_at)
@@ -823,6 +839,13 @@ class JobRunner:
             r.reason,
             extra={"JOB_ID": r.job_id},
         )
+
+    def _give_back(self, job: Job) -> None:
+        """Return the job's account (its user id, its directory): it has ended."""
+        with job.cond:
+            account, job.account = job.account, None
+        if account is not None:
+            self.accounts.release(account)
 
     # -- housekeeping -----------------------------------------------------------
 

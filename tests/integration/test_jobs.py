@@ -246,12 +246,16 @@ def shared(cluster, api) -> Site:
 
 @pytest.fixture(scope="module")
 def pg(scripts_dir):
-    """One worker keeping jobs together by process group only."""
+    """One worker keeping jobs together by process group only, running every
+    job as 'nobody' (when it runs as root)."""
     yield from _own_cluster(
         "jobgate-test-pg-",
         scripts_dir,
         "pg-1",
-        worker_extra=f'isolation = "process-group"\n{INTERPRETERS}\n',
+        worker_extra=(
+            f'isolation = "process-group"\nuser_mode = "fixed"\nuser = "nobody"\n'
+            f"{INTERPRETERS}\n"
+        ),
     )
 
 
@@ -851,21 +855,30 @@ def test_max_concurrent_full_is_429_with_retry_after(limits):
 
 
 @pytest.mark.parametrize("site", ["shared", "pg"])
-def test_job_runs_as_nobody_with_scrubbed_env_and_stdin_dev_null(request, site):
+def test_job_runs_as_its_user_with_scrubbed_env_and_stdin_dev_null(request, site):
+    """shared: a user id of its own (user_mode dynamic); pg: 'nobody' (fixed)."""
     s: Site = request.getfixturevalue(site)
     job = s.api.start(s.worker, "env.sh")
     final, out = run_to_end(s.api, s.worker, job["job_id"])
     lines = out.decode().splitlines()
     assert final["state"] == "succeeded"
-    uid = pwd.getpwnam("nobody").pw_uid
-    assert lines[-2:] == [f"uid={uid}", "stdin=/dev/null"]
+    assert lines[-1] == "stdin=/dev/null"
+    uid = int(lines[-2].removeprefix("uid="))
     env = dict(x.split("=", 1) for x in lines[:-2])
+    if os.geteuid() == 0 and site == "pg":
+        assert uid == pwd.getpwnam("nobody").pw_uid
+        assert env["USER"] == env["LOGNAME"] == "nobody"
+    elif os.geteuid() == 0:
+        assert 61184 <= uid <= 65519
+        assert env["USER"] == env["LOGNAME"] == f"jobgate-{uid}"
+        assert env["HOME"] == env["TMPDIR"]  # a dynamic user has no home
+    assert env["TMPDIR"].endswith(f"/{job['job_id']}")
     assert env["JOBGATE_JOB_ID"] == job["job_id"]
     assert env["JOBGATE_WORKER"] == s.worker
-    assert env["USER"] == env["LOGNAME"] == "nobody"
     assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
     # Nothing of the worker's own environment; bash adds PWD, SHLVL and _.
     assert set(env) == {
+        "TMPDIR",
         "HOME",
         "JOBGATE_JOB_ID",
         "JOBGATE_WORKER",

@@ -77,6 +77,16 @@ SCRIPTS = {
     # $1 lines of 100 bytes, then exits 0 (a SIGPIPE would end it earlier).
     "writer.sh": 'for ((i = 0; i < $1; i++)); do printf "%099d\\n" "$i"; done\n'
     'echo done >&2\n',
+    # Keeps a secret in its own temporary directory, then waits.
+    "victim.sh": 'echo "secret of $JOBGATE_JOB_ID" > "$TMPDIR/secret"\n'
+    'echo "pid $$ tmp $TMPDIR uid $(id -u)"\nsleep "${1:-30}"\n',
+    # Tries to harm the job whose pid and temporary directory it is given.
+    "attacker.sh": 'kill -KILL "$1" 2>&1; echo "kill: $?"\n'
+    'cat "/proc/$1/environ" 2>&1 >/dev/null; echo "environ: $?"\n'
+    'cat "$2/secret" 2>&1; echo "secret: $?"\n'
+    'ls "$(dirname "$2")" 2>&1; echo "list: $?"\n',
+    # Kills every process it may signal, then says whether it survived.
+    "killall.sh": 'sleep 30 &\necho "child $!"\nkill -s KILL -1\necho "after"\n',
     # A line every 10 ms, $1 times.
     "ticker.sh": 'for ((i = 1; i <= $1; i++)); do echo "tick $i"; sleep 0.01; done\n',
     # Leaves a process in a session of its own that holds the output pipe.
@@ -133,7 +143,8 @@ def make_runner(scripts, tmp_path):
     def make(ops: ProcessOps | None = None, **settings) -> JobRunner:
         settings.setdefault("stop_grace_s", 2.0)
         settings.setdefault("drain_timeout_s", 1.0)
-        cfg = JobsSection(scripts_dir=scripts, state_dir=tmp_path / "state", **settings)
+        state_dir = settings.pop("state_dir", tmp_path / "state")
+        cfg = JobsSection(scripts_dir=scripts, state_dir=state_dir, **settings)
         try:
             runner = JobRunner(cfg, worker_name="worker-1", ops=ops)
         except OSError as exc:
@@ -317,6 +328,7 @@ def test_environment_is_scrubbed_and_stdin_is_dev_null(
     assert env["EXTRA"] == "1"
     assert env["stdin"] == "/dev/null"
     expected = {"PATH", "HOME", "LANG", "JOBGATE_JOB_ID", "JOBGATE_WORKER", "EXTRA"}
+    expected.add("TMPDIR")  # the job's own directory
     if running_as_root():
         expected |= {"USER", "LOGNAME"}
     added_by_bash = {"PWD", "SHLVL", "_"}
@@ -328,7 +340,9 @@ def test_environment_is_scrubbed_and_stdin_is_dev_null(
 @pytest.mark.parametrize("mode", MODES)
 def test_job_runs_as_the_configured_account(make_runner, mode, spawner):
     ops = SPAWNERS[spawner]
-    runner = make_runner(ops=ops and ops(), user="nobody", isolation=mode)
+    runner = make_runner(
+        ops=ops and ops(), user_mode="fixed", user="nobody", isolation=mode
+    )
     _, output = run(runner, "env.sh")
     assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
     assert b"USER=nobody\n" in output
@@ -339,7 +353,7 @@ def test_cgroup_mode_needs_no_setpriv_with_the_one_exec_spawner(
     make_runner, monkeypatch
 ):
     monkeypatch.setattr(isolation.shutil, "which", lambda *a, **kw: None)
-    runner = make_runner(user="nobody", isolation="cgroup")
+    runner = make_runner(user_mode="fixed", user="nobody", isolation="cgroup")
     assert runner.isolation.name == "cgroup"
     _, output = run(runner, "env.sh")
     assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
@@ -350,6 +364,7 @@ def test_runner_refuses_to_run_jobs_as_root(scripts, tmp_path):
     cfg = JobsSection(
         scripts_dir=scripts,
         state_dir=tmp_path / "s",
+        user_mode="fixed",
         user="root",
         isolation="process-group",
     )
@@ -362,6 +377,7 @@ def test_runner_refuses_unknown_job_account(scripts, tmp_path):
     cfg = JobsSection(
         scripts_dir=scripts,
         state_dir=tmp_path / "s",
+        user_mode="fixed",
         user="no-such-user",
         isolation="process-group",
     )
@@ -1175,6 +1191,109 @@ def test_a_job_that_fails_to_spawn_is_recorded_as_start_failed(make_runner):
     assert on_disk["exit_reason"] == ExitReason.START_FAILED.value
     reloaded = make_runner(interpreters={"broken": "/nonexistent/interpreter"})
     assert reloaded.get(record.job_id).exit_reason is ExitReason.START_FAILED
+
+
+# -- jobs walled off from each other -------------------------------------------------
+
+
+def needs_root() -> None:
+    if not running_as_root():
+        skip_unless_required("jobs change user only as root", "JOBGATE_REQUIRE_ROOT")
+
+
+def victim(runner: JobRunner) -> tuple[str, int, str, int]:
+    """Start victim.sh; returns its job id, pid, temporary directory and uid."""
+    record, _ = runner.start("bash", "victim.sh")
+    words = wait_for(runner, record.job_id, b"uid ").split()
+    return record.job_id, int(words[1]), words[3].decode(), int(words[5])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_job_cannot_kill_read_or_list_another_job(make_runner, mode):
+    needs_root()
+    runner = make_runner(isolation=mode)
+    job_id, pid, tmp, uid = victim(runner)
+    assert runner.cfg.uid_min <= uid <= runner.cfg.uid_max
+    record, output = run(runner, "attacker.sh", str(pid), tmp)
+    text = output.decode()
+    assert "Operation not permitted" in text and "kill: 1" in text
+    assert "environ: 1" in text
+    assert "secret of" not in text and "secret: 1" in text
+    assert "list: 2" in text  # its parent lists nothing but to the worker
+    assert process_alive(pid)
+    assert runner.get(job_id).state is JobState.RUNNING
+    final = runner.stop(job_id, 0.5)
+    assert final.state is JobState.STOPPED
+
+
+@pytest.mark.parametrize("user_mode", ["dynamic", "fixed"])
+def test_kill_minus_one_in_a_job_kills_only_that_job(make_runner, user_mode):
+    needs_root()
+    runner = make_runner(user_mode=user_mode, user="nobody")
+    job_id, pid, _, _ = victim(runner)
+    record, output = run(runner, "killall.sh")
+    child = int(output.split()[1])
+    assert b"after\n" in output  # kill -1 spares the caller
+    assert not process_alive(child)
+    if user_mode == "dynamic":
+        assert process_alive(pid)
+        assert runner.get(job_id).state is JobState.RUNNING
+        runner.stop(job_id, 0.5)
+    else:
+        # The trade-off of one account for all jobs: they can end each other.
+        final = runner.wait(job_id, 10)
+        assert (final.state, final.signal) == (JobState.FAILED, signal.SIGKILL)
+
+
+def wait_returned(runner: JobRunner) -> None:
+    deadline = time.monotonic() + 10
+    while runner.accounts.held and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert runner.accounts.held == 0
+
+
+def test_each_job_has_its_own_user_id_returned_once_its_processes_are_gone(
+    make_runner,
+):
+    needs_root()
+    # process-group: a process in a session of its own escapes the job's
+    # group; it is found by its user id when the id is returned.
+    runner = make_runner(isolation="process-group")
+    first, _, first_tmp, first_uid = victim(runner)
+    second, _, second_tmp, second_uid = victim(runner)
+    assert first_uid != second_uid
+    assert runner.accounts.held == 2
+    assert (os.stat(first_tmp).st_uid, os.stat(first_tmp).st_mode & 0o777) == (
+        first_uid,
+        0o700,
+    )
+    runner.stop(first, 0.5)
+    runner.stop(second, 0.5)
+    record, output = run(runner, "escape.sh")
+    escaped = int(output.split()[1])
+    assert record.state is JobState.SUCCEEDED
+    wait_returned(runner)
+    deadline = time.monotonic() + 2
+    while process_alive(escaped) and time.monotonic() < deadline:
+        time.sleep(0.01)  # SIGKILL is delivered asynchronously
+    assert not process_alive(escaped)
+    assert not Path(first_tmp).exists() and not Path(second_tmp).exists()
+
+
+def test_user_ids_taken_by_another_worker_on_the_host_are_not_handed_out(
+    make_runner, tmp_path
+):
+    needs_root()
+    ids = {"uid_min": 64000, "uid_max": 64001, "max_concurrent": 2}
+    other = make_runner(
+        state_dir=tmp_path / "other", uid_min=64000, uid_max=64000, max_concurrent=1
+    )
+    _, _, _, taken = victim(other)
+    runner = make_runner(**ids)
+    _, _, _, uid = victim(runner)
+    assert (taken, uid) == (64000, 64001)
+    with pytest.raises(ResourceExhausted, match=r"uid_min-uid_max \(64000-64001\)"):
+        runner.start("bash", "hello.sh")
 
 
 # -- a full disk --------------------------------------------------------------------
