@@ -41,6 +41,7 @@ class ExitReason(enum.Enum):
     LOST = "lost"
     START_FAILED = "start_failed"
     OUTPUT_FAILED = "output_failed"
+    OOM = "oom"
 
     @property
     def state(self) -> JobState:
@@ -64,4 +65,5 @@ _STATE_OF = {
     ExitReason.LOST: JobState.LOST,
     ExitReason.START_FAILED: JobState.FAILED,
     ExitReason.OUTPUT_FAILED: JobState.FAILED,
+    ExitReason.OOM: JobState.FAILED,
 }

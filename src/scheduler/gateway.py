@@ -55,6 +55,12 @@ def job_to_dict(job: common_pb2.Job, worker_id: str) -> dict:
         "stopped_by": job.stopped_by or None,
         "stopped_at": timestamp(job.stopped_at) if job.HasField("stopped_at") else None,
         "output_dropped_bytes": job.output_dropped_bytes,
+        # The limits it runs with, those set only.
+        "limits": {
+            name: value
+            for name in ("memory_mb", "cpu_percent", "tasks")
+            if (value := getattr(job.limits, name))
+        },
     }
 
 
@@ -302,6 +308,7 @@ class Gateway:
             "version": w.version,
             # Why an online worker starts no jobs now; null when it does.
             "degraded": (w.degraded or None) if state == ONLINE else None,
+            "enforceable_limits": list(w.enforceable_limits),
         }
 
     def list_workers(self) -> list[dict]:
@@ -343,6 +350,7 @@ class Gateway:
         idempotency_key: str = "",
         group_id: str | None = None,
         defer_log: bool = True,
+        limits: dict[str, int] | None = None,
     ) -> tuple[dict, bool]:
         """Start a job; returns its status and whether it already existed.
 
@@ -364,6 +372,7 @@ class Gateway:
                 args=args,
                 timeout_s=timeout_s,
                 idempotency_key=idempotency_key,
+                limits=common_pb2.Limits(**(limits or {})),
             ),
             timeout=self.cfg.workers.rpc_timeout_s,
             metadata=_metadata(),

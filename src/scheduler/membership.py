@@ -245,6 +245,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             request.capacity,
             request.version,
             heartbeat_timeout_s=timeout,
+            enforceable_limits=[str(x)[:32] for x in request.enforceable_limits[:8]],
         )
         self._note(row.id, base, timeout, name)
         log.info(

@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS workers (
     -- interval it was last given; 0: [workers].heartbeat_timeout_s
     heartbeat_timeout_s REAL NOT NULL DEFAULT 0,
     -- why the worker starts no jobs now, as its last heartbeat said; '' if none
-    degraded      TEXT NOT NULL DEFAULT ''
+    degraded      TEXT NOT NULL DEFAULT '',
+    -- the per-job limits it can enforce, as a JSON list of names
+    enforceable_limits TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job_id     TEXT PRIMARY KEY,
@@ -60,6 +62,7 @@ ADDED_COLUMNS = {
     "workers": {
         "heartbeat_timeout_s": "REAL NOT NULL DEFAULT 0",
         "degraded": "TEXT NOT NULL DEFAULT ''",
+        "enforceable_limits": "TEXT NOT NULL DEFAULT '[]'",
     },
 }
 
@@ -83,6 +86,8 @@ class WorkerRow:
     heartbeat_timeout_s: float = 0.0
     # Why the worker starts no jobs now (its own word); empty when healthy.
     degraded: str = ""
+    # The per-job limits the worker can enforce ("memory_mb", ...).
+    enforceable_limits: tuple[str, ...] = ()
 
     def timeout_s(self, configured: float) -> float:
         """How long the worker may stay silent before it is unreachable.
@@ -167,6 +172,7 @@ class Store:
         capacity: int,
         version: str,
         heartbeat_timeout_s: float = 0.0,
+        enforceable_limits: list[str] | tuple[str, ...] = (),
     ) -> WorkerRow:
         """Insert or refresh the worker named ``name``; its id never changes."""
         now = time.time()
@@ -180,15 +186,17 @@ class Store:
             conn.execute(
                 """INSERT INTO workers (id, name, address, labels, capacity, version,
                                         state, registered_at, last_seen_at,
-                                        running_jobs, heartbeat_timeout_s)
-                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0, ?)
+                                        running_jobs, heartbeat_timeout_s,
+                                        enforceable_limits)
+                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET
                        address = excluded.address, labels = excluded.labels,
                        capacity = excluded.capacity, version = excluded.version,
                        state = 'online', registered_at = excluded.registered_at,
                        last_seen_at = excluded.last_seen_at, running_jobs = 0,
                        heartbeat_timeout_s = excluded.heartbeat_timeout_s,
-                       degraded = ''""",
+                       degraded = '',
+                       enforceable_limits = excluded.enforceable_limits""",
                 (
                     worker_id,
                     name,
@@ -199,6 +207,7 @@ class Store:
                     now,
                     now,
                     heartbeat_timeout_s,
+                    json.dumps(sorted(enforceable_limits)),
                 ),
             )
             conn.execute("COMMIT")
@@ -399,4 +408,5 @@ def _status(row: sqlite3.Row) -> dict:
 def _worker(row: sqlite3.Row) -> WorkerRow:
     d = dict(row)
     d["labels"] = json.loads(d["labels"])
+    d["enforceable_limits"] = tuple(json.loads(d["enforceable_limits"]))
     return WorkerRow(**d)

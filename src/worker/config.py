@@ -177,8 +177,32 @@ class JobsSection:
         help="a follower of a quiet job gets an empty keep-alive message this often",
     )
     max_wait_s: float = setting(3600.0, min=1, help="longest a WaitJob call may block")
+    default_memory_mb: int = setting(
+        0, min=0, help="memory limit of jobs that ask for none, in MiB; 0: none"
+    )
+    max_memory_mb: int = setting(
+        0, min=0, help="largest memory limit a job may ask for, in MiB; 0: any"
+    )
+    default_cpu_percent: int = setting(
+        0, min=0, help="CPU limit of jobs that ask for none, in % of a CPU; 0: none"
+    )
+    max_cpu_percent: int = setting(
+        0, min=0, help="largest CPU limit a job may ask for, in % of a CPU; 0: any"
+    )
+    default_tasks: int = setting(
+        0, min=0, help="task (process and thread) limit of jobs that ask for none"
+    )
+    max_tasks: int = setting(0, min=0, help="largest task limit a job may ask for")
 
     def __post_init__(self) -> None:
+        for name in ("memory_mb", "cpu_percent", "tasks"):
+            default = getattr(self, f"default_{name}")
+            top = getattr(self, f"max_{name}")
+            if top and default > top:
+                raise Invalid(
+                    f"default_{name}",
+                    f"{default} is above max_{name} ({top})",
+                )
         if self.uid_min > self.uid_max:
             raise Invalid(
                 "uid_min",

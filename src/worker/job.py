@@ -96,10 +96,13 @@ class JobRecord:
     output_dropped_bytes: int = 0
     timeout_s: int = 0
     idempotency_key: str = ""
+    # The limits the job runs with, those set only (worker.limits.NAMES).
+    limits: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = {name: getattr(self, name) for name in _RECORD_FIELDS}
         d["args"] = list(self.args)
+        d["limits"] = dict(self.limits)
         d["state"] = self.state.value
         d["exit_reason"] = self.exit_reason.value if self.exit_reason else None
         return d
@@ -155,6 +158,7 @@ class Job:
         self.output_open = False  # the pipe is still read
         self.output_error = ""  # why output could not be kept, from then on
         self.start_error = ""  # the job's process could not get ready to run
+        self.oom_kills = 0  # processes of it the OOM killer ended (memory limit)
         self._stop: tuple[ExitReason, str] | None = None  # first stop asked
         self._forced: tuple[ExitReason, str] | None = None  # an end imposed
         if record.state.is_terminal():
@@ -277,6 +281,20 @@ class Job:
         if self.start_error:
             return ExitReason.START_FAILED, self.start_error
         natural = _natural(self.returncode)
+        if self.oom_kills:
+            limit = self.record.limits.get("memory_mb", 0)
+            # The main process killed with SIGKILL, or a shell reporting so.
+            if self.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
+                natural = (
+                    ExitReason.OOM,
+                    f"killed for using more than its memory limit of {limit} MiB",
+                )
+            else:
+                natural = (
+                    natural[0],
+                    f"{natural[1]}; {self.oom_kills} of its processes were killed "
+                    f"for using more than its memory limit of {limit} MiB",
+                )
         if self._stop is not None:
             reason, text = self._stop
         else:

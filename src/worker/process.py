@@ -31,13 +31,14 @@ from worker.config import JobsSection
 log = logging.getLogger(__name__)
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-# Joins the job's cgroup before anything of the job runs, then execs the job
-# (through setpriv when it must drop to the job's user). The shim's stdin is
-# a pipe back to the worker, used only to report a failure to join; the job
-# itself gets /dev/null.
+# Joins the job's cgroups ($1 of them, their cgroup.procs next) before
+# anything of the job runs, then execs the job (through setpriv when it must
+# drop to the job's user). The shim's stdin is a pipe back to the worker,
+# used only to report a failure to join; the job itself gets /dev/null.
 SHIM = (
-    'echo $$ > "$1" || { echo cgroup >&0; exit 125; }; '
-    'exec 0</dev/null; shift; exec "$@"'
+    'n=$1; shift; while [ "$n" -gt 0 ]; do '
+    'echo $$ > "$1" || { echo cgroup >&0; exit 125; }; shift; n=$((n - 1)); done; '
+    'exec 0</dev/null; exec "$@"'
 )
 
 
@@ -162,11 +163,13 @@ class Spawner:
         env.update(self.cfg.environment)
         return env
 
-    def spawn(self, job_id: str, argv: list[str], procs: str, account: Account):
+    def spawn(
+        self, job_id: str, argv: list[str], procs: list[str], account: Account
+    ):
         """Start ``argv`` as ``account``; returns ``(process, status_fd)``.
 
-        ``procs`` is the ``cgroup.procs`` file the job joins, or ``"-"`` for
-        none. ``status_fd`` (or None) is readable once the chain's shim exited:
+        ``procs`` are the ``cgroup.procs`` files the job joins (none: it
+        joins none). ``status_fd`` (or None) is readable once the chain's shim exited:
         anything on it means the job could not join its cgroup and never ran.
         """
         check_executable(argv[0])
@@ -179,7 +182,7 @@ class Spawner:
                 env=env,
                 user=user,
                 group=group,
-                cgroup_procs=None if procs == "-" else procs,
+                cgroup_procs=procs or None,
             )
             return proc, None
         # The job's program runs with the job's user only, through setpriv:
@@ -193,7 +196,7 @@ class Spawner:
                 "--clear-groups",
                 "--",
             ]
-        if procs == "-":
+        if not procs:
             proc = self.ops.spawn(
                 [*priv, *argv],
                 cwd=self.cwd,
@@ -205,7 +208,8 @@ class Spawner:
             return proc, None
         status_r, status_w = os.pipe()
         # The shim needs the worker's privileges to join the cgroup.
-        shim = ["/bin/sh", "-c", SHIM, "jobgate-job", procs, *priv, *argv]
+        shim = ["/bin/sh", "-c", SHIM, "jobgate-job", str(len(procs)), *procs]
+        shim += [*priv, *argv]
         try:
             proc = self.ops.spawn(
                 shim, cwd=self.cwd, env=env, user=None, group=None, stdin=status_w

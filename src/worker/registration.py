@@ -35,12 +35,14 @@ class Registrar:
         capacity: int,
         stop: threading.Event | None = None,
         degraded: Callable[[], str] = lambda: "",
+        enforceable_limits: tuple[str, ...] = (),
     ):
         self.cfg = cfg
         self.address = address
         self.running_jobs = running_jobs
         self.capacity = capacity
         self.degraded = degraded
+        self.enforceable_limits = list(enforceable_limits)
         self.worker_id = ""
         self.heartbeat_interval = 5.0
         # Setting it (e.g. from a signal handler) also ends registration retries.
@@ -65,6 +67,7 @@ class Registrar:
                 capacity=self.capacity,
                 version=__version__,
                 previous_id=self.worker_id,
+                enforceable_limits=self.enforceable_limits,
             ),
             timeout=self.cfg.scheduler.rpc_timeout_s,
         )

@@ -49,6 +49,8 @@ from worker.accounts import Accounts
 from worker.config import JobsSection
 from worker.health import Health
 from worker.job import Job, JobRecord, Phase
+from worker.limits import NAMES as LIMIT_NAMES
+from worker.limits import Enforcer, Limits
 from worker.output import OutputLog
 from worker.process import SAFE_PATH, ProcessOps, Spawner, read_start_error
 from worker.reactor import Reactor
@@ -89,6 +91,14 @@ class JobRunner:
         instance = isolation.instance_name(worker_name, cfg.state_dir)
         self.isolation = isolation.choose(isolation_mode or cfg.isolation, instance)
         self.accounts = Accounts(cfg, instance)
+        v2_base = getattr(self.isolation, "base", None)
+        self.enforcer = Enforcer.discover(
+            instance,
+            v2_base,
+            (lambda job_id: f"{v2_base}/{job_id}") if v2_base is not None else None,
+        )
+        self._check_limit_settings()
+        log.info("%s", self.enforcer.describe())
         self.spawner = Spawner(
             cfg,
             self.ops,
@@ -122,6 +132,17 @@ class JobRunner:
         )
         self._housekeeping.start()
 
+    def _check_limit_settings(self) -> None:
+        """Refuse defaults and maxima the host cannot enforce (never ignored)."""
+        for name in LIMIT_NAMES:
+            for key in (f"default_{name}", f"max_{name}"):
+                if getattr(self.cfg, key) and not self.enforcer.how(name):
+                    raise OSError(
+                        f"[jobs].{key} is set, but this host cannot enforce "
+                        f"{name}: {self.enforcer.why_not(name)}; remove the "
+                        "setting or give the worker the controller"
+                    )
+
     def _output(self, directory, total: int = 0) -> OutputLog:
         return OutputLog(
             directory, self.cfg.output_head_bytes, self.cfg.output_tail_bytes, total
@@ -140,10 +161,16 @@ class JobRunner:
         args: list[str] | tuple[str, ...] = (),
         timeout_s: int = 0,
         idempotency_key: str = "",
+        limits: dict[str, int] | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Start a job; returns its record and whether it already existed."""
+        """Start a job; returns its record and whether it already existed.
+
+        ``limits`` (worker.limits.NAMES, 0 or absent: the worker's default)
+        above the worker's maxima, or that its host cannot enforce, are
+        refused.
+        """
         req = self.validator.start(
-            command, path, list(args), timeout_s, idempotency_key
+            command, path, list(args), timeout_s, idempotency_key, limits, self.enforcer
         )
         with self._lock:
             if self._closing:
@@ -182,6 +209,7 @@ class JobRunner:
                 timeout_s=req.timeout_s,
                 idempotency_key=key,
                 started_at=self.ops.now(),
+                limits=req.limits.set(),
             )
             # The output log is opened when the first output arrives.
             directory = self.jobs_dir / job_id
@@ -225,8 +253,11 @@ class JobRunner:
         stage = "record"
         try:
             self._records.write(job.record.to_json())
+            stage = "limits"
+            joined = self.isolation.prepare(jid)
+            procs = [] if joined == "-" else [joined]
+            procs += self.enforcer.prepare(jid, Limits.from_json(job.record.limits))
             stage = "spawn"
-            procs = self.isolation.prepare(jid)
             proc, job.status_fd = self.spawner.spawn(jid, argv, procs, job.account)
             assert proc.stdout is not None
             job.out_fd = proc.stdout.fileno()
@@ -252,6 +283,8 @@ class JobRunner:
                 if isinstance(exc, OSError):
                     self.health.write_failed("job records", exc)
                 return f"could not record the job: {detail}"
+            if stage == "limits":
+                return f"could not set up the job's cgroups and limits: {detail}"
             if stage == "spawn" and isinstance(exc, OSError) and not exc.filename:
                 # Not the exec: what the child had to do before it, or a
                 # descriptor the worker could not get.
@@ -281,6 +314,8 @@ class JobRunner:
                 os.close(job.status_fd)
                 job.status_fd = None
             self.isolation.release(job.record.job_id)  # its cgroup, if made
+            limits = Limits.from_json(job.record.limits)
+            self.enforcer.release(job.record.job_id, limits)
         except Exception:  # noqa: BLE001 - end the job regardless
             log.exception("job %s: cleaning up after it failed", job.record.job_id)
         finally:
@@ -387,6 +422,7 @@ class JobRunner:
             j.done.wait()
         self._closed.set()
         self._reactor.close()
+        self.enforcer.close()
         self.isolation.close()
         self.accounts.close()
         self._records.close()
@@ -633,7 +669,12 @@ class JobRunner:
             # The main process is a zombie, so its pid still names the job's
             # process group: end what the job left behind before it is reaped.
             self.isolation.kill_all(jid, proc.pid)
-            drained = job.exited(proc.wait())
+            returncode = proc.wait()
+            # Read while the job's cgroups are still there.
+            job.oom_kills = self.enforcer.oom_kills(
+                jid, Limits.from_json(job.record.limits)
+            )
+            drained = job.exited(returncode)
             # The job has ended: a timeout or stop from now on is too late.
             timers, job.timers = job.timers, []
         for timer in timers:
@@ -665,7 +706,9 @@ class JobRunner:
             timer.cancel()
         job.timers = []
         jid = job.record.job_id
-        if not self.isolation.release(jid):
+        released = self.isolation.release(jid)
+        released &= self.enforcer.release(jid, Limits.from_json(job.record.limits))
+        if not released:
             if time.monotonic() < deadline:
                 job.timers.append(
                     self._reactor.call_later(
@@ -772,6 +815,8 @@ class JobRunner:
         released = False
         try:
             released = self.isolation.release(jid)
+            limits = Limits.from_json(job.record.limits)
+            released &= self.enforcer.release(jid, limits)
         except Exception as exc:  # noqa: BLE001 - raised after the rest
             errors.append(exc)
         if errors:

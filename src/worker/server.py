@@ -60,6 +60,7 @@ def serve(cfg: WorkerConfig, ready_file: Path | None = None) -> int:
         cfg.jobs.max_concurrent,
         stop,
         degraded=lambda: runner.health.reason,
+        enforceable_limits=tuple(runner.enforcer.enforceable()),
     )
     runner.health.on_change(lambda reason: registrar.nudge())
     notifier.status(f"registering with the scheduler at {cfg.scheduler.address}")

@@ -12,8 +12,9 @@ import os
 import stat
 from pathlib import Path
 
-from jobgate.errors import InvalidArgument, PermissionDenied
+from jobgate.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from worker.config import JobsSection
+from worker.limits import NAMES, Enforcer, Limits
 
 MAX_IDEMPOTENCY_KEY = 256
 
@@ -28,6 +29,7 @@ class StartRequest:
     argv: list[str]  # interpreter, the script's real path, args
     timeout_s: int
     idempotency_key: str
+    limits: Limits = Limits()
 
 
 class Validator:
@@ -45,6 +47,8 @@ class Validator:
         args: list[str],
         timeout_s: int,
         idempotency_key: str,
+        limits: dict[str, int] | None = None,
+        enforcer: Enforcer | None = None,
     ) -> StartRequest:
         exe = self.interpreter(command)
         script = self.resolve_script(path)
@@ -55,8 +59,46 @@ class Validator:
                 f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters"
             )
         return StartRequest(
-            command, path, args, [exe, str(script), *args], timeout, idempotency_key
+            command,
+            path,
+            args,
+            [exe, str(script), *args],
+            timeout,
+            idempotency_key,
+            self.limits(limits or {}, enforcer),
         )
+
+    def limits(self, requested: dict[str, int], enforcer: Enforcer | None) -> Limits:
+        """The job's limits: as asked (within the maxima), else the defaults.
+
+        Where a maximum is set and neither the job nor a default sets the
+        limit, the job gets the maximum: no job runs above it.
+        """
+        unknown = set(requested) - set(NAMES)
+        if unknown:
+            raise InvalidArgument(
+                f"limits.{sorted(unknown)[0]} is not a limit; known: {', '.join(NAMES)}"
+            )
+        values = {}
+        for name in NAMES:
+            asked = requested.get(name, 0)
+            top = getattr(self.cfg, f"max_{name}")
+            if asked < 0:
+                raise InvalidArgument(f"limits.{name} must be 0 (none) or positive")
+            if top and asked > top:
+                raise InvalidArgument(
+                    f"limits.{name} {asked} is above this worker's maximum {top} "
+                    f"([jobs].max_{name})"
+                )
+            value = asked or getattr(self.cfg, f"default_{name}") or top
+            if value and (enforcer is None or not enforcer.how(name)):
+                why = enforcer.why_not(name) if enforcer else "no cgroups"
+                raise FailedPrecondition(
+                    f"limits.{name}: this worker cannot enforce it on its host "
+                    f"({why}); start the job without it or on another worker"
+                )
+            values[name] = value
+        return Limits(**values)
 
     def resolve_script(self, path: str) -> Path:
         """The real path of ``path`` inside the scripts directory, or an error."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from conftest import TEST_SCRIPTS, Api, make_public_dir
+from conftest import TEST_SCRIPTS, Api, make_public_dir, skip_unless_required
 
 from jobgate.devcluster import DevCluster
 
@@ -1035,3 +1035,90 @@ def test_idempotency_key_returns_the_original_job_on_that_worker_only(api):
     status, _, other = api.post(jobs_path("worker-2"), body)
     assert status == 201
     assert other["job_id"] != first["job_id"]
+
+
+# -- 8. per-job limits ----------------------------------------------------------------
+
+
+def host_enforces(*names: str) -> list[str]:
+    """Which of ``names`` a worker on this host could enforce."""
+    from worker import isolation
+    from worker.limits import Enforcer
+
+    instance = f"probe-{uuid.uuid4().hex[:8]}"
+    try:
+        groups = isolation.Cgroups.create(instance)
+    except OSError:
+        groups = None
+    base = groups.base if groups else None
+    enforcer = Enforcer.discover(instance, base, lambda j: f"{base}/{j}")
+    found = [n for n in names if enforcer.how(n)]
+    enforcer.close()
+    if groups:
+        groups.close()
+    return found
+
+
+@pytest.fixture(scope="module")
+def capped(scripts_dir):
+    """One worker whose jobs get at most 512 MiB and 64 tasks."""
+    missing = {"memory_mb", "tasks"} - set(host_enforces("memory_mb", "tasks"))
+    if missing:
+        skip_unless_required(
+            f"this host cannot enforce {sorted(missing)}", "JOBGATE_REQUIRE_CGROUP"
+        )
+    yield from _own_cluster(
+        "jobgate-test-capped-",
+        scripts_dir,
+        "cap-1",
+        worker_extra="max_memory_mb = 512\nmax_tasks = 64\n",
+    )
+
+
+def test_a_job_over_its_memory_limit_is_oom_and_limits_show(capped):
+    api, w = capped.api, capped.worker
+    status, _, worker = api.get(f"/v1/workers/{w}")
+    assert status == 200
+    assert {"memory_mb", "tasks"} <= set(worker["enforceable_limits"])
+    job = api.start(w, "hog.sh", ["600"], limits={"memory_mb": 32})
+    assert job["limits"] == {"memory_mb": 32, "tasks": 64}
+    final, _ = run_to_end(api, w, job["job_id"])
+    assert (final["state"], final["exit_reason"]) == ("failed", "oom")
+    assert final["reason"] == "killed for using more than its memory limit of 32 MiB"
+    # A job that asks for nothing runs with the worker's maxima.
+    job = api.start(w, "hog.sh", ["8"])
+    final, _ = run_to_end(api, w, job["job_id"])
+    assert final["state"] == "succeeded"
+    assert final["limits"] == {"memory_mb": 512, "tasks": 64}
+
+
+@pytest.mark.parametrize(
+    ("limits", "words"),
+    [
+        ({"memory_mb": 513}, "limits.memory_mb 513 is above this worker's maximum 512"),
+        ({"tasks": 65}, "[jobs].max_tasks"),
+        ({"swap_mb": 1}, "limits.swap_mb: unknown limit"),
+        ({"memory_mb": "1G"}, "limits.memory_mb: must be an integer"),
+        ([1], "limits: must be an object"),
+    ],
+)
+def test_limits_above_the_maxima_or_malformed_are_400(capped, limits, words):
+    api, w = capped.api, capped.worker
+    before = job_ids(api, w)
+    status, _, body = api.post(
+        jobs_path(w), {"command": "bash", "path": "hello.sh", "limits": limits}
+    )
+    assert status == 400, body
+    assert words in body["description"]
+    assert job_ids(api, w) == before
+
+
+def test_fan_out_carries_the_limits(capped):
+    api, w = capped.api, capped.worker
+    status, _, body = api.post(
+        "/v1/jobs",
+        {"workers": [w], "command": "bash", "path": "hello.sh", "limits": {"tasks": 8}},
+    )
+    assert status == 201, body
+    [job] = body["jobs"]
+    assert status_of(api, w, job["job_id"])["limits"] == {"memory_mb": 512, "tasks": 8}

@@ -22,6 +22,7 @@ import pytest
 from conftest import skip_unless_required
 
 from jobgate.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -31,6 +32,7 @@ from jobgate.errors import (
 from jobgate.jobstate import ExitReason, JobState
 from worker import isolation
 from worker.config import JobsSection
+from worker.limits import Enforcer
 from worker.output import OutputLog
 from worker.reactor import Reactor
 from worker.records import RecordLog
@@ -87,6 +89,13 @@ SCRIPTS = {
     'ls "$(dirname "$2")" 2>&1; echo "list: $?"\n',
     # Kills every process it may signal, then says whether it survived.
     "killall.sh": 'sleep 30 &\necho "child $!"\nkill -s KILL -1\necho "after"\n',
+    # Keeps all of $1 MiB in memory (tail holds a line until it ends).
+    "hog.sh": 'head -c "${1}M" /dev/zero | tail\n',
+    # Starts $1 sleeping children (run with sh: dash fails a fork at once).
+    "forks.sh": 'i=0\nwhile [ $i -lt $1 ]; do sleep 10 & i=$((i + 1)); done\n'
+    'echo "started $i"\nkill $(jobs -p)\n',
+    # Spins a child for $1 s of wall time; prints the CPU time it got.
+    "spin.sh": "timeout $1 bash -c 'while :; do :; done'\ntimes\n",
     # A line every 10 ms, $1 times.
     "ticker.sh": 'for ((i = 1; i <= $1; i++)); do echo "tick $i"; sleep 0.01; done\n',
     # Leaves a process in a session of its own that holds the output pipe.
@@ -1294,6 +1303,126 @@ def test_user_ids_taken_by_another_worker_on_the_host_are_not_handed_out(
     assert (taken, uid) == (64000, 64001)
     with pytest.raises(ResourceExhausted, match=r"uid_min-uid_max \(64000-64001\)"):
         runner.start("bash", "hello.sh")
+
+
+# -- limits ---------------------------------------------------------------------------
+
+
+def limited_runner(make_runner, *names: str, **settings) -> JobRunner:
+    runner = make_runner(**settings)
+    missing = [n for n in names if not runner.enforcer.how(n)]
+    if missing:
+        skip_unless_required(
+            f"this host cannot enforce {missing}: "
+            + "; ".join(runner.enforcer.why_not(n) for n in missing),
+            "JOBGATE_REQUIRE_CGROUP",
+        )
+    return runner
+
+
+def test_a_job_over_its_memory_limit_ends_oom(make_runner):
+    runner = limited_runner(make_runner, "memory_mb")
+    record, _ = runner.start("bash", "hog.sh", ["256"], limits={"memory_mb": 32})
+    assert record.limits == {"memory_mb": 32}
+    final = runner.wait(record.job_id, 30)
+    assert (final.state, final.exit_reason) == (JobState.FAILED, ExitReason.OOM)
+    assert final.reason == "killed for using more than its memory limit of 32 MiB"
+    # Within its limit the same job succeeds.
+    again, _ = runner.start("bash", "hog.sh", ["8"], limits={"memory_mb": 64})
+    assert runner.wait(again.job_id, 30).state is JobState.SUCCEEDED
+
+
+def test_a_job_killed_by_someone_else_is_not_oom(make_runner):
+    runner = limited_runner(make_runner, "memory_mb")
+    record, _ = run(runner, "killself.sh", limits={"memory_mb": 64})
+    assert (record.exit_reason, record.reason) == (
+        ExitReason.KILLED,
+        "killed by SIGKILL",
+    )
+
+
+def test_a_job_cannot_start_more_tasks_than_its_limit(make_runner):
+    runner = limited_runner(make_runner, "tasks")
+    record, _ = runner.start("sh", "forks.sh", ["20"], limits={"tasks": 5})
+    final = runner.wait(record.job_id, 30)
+    output = follow(runner, record.job_id)
+    assert final.state is JobState.FAILED
+    assert b"Cannot fork" in output and b"started" not in output
+    again, output = run(runner, "forks.sh", "3", limits={"tasks": 5})
+    assert output == b"started 3\n"
+
+
+def cpu_seconds(output: bytes) -> float:
+    """The children's user time from bash's ``times`` (its second line)."""
+    minutes, seconds = output.decode().splitlines()[-1].split()[0].split("m")
+    return int(minutes) * 60 + float(seconds.rstrip("s"))
+
+
+def test_a_job_gets_no_more_cpu_than_its_limit(make_runner):
+    runner = limited_runner(make_runner, "cpu_percent")
+    record, output = run(runner, "spin.sh", "2", limits={"cpu_percent": 20})
+    assert record.limits == {"cpu_percent": 20}
+    # 20 % of 2 s is 0.4 s (the kernel's accounting may overshoot a little).
+    assert cpu_seconds(output) < 0.8, output
+
+
+def test_limits_come_from_the_defaults_else_the_maxima(make_runner):
+    runner = limited_runner(
+        make_runner,
+        "memory_mb",
+        "tasks",
+        default_memory_mb=128,
+        max_memory_mb=512,
+        max_tasks=50,
+    )
+    record, _ = run(runner, "hello.sh")
+    assert record.limits == {"memory_mb": 128, "tasks": 50}
+    record, _ = run(runner, "hello.sh", limits={"memory_mb": 256, "tasks": 10})
+    assert record.limits == {"memory_mb": 256, "tasks": 10}
+    assert saved(runner, record.job_id)["limits"] == {"memory_mb": 256, "tasks": 10}
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"memory_mb": 513}, r"limits.memory_mb 513 is above this worker's "
+         r"maximum 512 \(\[jobs\].max_memory_mb\)"),
+        ({"memory_mb": -1}, "limits.memory_mb must be 0"),
+        ({"swap_mb": 1}, "limits.swap_mb is not a limit"),
+    ],
+)
+def test_limits_above_the_maxima_are_refused(make_runner, limits, message):
+    runner = limited_runner(make_runner, "memory_mb", max_memory_mb=512)
+    with pytest.raises(InvalidArgument, match=message):
+        runner.start("bash", "hello.sh", limits=limits)
+    assert runner.list() == []
+
+
+def test_a_limit_the_host_cannot_enforce_is_refused_not_ignored(make_runner):
+    runner = make_runner()
+    runner.enforcer.v1.pop("cpu", None)
+    runner.enforcer.v2.discard("cpu")
+    with pytest.raises(FailedPrecondition, match="limits.cpu_percent: this worker "
+                       "cannot enforce it on its host"):
+        runner.start("bash", "hello.sh", limits={"cpu_percent": 50})
+    assert runner.list() == []
+
+
+def test_a_worker_refuses_defaults_its_host_cannot_enforce(
+    make_runner, monkeypatch
+):
+    real = Enforcer.discover
+
+    def without_cpu(*args, **kw):
+        enforcer = real(*args, **kw)
+        enforcer.v1.pop("cpu", None)
+        enforcer.v2.discard("cpu")
+        return enforcer
+
+    monkeypatch.setattr(Enforcer, "discover", without_cpu)
+    with pytest.raises(OSError, match=r"\[jobs\].default_cpu_percent is set, but this "
+                       "host cannot enforce cpu_percent"):
+        make_runner(default_cpu_percent=50)
 
 
 # -- a full disk --------------------------------------------------------------------
