@@ -1,14 +1,17 @@
 """Starting a job's process: the account, the environment, the spawn.
 
-Two ways, chosen once per worker:
+Two ways, chosen once per worker, and no more:
 
 * one exec (:mod:`worker.spawn`, the C module ``worker._spawn``): the
-  ``vfork()``ed child joins the job's cgroup, drops to the job's account and
+  ``vfork()``ed child joins the job's cgroups, drops to the job's account and
   execs the interpreter. Used wherever the module is built and the kernel has
-  ``close_range`` (Linux 5.11).
-* a chain of programs through ``subprocess``: ``/bin/sh`` joins the cgroup
-  (a few lines of shell, :data:`SHIM`), ``setpriv`` drops to the job's
-  account, then the interpreter runs. Used where the C module is missing.
+  ``close_range`` (Linux 5.11): every supported Debian and Ubuntu, and CI.
+* a chain of programs through ``subprocess``: ``/bin/sh`` joins the cgroups
+  (a few lines of shell, :data:`SHIM`; none in process-group mode),
+  ``setpriv`` drops to the job's account, then the interpreter runs. Used
+  where the C module is missing (installed without a C compiler) or the
+  kernel is older; CI runs it too (the tests force it). A worker that must
+  switch users this way refuses to start without ``setpriv``.
 
 OS effects (spawn, exit notification, clock) go through :class:`ProcessOps`
 so tests can replace them; the tests also run the real thing.
@@ -134,11 +137,16 @@ class Spawner:
         # Without the one-exec spawner, drop privileges with setpriv rather
         # than in the forked child, so that spawning can use vfork, much
         # cheaper from a large process.
-        self.setpriv = (
-            setpriv or shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
-            if switches_user and not ops.native
-            else None
-        )
+        self.setpriv = None
+        if switches_user and not ops.native:
+            self.setpriv = setpriv or shutil.which(
+                "setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin"
+            )
+            if self.setpriv is None:
+                raise OSError(
+                    "setpriv (util-linux) is needed to start jobs as their user "
+                    f"without the one-exec spawner ({one_exec.available() or 'off'})"
+                )
         if ops.native:
             log.info("jobs start with a single exec (worker._spawn)")
         else:
@@ -169,8 +177,9 @@ class Spawner:
         """Start ``argv`` as ``account``; returns ``(process, status_fd)``.
 
         ``procs`` are the ``cgroup.procs`` files the job joins (none: it
-        joins none). ``status_fd`` (or None) is readable once the chain's shim exited:
-        anything on it means the job could not join its cgroup and never ran.
+        joins none). ``status_fd`` (chain only, else None) is readable once the
+        shim has exited: anything on it means the job could not join its
+        cgroups and never ran.
         """
         check_executable(argv[0])
         env = self.environment(job_id, account)
@@ -188,7 +197,7 @@ class Spawner:
         # The job's program runs with the job's user only, through setpriv:
         # no uid switch in the forked child lets subprocess use vfork.
         priv = []
-        if self.setpriv is not None and user is not None:
+        if user is not None:
             priv = [
                 self.setpriv,
                 f"--reuid={user}",
@@ -196,18 +205,8 @@ class Spawner:
                 "--clear-groups",
                 "--",
             ]
-        if not procs:
-            proc = self.ops.spawn(
-                [*priv, *argv],
-                cwd=self.cwd,
-                env=env,
-                # Without setpriv (not installed), the child switches itself.
-                user=user if not priv else None,
-                group=group if not priv else None,
-            )
-            return proc, None
         status_r, status_w = os.pipe()
-        # The shim needs the worker's privileges to join the cgroup.
+        # The shim needs the worker's privileges to join the cgroups.
         shim = ["/bin/sh", "-c", SHIM, "jobgate-job", str(len(procs)), *procs]
         shim += [*priv, *argv]
         try:

@@ -1217,10 +1217,12 @@ def victim(runner: JobRunner) -> tuple[str, int, str, int]:
     return record.job_id, int(words[1]), words[3].decode(), int(words[5])
 
 
+@pytest.mark.parametrize("spawner", SPAWNERS)
 @pytest.mark.parametrize("mode", MODES)
-def test_a_job_cannot_kill_read_or_list_another_job(make_runner, mode):
+def test_a_job_cannot_kill_read_or_list_another_job(make_runner, mode, spawner):
     needs_root()
-    runner = make_runner(isolation=mode)
+    ops = SPAWNERS[spawner]
+    runner = make_runner(ops=ops and ops(), isolation=mode)
     job_id, pid, tmp, uid = victim(runner)
     assert runner.cfg.uid_min <= uid <= runner.cfg.uid_max
     record, output = run(runner, "attacker.sh", str(pid), tmp)
@@ -1308,8 +1310,8 @@ def test_user_ids_taken_by_another_worker_on_the_host_are_not_handed_out(
 # -- limits ---------------------------------------------------------------------------
 
 
-def limited_runner(make_runner, *names: str, **settings) -> JobRunner:
-    runner = make_runner(**settings)
+def limited_runner(make_runner, *names: str, ops=None, **settings) -> JobRunner:
+    runner = make_runner(ops=ops, **settings)
     missing = [n for n in names if not runner.enforcer.how(n)]
     if missing:
         skip_unless_required(
@@ -1341,8 +1343,10 @@ def test_a_job_killed_by_someone_else_is_not_oom(make_runner):
     )
 
 
-def test_a_job_cannot_start_more_tasks_than_its_limit(make_runner):
-    runner = limited_runner(make_runner, "tasks")
+@pytest.mark.parametrize("spawner", SPAWNERS)
+def test_a_job_cannot_start_more_tasks_than_its_limit(make_runner, spawner):
+    ops = SPAWNERS[spawner]
+    runner = limited_runner(make_runner, "tasks", ops=ops and ops())
     record, _ = runner.start("sh", "forks.sh", ["20"], limits={"tasks": 5})
     final = runner.wait(record.job_id, 30)
     output = follow(runner, record.job_id)
