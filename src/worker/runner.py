@@ -90,7 +90,6 @@ class JobRunner:
         self.scripts_dir = self.validator.scripts_dir
         instance = isolation.instance_name(worker_name, cfg.state_dir)
         self.isolation = isolation.choose(isolation_mode or cfg.isolation, instance)
-        self.accounts = Accounts(cfg, instance)
         v2_base = getattr(self.isolation, "base", None)
         self.enforcer = Enforcer.discover(
             instance,
@@ -99,6 +98,7 @@ class JobRunner:
         )
         self._check_limit_settings()
         log.info("%s", self.enforcer.describe())
+        self.accounts = Accounts(cfg, instance)
         self.spawner = Spawner(
             cfg,
             self.ops,
