@@ -36,9 +36,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from jobgate.errors import ResourceExhausted
+from worker import spawn
 from worker.config import JobsSection
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ CLEANUP = (
     'find "$2" -mindepth 1 -delete 2>/dev/null; exit 0'
 )
 CLEANUP_TIMEOUT_S = 30.0
+NSS_RECHECK_S = 600.0
 
 
 @dataclasses.dataclass
@@ -70,8 +73,15 @@ class Account:
 class Accounts:
     """Hands out accounts and temporary directories, and takes them back."""
 
-    def __init__(self, cfg: JobsSection, instance: str):
+    def __init__(self, cfg: JobsSection, instance: str, contained: bool = False):
         self.cfg = cfg
+        # Every process of a job stays in the job's cgroup (worker.isolation):
+        # once it is empty, none is left to kill when the id is returned.
+        self.contained = contained
+        # What the host's accounts and groups say of an id, and when it was
+        # asked: a lookup costs up to a millisecond (nss-systemd), so each id
+        # is looked up at most once per NSS_RECHECK_S.
+        self._known: dict[int, tuple[bool, float]] = {}
         self.root = os.geteuid() == 0
         self.mode = cfg.user_mode if self.root else "worker"
         self._fixed: tuple[int, int, str] | None = None
@@ -144,7 +154,7 @@ class Accounts:
             for _ in range(size):
                 uid = self._next
                 self._next = lo if uid >= hi else uid + 1
-                if uid in self._held or _known_to_the_system(uid):
+                if uid in self._held or self._known_to_the_system(uid):
                     continue
                 fd = _lock(self.cfg.uid_lock_dir / str(uid))
                 if fd is None:
@@ -155,6 +165,14 @@ class Accounts:
             f"every user id of [jobs].uid_min-uid_max ({lo}-{hi}) is taken by a "
             "running job; retry when one ends"
         )
+
+    def _known_to_the_system(self, uid: int) -> bool:
+        now = time.monotonic()
+        cached = self._known.get(uid)
+        if cached is None or now - cached[1] > NSS_RECHECK_S:
+            cached = (_known_to_the_system(uid), now)
+            self._known[uid] = cached
+        return cached[0]
 
     # -- giving back --------------------------------------------------------------
 
@@ -173,40 +191,37 @@ class Accounts:
                 log.exception("returning the account %s failed", account.name)
 
     def _reclaim(self, account: Account) -> None:
-        if account.tmp and account.uid is not None:
+        """Make sure nothing of the job is left, then return its id.
+
+        A clean-up process running as the job's id is needed only when
+        processes of the job may have escaped (a dynamic id without a cgroup
+        per job), or when the job left files in its directory that the
+        worker may not remove itself (under systemd it has no
+        CAP_DAC_OVERRIDE). Most jobs need neither, and cost no process.
+        """
+        escaped = account.dynamic and not self.contained
+        if account.tmp and not escaped:
             try:
-                subprocess.run(
-                    [
-                        "/bin/sh",
-                        "-c",
-                        CLEANUP,
-                        "jobgate-cleanup",
-                        "dynamic" if account.dynamic else "fixed",
-                        account.tmp,
-                    ],
-                    user=account.uid,
-                    group=account.gid,
-                    extra_groups=[],
-                    env={"PATH": "/usr/bin:/bin"},
-                    cwd="/",
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    timeout=CLEANUP_TIMEOUT_S,
-                    check=False,
-                )
+                os.rmdir(account.tmp)  # empty, the common case
+                account.tmp = ""
+            except FileNotFoundError:
+                account.tmp = ""
+            except OSError:
+                shutil.rmtree(account.tmp, ignore_errors=True)
+                if not os.path.exists(account.tmp):
+                    account.tmp = ""
+        if account.uid is not None and (escaped or account.tmp):
+            try:
+                _run_as(account, CLEANUP_TIMEOUT_S)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 # The id is kept: processes of it may still run.
                 log.error("cleaning up after %s failed: %s", account.name, exc)
                 return
         if account.tmp:
-            if account.uid is None:
-                shutil.rmtree(account.tmp, ignore_errors=True)
-            else:
-                try:
-                    os.rmdir(account.tmp)
-                except OSError as exc:
-                    log.warning("could not remove %s: %s", account.tmp, exc)
+            try:
+                os.rmdir(account.tmp)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", account.tmp, exc)
         self._return(account)
 
     def _return(self, account: Account) -> None:
@@ -224,6 +239,47 @@ class Accounts:
             self.tmp_root.rmdir()
         except OSError as exc:
             log.warning("could not remove %s: %s", self.tmp_root, exc)
+
+
+def _run_as(account: Account, timeout: float) -> None:
+    """Run :data:`CLEANUP` as the account and wait for it (vfork where it can)."""
+    argv = [
+        "/bin/sh",
+        "-c",
+        CLEANUP,
+        "jobgate-cleanup",
+        "dynamic" if account.dynamic else "fixed",
+        account.tmp or "/nonexistent",
+    ]
+    env = {"PATH": "/usr/bin:/bin"}
+    if spawn.available():
+        child = spawn.spawn(
+            argv,
+            cwd="/",
+            env=env,
+            user=account.uid,
+            group=account.gid,
+            cgroup_procs=None,
+        )
+        try:
+            child.stdout.read()  # ends when it exits (it writes nothing)
+            child.wait(timeout)
+        finally:
+            child.stdout.close()
+        return
+    subprocess.run(
+        argv,
+        user=account.uid,
+        group=account.gid,
+        extra_groups=[],
+        env=env,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _fixed_account(user: str) -> tuple[int, int, str]:

@@ -80,7 +80,9 @@ class JobRunner:
         )
         self._check_limit_settings()
         log.info("%s", self.enforcer.describe())
-        self.accounts = Accounts(cfg, instance)
+        self.accounts = Accounts(
+            cfg, instance, contained=self.isolation.name == "cgroup"
+        )
         self.spawner = Spawner(
             cfg,
             self.ops,
