@@ -99,12 +99,45 @@ class Accounts:
             self.tmp_root = Path(tempfile.mkdtemp(prefix=f"jobgate-{instance}-"))
         # Others may pass through to their own directory, never list it.
         os.chmod(self.tmp_root, 0o711)  # noqa: S103 - traverse only, no listing
+        self.private_tmp = self._can_give_directories()
         self._reclaims: queue.Queue[Account | None] = queue.Queue()
         self._reclaimer = threading.Thread(
             target=self._reclaim_loop, name="reclaimer", daemon=True
         )
         self._reclaimer.start()
         log.info("jobs run %s", self.describe())
+
+    def _can_give_directories(self) -> bool:
+        """Whether the worker may make a directory the job's (CAP_CHOWN).
+
+        A dynamic id has no other place of its own: without it the worker
+        refuses to start. A fixed account has its home; its jobs then go
+        without a private TMPDIR, which the log says.
+        """
+        if self.mode == "worker":
+            return True
+        uid, gid = self._fixed[:2] if self._fixed else (self.cfg.uid_min,) * 2
+        probe = self.tmp_root / ".probe"
+        try:
+            probe.mkdir(mode=0o700, exist_ok=True)
+            try:
+                os.chown(probe, uid, gid)
+            finally:
+                probe.rmdir()
+            return True
+        except PermissionError as exc:
+            if self.mode == "dynamic":
+                raise OSError(
+                    '[jobs].user_mode = "dynamic" needs the capability to give '
+                    f"each job its directory (CAP_CHOWN): {exc.strerror}; grant "
+                    'it, or use user_mode = "fixed"'
+                ) from None
+            log.warning(
+                "jobs run without a private TMPDIR: the worker may not give %s a "
+                "directory (no CAP_CHOWN)",
+                self.cfg.user,
+            )
+            return False
 
     def describe(self) -> str:
         if self.mode == "dynamic":
@@ -136,12 +169,18 @@ class Accounts:
             account = Account(uid, gid, self.cfg.user, home=home)
         else:
             account = Account(None, None, "")
+        if not self.private_tmp:
+            return account
+        tmp = self.tmp_root / job_id
         try:
-            tmp = self.tmp_root / job_id
             os.mkdir(tmp, 0o700)
+            try:
+                if account.uid is not None:
+                    os.chown(tmp, account.uid, account.gid)
+            except BaseException:
+                os.rmdir(tmp)
+                raise
             account.tmp = str(tmp)
-            if account.uid is not None:
-                os.chown(tmp, account.uid, account.gid)
         except BaseException:
             self._return(account)
             raise

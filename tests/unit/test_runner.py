@@ -30,7 +30,7 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import isolation
+from worker import accounts, isolation
 from worker.config import JobsSection
 from worker.limits import Enforcer
 from worker.output import OutputLog
@@ -1289,6 +1289,28 @@ def test_each_job_has_its_own_user_id_returned_once_its_processes_are_gone(
         time.sleep(0.01)  # SIGKILL is delivered asynchronously
     assert not process_alive(escaped)
     assert not Path(first_tmp).exists() and not Path(second_tmp).exists()
+
+
+@pytest.mark.parametrize("user_mode", ["dynamic", "fixed"])
+def test_a_worker_that_may_not_give_jobs_a_directory_says_so(
+    make_runner, monkeypatch, user_mode
+):
+    """As under the packaged unit, whose capabilities leave out CAP_CHOWN."""
+    needs_root()
+
+    def chown(path, uid, gid):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(accounts.os, "chown", chown)
+    if user_mode == "dynamic":
+        with pytest.raises(OSError, match=r"needs the capability .*\(CAP_CHOWN\)"):
+            make_runner()
+        return
+    runner = make_runner(user_mode="fixed", user="nobody")
+    record, output = run(runner, "env.sh")
+    assert record.state is JobState.SUCCEEDED
+    assert b"TMPDIR=" not in output
+    assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
 
 
 def test_user_ids_taken_by_another_worker_on_the_host_are_not_handed_out(
