@@ -64,6 +64,8 @@ class Watcher:
         self.finish = finish  # records the end the machine decided
         self.give_back = give_back  # returns the job's account
 
+    # -- from any thread ----------------------------------------------------------
+
     def terminate(
         self,
         job: Job,
@@ -102,12 +104,6 @@ class Watcher:
                 return
             job.timers.append(timer)
 
-    # -- on the reactor's thread -----------------------------------------------
-    #
-    # Every job event goes through _job_event: an error ends that job (as
-    # lost) instead of leaving it running for ever, and the reactor goes on
-    # serving the others.
-
     def watch(self, job: Job, timeout: int) -> None:
         """Hand a job whose process runs to the reactor (from any thread)."""
         if timeout:
@@ -115,6 +111,12 @@ class Watcher:
                 self.reactor.call_later(timeout, self._job_event, job, self._on_timeout)
             )
         self.reactor.call_soon(self._job_event, job, self._watch)
+
+    # -- on the reactor's thread -----------------------------------------------
+    #
+    # Every job event goes through _job_event: an error ends that job (as
+    # lost) instead of leaving it running for ever, and the reactor goes on
+    # serving the others.
 
     def _job_event(self, job: Job, handler: Callable, *args) -> None:
         try:
