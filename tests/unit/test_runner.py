@@ -344,10 +344,10 @@ def test_environment_is_scrubbed_and_stdin_is_dev_null(
     assert set(env) - {"uid", "stdin"} - added_by_bash == expected
 
 
-@pytest.mark.skipif(not running_as_root(), reason="jobs change account only as root")
 @pytest.mark.parametrize("spawner", SPAWNERS)
 @pytest.mark.parametrize("mode", MODES)
 def test_job_runs_as_the_configured_account(make_runner, mode, spawner):
+    needs_root()
     ops = SPAWNERS[spawner]
     runner = make_runner(
         ops=ops and ops(), user_mode="fixed", user="nobody", isolation=mode
@@ -357,10 +357,10 @@ def test_job_runs_as_the_configured_account(make_runner, mode, spawner):
     assert b"USER=nobody\n" in output
 
 
-@pytest.mark.skipif(not running_as_root(), reason="jobs change account only as root")
 def test_cgroup_mode_needs_no_setpriv_with_the_one_exec_spawner(
     make_runner, monkeypatch
 ):
+    needs_root()
     monkeypatch.setattr(isolation.shutil, "which", lambda *a, **kw: None)
     runner = make_runner(user_mode="fixed", user="nobody", isolation="cgroup")
     assert runner.isolation.name == "cgroup"
@@ -368,8 +368,8 @@ def test_cgroup_mode_needs_no_setpriv_with_the_one_exec_spawner(
     assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
 
 
-@pytest.mark.skipif(not running_as_root(), reason="the account is checked only as root")
 def test_runner_refuses_to_run_jobs_as_root(scripts, tmp_path):
+    needs_root()
     cfg = JobsSection(
         scripts_dir=scripts,
         state_dir=tmp_path / "s",
@@ -381,8 +381,8 @@ def test_runner_refuses_to_run_jobs_as_root(scripts, tmp_path):
         JobRunner(cfg)
 
 
-@pytest.mark.skipif(not running_as_root(), reason="the account is checked only as root")
 def test_runner_refuses_unknown_job_account(scripts, tmp_path):
+    needs_root()
     cfg = JobsSection(
         scripts_dir=scripts,
         state_dir=tmp_path / "s",
