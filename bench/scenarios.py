@@ -533,8 +533,8 @@ def many_workers(s: Sizes) -> tuple[dict, dict]:
 # -- 7. many jobs -----------------------------------------------------------------
 
 
-def many_jobs(s: Sizes) -> tuple[dict, dict]:
-    c = BenchCluster(worker={"jobs.max_concurrent": str(s.jobs + 50)})
+def many_jobs(s: Sizes, limits: dict[str, str] | None = None) -> tuple[dict, dict]:
+    c = BenchCluster(worker={"jobs.max_concurrent": str(s.jobs + 50), **(limits or {})})
     figures: dict = {}
     with running(c):
         job_id = finished_job(c)
@@ -573,6 +573,45 @@ def many_jobs(s: Sizes) -> tuple[dict, dict]:
         }
     )
     return figures, c.settings()
+
+
+# -- 8. many jobs, each walled off and limited ------------------------------------
+
+# Every job gets these limits (the maxima, as it asks for none). As root, each
+# job also runs under a user id of its own (the worker's default).
+JOB_LIMITS = {
+    "jobs.max_memory_mb": "256",
+    "jobs.max_cpu_percent": "50",
+    "jobs.max_tasks": "64",
+}
+
+
+def _enforceable() -> set[str]:
+    """The limits a worker on this host can enforce (the others are left out)."""
+    from worker import isolation
+    from worker.limits import Enforcer
+
+    instance = f"bench-probe-{os.getpid()}"
+    try:
+        groups = isolation.Cgroups.create(instance)
+    except OSError:
+        groups = None
+    base = groups.base if groups else None
+    enforcer = Enforcer.discover(instance, base, lambda job_id: f"{base}/{job_id}")
+    found = set(enforcer.enforceable())
+    enforcer.close()
+    if groups:
+        groups.close()
+    return found
+
+
+def many_limited_jobs(s: Sizes) -> tuple[dict, dict]:
+    can = _enforceable()
+    limits = {k: v for k, v in JOB_LIMITS.items() if k.split("_", 1)[1] in can}
+    figures, settings = many_jobs(s, limits)
+    figures["own_user_per_job"] = int(os.geteuid() == 0)
+    figures["limits"] = len(limits)
+    return figures, settings
 
 
 def _output_bytes(c: BenchCluster, jobs: list[str]) -> int:
@@ -687,7 +726,7 @@ SCENARIOS = {
         ),
         Scenario(
             "slow",
-            "8. Slow and idle clients (status with 8 clients meanwhile)",
+            "9. Slow and idle clients (status with 8 clients meanwhile)",
             slow_clients,
             {"p99_ratio": ("<=", 2), "loaded_errors": ("<=", 0)},
             (
@@ -743,6 +782,25 @@ SCENARIOS = {
                 "jobs_output_kb_per_s",
                 "idle_p50_ms",
                 "idle_p99_ms",
+                "status_rps",
+                "status_p50_ms",
+                "status_p99_ms",
+            ),
+        ),
+        Scenario(
+            "isolated",
+            "8. Many jobs as in 7, each under its own user id and cgroup with "
+            "memory, CPU and task limits",
+            many_limited_jobs,
+            {"status_p99_ms": ("<=", 50)},
+            (
+                "jobs",
+                "running",
+                "own_user_per_job",
+                "limits",
+                "start_all_s",
+                "worker_cpu_pct",
+                "worker_rss_peak_mb",
                 "status_rps",
                 "status_p50_ms",
                 "status_p99_ms",

@@ -75,10 +75,11 @@ def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
     assert w["heartbeats_per_s"] > 0
     assert w["p50_ratio"] > 0 and w["p99_ratio"] > 0
 
-    j = s["jobs"]
-    assert j["running"] == j["jobs"] == TINY.jobs
-    assert j["jobs_output_kb_per_s"] > 0
-    assert j["status_rps"] > 0 and j["status_errors"] == 0
+    for name in ("jobs", "isolated"):
+        j = s[name]
+        assert j["running"] == j["jobs"] == TINY.jobs, name
+        assert j["jobs_output_kb_per_s"] > 0, name
+        assert j["status_rps"] > 0 and j["status_errors"] == 0, name
 
     table = (tmp_path / "report.md").read_text()
     assert "| Scenario | Figure | Median | Target | Met |" in table

@@ -425,6 +425,7 @@ class Client:
         timeout_s: int | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
+        limits: dict[str, int] | None = None,
     ) -> tuple[int, dict]:
         """Start a job; returns (HTTP status, job status).
 
@@ -436,6 +437,8 @@ class Client:
             body["timeout_s"] = timeout_s
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
+        if limits:
+            body["limits"] = limits
         return self.request(
             "POST",
             f"/v1/workers/{_segment(worker)}/jobs",
@@ -504,6 +507,7 @@ class Client:
         command: str = "bash",
         timeout_s: int | None = None,
         idempotency_key: str | None = None,
+        limits: dict[str, int] | None = None,
     ) -> dict:
         """Start a job on several workers; ``selector`` is ``{"workers": [...]}``,
         ``{"labels": {...}}`` or ``{"all": True}``."""
@@ -517,6 +521,8 @@ class Client:
             body["timeout_s"] = timeout_s
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
+        if limits:
+            body["limits"] = limits
         return self.request("POST", "/v1/jobs", body, long=True)[1]
 
     def group(self, group_id: str, wait: bool = False) -> dict:

@@ -352,6 +352,7 @@ def cmd_run(client: Client, args: argparse.Namespace, o: Output) -> int:
         "command": args.command,
         "timeout_s": args.timeout,
         "idempotency_key": args.idempotency_key,
+        "limits": _limits(args),
     }
     if args.follow:
         _, job = client.start_job(args.worker, args.script, args.args, **start)
@@ -558,6 +559,7 @@ def cmd_fanout(client: Client, args: argparse.Namespace, o: Output) -> int:
         command=args.command,
         timeout_s=args.timeout,
         idempotency_key=args.idempotency_key,
+        limits=_limits(args),
     )
     if args.wait:
         group = _wait_group(client, result["group_id"], o)
@@ -664,6 +666,46 @@ def _job_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="start at most one job per KEY; again, it answers for that job",
     )
+    p.add_argument(
+        "--memory",
+        type=_megabytes,
+        metavar="SIZE",
+        help="memory limit, e.g. 256M or 2G (default: the worker's)",
+    )
+    p.add_argument(
+        "--cpu",
+        type=_positive_int,
+        metavar="PERCENT",
+        help="CPU limit in percent of one CPU, e.g. 50 or 200 (default: the worker's)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=_positive_int,
+        metavar="N",
+        help="most processes and threads at once (default: the worker's)",
+    )
+
+
+def _megabytes(text: str) -> int:
+    """``256M``, ``2G`` or a number of MiB, in MiB."""
+    units = {"M": 1, "G": 1024, "T": 1024 * 1024}
+    number, unit = text[:-1], text[-1:].upper()
+    if unit not in units:
+        number, unit = text, "M"
+    try:
+        value = int(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: give MiB, or a number with M, G or T"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _limits(args: argparse.Namespace) -> dict[str, int]:
+    found = {"memory_mb": args.memory, "cpu_percent": args.cpu, "tasks": args.tasks}
+    return {name: value for name, value in found.items() if value}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -178,7 +178,7 @@ class DevCluster:
         if not (self.pki / "scheduler.pem").exists():
             self.devca("issue", "--dir", str(self.pki), "--role", "scheduler")
         if os.geteuid() == 0 and not _reachable_by_others(self.scripts_dir):
-            # Jobs run as 'nobody' when the worker is root: give them a copy
+            # Jobs run as other users when the worker is root: give them a copy
             # they can read.
             self._tmp_scripts = Path(tempfile.mkdtemp(prefix="jobgate-scripts-"))
             os.chmod(self._tmp_scripts, 0o755)  # noqa: S103 - jobs must read it

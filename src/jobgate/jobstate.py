@@ -1,5 +1,5 @@
-"""The lifecycle of a job, shared by the worker (which drives it) and the
-scheduler (which reports it)."""
+"""The states of a job a client sees, shared by the worker (which derives
+them, see :mod:`worker.job`) and the scheduler (which reports them)."""
 
 from __future__ import annotations
 
@@ -30,16 +30,6 @@ class JobState(enum.Enum):
         return cls[name]
 
 
-# The only transitions a job makes: it starts running and ends once.
-_ALLOWED = {JobState.RUNNING: frozenset(s for s in JobState if s.is_terminal())}
-
-
-def check_transition(old: JobState, new: JobState) -> None:
-    """Raise ValueError unless a job may go from ``old`` to ``new``."""
-    if new not in _ALLOWED.get(old, frozenset()):
-        raise ValueError(f"a job cannot go from {old.value} to {new.value}")
-
-
 class ExitReason(enum.Enum):
     """Why a finished job ended; the state a client sees follows from it."""
 
@@ -50,6 +40,8 @@ class ExitReason(enum.Enum):
     TIMED_OUT = "timed_out"
     LOST = "lost"
     START_FAILED = "start_failed"
+    OUTPUT_FAILED = "output_failed"
+    OOM = "oom"
 
     @property
     def state(self) -> JobState:
@@ -72,4 +64,6 @@ _STATE_OF = {
     ExitReason.TIMED_OUT: JobState.TIMED_OUT,
     ExitReason.LOST: JobState.LOST,
     ExitReason.START_FAILED: JobState.FAILED,
+    ExitReason.OUTPUT_FAILED: JobState.FAILED,
+    ExitReason.OOM: JobState.FAILED,
 }

@@ -54,6 +54,12 @@ def job_to_dict(job: common_pb2.Job, worker_id: str) -> dict:
         "stopped_by": job.stopped_by or None,
         "stopped_at": timestamp(job.stopped_at) if job.HasField("stopped_at") else None,
         "output_dropped_bytes": job.output_dropped_bytes,
+        # The limits it runs with, those set only.
+        "limits": {
+            name: value
+            for name in ("memory_mb", "cpu_percent", "tasks")
+            if (value := getattr(job.limits, name))
+        },
     }
 
 
@@ -297,6 +303,9 @@ class Gateway:
             "running_jobs": w.running_jobs if state == ONLINE else 0,
             "capacity": w.capacity,
             "version": w.version,
+            # Why an online worker starts no jobs now; null when it does.
+            "degraded": (w.degraded or None) if state == ONLINE else None,
+            "enforceable_limits": list(w.enforceable_limits),
         }
 
     async def list_workers(self) -> list[dict]:
@@ -341,9 +350,16 @@ class Gateway:
         timeout_s: int = 0,
         idempotency_key: str = "",
         group_id: str | None = None,
+        limits: dict[str, int] | None = None,
     ) -> tuple[dict, bool]:
         """Start a job; returns its status and whether it already existed."""
         worker, stub = self._reachable(ref)
+        if worker.degraded:
+            raise Unavailable(
+                f"worker {worker.name!r} is degraded and starts no jobs: "
+                f"{worker.degraded}",
+                self.cfg.workers.retry_after_s,
+            )
         resp = await stub.StartJob(
             worker_pb2.StartJobRequest(
                 command=command,
@@ -351,6 +367,7 @@ class Gateway:
                 args=args,
                 timeout_s=timeout_s,
                 idempotency_key=idempotency_key,
+                limits=common_pb2.Limits(**(limits or {})),
             ),
             timeout=self.cfg.workers.rpc_timeout_s,
             metadata=_metadata(),

@@ -87,7 +87,7 @@ class Heartbeats:
     def __init__(self, store: Store, interval: float):
         self.store = store
         self.interval = interval
-        self._pending: dict[str, tuple[float, int, float]] = {}
+        self._pending: dict[str, tuple[float, int, float, str]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -95,9 +95,11 @@ class Heartbeats:
         )
         self._thread.start()
 
-    def record(self, worker_id: str, running_jobs: int, timeout: float) -> None:
+    def record(
+        self, worker_id: str, running_jobs: int, timeout: float, degraded: str = ""
+    ) -> None:
         with self._lock:
-            self._pending[worker_id] = (time.time(), running_jobs, timeout)
+            self._pending[worker_id] = (time.time(), running_jobs, timeout, degraded)
 
     def flush(self) -> None:
         with self._lock:
@@ -243,6 +245,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             request.capacity,
             request.version,
             heartbeat_timeout_s=timeout,
+            enforceable_limits=[str(x)[:32] for x in request.enforceable_limits[:8]],
         )
         self._note(row.id, base, timeout, name)
         log.info(
@@ -269,7 +272,9 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             self._paced.get(request.worker_id, self.pacing.min_interval)
         )
         self._note(request.worker_id, base, timeout)
-        self.heartbeats.record(request.worker_id, request.running_jobs, timeout)
+        self.heartbeats.record(
+            request.worker_id, request.running_jobs, timeout, request.degraded[:1024]
+        )
         return scheduler_pb2.HeartbeatResponse(heartbeat_interval_s=interval)
 
     def Deregister(self, request, context):

@@ -195,6 +195,7 @@ class Upstream:
         self._waiters: list[asyncio.Future] = []
         self._notify_handle: asyncio.TimerHandle | None = None
         self._notified_at = 0.0
+        self.unseen = 0  # bytes taken since the followers were last woken
         self.waiting = 0  # followers waiting for the next chunk, or just woken
         self._start_task: asyncio.Future | None = None
         self._final_to_dict = final_to_dict
@@ -225,8 +226,12 @@ class Upstream:
         other request of the process would wait. So wake-ups are spaced by
         a gap that grows with the followers (nothing for one, 12 ms for 100,
         0.6 s for 5,000: NOTIFY_GAP_PER_FOLLOWER_S), and each wake-up carries
-        all that came meanwhile.
+        all that came meanwhile; a full write's worth (``write_bytes``) is
+        passed on at once.
         """
+        if self.unseen >= self.relay.write_bytes:
+            self._notify()  # a full write's worth: no reason to wait
+            return
         if self._notify_handle is not None:
             return
         loop = asyncio.get_running_loop()
@@ -243,6 +248,7 @@ class Upstream:
             self._notify_handle = None
         loop = asyncio.get_running_loop()
         self._notified_at = loop.time()
+        self.unseen = 0
         waiters, self._waiters = self._waiters, []
         _wake(loop, waiters, 0)
 
@@ -328,7 +334,10 @@ class Upstream:
                 # Let the woken followers take it; whoever is still short of
                 # bytes afterwards is waiting again.
                 await asyncio.sleep(0)
-                if self.waiting == 0:
+                # Nobody short of bytes, or half a window not yet shown to
+                # anyone: wait for the followers rather than read further
+                # ahead of them.
+                if self.waiting == 0 or self.unseen * 2 >= self.relay.window_bytes:
                     break
         finally:
             self.pulling = False
@@ -363,6 +372,7 @@ class Upstream:
         self.next_seq += 1
         self.hi = offset + len(data)
         self.kept += len(data)
+        self.unseen += len(data)
         excess = self.relay.account(len(data))
         freed = 0
         while self.next_seq - self.base > 1 and (

@@ -30,7 +30,11 @@ CREATE TABLE IF NOT EXISTS workers (
     running_jobs  INTEGER NOT NULL DEFAULT 0,
     -- silence after which this worker is unreachable, for the heartbeat
     -- interval it was last given; 0: [workers].heartbeat_timeout_s
-    heartbeat_timeout_s REAL NOT NULL DEFAULT 0
+    heartbeat_timeout_s REAL NOT NULL DEFAULT 0,
+    -- why the worker starts no jobs now, as its last heartbeat said; '' if none
+    degraded      TEXT NOT NULL DEFAULT '',
+    -- the per-job limits it can enforce, as a JSON list of names
+    enforceable_limits TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job_id     TEXT PRIMARY KEY,
@@ -51,11 +55,15 @@ CREATE TABLE IF NOT EXISTS groups (
 );
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added to a table after version 1, with their definitions: a database
 # written before gets them on start, with their defaults.
 ADDED_COLUMNS = {
-    "workers": {"heartbeat_timeout_s": "REAL NOT NULL DEFAULT 0"},
+    "workers": {
+        "heartbeat_timeout_s": "REAL NOT NULL DEFAULT 0",
+        "degraded": "TEXT NOT NULL DEFAULT ''",
+        "enforceable_limits": "TEXT NOT NULL DEFAULT '[]'",
+    },
 }
 
 ONLINE, OFFLINE, UNREACHABLE = "online", "offline", "unreachable"
@@ -76,6 +84,10 @@ class WorkerRow:
     # The worker's own timeout (scaled with the heartbeat interval it was
     # given); 0 for rows written before it was kept.
     heartbeat_timeout_s: float = 0.0
+    # Why the worker starts no jobs now (its own word); empty when healthy.
+    degraded: str = ""
+    # The per-job limits the worker can enforce ("memory_mb", ...).
+    enforceable_limits: tuple[str, ...] = ()
 
     def timeout_s(self, configured: float) -> float:
         """How long the worker may stay silent before it is unreachable.
@@ -160,6 +172,7 @@ class Store:
         capacity: int,
         version: str,
         heartbeat_timeout_s: float = 0.0,
+        enforceable_limits: list[str] | tuple[str, ...] = (),
     ) -> WorkerRow:
         """Insert or refresh the worker named ``name``; its id never changes."""
         now = time.time()
@@ -173,14 +186,17 @@ class Store:
             conn.execute(
                 """INSERT INTO workers (id, name, address, labels, capacity, version,
                                         state, registered_at, last_seen_at,
-                                        running_jobs, heartbeat_timeout_s)
-                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0, ?)
+                                        running_jobs, heartbeat_timeout_s,
+                                        enforceable_limits)
+                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET
                        address = excluded.address, labels = excluded.labels,
                        capacity = excluded.capacity, version = excluded.version,
                        state = 'online', registered_at = excluded.registered_at,
                        last_seen_at = excluded.last_seen_at, running_jobs = 0,
-                       heartbeat_timeout_s = excluded.heartbeat_timeout_s""",
+                       heartbeat_timeout_s = excluded.heartbeat_timeout_s,
+                       degraded = '',
+                       enforceable_limits = excluded.enforceable_limits""",
                 (
                     worker_id,
                     name,
@@ -191,6 +207,7 @@ class Store:
                     now,
                     now,
                     heartbeat_timeout_s,
+                    json.dumps(sorted(enforceable_limits)),
                 ),
             )
             conn.execute("COMMIT")
@@ -208,11 +225,13 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def heartbeats(self, beats: dict[str, tuple[float, int, float]]) -> None:
+    def heartbeats(
+        self, beats: dict[str, tuple[float, int, float] | tuple[float, int, float, str]]
+    ) -> None:
         """Record many heartbeats in one transaction.
 
         ``beats`` maps a worker id to (time, running jobs, the worker's
-        heartbeat timeout from then on).
+        heartbeat timeout from then on[, why it is degraded or empty]).
         """
         if not beats:
             return
@@ -221,10 +240,11 @@ class Store:
         try:
             conn.executemany(
                 "UPDATE workers SET last_seen_at = ?, running_jobs = ?, "
-                "heartbeat_timeout_s = ? WHERE id = ? AND state = 'online'",
+                "heartbeat_timeout_s = ?, degraded = ? "
+                "WHERE id = ? AND state = 'online'",
                 [
-                    (t, n, timeout, worker_id)
-                    for worker_id, (t, n, timeout) in beats.items()
+                    (*beat[:3], beat[3] if len(beat) > 3 else "", worker_id)
+                    for worker_id, beat in beats.items()
                 ],
             )
             conn.execute("COMMIT")
@@ -388,4 +408,5 @@ def _status(row: sqlite3.Row) -> dict:
 def _worker(row: sqlite3.Row) -> WorkerRow:
     d = dict(row)
     d["labels"] = json.loads(d["labels"])
+    d["enforceable_limits"] = tuple(json.loads(d["enforceable_limits"]))
     return WorkerRow(**d)

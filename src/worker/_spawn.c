@@ -9,7 +9,8 @@
  *
  *   1. every signal back to its default action, then no signal blocked
  *      (raw system calls: glibc's wrappers skip the signals it reserves);
- *   2. joins the job's cgroup (writes "0" to an open cgroup.procs);
+ *   2. joins the job's cgroups (writes "0" to each open cgroup.procs: one
+ *      on cgroup v2, one per controller hierarchy on cgroup v1);
  *   3. leads a new session;
  *   4. stdin, stdout and stderr from the given descriptors, every other
  *      descriptor closed on exec;
@@ -40,6 +41,9 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+/* The unified hierarchy and the memory, cpu and pids hierarchies of v1. */
+#define MAX_CGROUPS 8
 
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
@@ -83,7 +87,8 @@ struct plan {
     const char *cwd;
     int stdin_fd;
     int stdout_fd;
-    int cgroup_fd;
+    int cgroup_fds[MAX_CGROUPS];
+    int n_cgroups;
     long uid; /* -1: keep the worker's */
     long gid;
     int report_fd;
@@ -120,7 +125,7 @@ child(const struct plan *p)
         unsigned long mask;
     } dfl;
     unsigned long none = 0;
-    int sig;
+    int sig, i;
 
     memset(&dfl, 0, sizeof dfl);
     dfl.handler = SIG_DFL;
@@ -130,9 +135,11 @@ child(const struct plan *p)
     }
     (void)syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof none);
 
-    if (p->cgroup_fd >= 0 && write(p->cgroup_fd, "0", 1) != 1) {
-        f.step = STEP_CGROUP;
-        goto fail;
+    for (i = 0; i < p->n_cgroups; i++) {
+        if (write(p->cgroup_fds[i], "0", 1) != 1) {
+            f.step = STEP_CGROUP;
+            goto fail;
+        }
     }
     if (setsid() < 0) {
         f.step = STEP_SESSION;
@@ -238,18 +245,19 @@ byte_array(PyObject *seq, const char *what)
 }
 
 PyDoc_STRVAR(spawn_doc,
-"spawn(path, argv, envp, cwd, stdin_fd, stdout_fd, cgroup_fd, uid, gid) -> pid\n\n"
+"spawn(path, argv, envp, cwd, stdin_fd, stdout_fd, cgroup_fds, uid, gid) -> pid\n\n"
 "Start ``path`` with ``argv`` and ``envp`` (lists of bytes) in ``cwd`` (bytes or\n"
 "None) as the leader of a new session, stdin from ``stdin_fd``, stdout and\n"
-"stderr to ``stdout_fd``, no other descriptor. ``cgroup_fd`` >= 0: an open\n"
-"cgroup.procs the child joins first. ``uid`` and ``gid`` >= 0: the child's\n"
+"stderr to ``stdout_fd``, no other descriptor. ``cgroup_fds``: a tuple of open\n"
+"cgroup.procs files (at most 8) the child joins first. ``uid`` and ``gid``\n"
+">= 0: the child's\n"
 "only ids, without supplementary groups. Raises OSError if any step fails\n"
 "(the child is reaped).");
 
 static PyObject *
 spawn(PyObject *self, PyObject *args)
 {
-    PyObject *argv_obj, *envp_obj, *cwd_obj, *result = NULL;
+    PyObject *argv_obj, *envp_obj, *cwd_obj, *cgroups_obj, *result = NULL;
     const char *path;
     struct plan p;
     char **argv = NULL, **envp = NULL;
@@ -258,12 +266,27 @@ spawn(PyObject *self, PyObject *args)
     int saved_errno;
     struct failure f = {0, 0};
     ssize_t got;
+    Py_ssize_t i;
 
     (void)self;
     memset(&p, 0, sizeof p);
-    if (!PyArg_ParseTuple(args, "yOOOiiill:spawn", &path, &argv_obj, &envp_obj, &cwd_obj,
-                          &p.stdin_fd, &p.stdout_fd, &p.cgroup_fd, &p.uid, &p.gid))
+    if (!PyArg_ParseTuple(args, "yOOOiiO!ll:spawn", &path, &argv_obj, &envp_obj, &cwd_obj,
+                          &p.stdin_fd, &p.stdout_fd, &PyTuple_Type, &cgroups_obj, &p.uid,
+                          &p.gid))
         return NULL;
+    if (PyTuple_GET_SIZE(cgroups_obj) > MAX_CGROUPS) {
+        PyErr_SetString(PyExc_ValueError, "cgroup_fds has more than 8 descriptors");
+        return NULL;
+    }
+    for (i = 0; i < PyTuple_GET_SIZE(cgroups_obj); i++) {
+        int fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(cgroups_obj, i));
+        if (fd < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "cgroup_fds must be descriptors");
+            return NULL;
+        }
+        p.cgroup_fds[p.n_cgroups++] = fd;
+    }
     if (p.stdin_fd < 0 || p.stdout_fd < 0 || (p.uid < 0) != (p.gid < 0)) {
         PyErr_SetString(PyExc_ValueError,
                         "stdin_fd and stdout_fd are needed; uid and gid go together");

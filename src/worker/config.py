@@ -87,9 +87,31 @@ class JobsSection:
         default_factory=lambda: {"bash": "/bin/bash", "sh": "/bin/sh"},
         help="allow-list: command name -> interpreter executable",
     )
+    user_mode: str = setting(
+        "dynamic",
+        choices=("dynamic", "fixed"),
+        help="when the worker runs as root: dynamic, each job under a user id "
+        "of its own from uid_min-uid_max; fixed, every job as [jobs].user",
+    )
     user: str = setting(
         "nobody",
-        help="account jobs run as when the worker runs as root (never root itself)",
+        help='account jobs run as with user_mode = "fixed" (never root itself)',
+    )
+    uid_min: int = setting(
+        61184, min=1, max=2**31 - 2, help="first user id handed out to jobs"
+    )
+    uid_max: int = setting(
+        65519, min=1, max=2**31 - 2, help="last user id handed out to jobs"
+    )
+    uid_lock_dir: Path = setting(
+        Path("/run/jobgate/job-uids"),
+        help="lock files of the user ids in use, shared by every worker on the "
+        "host (created if missing)",
+    )
+    tmp_dir: str = setting(
+        "",
+        help="where each job's private temporary directory is made; "
+        '"": a new directory under the system\'s temporary directory',
     )
     max_concurrent: int = setting(64, min=1, max=100_000, help="jobs running at once")
     default_timeout_s: int = setting(
@@ -136,12 +158,64 @@ class JobsSection:
     retention_interval_s: float = setting(
         60.0, min=0.1, help="how often retention runs"
     )
+    alive_interval_s: float = setting(
+        10.0,
+        min=0.1,
+        help="how often the worker stamps its state directory as alive (a job "
+        "lost in a crash ends, as far as is known, at the last stamp) and "
+        "checks that it is writable",
+    )
+    min_free_bytes: int = setting(
+        1024 * 1024,
+        min=0,
+        help="below this much free space in state_dir the worker is degraded "
+        "and starts no jobs",
+    )
     follow_keepalive_s: float = setting(
         1.0,
         min=0.05,
         help="a follower of a quiet job gets an empty keep-alive message this often",
     )
     max_wait_s: float = setting(3600.0, min=1, help="longest a WaitJob call may block")
+    default_memory_mb: int = setting(
+        0, min=0, help="memory limit of jobs that ask for none, in MiB; 0: none"
+    )
+    max_memory_mb: int = setting(
+        0, min=0, help="largest memory limit a job may ask for, in MiB; 0: any"
+    )
+    default_cpu_percent: int = setting(
+        0, min=0, help="CPU limit of jobs that ask for none, in % of a CPU; 0: none"
+    )
+    max_cpu_percent: int = setting(
+        0, min=0, help="largest CPU limit a job may ask for, in % of a CPU; 0: any"
+    )
+    default_tasks: int = setting(
+        0, min=0, help="task (process and thread) limit of jobs that ask for none"
+    )
+    max_tasks: int = setting(0, min=0, help="largest task limit a job may ask for")
+
+    def __post_init__(self) -> None:
+        for name in ("memory_mb", "cpu_percent", "tasks"):
+            default = getattr(self, f"default_{name}")
+            top = getattr(self, f"max_{name}")
+            if top and default > top:
+                raise Invalid(
+                    f"default_{name}",
+                    f"{default} is above max_{name} ({top})",
+                )
+        if self.uid_min > self.uid_max:
+            raise Invalid(
+                "uid_min",
+                f"{self.uid_min} is above uid_max ({self.uid_max}); give a range "
+                "low to high",
+            )
+        ids = self.uid_max - self.uid_min + 1
+        if self.user_mode == "dynamic" and ids < self.max_concurrent:
+            raise Invalid(
+                "uid_max",
+                f"uid_min-uid_max holds {ids} user ids, fewer than max_concurrent "
+                f"({self.max_concurrent}): widen the range or lower max_concurrent",
+            )
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,6 @@ import signal
 import time
 from pathlib import Path
 
-from worker import spawn
-
 log = logging.getLogger(__name__)
 
 
@@ -109,11 +107,6 @@ class Cgroups(ProcessGroups):
         if mount is None or own is None:
             raise OSError("no cgroup v2 hierarchy is mounted")
         setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
-        missing = spawn.available()  # without worker._spawn, the shim needs setpriv
-        if os.geteuid() == 0 and setpriv is None and missing:
-            raise OSError(
-                f"setpriv (util-linux) is needed to start jobs as their user: {missing}"
-            )
         base = mount / own.lstrip("/") / f"jobgate-{instance}"
         base.mkdir(exist_ok=True)
         probe = base / "probe"

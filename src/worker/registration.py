@@ -34,16 +34,22 @@ class Registrar:
         running_jobs: Callable[[], int],
         capacity: int,
         stop: threading.Event | None = None,
+        degraded: Callable[[], str] = lambda: "",
+        enforceable_limits: tuple[str, ...] = (),
     ):
         self.cfg = cfg
         self.address = address
         self.running_jobs = running_jobs
         self.capacity = capacity
+        self.degraded = degraded
+        self.enforceable_limits = list(enforceable_limits)
         self.worker_id = ""
         self.heartbeat_interval = 5.0
         # Setting it (e.g. from a signal handler) also ends registration retries.
         self._stop = stop or threading.Event()
         self._registered = threading.Event()
+        # Set to heartbeat before the interval is over (see nudge()).
+        self._nudged = threading.Event()
         self._thread: threading.Thread | None = None
         self._channel = secure_channel(
             cfg.scheduler.address,
@@ -61,6 +67,7 @@ class Registrar:
                 capacity=self.capacity,
                 version=__version__,
                 previous_id=self.worker_id,
+                enforceable_limits=self.enforceable_limits,
             ),
             timeout=self.cfg.scheduler.rpc_timeout_s,
         )
@@ -105,17 +112,29 @@ class Registrar:
     def start(self) -> None:
         """Register (blocking), then heartbeat in the background."""
         if self.register():
+            if self.degraded():
+                self.nudge()  # the scheduler learns it before the interval
             self._thread = threading.Thread(
                 target=self._heartbeat_loop, name="heartbeat", daemon=True
             )
             self._thread.start()
 
+    def nudge(self) -> None:
+        """Heartbeat now: what the scheduler must know changed (health)."""
+        self._nudged.set()
+
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat_interval):
+        while True:
+            self._nudged.wait(self.heartbeat_interval)
+            self._nudged.clear()
+            if self._stop.is_set():
+                return
             try:
                 resp = self._stub.Heartbeat(
                     scheduler_pb2.HeartbeatRequest(
-                        worker_id=self.worker_id, running_jobs=self.running_jobs()
+                        worker_id=self.worker_id,
+                        running_jobs=self.running_jobs(),
+                        degraded=self.degraded(),
                     ),
                     timeout=self.cfg.scheduler.rpc_timeout_s,
                 )
@@ -144,6 +163,7 @@ class Registrar:
     def stop(self) -> None:
         """Stop heartbeating and deregister (best effort, bounded by the deadline)."""
         self._stop.set()
+        self._nudged.set()
         if self._thread is not None:
             self._thread.join(self.cfg.scheduler.rpc_timeout_s + 1)
         if self._registered.is_set():

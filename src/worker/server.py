@@ -53,13 +53,23 @@ def serve(cfg: WorkerConfig, ready_file: Path | None = None) -> int:
         )
     log.info("gRPC server listening on %s (advertised as %s)", cfg.grpc.bind, address)
     registrar = Registrar(
-        cfg, creds, address, runner.running_count, cfg.jobs.max_concurrent, stop
+        cfg,
+        creds,
+        address,
+        runner.running_count,
+        cfg.jobs.max_concurrent,
+        stop,
+        degraded=lambda: runner.health.reason,
+        enforceable_limits=tuple(runner.enforcer.enforceable()),
     )
+    runner.health.on_change(lambda reason: registrar.nudge())
     notifier.status(f"registering with the scheduler at {cfg.scheduler.address}")
 
     def status() -> str:
         running = runner.running_count()
         jobs = f"{running} job{'s' if running != 1 else ''} running"
+        if runner.health.reason:
+            jobs += f"; degraded: {runner.health.reason}"
         if not registrar.registered:
             return f"not registered with {cfg.scheduler.address}; {jobs}"
         return f"registered as {cfg.worker.name} ({registrar.worker_id}), {jobs}"

@@ -7,6 +7,7 @@ import time
 
 from jobgate.errors import ResourceExhausted
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from worker.limits import NAMES as LIMIT_NAMES
 from worker.runner import JobRecord, JobRunner
 
 
@@ -26,6 +27,7 @@ def job_to_proto(r: JobRecord) -> common_pb2.Job:
         output_bytes=r.output_bytes,
         timeout_s=r.timeout_s,
         idempotency_key=r.idempotency_key,
+        limits=common_pb2.Limits(**r.limits),
     )
     if r.exit_code is not None:
         msg.exit_code = r.exit_code
@@ -57,6 +59,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             list(request.args),
             timeout_s=request.timeout_s,
             idempotency_key=request.idempotency_key,
+            limits={
+                name: getattr(request.limits, name)
+                for name in LIMIT_NAMES
+                if getattr(request.limits, name)
+            },
         )
         return worker_pb2.StartJobResponse(job=job_to_proto(record), existing=existing)
 

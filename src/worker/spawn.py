@@ -100,13 +100,13 @@ def spawn(
     env: dict[str, str],
     user: int | None,
     group: int | None,
-    cgroup_procs: str | None,
+    cgroup_procs: str | list[str] | None,
 ) -> Child:
     """Start ``argv`` (an absolute path first) with stdout and stderr on a pipe.
 
     The child leads a new session, reads /dev/null, keeps no other descriptor
-    of the worker, has every signal at its default, joins the cgroup whose
-    ``cgroup.procs`` is given (if any) and, if ``user`` is given, has only the
+    of the worker, has every signal at its default, joins the cgroups whose
+    ``cgroup.procs`` are given (if any) and, if ``user`` is given, has only the
     ids ``user`` and ``group`` and no supplementary group. Raises OSError if
     any of it fails; nothing is left running then.
     """
@@ -120,10 +120,12 @@ def spawn(
         stdin = _above_stdio(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
         opened.append(stdin)
         write_end = opened[1] = _above_stdio(write_end)
-        cgroup = -1
-        if cgroup_procs is not None:
-            cgroup = os.open(cgroup_procs, os.O_WRONLY | os.O_CLOEXEC)
-            opened.append(cgroup)
+        if isinstance(cgroup_procs, str):
+            cgroup_procs = [cgroup_procs]
+        cgroups = []
+        for procs in cgroup_procs or ():
+            cgroups.append(os.open(procs, os.O_WRONLY | os.O_CLOEXEC))
+            opened.append(cgroups[-1])
         pid = _spawn.spawn(
             os.fsencode(argv[0]),
             [os.fsencode(a) for a in argv],
@@ -131,7 +133,7 @@ def spawn(
             os.fsencode(cwd),
             stdin,
             write_end,
-            cgroup,
+            tuple(cgroups),
             -1 if user is None else user,
             -1 if group is None else group,
         )

@@ -91,7 +91,8 @@ def deployment(request: pytest.FixtureRequest):
     )
     scripts = workdir / "scripts"
     shutil.copytree(REPO / "examples" / "scripts", scripts)
-    shutil.copy(Path(__file__).parent / "scripts" / "identity.sh", scripts)
+    for name in ("identity.sh", "hog.sh"):
+        shutil.copy(Path(__file__).parent / "scripts" / name, scripts)
     extra_vars = {
         "common_pki_local_dir": str(workdir / "pki"),
         "common_packages_dir": str(debs),

@@ -125,16 +125,20 @@ def test_jobs_run_unprivileged_and_cannot_read_the_worker_key(deployed: Deployme
         f"/v1/workers/{name}/jobs/{body['job_id']}/output?follow=true", timeout=60
     )
     lines = set(out.decode().split())
-    assert "user=jobgate-job" in lines, out
+    # A user id of its own, from the range systemd's DynamicUser= uses, with
+    # its own group only and a temporary directory only it may enter.
+    [uid] = [int(x[4:]) for x in lines if x.startswith("uid=")]
+    assert 61184 <= uid <= 65519, out
+    assert f"user=jobgate-{uid}" in lines, out
+    assert f"groups={uid}" in lines, out
+    assert f"{uid} 700" in out.decode(), out
     assert "NoNewPrivs=1" in lines, out
     assert "CapEff=0000000000000000" in lines, out
     assert "CapPrm=0000000000000000" in lines, out
     assert "key=unreadable" in lines, out
     assert "etc=read-only" in lines, out
-    # Only its own group, and its own cgroup below the unit's.
+    # Its own cgroup below the unit's.
     node = deployed.node(name)
-    gid = node.run("getent", "group", "jobgate-job").stdout.split(":")[2]
-    assert f"groups={gid}" in lines, out
     assert any(
         line.startswith("cgroup=")
         and "/jobgate-worker.service/" in line
@@ -145,6 +149,27 @@ def test_jobs_run_unprivileged_and_cannot_read_the_worker_key(deployed: Deployme
     # the unit's system-call filter and capabilities let it work.
     journal = node.journal("-u", "jobgate-worker.service")
     assert "jobs start with a single exec" in journal, journal
+
+
+def test_memory_limits_are_enforced_where_the_host_allows(deployed: Deployment):
+    api = deployed.api()
+    name = WORKERS[0]
+    status, worker = api.get(f"/v1/workers/{name}")
+    assert status == 200, worker
+    start = {"command": "bash", "path": "hog.sh", "args": ["512"]}
+    status, body = api.post(
+        f"/v1/workers/{name}/jobs", {**start, "limits": {"memory_mb": 32}}
+    )
+    if "memory_mb" not in worker["enforceable_limits"]:
+        # Refused, saying why, never run without its limit.
+        assert status == 400, body
+        assert "cannot enforce" in body["description"], body
+        return
+    assert status == 201, body
+    api.get(f"/v1/workers/{name}/jobs/{body['job_id']}/output?follow=true", timeout=60)
+    status, job = api.get(f"/v1/workers/{name}/jobs/{body['job_id']}")
+    assert (job["state"], job["exit_reason"]) == ("failed", "oom"), job
+    assert job["limits"] == {"memory_mb": 32}
 
 
 def test_journal_finds_a_jobs_lines_by_its_id(deployed: Deployment):

@@ -108,7 +108,9 @@ def test_units_keep_the_promised_settings():
         assert re.search(r"^WatchdogSec=\d+s$", text, re.M), unit
     worker = (UNITS / "jobgate-worker.service").read_text()
     assert "\nDelegate=yes\n" in worker
-    assert "\nCapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_KILL\n" in worker
+    assert (
+        "\nCapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN\n" in worker
+    )
     scheduler = (UNITS / "jobgate-scheduler.service").read_text()
     assert "\nUser=jobgate\n" in scheduler
     assert "\nCapabilityBoundingSet=\n" in scheduler

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import hashlib
+import json
 import os
 import random
 import re
@@ -650,3 +651,78 @@ def test_worker_cut_off_by_the_network_is_unreachable_then_online_again(
     assert status == 200 and data["state"] == "running", data
     status, _, data = api.post(f"/v1/workers/worker-far/jobs/{jid}/stop")
     assert status == 200 and data["state"] == "stopped", data
+
+
+# -- a full disk -------------------------------------------------------------------
+
+
+def test_a_full_disk_names_the_failure_degrades_the_worker_and_it_recovers(
+    clusters,
+):
+    if os.geteuid() != 0:
+        skip_unless_required("mounting a tmpfs needs root", "JOBGATE_REQUIRE_ROOT")
+    c, api = clusters(
+        "disk",
+        workers=("disk-1",),
+        start=False,
+        worker_extra="alive_interval_s = 0.2\nmin_free_bytes = 65536\n",
+    )
+    state = c.dir / "state" / "disk-1"
+    state.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(state)],
+        check=True,
+    )
+    try:
+        c.start_scheduler()
+        c.start_worker("disk-1")
+        # 20 MB of output on a 4 MB disk.
+        job = api.start("disk-1", "big.sh", ["200000"])
+        api.output("disk-1", job["job_id"])
+        status, _, final = api.get(f"/v1/workers/disk-1/jobs/{job['job_id']}")
+        assert status == 200
+        assert (final["state"], final["exit_reason"]) == ("failed", "output_failed")
+        # The job itself ran to its end: no SIGPIPE of the worker's making.
+        assert (final["exit_code"], final["signal"]) == (0, None)
+        assert "No space left on device" in final["reason"]
+        assert final["output_bytes"] < 4 * 1024 * 1024
+        # The worker says why it starts no jobs; the scheduler refuses them.
+        deadline = time.monotonic() + 5
+        while not api.worker("disk-1")["degraded"]:
+            assert time.monotonic() < deadline, "the worker never said it is degraded"
+            time.sleep(0.05)
+        worker = api.worker("disk-1")
+        assert worker["state"] == "online"
+        # It names the full disk: a write that failed, or the space left.
+        assert str(state) in worker["degraded"]
+        assert re.search(r"No space left on device|0 bytes free", worker["degraded"])
+        status, headers, body = api.post(
+            "/v1/workers/disk-1/jobs", {"command": "bash", "path": "hello.sh"}
+        )
+        assert status == 503
+        assert "Retry-After" in headers
+        assert "degraded" in body["description"]
+        assert str(state) in body["description"]
+        # A fan-out skips it and says why.
+        status, _, body = api.post(
+            "/v1/jobs",
+            {"workers": ["disk-1"], "command": "bash", "path": "hello.sh"},
+        )
+        assert status == 201, body
+        assert body["jobs"] == []
+        assert "degraded" in json.dumps(body["errors"])
+        # Space comes back: the worker recovers by itself.
+        shutil.rmtree(state / "jobs" / job["job_id"])
+        deadline = time.monotonic() + 5
+        while api.worker("disk-1")["degraded"]:
+            assert time.monotonic() < deadline, "the worker never recovered"
+            time.sleep(0.05)
+        again = api.start("disk-1", "hello.sh", ["back"])
+        assert api.output("disk-1", again["job_id"]) == (
+            b"hello from disk-1\narg: back\n"
+        )
+        _, _, final = api.get(f"/v1/workers/disk-1/jobs/{again['job_id']}")
+        assert final["state"] == "succeeded"
+    finally:
+        c.stop()
+        subprocess.run(["umount", "-l", str(state)], check=False)

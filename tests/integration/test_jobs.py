@@ -12,6 +12,7 @@ cluster of their own; the others share the session's ``cluster``.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
 import hashlib
 import http.client
 import json
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from conftest import TEST_SCRIPTS, Api, make_public_dir
+from conftest import TEST_SCRIPTS, Api, make_public_dir, skip_unless_required
 
 from jobgate.devcluster import DevCluster
 
@@ -245,12 +246,16 @@ def shared(cluster, api) -> Site:
 
 @pytest.fixture(scope="module")
 def pg(scripts_dir):
-    """One worker keeping jobs together by process group only."""
+    """One worker keeping jobs together by process group only, running every
+    job as 'nobody' (when it runs as root)."""
     yield from _own_cluster(
         "jobgate-test-pg-",
         scripts_dir,
         "pg-1",
-        worker_extra=f'isolation = "process-group"\n{INTERPRETERS}\n',
+        worker_extra=(
+            f'isolation = "process-group"\nuser_mode = "fixed"\nuser = "nobody"\n'
+            f"{INTERPRETERS}\n"
+        ),
     )
 
 
@@ -511,11 +516,18 @@ def test_worker_killed_mid_job_reports_it_lost_and_leaves_no_process(restarts):
     api, w = restarts.api, restarts.worker
     job, procs = start_tree(restarts, timeout_s=60)
     try:
+        before = status_of(api, w, job["job_id"])
+        killed_at = time.time()
         restart_worker(restarts, signal.SIGKILL)
         final = status_of(api, w, job["job_id"])
         assert (final["state"], final["exit_reason"]) == ("lost", "lost")
-        assert final["ended_at"] is not None
-        assert final["reason"]
+        # It keeps its pid, and it ended, as far as anyone knows, while the
+        # worker still watched it: never at the restart.
+        assert final["pid"] == before["pid"] != 0
+        ended = dt.datetime.fromisoformat(final["ended_at"]).timestamp()
+        started = dt.datetime.fromisoformat(final["started_at"]).timestamp()
+        assert started - 0.001 <= ended <= killed_at
+        assert "last time the worker knew it running" in final["reason"]
         # What the job wrote before the worker died is still served.
         assert b"escapee " in api.output(w, job["job_id"])
         if cgroup2_mounted():
@@ -841,21 +853,30 @@ def test_max_concurrent_full_is_429_with_retry_after(limits):
 
 
 @pytest.mark.parametrize("site", ["shared", "pg"])
-def test_job_runs_as_nobody_with_scrubbed_env_and_stdin_dev_null(request, site):
+def test_job_runs_as_its_user_with_scrubbed_env_and_stdin_dev_null(request, site):
+    """shared: a user id of its own (user_mode dynamic); pg: 'nobody' (fixed)."""
     s: Site = request.getfixturevalue(site)
     job = s.api.start(s.worker, "env.sh")
     final, out = run_to_end(s.api, s.worker, job["job_id"])
     lines = out.decode().splitlines()
     assert final["state"] == "succeeded"
-    uid = pwd.getpwnam("nobody").pw_uid
-    assert lines[-2:] == [f"uid={uid}", "stdin=/dev/null"]
+    assert lines[-1] == "stdin=/dev/null"
+    uid = int(lines[-2].removeprefix("uid="))
     env = dict(x.split("=", 1) for x in lines[:-2])
+    if os.geteuid() == 0 and site == "pg":
+        assert uid == pwd.getpwnam("nobody").pw_uid
+        assert env["USER"] == env["LOGNAME"] == "nobody"
+    elif os.geteuid() == 0:
+        assert 61184 <= uid <= 65519
+        assert env["USER"] == env["LOGNAME"] == f"jobgate-{uid}"
+        assert env["HOME"] == env["TMPDIR"]  # a dynamic user has no home
+    assert env["TMPDIR"].endswith(f"/{job['job_id']}")
     assert env["JOBGATE_JOB_ID"] == job["job_id"]
     assert env["JOBGATE_WORKER"] == s.worker
-    assert env["USER"] == env["LOGNAME"] == "nobody"
     assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
     # Nothing of the worker's own environment; bash adds PWD, SHLVL and _.
     assert set(env) == {
+        "TMPDIR",
         "HOME",
         "JOBGATE_JOB_ID",
         "JOBGATE_WORKER",
@@ -1012,3 +1033,90 @@ def test_idempotency_key_returns_the_original_job_on_that_worker_only(api):
     status, _, other = api.post(jobs_path("worker-2"), body)
     assert status == 201
     assert other["job_id"] != first["job_id"]
+
+
+# -- 8. per-job limits ----------------------------------------------------------------
+
+
+def host_enforces(*names: str) -> list[str]:
+    """Which of ``names`` a worker on this host could enforce."""
+    from worker import isolation
+    from worker.limits import Enforcer
+
+    instance = f"probe-{uuid.uuid4().hex[:8]}"
+    try:
+        groups = isolation.Cgroups.create(instance)
+    except OSError:
+        groups = None
+    base = groups.base if groups else None
+    enforcer = Enforcer.discover(instance, base, lambda j: f"{base}/{j}")
+    found = [n for n in names if enforcer.how(n)]
+    enforcer.close()
+    if groups:
+        groups.close()
+    return found
+
+
+@pytest.fixture(scope="module")
+def capped(scripts_dir):
+    """One worker whose jobs get at most 512 MiB and 64 tasks."""
+    missing = {"memory_mb", "tasks"} - set(host_enforces("memory_mb", "tasks"))
+    if missing:
+        skip_unless_required(
+            f"this host cannot enforce {sorted(missing)}", "JOBGATE_REQUIRE_CGROUP"
+        )
+    yield from _own_cluster(
+        "jobgate-test-capped-",
+        scripts_dir,
+        "cap-1",
+        worker_extra="max_memory_mb = 512\nmax_tasks = 64\n",
+    )
+
+
+def test_a_job_over_its_memory_limit_is_oom_and_limits_show(capped):
+    api, w = capped.api, capped.worker
+    status, _, worker = api.get(f"/v1/workers/{w}")
+    assert status == 200
+    assert {"memory_mb", "tasks"} <= set(worker["enforceable_limits"])
+    job = api.start(w, "hog.sh", ["600"], limits={"memory_mb": 32})
+    assert job["limits"] == {"memory_mb": 32, "tasks": 64}
+    final, _ = run_to_end(api, w, job["job_id"])
+    assert (final["state"], final["exit_reason"]) == ("failed", "oom")
+    assert final["reason"] == "killed for using more than its memory limit of 32 MiB"
+    # A job that asks for nothing runs with the worker's maxima.
+    job = api.start(w, "hog.sh", ["8"])
+    final, _ = run_to_end(api, w, job["job_id"])
+    assert final["state"] == "succeeded"
+    assert final["limits"] == {"memory_mb": 512, "tasks": 64}
+
+
+@pytest.mark.parametrize(
+    ("limits", "words"),
+    [
+        ({"memory_mb": 513}, "limits.memory_mb 513 is above this worker's maximum 512"),
+        ({"tasks": 65}, "[jobs].max_tasks"),
+        ({"swap_mb": 1}, "limits.swap_mb: unknown limit"),
+        ({"memory_mb": "1G"}, "limits.memory_mb: must be an integer"),
+        ([1], "limits: must be an object"),
+    ],
+)
+def test_limits_above_the_maxima_or_malformed_are_400(capped, limits, words):
+    api, w = capped.api, capped.worker
+    before = job_ids(api, w)
+    status, _, body = api.post(
+        jobs_path(w), {"command": "bash", "path": "hello.sh", "limits": limits}
+    )
+    assert status == 400, body
+    assert words in body["description"]
+    assert job_ids(api, w) == before
+
+
+def test_fan_out_carries_the_limits(capped):
+    api, w = capped.api, capped.worker
+    status, _, body = api.post(
+        "/v1/jobs",
+        {"workers": [w], "command": "bash", "path": "hello.sh", "limits": {"tasks": 8}},
+    )
+    assert status == 201, body
+    [job] = body["jobs"]
+    assert status_of(api, w, job["job_id"])["limits"] == {"memory_mb": 512, "tasks": 8}

@@ -354,3 +354,34 @@ def test_object_lines_put_known_keys_first_and_name_signals():
         "extra:  1",
         "args:   'a b' c",
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "limits"),
+    [
+        ([], {}),
+        (["--memory", "256M"], {"memory_mb": 256}),
+        (["--memory", "2g", "--cpu", "50"], {"memory_mb": 2048, "cpu_percent": 50}),
+        (["--memory", "300", "--tasks", "20"], {"memory_mb": 300, "tasks": 20}),
+    ],
+)
+def test_run_and_fanout_take_limits(argv, limits):
+    parser = command.build_parser()
+    run = parser.parse_args(["run", "w1", "x.sh", *argv])
+    fan = parser.parse_args(["fanout", "--all", "x.sh", *argv])
+    assert command._limits(run) == command._limits(fan) == limits
+
+
+@pytest.mark.parametrize(
+    ("size", "error"),
+    [
+        ("lots", "'lots' is not a size"),
+        ("1.5G", "'1.5G' is not a size"),
+        ("0", "'0' must be positive"),
+        ("-5M", "'-5M' must be positive"),
+    ],
+)
+def test_a_memory_size_that_is_not_one_is_refused(size, error, capsys):
+    with pytest.raises(SystemExit):
+        command.build_parser().parse_args(["run", "w1", "x.sh", f"--memory={size}"])
+    assert error in capsys.readouterr().err

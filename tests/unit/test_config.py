@@ -414,6 +414,33 @@ def test_worker_config_refuses_relative_interpreter(confdir):
     )
 
 
+@pytest.mark.parametrize(
+    ("jobs", "message"),
+    [
+        (
+            {"uid_min": 70000, "uid_max": 60000},
+            "[jobs].uid_min: 70000 is above uid_max (60000); give a range low to high",
+        ),
+        (
+            {"uid_min": 60000, "uid_max": 60009, "max_concurrent": 64},
+            "[jobs].uid_max: uid_min-uid_max holds 10 user ids, fewer than "
+            "max_concurrent (64): widen the range or lower max_concurrent",
+        ),
+        (
+            {"default_memory_mb": 1024, "max_memory_mb": 512},
+            "[jobs].default_memory_mb: 1024 is above max_memory_mb (512)",
+        ),
+        ({"user_mode": "shared"}, "[jobs].user_mode: "),
+        ({"min_free_bytes": -1}, "[jobs].min_free_bytes: "),
+    ],
+)
+def test_worker_config_refuses_bad_job_accounts_and_limits(confdir, jobs, message):
+    doc = worker_doc()
+    doc["jobs"].update(jobs)
+    path, error = worker_error(confdir, doc)
+    assert error.startswith(f"{path}: {message}"), error
+
+
 def test_worker_config_reports_invalid_toml(confdir):
     path, message = worker_error(confdir, "[worker\nname = 1\n")
     assert message.startswith(f"{path}: invalid TOML: ")

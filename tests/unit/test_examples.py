@@ -157,6 +157,6 @@ def test_example_paths_are_production_paths(path: Path, schema: type) -> None:
         if isinstance(value, Path):
             paths.append(value)
     assert paths
-    prefixes = ("/etc/jobgate/", "/var/lib/jobgate/", "/srv/jobgate/")
+    prefixes = ("/etc/jobgate/", "/var/lib/jobgate/", "/srv/jobgate/", "/run/jobgate/")
     for p in paths:
         assert str(p).startswith(prefixes), p

@@ -274,9 +274,11 @@ class FakeStub:
         self.intervals = list(intervals)
         self.stop = stop
         self.times: list[float] = []
+        self.requests: list = []
 
     def Heartbeat(self, request, timeout):  # noqa: N802 - the gRPC method name
         self.times.append(time.monotonic())
+        self.requests.append(request)
         if not self.intervals:
             self.stop.set()
             return scheduler_pb2.HeartbeatResponse()
@@ -293,15 +295,22 @@ class FakeWorkerConfig:
     scheduler = FakeSchedulerSection()
 
 
-def test_the_worker_adopts_the_interval_each_heartbeat_answer_gives():
-    stop = threading.Event()
+def bare_registrar(stop: threading.Event, intervals, interval: float) -> Registrar:
     registrar = Registrar.__new__(Registrar)
     registrar.cfg = FakeWorkerConfig()
     registrar.worker_id = "id-1"
     registrar.running_jobs = lambda: 0
-    registrar.heartbeat_interval = 0.05
+    registrar.degraded = lambda: ""
+    registrar.heartbeat_interval = interval
     registrar._stop = stop
-    registrar._stub = FakeStub([0.4, 0.05, 0.0], stop)
+    registrar._nudged = threading.Event()
+    registrar._stub = FakeStub(intervals, stop)
+    return registrar
+
+
+def test_the_worker_adopts_the_interval_each_heartbeat_answer_gives():
+    stop = threading.Event()
+    registrar = bare_registrar(stop, [0.4, 0.05, 0.0], 0.05)
     started = time.monotonic()
     registrar._heartbeat_loop()
     times = [t - started for t in registrar._stub.times]
@@ -313,3 +322,33 @@ def test_the_worker_adopts_the_interval_each_heartbeat_answer_gives():
     # An answer without an interval (an older scheduler) keeps the last one.
     assert gaps[2] < 0.3
     assert registrar.heartbeat_interval == 0.05
+
+
+def test_a_worker_that_degrades_tells_the_scheduler_at_once_and_why():
+    stop = threading.Event()
+    registrar = bare_registrar(stop, [60.0, 60.0], 60.0)
+    reason = ""
+    registrar.degraded = lambda: reason
+    loop = threading.Thread(target=registrar._heartbeat_loop, daemon=True)
+    loop.start()
+    try:
+        reason = "cannot write job output in /state: No space left on device"
+        registrar.nudge()
+        deadline = time.monotonic() + 5
+        while not registrar._stub.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # The interval is a minute; the heartbeat went out at once.
+        assert [r.degraded for r in registrar._stub.requests] == [reason]
+        reason = ""
+        registrar.nudge()
+        while len(registrar._stub.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # And when it recovers.
+        assert [r.degraded for r in registrar._stub.requests] == [
+            "cannot write job output in /state: No space left on device",
+            "",
+        ]
+    finally:
+        stop.set()
+        registrar._nudged.set()
+        loop.join(5)

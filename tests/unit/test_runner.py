@@ -22,6 +22,7 @@ import pytest
 from conftest import skip_unless_required
 
 from jobgate.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -29,8 +30,10 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import isolation
+from worker import accounts, isolation
 from worker.config import JobsSection
+from worker.limits import Enforcer
+from worker.output import OutputLog
 from worker.reactor import Reactor
 from worker.records import RecordLog
 from worker.runner import SAFE_PATH, JobRunner, ProcessOps
@@ -73,6 +76,26 @@ SCRIPTS = {
     "stubborn.sh": "trap '' TERM\necho ready\nsleep 30\n",
     # Exits at once, leaving a child behind that holds the output pipe.
     "leaver.sh": 'sleep 30 &\necho "child $!"\nexit 0\n',
+    # $1 lines of 100 bytes, then exits 0 (a SIGPIPE would end it earlier).
+    "writer.sh": 'for ((i = 0; i < $1; i++)); do printf "%099d\\n" "$i"; done\n'
+    'echo done >&2\n',
+    # Keeps a secret in its own temporary directory, then waits.
+    "victim.sh": 'echo "secret of $JOBGATE_JOB_ID" > "$TMPDIR/secret"\n'
+    'echo "pid $$ tmp $TMPDIR uid $(id -u)"\nsleep "${1:-30}"\n',
+    # Tries to harm the job whose pid and temporary directory it is given.
+    "attacker.sh": 'kill -KILL "$1" 2>&1; echo "kill: $?"\n'
+    'cat "/proc/$1/environ" 2>&1 >/dev/null; echo "environ: $?"\n'
+    'cat "$2/secret" 2>&1; echo "secret: $?"\n'
+    'ls "$(dirname "$2")" 2>&1; echo "list: $?"\n',
+    # Kills every process it may signal, then says whether it survived.
+    "killall.sh": 'sleep 30 &\necho "child $!"\nkill -s KILL -1\necho "after"\n',
+    # Keeps all of $1 MiB in memory (tail holds a line until it ends).
+    "hog.sh": 'head -c "${1}M" /dev/zero | tail\n',
+    # Starts $1 sleeping children (run with sh: dash fails a fork at once).
+    "forks.sh": 'i=0\nwhile [ $i -lt $1 ]; do sleep 10 & i=$((i + 1)); done\n'
+    'echo "started $i"\nkill $(jobs -p)\n',
+    # Spins a child for $1 s of wall time; prints the CPU time it got.
+    "spin.sh": "timeout $1 bash -c 'while :; do :; done'\ntimes\n",
     # A line every 10 ms, $1 times.
     "ticker.sh": 'for ((i = 1; i <= $1; i++)); do echo "tick $i"; sleep 0.01; done\n',
     # Leaves a process in a session of its own that holds the output pipe.
@@ -129,7 +152,8 @@ def make_runner(scripts, tmp_path):
     def make(ops: ProcessOps | None = None, **settings) -> JobRunner:
         settings.setdefault("stop_grace_s", 2.0)
         settings.setdefault("drain_timeout_s", 1.0)
-        cfg = JobsSection(scripts_dir=scripts, state_dir=tmp_path / "state", **settings)
+        state_dir = settings.pop("state_dir", tmp_path / "state")
+        cfg = JobsSection(scripts_dir=scripts, state_dir=state_dir, **settings)
         try:
             runner = JobRunner(cfg, worker_name="worker-1", ops=ops)
         except OSError as exc:
@@ -313,39 +337,43 @@ def test_environment_is_scrubbed_and_stdin_is_dev_null(
     assert env["EXTRA"] == "1"
     assert env["stdin"] == "/dev/null"
     expected = {"PATH", "HOME", "LANG", "JOBGATE_JOB_ID", "JOBGATE_WORKER", "EXTRA"}
+    expected.add("TMPDIR")  # the job's own directory
     if running_as_root():
         expected |= {"USER", "LOGNAME"}
     added_by_bash = {"PWD", "SHLVL", "_"}
     assert set(env) - {"uid", "stdin"} - added_by_bash == expected
 
 
-@pytest.mark.skipif(not running_as_root(), reason="jobs change account only as root")
 @pytest.mark.parametrize("spawner", SPAWNERS)
 @pytest.mark.parametrize("mode", MODES)
 def test_job_runs_as_the_configured_account(make_runner, mode, spawner):
+    needs_root()
     ops = SPAWNERS[spawner]
-    runner = make_runner(ops=ops and ops(), user="nobody", isolation=mode)
+    runner = make_runner(
+        ops=ops and ops(), user_mode="fixed", user="nobody", isolation=mode
+    )
     _, output = run(runner, "env.sh")
     assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
     assert b"USER=nobody\n" in output
 
 
-@pytest.mark.skipif(not running_as_root(), reason="jobs change account only as root")
 def test_cgroup_mode_needs_no_setpriv_with_the_one_exec_spawner(
     make_runner, monkeypatch
 ):
+    needs_root()
     monkeypatch.setattr(isolation.shutil, "which", lambda *a, **kw: None)
-    runner = make_runner(user="nobody", isolation="cgroup")
+    runner = make_runner(user_mode="fixed", user="nobody", isolation="cgroup")
     assert runner.isolation.name == "cgroup"
     _, output = run(runner, "env.sh")
     assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
 
 
-@pytest.mark.skipif(not running_as_root(), reason="the account is checked only as root")
 def test_runner_refuses_to_run_jobs_as_root(scripts, tmp_path):
+    needs_root()
     cfg = JobsSection(
         scripts_dir=scripts,
         state_dir=tmp_path / "s",
+        user_mode="fixed",
         user="root",
         isolation="process-group",
     )
@@ -353,11 +381,12 @@ def test_runner_refuses_to_run_jobs_as_root(scripts, tmp_path):
         JobRunner(cfg)
 
 
-@pytest.mark.skipif(not running_as_root(), reason="the account is checked only as root")
 def test_runner_refuses_unknown_job_account(scripts, tmp_path):
+    needs_root()
     cfg = JobsSection(
         scripts_dir=scripts,
         state_dir=tmp_path / "s",
+        user_mode="fixed",
         user="no-such-user",
         isolation="process-group",
     )
@@ -860,18 +889,41 @@ def test_job_left_running_by_a_previous_worker_is_lost(make_runner, tmp_path):
     records = first.jobs_dir / "records.jsonl"
     with records.open("a") as f:
         f.write(json.dumps(start) + '\n{"job_id": "cut sh')
+    # The dead worker last stamped its state directory as alive 42 s after
+    # the job started.
+    last_alive = record.started_at + 42
+    os.utime(first.cfg.state_dir / "alive", (last_alive, last_alive))
 
     reloaded = make_runner()
     lost = reloaded.get(record.job_id)
     assert lost.state is JobState.LOST
-    assert lost.reason == "the worker stopped while the job was running"
-    assert lost.ended_at is not None
+    assert lost.reason == (
+        "the worker stopped while the job was running; ended_at is the last "
+        "time the worker knew it running"
+    )
+    assert lost.pid == record.pid != 0
+    assert lost.ended_at == pytest.approx(last_alive)
     assert lost.output_bytes == len(output)
     assert saved(reloaded, record.job_id)["state"] == "lost"
     assert records.read_bytes().endswith(b"\n")  # the cut line is gone
     assert in_thread(follow, reloaded, record.job_id) == output
     assert [r.job_id for r in reloaded.list()] == [record.job_id]
     assert reloaded.running_count() == 0
+
+
+def test_job_lost_before_its_process_was_known_has_no_end_time(make_runner):
+    first = make_runner()
+    record, _ = run(first, "hello.sh")
+    first.shutdown(0.2)
+    # The worker died between recording the job and spawning it.
+    start = dict(record.to_json(), state="running", pid=0, exit_code=None)
+    start.update(ended_at=None, exit_reason=None, reason="")
+    with (first.jobs_dir / "records.jsonl").open("a") as f:
+        f.write(json.dumps(start) + "\n")
+    lost = make_runner().get(record.job_id)
+    assert lost.state is JobState.LOST
+    assert lost.ended_at is None
+    assert "whether and when it ran is not known" in lost.reason
 
 
 # -- the reactor ---------------------------------------------------------------
@@ -1148,6 +1200,343 @@ def test_a_job_that_fails_to_spawn_is_recorded_as_start_failed(make_runner):
     assert on_disk["exit_reason"] == ExitReason.START_FAILED.value
     reloaded = make_runner(interpreters={"broken": "/nonexistent/interpreter"})
     assert reloaded.get(record.job_id).exit_reason is ExitReason.START_FAILED
+
+
+# -- jobs walled off from each other -------------------------------------------------
+
+
+def needs_root() -> None:
+    if not running_as_root():
+        skip_unless_required("jobs change user only as root", "JOBGATE_REQUIRE_ROOT")
+
+
+def victim(runner: JobRunner) -> tuple[str, int, str, int]:
+    """Start victim.sh; returns its job id, pid, temporary directory and uid."""
+    record, _ = runner.start("bash", "victim.sh")
+    words = wait_for(runner, record.job_id, b"uid ").split()
+    return record.job_id, int(words[1]), words[3].decode(), int(words[5])
+
+
+@pytest.mark.parametrize("spawner", SPAWNERS)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_job_cannot_kill_read_or_list_another_job(make_runner, mode, spawner):
+    needs_root()
+    ops = SPAWNERS[spawner]
+    runner = make_runner(ops=ops and ops(), isolation=mode)
+    job_id, pid, tmp, uid = victim(runner)
+    assert runner.cfg.uid_min <= uid <= runner.cfg.uid_max
+    record, output = run(runner, "attacker.sh", str(pid), tmp)
+    text = output.decode()
+    assert "Operation not permitted" in text and "kill: 1" in text
+    assert "environ: 1" in text
+    assert "secret of" not in text and "secret: 1" in text
+    assert "list: 2" in text  # its parent lists nothing but to the worker
+    assert process_alive(pid)
+    assert runner.get(job_id).state is JobState.RUNNING
+    final = runner.stop(job_id, 0.5)
+    assert final.state is JobState.STOPPED
+
+
+@pytest.mark.parametrize("user_mode", ["dynamic", "fixed"])
+def test_kill_minus_one_in_a_job_kills_only_that_job(make_runner, user_mode):
+    needs_root()
+    runner = make_runner(user_mode=user_mode, user="nobody")
+    job_id, pid, _, _ = victim(runner)
+    record, output = run(runner, "killall.sh")
+    child = int(output.split()[1])
+    assert b"after\n" in output  # kill -1 spares the caller
+    assert not process_alive(child)
+    if user_mode == "dynamic":
+        assert process_alive(pid)
+        assert runner.get(job_id).state is JobState.RUNNING
+        runner.stop(job_id, 0.5)
+    else:
+        # The trade-off of one account for all jobs: they can end each other.
+        final = runner.wait(job_id, 10)
+        assert (final.state, final.signal) == (JobState.FAILED, signal.SIGKILL)
+
+
+def wait_returned(runner: JobRunner) -> None:
+    deadline = time.monotonic() + 10
+    while runner.accounts.held and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert runner.accounts.held == 0
+
+
+def test_each_job_has_its_own_user_id_returned_once_its_processes_are_gone(
+    make_runner,
+):
+    needs_root()
+    # process-group: a process in a session of its own escapes the job's
+    # group; it is found by its user id when the id is returned.
+    runner = make_runner(isolation="process-group")
+    first, _, first_tmp, first_uid = victim(runner)
+    second, _, second_tmp, second_uid = victim(runner)
+    assert first_uid != second_uid
+    assert runner.accounts.held == 2
+    assert (os.stat(first_tmp).st_uid, os.stat(first_tmp).st_mode & 0o777) == (
+        first_uid,
+        0o700,
+    )
+    runner.stop(first, 0.5)
+    runner.stop(second, 0.5)
+    record, output = run(runner, "escape.sh")
+    escaped = int(output.split()[1])
+    assert record.state is JobState.SUCCEEDED
+    wait_returned(runner)
+    deadline = time.monotonic() + 2
+    while process_alive(escaped) and time.monotonic() < deadline:
+        time.sleep(0.01)  # SIGKILL is delivered asynchronously
+    assert not process_alive(escaped)
+    assert not Path(first_tmp).exists() and not Path(second_tmp).exists()
+
+
+@pytest.mark.parametrize("user_mode", ["dynamic", "fixed"])
+def test_a_worker_that_may_not_give_jobs_a_directory_says_so(
+    make_runner, monkeypatch, user_mode
+):
+    """As under the packaged unit, whose capabilities leave out CAP_CHOWN."""
+    needs_root()
+
+    def chown(path, uid, gid):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(accounts.os, "chown", chown)
+    if user_mode == "dynamic":
+        with pytest.raises(OSError, match=r"needs the capability .*\(CAP_CHOWN\)"):
+            make_runner()
+        return
+    runner = make_runner(user_mode="fixed", user="nobody")
+    record, output = run(runner, "env.sh")
+    assert record.state is JobState.SUCCEEDED
+    assert b"TMPDIR=" not in output
+    assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
+
+
+def test_user_ids_taken_by_another_worker_on_the_host_are_not_handed_out(
+    make_runner, tmp_path
+):
+    needs_root()
+    ids = {"uid_min": 64000, "uid_max": 64001, "max_concurrent": 2}
+    other = make_runner(
+        state_dir=tmp_path / "other", uid_min=64000, uid_max=64000, max_concurrent=1
+    )
+    _, _, _, taken = victim(other)
+    runner = make_runner(**ids)
+    _, _, _, uid = victim(runner)
+    assert (taken, uid) == (64000, 64001)
+    with pytest.raises(ResourceExhausted, match=r"uid_min-uid_max \(64000-64001\)"):
+        runner.start("bash", "hello.sh")
+
+
+# -- limits ---------------------------------------------------------------------------
+
+
+def limited_runner(make_runner, *names: str, ops=None, **settings) -> JobRunner:
+    runner = make_runner(ops=ops, **settings)
+    missing = [n for n in names if not runner.enforcer.how(n)]
+    if missing:
+        skip_unless_required(
+            f"this host cannot enforce {missing}: "
+            + "; ".join(runner.enforcer.why_not(n) for n in missing),
+            "JOBGATE_REQUIRE_CGROUP",
+        )
+    return runner
+
+
+def test_a_job_over_its_memory_limit_ends_oom(make_runner):
+    runner = limited_runner(make_runner, "memory_mb")
+    record, _ = runner.start("bash", "hog.sh", ["256"], limits={"memory_mb": 32})
+    assert record.limits == {"memory_mb": 32}
+    final = runner.wait(record.job_id, 30)
+    assert (final.state, final.exit_reason) == (JobState.FAILED, ExitReason.OOM)
+    assert final.reason == "killed for using more than its memory limit of 32 MiB"
+    # Within its limit the same job succeeds.
+    again, _ = runner.start("bash", "hog.sh", ["8"], limits={"memory_mb": 64})
+    assert runner.wait(again.job_id, 30).state is JobState.SUCCEEDED
+
+
+def test_a_job_killed_by_someone_else_is_not_oom(make_runner):
+    runner = limited_runner(make_runner, "memory_mb")
+    record, _ = run(runner, "killself.sh", limits={"memory_mb": 64})
+    assert (record.exit_reason, record.reason) == (
+        ExitReason.KILLED,
+        "killed by SIGKILL",
+    )
+
+
+@pytest.mark.parametrize("spawner", SPAWNERS)
+def test_a_job_cannot_start_more_tasks_than_its_limit(make_runner, spawner):
+    ops = SPAWNERS[spawner]
+    runner = limited_runner(make_runner, "tasks", ops=ops and ops())
+    record, _ = runner.start("sh", "forks.sh", ["20"], limits={"tasks": 5})
+    final = runner.wait(record.job_id, 30)
+    output = follow(runner, record.job_id)
+    assert final.state is JobState.FAILED
+    assert b"Cannot fork" in output and b"started" not in output
+    again, output = run(runner, "forks.sh", "3", limits={"tasks": 5})
+    assert output == b"started 3\n"
+
+
+def cpu_seconds(output: bytes) -> float:
+    """The children's user time from bash's ``times`` (its second line)."""
+    minutes, seconds = output.decode().splitlines()[-1].split()[0].split("m")
+    return int(minutes) * 60 + float(seconds.rstrip("s"))
+
+
+def test_a_job_gets_no_more_cpu_than_its_limit(make_runner):
+    runner = limited_runner(make_runner, "cpu_percent")
+    record, output = run(runner, "spin.sh", "2", limits={"cpu_percent": 20})
+    assert record.limits == {"cpu_percent": 20}
+    # 20 % of 2 s is 0.4 s (the kernel's accounting may overshoot a little).
+    assert cpu_seconds(output) < 0.8, output
+
+
+def test_limits_come_from_the_defaults_else_the_maxima(make_runner):
+    runner = limited_runner(
+        make_runner,
+        "memory_mb",
+        "tasks",
+        default_memory_mb=128,
+        max_memory_mb=512,
+        max_tasks=50,
+    )
+    record, _ = run(runner, "hello.sh")
+    assert record.limits == {"memory_mb": 128, "tasks": 50}
+    record, _ = run(runner, "hello.sh", limits={"memory_mb": 256, "tasks": 10})
+    assert record.limits == {"memory_mb": 256, "tasks": 10}
+    assert saved(runner, record.job_id)["limits"] == {"memory_mb": 256, "tasks": 10}
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"memory_mb": 513}, r"limits.memory_mb 513 is above this worker's "
+         r"maximum 512 \(\[jobs\].max_memory_mb\)"),
+        ({"memory_mb": -1}, "limits.memory_mb must be 0"),
+        ({"swap_mb": 1}, "limits.swap_mb is not a limit"),
+    ],
+)
+def test_limits_above_the_maxima_are_refused(make_runner, limits, message):
+    runner = limited_runner(make_runner, "memory_mb", max_memory_mb=512)
+    with pytest.raises(InvalidArgument, match=message):
+        runner.start("bash", "hello.sh", limits=limits)
+    assert runner.list() == []
+
+
+def test_a_limit_the_host_cannot_enforce_is_refused_not_ignored(make_runner):
+    runner = make_runner()
+    runner.enforcer.v1.pop("cpu", None)
+    runner.enforcer.v2.discard("cpu")
+    with pytest.raises(FailedPrecondition, match="limits.cpu_percent: this worker "
+                       "cannot enforce it on its host"):
+        runner.start("bash", "hello.sh", limits={"cpu_percent": 50})
+    assert runner.list() == []
+
+
+def test_a_worker_refuses_defaults_its_host_cannot_enforce(
+    make_runner, monkeypatch
+):
+    real = Enforcer.discover
+
+    def without_cpu(*args, **kw):
+        enforcer = real(*args, **kw)
+        enforcer.v1.pop("cpu", None)
+        enforcer.v2.discard("cpu")
+        return enforcer
+
+    monkeypatch.setattr(Enforcer, "discover", without_cpu)
+    with pytest.raises(OSError, match=r"\[jobs\].default_cpu_percent is set, but this "
+                       "host cannot enforce cpu_percent"):
+        make_runner(default_cpu_percent=50)
+
+
+# -- a full disk --------------------------------------------------------------------
+
+
+def disk_fills_after(monkeypatch, limit: int) -> dict:
+    """Output beyond ``limit`` bytes fails as on a full disk, until "space" is back."""
+    disk = {"full": True}
+    real = OutputLog.append
+
+    def append(self, data):
+        if disk["full"] and self.total + len(data) > limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self, data)
+
+    monkeypatch.setattr(OutputLog, "append", append)
+    return disk
+
+
+def test_a_job_whose_output_cannot_be_written_ends_output_failed_not_sigpipe(
+    make_runner, monkeypatch
+):
+    runner = make_runner(alive_interval_s=0.1, min_free_bytes=0)
+    disk_fills_after(monkeypatch, 1000)
+    record, _ = runner.start("bash", "writer.sh", ["2000"])
+    final = runner.wait(record.job_id, 20)
+    assert (final.state, final.exit_reason) == (
+        JobState.FAILED,
+        ExitReason.OUTPUT_FAILED,
+    )
+    # The job ran to its end: nothing of the worker's making killed it.
+    assert (final.exit_code, final.signal) == (0, None)
+    assert final.reason.startswith("the worker could not write its output after ")
+    assert "No space left on device (exited with code 0)" in final.reason
+    assert final.output_bytes <= 1000
+    assert saved(runner, record.job_id)["exit_reason"] == "output_failed"
+
+
+def test_a_worker_that_cannot_write_is_degraded_until_space_is_back(
+    make_runner, monkeypatch
+):
+    runner = make_runner(alive_interval_s=0.1, min_free_bytes=0)
+    disk = disk_fills_after(monkeypatch, 0)
+    record, _ = runner.start("bash", "hello.sh", ["x"])
+    assert runner.wait(record.job_id, 10).exit_reason is ExitReason.OUTPUT_FAILED
+    assert "No space left on device" in runner.health.reason
+    with pytest.raises(Unavailable, match="degraded: cannot write job output in"):
+        runner.start("bash", "hello.sh")
+    disk["full"] = False
+    # It recovers by itself: the state directory is checked again.
+    deadline = time.monotonic() + 5
+    while runner.health.reason and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runner.health.reason == ""
+    again, output = run(runner, "hello.sh", "x")
+    assert (again.state, output) == (JobState.SUCCEEDED, b"arg: x\n")
+
+
+def test_a_worker_short_of_free_space_is_degraded_from_the_start(make_runner):
+    runner = make_runner(min_free_bytes=2**62)
+    assert "less than [jobs].min_free_bytes" in runner.health.reason
+    with pytest.raises(Unavailable, match="min_free_bytes"):
+        runner.start("bash", "hello.sh")
+
+
+def test_an_end_that_could_not_be_recorded_is_recorded_once_space_is_back(
+    make_runner, monkeypatch
+):
+    runner = make_runner(alive_interval_s=0.1, min_free_bytes=0)
+    real = runner._records.write
+    disk = {"full": True}
+
+    def write(record):
+        if disk["full"] and record["state"] != "running":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(record)
+
+    monkeypatch.setattr(runner._records, "write", write)
+    record, _ = runner.start("bash", "hello.sh")
+    assert runner.wait(record.job_id, 10).state is JobState.SUCCEEDED
+    assert saved(runner, record.job_id)["state"] == "running"
+    assert "cannot write job records" in runner.health.reason
+    disk["full"] = False
+    deadline = time.monotonic() + 5
+    while saved(runner, record.job_id)["state"] == "running":
+        assert time.monotonic() < deadline, "the end was never recorded"
+        time.sleep(0.05)
+    assert saved(runner, record.job_id)["state"] == "succeeded"
 
 
 # -- shutting down ---------------------------------------------------------------

@@ -161,3 +161,25 @@ def no_unknown(body: dict, allowed: set[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise _bad(unknown[0], f"unknown field (known: {', '.join(sorted(allowed))})")
+
+
+LIMITS = ("memory_mb", "cpu_percent", "tasks")
+
+
+def limits(body: dict, field: str = "limits") -> dict[str, int]:
+    """A job's ``limits`` object: the ones set (0 or null: the worker's default)."""
+    value = body.get(field, _MISSING)
+    if value is _MISSING or value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(field, f"must be an object, not {_json_type(value)}")
+    for name in value:
+        if name not in LIMITS:
+            raise _bad(f"{field}.{name}", f"unknown limit (known: {', '.join(LIMITS)})")
+    top = {"memory_mb": 2**63 - 1}
+    named = {f"{field}.{name}": v for name, v in value.items()}
+    found = {
+        name: integer(named, f"{field}.{name}", maximum=top.get(name, 2**32 - 1))
+        for name in LIMITS
+    }
+    return {name: n for name, n in found.items() if n}

@@ -222,11 +222,36 @@ EXIT_REASONS = [
     "timed_out",
     "lost",
     "start_failed",
+    "output_failed",
+    "oom",
 ]
 WORKER_STATES = ["online", "unreachable", "offline"]
 
 EXAMPLE_WORKER_ID = "5fba8fa9-2c4c-46ae-9805-8c9d5f6289b8"
 EXAMPLE_JOB_ID = "5da9dbe8-a112-46c2-927c-00d1ee852761"
+
+
+LIMITS = ("memory_mb", "cpu_percent", "tasks")
+
+
+def _limits(description: str, required: list[str]) -> Schema:
+    schema = _obj(
+        {
+            "memory_mb": _or_null(
+                _int("memory and swap, in MiB", minimum=0, maximum=2**63 - 1)
+            ),
+            "cpu_percent": _or_null(
+                _int("CPU time in percent of one CPU", minimum=0, maximum=UINT32_MAX)
+            ),
+            "tasks": _or_null(
+                _int("processes and threads at once", minimum=0, maximum=UINT32_MAX)
+            ),
+        },
+        required=required,
+        description=description,
+        closed=True,
+    )
+    return schema
 
 
 def _schemas() -> dict[str, Schema]:
@@ -278,6 +303,11 @@ def _schemas() -> dict[str, Schema]:
         "output_dropped_bytes": _int(
             "output bytes dropped by the worker's output cap", minimum=0
         ),
+        "limits": _limits(
+            "the limits the job runs with (its own, else the worker's defaults); "
+            "those set only",
+            required=[],
+        ),
     }
     job = _obj(
         job_props,
@@ -304,6 +334,7 @@ def _schemas() -> dict[str, Schema]:
             "stopped_by": None,
             "stopped_at": None,
             "output_dropped_bytes": 0,
+            "limits": {"memory_mb": 256},
         }
     ]
     start_props: dict[str, Schema] = {
@@ -335,6 +366,15 @@ def _schemas() -> dict[str, Schema]:
                 "when the worker already has a job with this key, nothing is "
                 "started and that job is answered (200)",
                 maxLength=256,
+            )
+        ),
+        "limits": _or_null(
+            _limits(
+                "what the job may use, through its cgroup; a limit absent, 0 or "
+                "null: the worker's [jobs].default_*. Above the worker's "
+                "[jobs].max_*, or one its host cannot enforce (see the worker's "
+                "enforceable_limits): 400",
+                required=[],
             )
         ),
     }
@@ -410,6 +450,19 @@ def _schemas() -> dict[str, Schema]:
                 ),
                 "capacity": _int("the worker's [jobs].max_concurrent", minimum=0),
                 "version": _str("the jobgate version the worker runs"),
+                "enforceable_limits": {
+                    "type": "array",
+                    "items": {"type": "string", "enum": list(LIMITS)},
+                    "description": "the per-job limits the worker can enforce on "
+                    "its host; a start asking for another is refused (400)",
+                },
+                "degraded": _or_null(
+                    _str(
+                        "why an online worker starts no jobs now (e.g. its disk "
+                        "is full), as its last heartbeat said; starts on it are "
+                        "answered 503 until it recovers by itself"
+                    )
+                ),
             },
             description="A worker as the scheduler knows it.",
         ),

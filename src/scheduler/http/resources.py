@@ -16,7 +16,7 @@ from scheduler.http.auth import READ, RUN, Auth, TokenFile
 log = logging.getLogger(__name__)
 
 MAX_OFFSET = 2**63 - 1  # byte offsets are int64 on the wire
-START_FIELDS = {"command", "path", "args", "timeout_s", "idempotency_key"}
+START_FIELDS = {"command", "path", "args", "timeout_s", "idempotency_key", "limits"}
 
 
 def _json(resp: falcon.Response, data, status: int = 200) -> None:
@@ -167,6 +167,7 @@ class Jobs(_Base):
             args=body.string_list(b, "args"),
             timeout_s=body.integer(b, "timeout_s"),
             idempotency_key=body.string(b, "idempotency_key", max_len=256),
+            limits=body.limits(b),
         )
         resp.location = f"/v1/workers/{job['worker_id']}/jobs/{job['job_id']}"
         resp.set_header("X-Job-ID", job["job_id"])
@@ -281,6 +282,7 @@ class FanOutJobs(_Base):
             "args": body.string_list(b, "args"),
             "timeout_s": body.integer(b, "timeout_s"),
             "idempotency_key": body.string(b, "idempotency_key", max_len=256),
+            "limits": body.limits(b),
         }
         result = await self.fanout.start(selector, spec)
         resp.location = f"/v1/groups/{result['group_id']}"

@@ -1,7 +1,9 @@
 #!/bin/bash
 # What a job may do on a worker: who it runs as, its privileges, its cgroup,
 # and whether it can read the worker's TLS key or write to the system.
-echo "user=$(id -un)"
+echo "uid=$(id -u)"
+echo "user=$USER"
+echo "tmpdir=$(stat -c '%u %a' "$TMPDIR")"
 echo "groups=$(id -G | tr ' ' ',')"
 grep -E '^(NoNewPrivs|CapEff|CapPrm):' /proc/self/status | tr -d '\t' | tr ':' '='
 echo "cgroup=$(grep '^0::' /proc/self/cgroup | cut -d: -f3)"

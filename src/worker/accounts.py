@@ -1,0 +1,358 @@
+"""Who a job runs as, and the private temporary directory it gets.
+
+``[jobs].user_mode`` (only when the worker runs as root):
+
+* ``dynamic`` (the default): every job runs under a user and group id of
+  its own, taken from ``[jobs].uid_min``..``uid_max`` (as systemd's
+  ``DynamicUser=`` takes ids from 61184-65519). Jobs are then walled off by
+  the kernel's own rules: a job cannot signal, trace or read ``/proc/PID``
+  of another job or of the worker, and ``kill -1`` in a job reaches only its
+  own processes. An id is held with a lock file in ``[jobs].uid_lock_dir``
+  (shared by every worker on the host) and is returned only once the job's
+  processes are gone: a clean-up process running as that id sends SIGKILL
+  to every process the id still has (``kill -1``) and empties the job's
+  temporary directory.
+* ``fixed``: every job runs as ``[jobs].user``: for hosts where scripts need
+  a known account (to own files, to be named in a sudoers rule). Jobs can
+  then signal and read each other, since they are the same user.
+
+A worker that does not run as root runs its jobs as its own user.
+
+Each job also gets a directory of its own, ``$TMPDIR`` (and ``$HOME`` for a
+dynamic user, which has no home), mode 0700, under a directory only the
+worker can list; it is removed when the job ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import grp
+import logging
+import os
+import pwd
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from jobgate.errors import ResourceExhausted
+from worker import spawn
+from worker.config import JobsSection
+
+log = logging.getLogger(__name__)
+
+# Run as the job's user once the job ended: every process left with that id
+# is killed (kill -1 spares only the caller), then the temporary directory
+# is emptied. Only root may remove the emptied directory itself (its parent
+# is root's).
+CLEANUP = (
+    'if [ "$1" = dynamic ]; then kill -s KILL -- -1 2>/dev/null; fi; '
+    'find "$2" -mindepth 1 -delete 2>/dev/null; exit 0'
+)
+CLEANUP_TIMEOUT_S = 30.0
+NSS_RECHECK_S = 600.0
+
+
+@dataclasses.dataclass
+class Account:
+    """The ids a job runs as (None: the worker's own) and its temporary directory."""
+
+    uid: int | None
+    gid: int | None
+    name: str
+    dynamic: bool = False
+    home: str = ""  # a fixed account's home
+    tmp: str = ""
+    _lock_fd: int | None = dataclasses.field(default=None, repr=False)
+
+
+class Accounts:
+    """Hands out accounts and temporary directories, and takes them back."""
+
+    def __init__(self, cfg: JobsSection, instance: str, contained: bool = False):
+        self.cfg = cfg
+        # Every process of a job stays in the job's cgroup (worker.isolation):
+        # once it is empty, none is left to kill when the id is returned.
+        self.contained = contained
+        # What the host's accounts and groups say of an id, and when it was
+        # asked: a lookup costs up to a millisecond (nss-systemd), so each id
+        # is looked up at most once per NSS_RECHECK_S.
+        self._known: dict[int, tuple[bool, float]] = {}
+        self.root = os.geteuid() == 0
+        self.mode = cfg.user_mode if self.root else "worker"
+        self._fixed: tuple[int, int, str] | None = None
+        if self.mode == "fixed":
+            self._fixed = _fixed_account(cfg.user)
+        self._next = cfg.uid_min
+        self._pool_lock = threading.Lock()
+        self._held: set[int] = set()
+        if self.mode == "dynamic":
+            cfg.uid_lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if cfg.tmp_dir:
+            self.tmp_root = Path(cfg.tmp_dir) / f"jobgate-{instance}"
+            self.tmp_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        else:
+            self.tmp_root = Path(tempfile.mkdtemp(prefix=f"jobgate-{instance}-"))
+        # Others may pass through to their own directory, never list it.
+        os.chmod(self.tmp_root, 0o711)  # noqa: S103 - traverse only, no listing
+        self.private_tmp = self._can_give_directories()
+        self._reclaims: queue.Queue[Account | None] = queue.Queue()
+        self._reclaimer = threading.Thread(
+            target=self._reclaim_loop, name="reclaimer", daemon=True
+        )
+        self._reclaimer.start()
+        log.info("jobs run %s", self.describe())
+
+    def _can_give_directories(self) -> bool:
+        """Whether the worker may make a directory the job's (CAP_CHOWN).
+
+        A dynamic id has no other place of its own: without it the worker
+        refuses to start. A fixed account has its home; its jobs then go
+        without a private TMPDIR, which the log says.
+        """
+        if self.mode == "worker":
+            return True
+        uid, gid = self._fixed[:2] if self._fixed else (self.cfg.uid_min,) * 2
+        probe = self.tmp_root / ".probe"
+        try:
+            probe.mkdir(mode=0o700, exist_ok=True)
+            try:
+                os.chown(probe, uid, gid)
+            finally:
+                probe.rmdir()
+            return True
+        except PermissionError as exc:
+            if self.mode == "dynamic":
+                raise OSError(
+                    '[jobs].user_mode = "dynamic" needs the capability to give '
+                    f"each job its directory (CAP_CHOWN): {exc.strerror}; grant "
+                    'it, or use user_mode = "fixed"'
+                ) from None
+            log.warning(
+                "jobs run without a private TMPDIR: the worker may not give %s a "
+                "directory (no CAP_CHOWN)",
+                self.cfg.user,
+            )
+            return False
+
+    def describe(self) -> str:
+        if self.mode == "dynamic":
+            return (
+                f"each under a user id of its own from {self.cfg.uid_min}-"
+                f"{self.cfg.uid_max}"
+            )
+        if self.mode == "fixed":
+            return f"as {self.cfg.user!r}"
+        return "as the worker's own user (it is not root)"
+
+    @property
+    def held(self) -> int:
+        """How many dynamic ids are taken (not yet returned)."""
+        return len(self._held)
+
+    # -- taking -------------------------------------------------------------------
+
+    def acquire(self, job_id: str) -> Account:
+        """An account and a private directory for a new job.
+
+        Raises ResourceExhausted when every id of the range is taken and
+        OSError when the directory cannot be made.
+        """
+        if self.mode == "dynamic":
+            account = self._dynamic()
+        elif self.mode == "fixed":
+            uid, gid, home = self._fixed  # type: ignore[misc]
+            account = Account(uid, gid, self.cfg.user, home=home)
+        else:
+            account = Account(None, None, "")
+        if not self.private_tmp:
+            return account
+        tmp = self.tmp_root / job_id
+        try:
+            os.mkdir(tmp, 0o700)
+            try:
+                if account.uid is not None:
+                    os.chown(tmp, account.uid, account.gid)
+            except BaseException:
+                os.rmdir(tmp)
+                raise
+            account.tmp = str(tmp)
+        except BaseException:
+            self._return(account)
+            raise
+        return account
+
+    def _dynamic(self) -> Account:
+        lo, hi = self.cfg.uid_min, self.cfg.uid_max
+        size = hi - lo + 1
+        with self._pool_lock:
+            for _ in range(size):
+                uid = self._next
+                self._next = lo if uid >= hi else uid + 1
+                if uid in self._held or self._known_to_the_system(uid):
+                    continue
+                fd = _lock(self.cfg.uid_lock_dir / str(uid))
+                if fd is None:
+                    continue  # another worker on this host holds it
+                self._held.add(uid)
+                return Account(uid, uid, f"jobgate-{uid}", True, _lock_fd=fd)
+        raise ResourceExhausted(
+            f"every user id of [jobs].uid_min-uid_max ({lo}-{hi}) is taken by a "
+            "running job; retry when one ends"
+        )
+
+    def _known_to_the_system(self, uid: int) -> bool:
+        now = time.monotonic()
+        cached = self._known.get(uid)
+        if cached is None or now - cached[1] > NSS_RECHECK_S:
+            cached = (_known_to_the_system(uid), now)
+            self._known[uid] = cached
+        return cached[0]
+
+    # -- giving back --------------------------------------------------------------
+
+    def release(self, account: Account) -> None:
+        """Return the account once its job's processes are gone (in the background)."""
+        self._reclaims.put(account)
+
+    def _reclaim_loop(self) -> None:
+        while True:
+            account = self._reclaims.get()
+            if account is None:
+                return
+            try:
+                self._reclaim(account)
+            except Exception:  # noqa: BLE001 - go on with the others
+                log.exception("returning the account %s failed", account.name)
+
+    def _reclaim(self, account: Account) -> None:
+        """Make sure nothing of the job is left, then return its id.
+
+        A clean-up process running as the job's id is needed only when
+        processes of the job may have escaped (a dynamic id without a cgroup
+        per job), or when the job left files in its directory that the
+        worker may not remove itself (under systemd it has no
+        CAP_DAC_OVERRIDE). Most jobs need neither, and cost no process.
+        """
+        escaped = account.dynamic and not self.contained
+        if account.tmp and not escaped:
+            try:
+                os.rmdir(account.tmp)  # empty, the common case
+                account.tmp = ""
+            except FileNotFoundError:
+                account.tmp = ""
+            except OSError:
+                shutil.rmtree(account.tmp, ignore_errors=True)
+                if not os.path.exists(account.tmp):
+                    account.tmp = ""
+        if account.uid is not None and (escaped or account.tmp):
+            try:
+                _run_as(account, CLEANUP_TIMEOUT_S)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                # The id is kept: processes of it may still run.
+                log.error("cleaning up after %s failed: %s", account.name, exc)
+                return
+        if account.tmp:
+            try:
+                os.rmdir(account.tmp)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", account.tmp, exc)
+        self._return(account)
+
+    def _return(self, account: Account) -> None:
+        if account._lock_fd is not None:
+            fd, account._lock_fd = account._lock_fd, None
+            with self._pool_lock:
+                self._held.discard(account.uid)  # type: ignore[arg-type]
+            os.close(fd)  # releases the lock
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish the returns under way, then remove the temporary root."""
+        self._reclaims.put(None)
+        self._reclaimer.join(timeout)
+        try:
+            self.tmp_root.rmdir()
+        except OSError as exc:
+            log.warning("could not remove %s: %s", self.tmp_root, exc)
+
+
+def _run_as(account: Account, timeout: float) -> None:
+    """Run :data:`CLEANUP` as the account and wait for it (vfork where it can)."""
+    argv = [
+        "/bin/sh",
+        "-c",
+        CLEANUP,
+        "jobgate-cleanup",
+        "dynamic" if account.dynamic else "fixed",
+        account.tmp or "/nonexistent",
+    ]
+    env = {"PATH": "/usr/bin:/bin"}
+    if spawn.available():
+        child = spawn.spawn(
+            argv,
+            cwd="/",
+            env=env,
+            user=account.uid,
+            group=account.gid,
+            cgroup_procs=None,
+        )
+        try:
+            child.stdout.read()  # ends when it exits (it writes nothing)
+            child.wait(timeout)
+        finally:
+            child.stdout.close()
+        return
+    subprocess.run(
+        argv,
+        user=account.uid,
+        group=account.gid,
+        extra_groups=[],
+        env=env,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _fixed_account(user: str) -> tuple[int, int, str]:
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise OSError(f"[jobs].user: no such account {user!r} on this host") from None
+    if pw.pw_uid == 0:
+        raise OSError(f"[jobs].user: {user!r} is root; jobs never run as root")
+    return pw.pw_uid, pw.pw_gid, pw.pw_dir
+
+
+def _known_to_the_system(uid: int) -> bool:
+    """True if an account or group has this id (it is not free to hand out)."""
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        pass
+    try:
+        grp.getgrgid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+def _lock(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

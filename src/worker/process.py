@@ -1,0 +1,241 @@
+"""Starting a job's process: the account, the environment, the spawn.
+
+Two ways, chosen once per worker, and no more:
+
+* one exec (:mod:`worker.spawn`, the C module ``worker._spawn``): the
+  ``vfork()``ed child joins the job's cgroups, drops to the job's account and
+  execs the interpreter. Used wherever the module is built and the kernel has
+  ``close_range`` (Linux 5.11): every supported Debian and Ubuntu, and CI.
+* a chain of programs through ``subprocess``: ``/bin/sh`` joins the cgroups
+  (a few lines of shell, :data:`SHIM`; none in process-group mode),
+  ``setpriv`` drops to the job's account, then the interpreter runs. Used
+  where the C module is missing (installed without a C compiler) or the
+  kernel is older; CI runs it too (the tests force it). A worker that must
+  switch users this way refuses to start without ``setpriv``.
+
+OS effects (spawn, exit notification, clock) go through :class:`ProcessOps`
+so tests can replace them; the tests also run the real thing.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import time
+
+from worker import spawn as one_exec
+from worker.accounts import Account
+from worker.config import JobsSection
+
+log = logging.getLogger(__name__)
+
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Joins the job's cgroups ($1 of them, their cgroup.procs next) before
+# anything of the job runs, then execs the job (through setpriv when it must
+# drop to the job's user). The shim's stdin is a pipe back to the worker,
+# used only to report a failure to join; the job itself gets /dev/null.
+SHIM = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do '
+    'echo $$ > "$1" || { echo cgroup >&0; exit 125; }; shift; n=$((n - 1)); done; '
+    'exec 0</dev/null; exec "$@"'
+)
+
+
+class ProcessOps:
+    """The runner's seam to the operating system.
+
+    ``native``: jobs start with one exec (:mod:`worker.spawn`), which joins
+    the job's cgroup and drops to its user itself; else through ``subprocess``,
+    and :class:`Spawner` builds the chain of programs that does it.
+    """
+
+    native = not one_exec.available()
+
+    def spawn(
+        self,
+        argv,
+        *,
+        cwd,
+        env,
+        user,
+        group,
+        stdin=subprocess.DEVNULL,
+        cgroup_procs: str | None = None,
+    ) -> subprocess.Popen | one_exec.Child:
+        if self.native:
+            return one_exec.spawn(
+                argv,
+                cwd=cwd,
+                env=env,
+                user=user,
+                group=group,
+                cgroup_procs=cgroup_procs,
+            )
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            start_new_session=True,
+            user=user,
+            group=group,
+            extra_groups=[] if user is not None else None,
+        )
+
+    def exit_fd(self, pid: int) -> int:
+        """A descriptor that becomes readable once ``pid`` has exited.
+
+        Reading it reaps nothing: the process stays a zombie until the runner
+        waits for it. The runner closes the descriptor.
+        """
+        return os.pidfd_open(pid)
+
+    def check(self) -> None:
+        """Raise OSError, saying what is missing, if :meth:`exit_fd` cannot work.
+
+        Jobs are watched through pidfds: Linux 5.3 or newer, and a seccomp
+        policy that allows pidfd_open. There is no fallback (a thread per job
+        blocked in waitid would bring back what the reactor replaced), so a
+        host without them is refused when the worker starts instead of failing
+        every job it would start.
+        """
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except (AttributeError, OSError) as exc:
+            detail = getattr(exc, "strerror", None) or str(exc)
+            raise OSError(
+                "the worker needs pidfd_open (Linux 5.3 or newer, not blocked "
+                f"by a seccomp filter) to watch its jobs: {detail}"
+            ) from None
+
+    def now(self) -> float:
+        return time.time()
+
+
+class Spawner:
+    """Starts a job's process as the job's account, in the job's cgroup."""
+
+    def __init__(
+        self,
+        cfg: JobsSection,
+        ops: ProcessOps,
+        worker_name: str,
+        setpriv: str | None,
+        switches_user: bool,
+    ):
+        self.cfg = cfg
+        self.ops = ops
+        self.worker_name = worker_name
+        self.cwd = str(cfg.scripts_dir.resolve())
+        # Without the one-exec spawner, drop privileges with setpriv rather
+        # than in the forked child, so that spawning can use vfork, much
+        # cheaper from a large process.
+        self.setpriv = None
+        if switches_user and not ops.native:
+            self.setpriv = setpriv or shutil.which(
+                "setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin"
+            )
+            if self.setpriv is None:
+                raise OSError(
+                    "setpriv (util-linux) is needed to start jobs as their user "
+                    f"without the one-exec spawner ({one_exec.available() or 'off'})"
+                )
+        if ops.native:
+            log.info("jobs start with a single exec (worker._spawn)")
+        else:
+            log.info(
+                "jobs start through /bin/sh and setpriv: %s",
+                one_exec.available() or "the one-exec spawner is turned off",
+            )
+
+    def environment(self, job_id: str, account: Account) -> dict[str, str]:
+        env = {
+            "PATH": SAFE_PATH,
+            # A dynamic user has no home: its private directory stands in.
+            "HOME": account.home or account.tmp or self.cwd,
+            "LANG": "C.UTF-8",
+            "JOBGATE_JOB_ID": job_id,
+            "JOBGATE_WORKER": self.worker_name,
+        }
+        if account.tmp:
+            env["TMPDIR"] = account.tmp
+        if account.uid is not None:
+            env["USER"] = env["LOGNAME"] = account.name
+        env.update(self.cfg.environment)
+        return env
+
+    def spawn(
+        self, job_id: str, argv: list[str], procs: list[str], account: Account
+    ):
+        """Start ``argv`` as ``account``; returns ``(process, status_fd)``.
+
+        ``procs`` are the ``cgroup.procs`` files the job joins (none: it
+        joins none). ``status_fd`` (chain only, else None) is readable once the
+        shim has exited: anything on it means the job could not join its
+        cgroups and never ran.
+        """
+        check_executable(argv[0])
+        env = self.environment(job_id, account)
+        user, group = account.uid, account.gid
+        if self.ops.native:
+            proc = self.ops.spawn(
+                argv,
+                cwd=self.cwd,
+                env=env,
+                user=user,
+                group=group,
+                cgroup_procs=procs or None,
+            )
+            return proc, None
+        # The job's program runs with the job's user only, through setpriv:
+        # no uid switch in the forked child lets subprocess use vfork.
+        priv = []
+        if user is not None:
+            priv = [
+                self.setpriv,
+                f"--reuid={user}",
+                f"--regid={group}",
+                "--clear-groups",
+                "--",
+            ]
+        status_r, status_w = os.pipe()
+        # The shim needs the worker's privileges to join the cgroups.
+        shim = ["/bin/sh", "-c", SHIM, "jobgate-job", str(len(procs)), *procs]
+        shim += [*priv, *argv]
+        try:
+            proc = self.ops.spawn(
+                shim, cwd=self.cwd, env=env, user=None, group=None, stdin=status_w
+            )
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(status_w)
+        # Read only once the shim has exited; never wait on it.
+        os.set_blocking(status_r, False)
+        return proc, status_r
+
+
+def read_start_error(status_fd: int) -> str:
+    """What the chain's shim reported (it has exited), then close the pipe."""
+    try:
+        data = os.read(status_fd, 4096).decode(errors="replace")
+    except BlockingIOError:
+        data = ""
+    finally:
+        os.close(status_fd)
+    return "could not move the job into its cgroup" if data else ""
+
+
+def check_executable(path: str) -> None:
+    """Raise the OSError an exec of ``path`` would meet, before spawning."""
+    st = os.stat(path)  # ENOENT, ENOTDIR, ELOOP ...
+    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
