@@ -51,7 +51,7 @@ def test_requests_back_to_back_on_one_connection(api, cluster):
         conn.close()
 
 
-def test_a_connection_idle_past_the_linger_is_still_served(cluster):
+def test_a_connection_with_pauses_between_requests_is_still_served(cluster):
     conn = connect(cluster)
     try:
         for pause in (0, 0.05, 0.3, 0):
@@ -87,9 +87,8 @@ def test_pipelined_requests_are_answered_in_order(cluster):
     assert [json.loads(body)["name"] for _, body in answers] == ["worker-2", "worker-1"]
 
 
-def test_more_busy_connections_than_threads_are_all_served(cluster):
-    # [http].threads per process is 16 here; 48 connections that never pause
-    # must all be served, lingering or not.
+def test_many_busy_connections_are_all_served(cluster):
+    # 48 connections that never pause, on two processes' event loops.
     def client(_):
         conn = connect(cluster)
         try:
