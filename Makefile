@@ -36,7 +36,7 @@ test: proto
 	$(PY) -m pytest tests
 
 lint: proto
-	$(PY) -m ruff check src tests certs
+	$(PY) -m ruff check src tests certs lab
 
 # The benchmark suite (bench/README.md): bench/results/report.json and .md.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--scenario start --runs 1".
@@ -94,3 +94,22 @@ appliance-deps: $(TOOLS_VENV)/.installed
 
 test-appliance: proto
 	JOBGATE_REQUIRE_APPLIANCE=$${JOBGATE_REQUIRE_APPLIANCE:-1} $(PY) -m pytest tests/appliance
+
+# --- the Vagrant lab, proven under software emulation -------------------------
+
+# libvirtd is started by `make test-vagrant` itself, inside a network namespace
+# of its own: libvirt-daemon-system (init scripts, the autostarted "default"
+# network on the machine's own network) is deliberately not installed.
+VAGRANT_APT := vagrant vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu \
+	libvirt-clients qemu-system-x86 qemu-utils dnsmasq-base iptables debootstrap \
+	util-linux fdisk e2fsprogs extlinux syslinux-common curl
+
+.PHONY: vagrant-deps vagrant-box test-vagrant
+
+vagrant-deps: $(TOOLS_VENV)/.installed
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $(VAGRANT_APT); \
+	else \
+		echo "vagrant-deps: not root; install with apt-get: $(VAGRANT_APT)"; \
+	fi

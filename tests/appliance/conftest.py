@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from . import lab as appliance_lab
+from lab import nodes as appliance_lab
+
 from .support import (
     PKGTEST,
     REPO,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from conftest import skip_unless_required
 
-from . import lab as appliance_lab
+from lab import nodes as appliance_lab
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
