@@ -304,7 +304,10 @@ class Cluster:
                 return str(path)
 
         ca = rel(self.pki / "ca.pem")
-        me = f"{rel(Path(sys.executable))} -m lab --dir {rel(self.dir)}"
+        python = rel(Path(sys.executable))
+        if shutil.which("python3") == sys.executable:
+            python = "python3"
+        me = f"{python} -m lab --dir {rel(self.dir)}"
         nodes = ", ".join(f"{n.name} {n.address}" for n in lab.nodes.values())
         out = [f"The jobgate lab is up: {nodes} (network namespace {lab.netns})."]
         if port:
