@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -352,7 +351,3 @@ class Cluster:
         if node is None:
             raise LabError(f"no node {name!r}; the nodes: {', '.join(lab.nodes)}")
         return ["nsenter", "-t", str(node.leader), "-a", *cmd]
-
-
-def quote(cmd: list[str]) -> str:
-    return shlex.join(cmd)
