@@ -590,6 +590,9 @@ def test(args: argparse.Namespace) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             run(["ip", "netns", "del", netns], check=False)
+            # The VMs' disks and the box's copy in the pool; the transcript
+            # and the logs stay.
+            shutil.rmtree(run_dir / "var-lib-libvirt", ignore_errors=True)
             for d in reversed(made_dirs):
                 with contextlib.suppress(OSError):
                     d.rmdir()
