@@ -586,7 +586,12 @@ def test(args: argparse.Namespace) -> int:
     finally:
         if not args.keep:
             for pid in pids_in_netns(netns):
-                log(f"stopping what is left in the namespace: pid {pid}")
+                # Typically Ansible's SSH connection masters (ControlPersist).
+                try:
+                    name = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    name = "?"
+                log(f"stopping what is left in the namespace: pid {pid} ({name})")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             run(["ip", "netns", "del", netns], check=False)
