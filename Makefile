@@ -36,7 +36,7 @@ test: proto
 	$(PY) -m pytest tests
 
 lint: proto
-	$(PY) -m ruff check src tests certs
+	$(PY) -m ruff check src tests certs lab
 
 # The benchmark suite (bench/README.md): bench/results/report.json and .md.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--scenario start --runs 1".
@@ -45,6 +45,7 @@ bench: proto
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
+	if [ -f $(LAB_DIR)/state.json ]; then $(PYTHON) -m lab --dir $(LAB_DIR) down; fi
 	rm -rf $(VENV) $(STUBS) run build dist src/*.egg-info
 
 # --- appliance: Debian packages, the lab test and its tools ----------------
@@ -56,7 +57,7 @@ DEB_DIST  := dist/deb
 TOOLS_VENV := .venv-appliance
 APPLIANCE_APT := systemd-container debootstrap dh-virtualenv debhelper dpkg-dev \
 	build-essential python3-dev lintian ruby vagrant python3 python3-venv iproute2 \
-	openssh-client util-linux procps
+	openssh-client util-linux procps curl
 
 .PHONY: deb appliance-deps test-appliance
 
@@ -94,3 +95,58 @@ appliance-deps: $(TOOLS_VENV)/.installed
 
 test-appliance: proto
 	JOBGATE_REQUIRE_APPLIANCE=$${JOBGATE_REQUIRE_APPLIANCE:-1} $(PY) -m pytest tests/appliance
+
+# --- the development lab (docs/lab.md) ---------------------------------------
+
+# Three systemd-nspawn nodes (scheduler, worker-1, worker-2) provisioned by
+# site.yml with the packages of `make deb`, the API on 127.0.0.1:$(LAB_PORT).
+# Run again to provision again. As root, after `make appliance-deps`.
+LAB_DIR  ?= build/lab
+LAB_PORT ?= 8443
+
+.PHONY: lab lab-down lab-status
+
+# The machine's packages are installed once (the stamp), not on every run.
+$(TOOLS_VENV)/.apt-installed: $(TOOLS_VENV)/.installed
+	$(MAKE) appliance-deps
+	if [ "$$(id -u)" = 0 ]; then touch $@; fi
+
+lab: proto $(TOOLS_VENV)/.apt-installed deb
+	$(PYTHON) -m lab --dir $(LAB_DIR) up --port $(LAB_PORT) --debs $(DEB_DIST)
+
+lab-down:
+	$(PYTHON) -m lab --dir $(LAB_DIR) down
+
+lab-status:
+	$(PYTHON) -m lab --dir $(LAB_DIR) status
+
+# --- the Vagrant lab, proven under software emulation -------------------------
+
+# libvirtd is started by `make test-vagrant` itself, inside a network namespace
+# of its own: libvirt-daemon-system (init scripts, the autostarted "default"
+# network on the machine's own network) is deliberately not installed.
+VAGRANT_APT := vagrant vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu \
+	libvirt-clients qemu-system-x86 qemu-utils dnsmasq-base iptables debootstrap \
+	util-linux fdisk e2fsprogs extlinux syslinux-common curl
+
+.PHONY: vagrant-deps vagrant-box test-vagrant
+
+vagrant-deps: $(TOOLS_VENV)/.installed
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $(VAGRANT_APT); \
+	else \
+		echo "vagrant-deps: not root; install with apt-get: $(VAGRANT_APT)"; \
+	fi
+
+# Builds build/vagrant/bookworm.box from Debian packages (debootstrap, the
+# cloud kernel, extlinux) and adds it as the Vagrantfile's box; as root.
+vagrant-box:
+	$(PYTHON) -m lab.vagrant box
+
+# A real `vagrant up` of the Vagrantfile under software emulation, in a
+# network namespace of its own, then checks over HTTPS and `vagrant destroy`.
+# Slow (tens of minutes): not part of `make test`. Transcript and timings in
+# build/vagrant/run-*/transcript.log.
+test-vagrant: deb
+	$(PYTHON) -m lab.vagrant test

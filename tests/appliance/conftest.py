@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from . import lab as appliance_lab
+from lab import cluster as lab_cluster
+
 from .support import (
     PKGTEST,
     REPO,
-    SCHEDULER,
-    WORKERS,
     Deployment,
+    lab_command,
     need_ansible,
     need_lab_host,
     need_programs,
@@ -66,59 +66,53 @@ def debs():
 
 @pytest.fixture(scope="module")
 def deployment(request: pytest.FixtureRequest):
-    """Four booted nodes: scheduler, worker-1, worker-2 and a spare."""
+    """Booted nodes, scheduler, worker-1, worker-2 and a spare, as ``make lab``.
+
+    ``python -m lab up`` boots them and runs site.yml once; the tests then
+    take the lab over from its state file (the same code ``make lab-status``
+    and ``make lab-down`` use). The last test takes it down with
+    ``python -m lab down``; should a test stop early, this fixture does.
+    """
     need_lab_host()
-    tools = need_ansible()
+    need_ansible()
     # Built only once the lab is known to be possible here.
     debs = request.getfixturevalue("debs")
     package_files(debs)
     workdir = Path(tempfile.mkdtemp(prefix="jobgate-appliance-"))
-    key = workdir / "id_ed25519"
-    subprocess.run(
-        [
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "jobgate-lab",
-            "-f",
-            str(key),
-        ],
-        check=True,
-    )
     scripts = workdir / "scripts"
     shutil.copytree(REPO / "examples" / "scripts", scripts)
     for name in ("identity.sh", "hog.sh"):
         shutil.copy(Path(__file__).parent / "scripts" / name, scripts)
-    extra_vars = {
-        "common_pki_local_dir": str(workdir / "pki"),
-        "common_packages_dir": str(debs),
-        "worker_scripts_src": str(scripts),
-    }
+    cluster = lab_cluster.Cluster(workdir / "lab")
     t0 = time.monotonic()
-    with appliance_lab.Lab(
-        [SCHEDULER, *WORKERS, PKGTEST],
-        ssh_public_key=(workdir / "id_ed25519.pub").read_text(),
-    ) as lab:
-        print(f"lab booted in {time.monotonic() - t0:.0f}s")
-        dep = Deployment(lab, workdir, tools, extra_vars, key)
-        try:
-            yield dep
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+    up = lab_command(
+        cluster.dir,
+        "up",
+        "--debs",
+        str(debs),
+        "--scripts",
+        str(scripts),
+        "--port",
+        "0",
+        "--spare",
+        PKGTEST,
+    )
+    print(f"python -m lab up: {time.monotonic() - t0:.0f}s")
+    try:
+        lab = cluster.load()
+        assert lab is not None, f"python -m lab up failed:\n{up.stdout}{up.stderr}"
+        yield Deployment(cluster, lab, up)
+    finally:
+        cluster.down()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def deployed(deployment: Deployment) -> Deployment:
     """The lab after a first, successful run of site.yml."""
-    if not deployment.runs:
-        res = deployment.playbook()
-        print(f"first playbook run: {res.duration:.0f}s")
-        assert res.returncode == 0, (
-            f"ansible-playbook failed ({res.returncode}):\n{res.stdout[-8000:]}"
-            f"{res.stderr[-3000:]}\n{deployment.diagnostics()}"
-        )
+    assert deployment.up.returncode == 0, (
+        f"python -m lab up failed ({deployment.up.returncode}):\n"
+        f"{deployment.up.stdout[-8000:]}{deployment.up.stderr[-3000:]}\n"
+        f"{deployment.diagnostics()}"
+    )
     return deployment

@@ -10,26 +10,26 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import skip_unless_required
 
-from . import lab as appliance_lab
+from lab import cluster as lab_cluster
+from lab import nodes as lab_nodes
 
-REPO = Path(__file__).resolve().parents[2]
-ANSIBLE_DIR = REPO / "ansible"
-INVENTORY = ANSIBLE_DIR / "inventories" / "lab" / "hosts.ini"
-# The lab inventory's API token (ansible/inventories/lab/group_vars/all.yml).
-LAB_TOKEN = "lab-token-0123456789abcdef"
-SCHEDULER, WORKERS, PKGTEST = "scheduler", ("worker-1", "worker-2"), "pkgtest"
-HTTP_PORT = 8080
+REPO = lab_cluster.REPO
+ANSIBLE_DIR = lab_cluster.ANSIBLE_DIR
+LAB_TOKEN = lab_cluster.LAB_TOKEN
+SCHEDULER, WORKERS, PKGTEST = lab_cluster.SCHEDULER, lab_cluster.WORKERS, "pkgtest"
+HTTP_PORT = lab_cluster.HTTP_PORT
+tools_env = lab_cluster.tools_env
 
 
 def need(ok: bool, reason: str) -> None:
@@ -46,22 +46,8 @@ def need_programs(*names: str) -> None:
     )
 
 
-def tools_bin() -> Path | None:
-    """The directory of ansible-playbook and ansible-lint, if installed."""
-    env = os.environ.get("JOBGATE_ANSIBLE_BIN")
-    candidates = [Path(env)] if env else []
-    candidates.append(REPO / ".venv-appliance" / "bin")
-    found = shutil.which("ansible-playbook")
-    if found:
-        candidates.append(Path(found).parent)
-    for c in candidates:
-        if (c / "ansible-playbook").exists():
-            return c
-    return None
-
-
 def need_ansible() -> Path:
-    tools = tools_bin()
+    tools = lab_cluster.tools_bin()
     need(
         tools is not None,
         "ansible-playbook not found (.venv-appliance or PATH); "
@@ -70,37 +56,10 @@ def need_ansible() -> Path:
     return tools
 
 
-def tools_env(tools: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{tools}{os.pathsep}{env.get('PATH', '')}"
-    env["ANSIBLE_CONFIG"] = str(ANSIBLE_DIR / "ansible.cfg")
-    env["ANSIBLE_NOCOLOR"] = "1"
-    env["ANSIBLE_FORCE_COLOR"] = "0"
-    env.pop("ANSIBLE_CALLBACKS_ENABLED", None)
-    return env
-
-
 def need_lab_host() -> None:
     """Skip unless this machine can boot systemd-nspawn nodes."""
-    need(os.geteuid() == 0, "the appliance lab needs root (network namespaces)")
-    need_programs(
-        "systemd-nspawn",
-        "debootstrap",
-        "ip",
-        "nsenter",
-        "mount",
-        "ssh",
-        "ssh-keygen",
-        "systemd-id128",
-        "tar",
-    )
-    need(
-        "overlay" in Path("/proc/filesystems").read_text()
-        or Path("/sys/module/overlay").exists()
-        or shutil.which("modprobe") is not None,
-        "the kernel has no overlayfs",
-    )
-    need(bool(appliance_lab.cgroup_roots()), "no cgroup hierarchy to put nodes in")
+    missing = lab_cluster.missing_requirements()
+    need(not missing, "the lab needs " + "; ".join(missing))
 
 
 # -- packages -------------------------------------------------------------------
@@ -120,61 +79,31 @@ def package_files(debs: Path) -> dict[str, Path]:
 
 @dataclass
 class Deployment:
-    lab: appliance_lab.Lab
-    workdir: Path
-    tools: Path
-    extra_vars: dict
-    key: Path
-    runs: list[subprocess.CompletedProcess] = field(default_factory=list)
+    """A lab brought up by ``python -m lab up``, taken over by the tests."""
+
+    cluster: lab_cluster.Cluster
+    lab: lab_nodes.Lab
+    up: subprocess.CompletedProcess  # the `python -m lab up` that booted it
     job_ids: dict[str, str] = field(default_factory=dict)  # worker -> a finished job
 
     @property
     def pki(self) -> Path:
-        return Path(self.extra_vars["common_pki_local_dir"])
+        return self.cluster.pki
 
     @property
-    def scheduler(self) -> appliance_lab.Node:
+    def runs(self) -> list[lab_cluster.PlaybookRun]:
+        return self.cluster.runs()
+
+    @property
+    def scheduler(self) -> lab_nodes.Node:
         return self.lab.nodes[SCHEDULER]
 
-    def node(self, name: str) -> appliance_lab.Node:
+    def node(self, name: str) -> lab_nodes.Node:
         return self.lab.nodes[name]
 
-    def playbook(self, *extra: str) -> subprocess.CompletedProcess:
+    def playbook(self, *extra: str) -> lab_cluster.PlaybookRun:
         """Run ``ansible-playbook site.yml`` against the lab, from its network."""
-        vars_file = self.workdir / "extra-vars.json"
-        vars_file.write_text(json.dumps(self.extra_vars))
-        cmd = self.lab.in_netns(
-            str(self.tools / "ansible-playbook"),
-            "-i",
-            str(INVENTORY),
-            "--private-key",
-            str(self.key),
-            "-e",
-            f"@{vars_file}",
-            *extra,
-            str(ANSIBLE_DIR / "site.yml"),
-        )
-        env = tools_env(self.tools)
-        # SSH connections are shared per host address; another lab with the
-        # same addresses (a parallel run) must not get this one's.
-        env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(self.workdir / "cp")
-        env["ANSIBLE_LOCAL_TEMP"] = str(self.workdir / "tmp")
-        t0 = time.monotonic()
-        res = subprocess.run(
-            cmd,
-            cwd=ANSIBLE_DIR,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        res.duration = time.monotonic() - t0
-        (self.workdir / f"playbook-{len(self.runs) + 1}.log").write_text(
-            res.stdout + res.stderr
-        )
-        self.runs.append(res)
-        return res
+        return self.cluster.playbook(self.lab, *extra)
 
     def api(self) -> LabApi:
         return LabApi(self.lab, self.scheduler.address, HTTP_PORT, self.pki / "ca.pem")
@@ -200,6 +129,18 @@ class Deployment:
         return "\n".join(out)
 
 
+def lab_command(directory: Path, *args: str, timeout: float = 900):
+    """``python -m lab --dir DIRECTORY ARGS``, as ``make lab`` runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "lab", "--dir", str(directory), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def recap(output: str) -> dict[str, dict[str, int]]:
     """The PLAY RECAP counters of an ansible-playbook run, by host."""
     hosts = {}
@@ -214,7 +155,7 @@ def recap(output: str) -> dict[str, dict[str, int]]:
 
 
 class _LabHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, lab: appliance_lab.Lab, host: str, port: int, context, timeout):
+    def __init__(self, lab: lab_nodes.Lab, host: str, port: int, context, timeout):
         super().__init__(host, port, context=context, timeout=timeout)
         self._lab = lab
 

@@ -1,30 +1,40 @@
 """The appliance on real systemd hosts: packages, units, Ansible, the API.
 
-One session builds the packages, boots systemd-nspawn nodes on a private
-bridge (scheduler, worker-1, worker-2, and a spare node for the package
-test), runs ``ansible-playbook ansible/site.yml`` against them with the lab
-inventory, and checks from outside what an operator would see: the API over
-HTTPS, ``systemctl``, ``journalctl``, a second run that changes nothing.
+One session builds the packages and brings the lab up as ``make lab`` does
+(``python -m lab up``: systemd-nspawn nodes on a private bridge, scheduler,
+worker-1, worker-2 and a spare node for the package test; ``ansible-playbook
+ansible/site.yml`` with the lab inventory; the API forwarded to a port of
+127.0.0.1), and checks from outside what an operator would see: the API over
+HTTPS, ``systemctl``, ``journalctl``, a second ``make lab`` that changes
+nothing, ``make lab-status``, and ``make lab-down`` leaving nothing behind.
 The tests run in file order and build on each other's state.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from lab.nodes import Lab
+
 from .support import (
     HTTP_PORT,
+    LAB_TOKEN,
     PKGTEST,
     SCHEDULER,
     WORKERS,
     Deployment,
     LabApi,
+    lab_command,
     package_files,
     recap,
 )
@@ -256,14 +266,90 @@ def test_rotating_the_ca_is_one_playbook_run(deployed: Deployment, tmp_path: Pat
         assert out == b"1\n2\n", out
 
 
-def test_a_second_run_changes_nothing(deployed: Deployment):
-    res = deployed.playbook()
-    print(f"second playbook run: {res.duration:.0f}s")
-    assert res.returncode == 0, res.stdout[-6000:]
-    counts = recap(res.stdout)
+def test_make_lab_again_provisions_and_changes_nothing(deployed: Deployment):
+    port = deployed.cluster.forwarded_port(deployed.lab)
+    t0 = time.monotonic()
+    res = lab_command(deployed.cluster.dir, "up", "--port", "0", "--quiet")
+    print(f"python -m lab up, again: {time.monotonic() - t0:.0f}s")
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert "is up; provisioning it again" in res.stdout
+    counts = recap(deployed.runs[-1].stdout)
     assert set(counts) == {SCHEDULER, *WORKERS}
     changed = {h: c["changed"] for h, c in counts.items() if c["changed"]}
-    assert not changed, (changed, res.stdout[-6000:])
+    assert not changed, (changed, deployed.runs[-1].stdout[-6000:])
+    # The same nodes and the same forwarded port: nothing was booted anew.
+    assert Lab.load(deployed.cluster.state_file).state() == deployed.lab.state()
+    assert f"https://127.0.0.1:{port}" in res.stdout
+
+
+def forwarded_url(deployed: Deployment) -> str:
+    port = deployed.cluster.forwarded_port(deployed.lab)
+    assert port, "the forwarder of python -m lab up is not running"
+    return f"https://127.0.0.1:{port}"
+
+
+def test_the_api_is_forwarded_to_a_port_of_the_machine(deployed: Deployment):
+    url = forwarded_url(deployed)
+    ca = deployed.pki / "ca.pem"
+    # What `make lab` prints works as printed: curl ...
+    curl = shutil.which("curl")
+    if curl:
+        res = subprocess.run(
+            [
+                curl,
+                "-sS",
+                "--fail",
+                "--cacert",
+                str(ca),
+                "-H",
+                f"Authorization: Bearer {LAB_TOKEN}",
+                f"{url}/v1/workers",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert res.returncode == 0, res.stderr
+        names = sorted(w["name"] for w in json.loads(res.stdout)["workers"])
+        assert names == sorted(WORKERS)
+    # ... and the jobgate CLI, from the environment the lab prints.
+    env = dict(os.environ)
+    env.update(JOBGATE_URL=url, JOBGATE_TOKEN=LAB_TOKEN, JOBGATE_CA_FILE=str(ca))
+    # No client.toml of the person running the tests may interfere.
+    env["XDG_CONFIG_HOME"] = str(deployed.cluster.dir)
+    cli = [str(Path(sys.executable).parent / "jobgate")]
+    res = subprocess.run(
+        [*cli, "run", WORKERS[0], "count.sh", "--follow"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.split() == [str(i) for i in range(1, 11)], res.stdout
+    # Only on the loopback interface.
+    host, port = url.removeprefix("https://").split(":")
+    assert host == "127.0.0.1"
+    listening = subprocess.run(
+        ["ss", "-Htln", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    assert listening.split()[3] == f"127.0.0.1:{port}", listening
+
+
+def test_make_lab_status_shows_every_node_and_worker(deployed: Deployment):
+    res = lab_command(deployed.cluster.dir, "status", timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = {line.split()[0]: line for line in res.stdout.splitlines() if line}
+    assert "jobgate-scheduler active" in lines[SCHEDULER]
+    for name in WORKERS:
+        assert "jobgate-worker active" in lines[name], res.stdout
+        assert f"{name} online" in lines["API"], res.stdout
+    assert "system running" in lines[PKGTEST], res.stdout
 
 
 # -- the packages on their own ---------------------------------------------------------
@@ -344,3 +430,36 @@ def test_packages_install_remove_and_purge_cleanly(deployment: Deployment, debs)
     assert sorted(before - after) == [], "removed by the packages"
     # The users stay, as Debian's policy asks.
     node.run("id", "jobgate-job")
+
+
+def test_make_lab_down_leaves_nothing_behind(deployment: Deployment):
+    lab, cluster = deployment.lab, deployment.cluster
+    pids = [n.nspawn_pid for n in lab.nodes.values()]
+    pids += [n.leader for n in lab.nodes.values()]
+    pids += list(lab.helpers.values())
+    assert all(pids) and all(lab.owns(pid) for pid in pids)
+    url = forwarded_url(deployment)
+
+    res = lab_command(cluster.dir, "down", timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "is down" in res.stdout
+
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert alive == [], "processes of the lab still run"
+    namespaces = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    assert lab.netns not in namespaces, namespaces
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(cluster.dir) not in mounts
+    for node in lab.nodes.values():
+        assert node.cgroups and not any(cg.exists() for cg in node.cgroups)
+    assert not cluster.nodes_dir.exists()
+    assert not cluster.state_file.exists()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), 5)
+    # Taking down what is not up is no error.
+    res = lab_command(cluster.dir, "down", timeout=60)
+    assert res.returncode == 0 and "no lab is up" in res.stdout, res.stdout
+    res = lab_command(cluster.dir, "status", timeout=60)
+    assert res.returncode == 3, res.stdout

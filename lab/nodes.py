@@ -1,4 +1,4 @@
-"""A lab of real systemd hosts for the appliance tests.
+"""A lab of real systemd hosts, for the appliance tests and for ``make lab``.
 
 Each node is a Debian root booted with ``systemd-nspawn --boot``: systemd runs
 as PID 1 in it, so units, ``sd_notify``, the journal and ``systemctl`` behave
@@ -17,7 +17,11 @@ creates inside the lab namespace (:func:`Lab.connect`).
 Everything started is recorded by PID and stopped by PID in :meth:`Lab.close`,
 which also unmounts, deletes the namespaces and cgroups, and removes the run
 directory (set ``JOBGATE_APPLIANCE_KEEP=1`` to keep the directory for a look
-after a failure).
+after a failure). The nodes outlive the process that booted them:
+:meth:`Lab.save` writes what :meth:`Lab.close` needs into a JSON file, and
+:meth:`Lab.load` takes the lab over from it in another process. A PID is only
+ever signalled while ``/proc/PID/cgroup`` shows it in the lab's own cgroup, so
+a PID reused by something else is left alone.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import ctypes
 import fcntl
 import hashlib
 import ipaddress
+import json
 import os
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -229,6 +235,7 @@ class Node:
     root: Path  # the merged overlay, the node's /
     netns: str
     nspawn: subprocess.Popen | None = None
+    nspawn_pid: int = 0  # systemd-nspawn's PID, also when another process started it
     leader: int = 0  # the node's PID 1, as seen from the host
     cgroups: list[Path] = field(default_factory=list)
     console: Path | None = None
@@ -260,17 +267,36 @@ class Node:
 class Lab:
     """Nodes on a private bridge; a context manager that always cleans up."""
 
-    def __init__(self, names: list[str], *, ssh_public_key: str, log=print):
+    def __init__(
+        self,
+        names: list[str],
+        *,
+        ssh_public_key: str,
+        log=print,
+        directory: Path | None = None,
+    ):
+        """Nodes ``names`` (not booted yet), in ``directory`` or a new temporary one.
+
+        ``directory`` must not exist or be empty: it gets the nodes' roots.
+        """
         self.names = names
         self.ssh_public_key = ssh_public_key
         self.log = log
         self.id = secrets.token_hex(3)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"jobgate-lab-{self.id}-"))
+        if directory is None:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"jobgate-lab-{self.id}-"))
+        else:
+            self.dir = Path(directory).resolve()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if any(self.dir.iterdir()):
+                raise LabError(f"{self.dir} is not empty")
         self.netns = f"jglab-{self.id}"
         self.nodes: dict[str, Node] = {}
         self._netns_made: list[str] = []
         self._mounts: list[Path] = []
         self._cgroup_parents: list[Path] = []
+        # Other processes of the lab (the port forwarder): name -> PID.
+        self.helpers: dict[str, int] = {}
         hosts = list(SUBNET.hosts())
         for i, name in enumerate(names):
             self.nodes[name] = Node(
@@ -417,6 +443,7 @@ class Lab:
                 start_new_session=True,
                 env=CLEAN_ENV,
             )
+        node.nspawn_pid = node.nspawn.pid
         deadline = time.monotonic() + 20
         children = Path(f"/proc/{node.nspawn.pid}/task/{node.nspawn.pid}/children")
         while time.monotonic() < deadline:
@@ -494,9 +521,109 @@ class Lab:
             raise result["error"]
         return result["sock"]
 
+    # -- another process takes over ------------------------------------------
+
+    def state(self) -> dict:
+        """What another process needs to use and to tear down this lab."""
+        return {
+            "id": self.id,
+            "dir": str(self.dir),
+            "netns": self.netns,
+            "netns_made": self._netns_made,
+            "mounts": [str(m) for m in self._mounts],
+            "cgroup_parents": [str(c) for c in self._cgroup_parents],
+            "helpers": self.helpers,
+            "nodes": {
+                n.name: {
+                    "address": n.address,
+                    "root": str(n.root),
+                    "netns": n.netns,
+                    "nspawn_pid": n.nspawn_pid,
+                    "leader": n.leader,
+                    "cgroups": [str(c) for c in n.cgroups],
+                    "console": str(n.console) if n.console else None,
+                }
+                for n in self.nodes.values()
+            },
+        }
+
+    def save(self, path: Path) -> None:
+        """Write :meth:`state` to ``path``, atomically."""
+        partial = Path(f"{path}.partial")
+        partial.write_text(json.dumps(self.state(), indent=2) + "\n")
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: Path, log=print) -> Lab:
+        """The lab described by a file :meth:`save` wrote."""
+        state = json.loads(Path(path).read_text())
+        lab = cls.__new__(cls)
+        lab.names = list(state["nodes"])
+        lab.ssh_public_key = ""
+        lab.log = log
+        lab.id = state["id"]
+        lab.dir = Path(state["dir"])
+        lab.netns = state["netns"]
+        lab._netns_made = list(state["netns_made"])
+        lab._mounts = [Path(m) for m in state["mounts"]]
+        lab._cgroup_parents = [Path(c) for c in state["cgroup_parents"]]
+        lab.helpers = {k: int(v) for k, v in state.get("helpers", {}).items()}
+        lab.nodes = {}
+        for name, n in state["nodes"].items():
+            lab.nodes[name] = Node(
+                name=name,
+                address=n["address"],
+                root=Path(n["root"]),
+                netns=n["netns"],
+                nspawn_pid=n["nspawn_pid"],
+                leader=n["leader"],
+                cgroups=[Path(c) for c in n["cgroups"]],
+                console=Path(n["console"]) if n["console"] else None,
+            )
+        return lab
+
+    def running(self) -> dict[str, bool]:
+        """Node name -> whether its PID 1 is still a process of this lab."""
+        return {
+            n.name: bool(n.leader) and self.owns(n.leader) for n in self.nodes.values()
+        }
+
+    def start_helper(self, name: str, cmd: list[str], log_file: Path, **popen) -> int:
+        """Start ``cmd`` detached, in a cgroup of the lab; its PID is kept.
+
+        ``popen`` goes to :class:`subprocess.Popen` (``pass_fds``, ``cwd``).
+        """
+        parent = self._cgroup_parents[0]
+        cg = parent / f"helper-{name}"
+        cg.mkdir(exist_ok=True)
+        script = 'echo $$ > "$1"; shift; exec "$@"'
+        with open(log_file, "ab") as out:
+            proc = subprocess.Popen(
+                ["sh", "-c", script, "sh", str(cg / "cgroup.procs"), *cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **popen,
+            )
+        self.helpers[name] = proc.pid
+        return proc.pid
+
+    def stop_helper(self, name: str) -> None:
+        pid = self.helpers.pop(name, 0)
+        if pid and self.owns(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not _wait_pid(pid, 10):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _wait_pid(pid, 10)
+
     # -- teardown --------------------------------------------------------------
 
     def close(self) -> None:
+        for name in list(self.helpers):
+            self.stop_helper(name)
         for node in self.nodes.values():
             self._stop(node)
         for mount in reversed(self._mounts):
@@ -520,32 +647,60 @@ class Lab:
 
     def _stop(self, node: Node) -> None:
         proc = node.nspawn
-        if proc is None:
-            return
-        if proc.poll() is None:
-            # nspawn turns SIGTERM into an orderly poweroff of the node.
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                if node.leader and self._owns(node.leader):
+        if proc is not None:
+            if proc.poll() is None:
+                # nspawn turns SIGTERM into an orderly poweroff of the node.
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    if node.leader and self.owns(node.leader):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(node.leader, signal.SIGKILL)
+                    proc.kill()
+                    proc.wait(timeout=30)
+        elif node.nspawn_pid and self.owns(node.nspawn_pid):
+            # Started by another process: not ours to reap, but to wait for.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(node.nspawn_pid, signal.SIGTERM)
+            if not _wait_pid(node.nspawn_pid, 30):
+                if node.leader and self.owns(node.leader):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(node.leader, signal.SIGKILL)
-                proc.kill()
-                proc.wait(timeout=30)
-        if node.leader and self._owns(node.leader):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node.nspawn_pid, signal.SIGKILL)
+                _wait_pid(node.nspawn_pid, 30)
+        if node.leader and self.owns(node.leader):
             # Killing the node's PID 1 ends every process of its PID namespace.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(node.leader, signal.SIGKILL)
+            _wait_pid(node.leader, 30)
         node.leader = 0
         node.nspawn = None
+        node.nspawn_pid = 0
 
-    def _owns(self, pid: int) -> bool:
+    def owns(self, pid: int) -> bool:
         """Whether ``pid`` is still a process of this lab (not a reused PID)."""
         try:
             return f"/jglab-{self.id}/" in Path(f"/proc/{pid}/cgroup").read_text()
         except OSError:
             return False
+
+
+def _wait_pid(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has ended; False if it still runs after ``timeout``.
+
+    A pidfd becomes readable when the process ends, whoever its parent is.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(fd)
 
 
 def _is_namespace_init(pid: int) -> bool:
