@@ -9,36 +9,15 @@ cancelled while it waits cancels the call, as in ``grpc.aio``.
 from __future__ import annotations
 
 import asyncio
-import functools
 
 import grpc
 import pytest
+from asyncsupport import FakeError, run_async
 
 from jobgate.v1 import common_pb2, worker_pb2
 from scheduler.gateway import OutputStream, job_to_dict
 
 HANG = object()  # a read that waits until the call is cancelled
-
-
-def run_async(test):
-    """Run an ``async def`` test on a loop of its own, for at most 5 s."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 5))
-
-    return wrapper
-
-
-class FakeError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode):
-        self._code = code
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._code.name
 
 
 class FakeCall:

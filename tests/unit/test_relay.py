@@ -10,10 +10,10 @@ on time: a test feeds a call, then lets the loop run what can run.
 from __future__ import annotations
 
 import asyncio
-import functools
 
 import grpc
 import pytest
+from asyncsupport import FakeError, run_async, settle
 
 from jobgate.errors import DeadlineExceeded
 from jobgate.v1 import common_pb2, worker_pb2
@@ -22,33 +22,6 @@ from scheduler.relay import Relay, StreamExpired
 KEY = ("worker-id", "127.0.0.1:1", "job-id")
 END = object()  # the end of the stream: read as grpc.aio.EOF
 CANCEL = object()  # wakes a read of a cancelled call
-
-
-def run_async(test):
-    """Run an ``async def`` test on a loop of its own, for at most 5 s."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 5))
-
-    return wrapper
-
-
-async def settle() -> None:
-    """Let every task that can run, run (the fakes never wait on time)."""
-    for _ in range(50):
-        await asyncio.sleep(0)
-
-
-class FakeError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode):
-        self._code = code
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._code.name
 
 
 class FakeCall:

@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 
 import grpc
 import pytest
+from asyncsupport import FakeError, run_async, settle
 
 from jobgate.errors import NotFound
 from scheduler.gateway import SharedCalls
 
 KEY = ("w", "j")
-
-
-def run_async(test):
-    """Run an ``async def`` test on a loop of its own, for at most 5 s."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 5))
-
-    return wrapper
-
-
-async def settle() -> None:
-    """Let every task that can run, run (the fakes never wait on time)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
-
-
-class FakeError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode):
-        self._code = code
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
 
 
 class Worker:
