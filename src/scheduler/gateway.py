@@ -26,7 +26,7 @@ from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scheduler import metrics
 from scheduler.config import SchedulerConfig
 from scheduler.relay import Relay
-from scheduler.store import ONLINE, Store, WorkerRow, timestamp
+from scheduler.store import ONLINE, Busy, Store, WorkerRow, timestamp
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +228,11 @@ class Gateway:
     """The scheduler's use cases, as coroutines of the HTTP process's loop.
 
     Reads of the state database that cannot wait on a lock (WAL readers
-    never do) run on the loop; writes and large reads run on a thread
-    (:func:`asyncio.to_thread`), so a database busy with another process's
-    write stalls one request, never the loop and every connection on it.
+    never do) run on the loop, and so do writes while no other process is
+    writing; a write that would have to wait for a lock, and large reads,
+    run on a thread (:func:`asyncio.to_thread`), so a database busy with
+    another process's write stalls one request, never the loop and every
+    connection on it.
     """
 
     def __init__(
@@ -256,6 +258,19 @@ class Gateway:
         )
         self._grpc_target = grpc_target
         self._health = None
+
+    async def _write(self, fn: Callable, *args) -> None:
+        """A write to the state database: on the loop unless it must wait.
+
+        The hop to a thread and back cost a start 0.35 ms in the start
+        scenario (a scratch build that timed each step: 0.5 against 0.17 ms
+        for the job index insert), as the job's own process competes for the
+        cores just then.
+        """
+        try:
+            self.store.without_waiting(fn, *args)
+        except Busy:
+            await asyncio.to_thread(fn, *args)
 
     async def readiness_problems(self) -> list[str]:
         """What keeps the scheduler from serving; empty when it is ready."""
@@ -373,7 +388,7 @@ class Gateway:
             metadata=_metadata(),
         )
         status = job_to_dict(resp.job, worker.id)
-        await asyncio.to_thread(self.store.record_job, status, group_id)
+        await self._write(self.store.record_job, status, group_id)
         if not resp.existing:
             metrics.JOBS_STARTED.labels(worker.name).inc()
             log.info(
@@ -432,7 +447,7 @@ class Gateway:
         """Record a job's status in the index when it changed since last seen."""
         key = (status["state"], status["output_bytes"])
         if self._last_seen.get(status["job_id"]) != key:
-            await asyncio.to_thread(self.store.update_job, status)
+            await self._write(self.store.update_job, status)
             if len(self._last_seen) > 10_000:
                 self._last_seen.clear()
             self._last_seen[status["job_id"]] = key

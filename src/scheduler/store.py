@@ -106,6 +106,10 @@ class WorkerRow:
         return self.state
 
 
+class Busy(Exception):
+    """Another process holds the database's write lock right now."""
+
+
 class Store:
     def __init__(self, path: Path, busy_timeout_s: float = 5.0):
         self.path = path
@@ -151,6 +155,23 @@ class Store:
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
         return conn
+
+    def without_waiting(self, fn, *args):
+        """``fn(*args)`` on this thread's connection, refusing to wait for a lock.
+
+        Raises :class:`Busy` at once where ``fn`` would have waited for
+        another process's write; nothing was written then.
+        """
+        conn = self._conn()
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise Busy(str(exc)) from None
+            raise
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
 
     def writable(self) -> bool:
         """True if a write transaction can be taken now (for readiness)."""

@@ -55,3 +55,28 @@ def test_a_job_that_had_ended_when_it_was_recorded(index):
     final = status("j2", a, "failed")
     store.record_job(final)
     assert store.ended_job(a, "j2") == final
+
+
+def test_a_write_without_waiting_is_refused_at_once_while_another_writes(index):
+    import sqlite3
+    import time
+
+    from scheduler.store import Busy
+
+    store, (a, _) = index
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's write under way
+    try:
+        started = time.monotonic()
+        with pytest.raises(Busy):
+            store.without_waiting(store.record_job, status("j1", a, "running"))
+        assert time.monotonic() - started < 1  # busy_timeout_s is 5 s here
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.worker_jobs(a) == []  # nothing was written
+    store.without_waiting(store.record_job, status("j1", a, "running"))
+    assert [j["job_id"] for j in store.worker_jobs(a)] == ["j1"]
+    # The connection waits for locks again afterwards.
+    timeout = store._conn().execute("PRAGMA busy_timeout").fetchone()[0]
+    assert timeout == 5000
