@@ -134,6 +134,23 @@ def test_a_body_in_pieces_reaches_the_app_whole():
     run(main())
 
 
+def test_a_client_that_expects_100_continue_is_told_to_send_its_body():
+    async def main():
+        conn, t = connect()
+        conn.data_received(
+            b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        await settle()
+        assert t.written == b"HTTP/1.1 100 \r\n\r\n"
+        conn.data_received(b"hi")
+        await settle()
+        head, _, rest = bytes(t.written).partition(b"\r\n\r\n")
+        assert answers(rest) == [(200, b"POST /b hi")]
+
+    run(main())
+
+
 def test_a_request_that_does_not_arrive_in_time_gets_408_json_and_is_closed():
     async def main():
         conn, t = connect(request_timeout_s=0.05)

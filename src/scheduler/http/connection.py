@@ -337,6 +337,12 @@ class HttpConnection(asyncio.Protocol):
         self._next_cycle()
 
     async def _receive(self) -> dict:
+        if self.conn.they_are_waiting_for_100_continue and not self.closed:
+            # The client (curl, for a body over 1 KiB) holds its body back
+            # until told to send it; the app wants it now.
+            self._write(
+                self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
         while True:
             if self.closed:
                 return {"type": "http.disconnect"}
