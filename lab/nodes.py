@@ -139,6 +139,16 @@ def apt_mirror(suite: str = SUITE) -> str:
     )
 
 
+def mask_units(root: Path, *units: str) -> None:
+    """Mask systemd ``units`` in the root file system at ``root``."""
+    masked = root / "etc/systemd/system"
+    for unit in units:
+        link = masked / unit
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to("/dev/null")
+
+
 def customise_base(root: Path) -> None:
     """Make a fresh debootstrap root fit to be shared by several nodes."""
     # Each node gets its own machine-id and SSH host keys.
@@ -149,18 +159,14 @@ def customise_base(root: Path) -> None:
         key.unlink()
     # Nothing in a node may reach for the network on its own, nor hold the
     # dpkg lock while Ansible installs packages; no getty on the pipe console.
-    masked = root / "etc/systemd/system"
-    for unit in (
+    mask_units(
+        root,
         "apt-daily.timer",
         "apt-daily-upgrade.timer",
         "e2scrub_all.timer",
         "fstrim.timer",
         "console-getty.service",
-    ):
-        link = masked / unit
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        link.symlink_to("/dev/null")
+    )
     (root / "etc/ssh/sshd_config.d").mkdir(parents=True, exist_ok=True)
     (root / "etc/ssh/sshd_config.d/lab.conf").write_text(
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\n"

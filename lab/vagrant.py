@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab.nodes import LabError, apt_mirror, run
+from lab.nodes import LabError, apt_mirror, mask_units, run
 
 REPO = Path(__file__).resolve().parents[1]
 BOX_NAME = "debian/bookworm64"  # config.vm.box in the Vagrantfile
@@ -206,12 +206,7 @@ def customise(root: Path, uuid: str) -> None:
             link.symlink_to(f"/lib/systemd/system/{unit}")
     # Nothing may reach for the network on its own (there is none), nor
     # hold the dpkg lock while Ansible installs packages.
-    masked = root / "etc/systemd/system"
-    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer"):
-        link = masked / unit
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        link.symlink_to("/dev/null")
+    mask_units(root, "apt-daily.timer", "apt-daily-upgrade.timer")
     (root / "etc/ssh/sshd_config.d").mkdir(parents=True, exist_ok=True)
     (root / "etc/ssh/sshd_config.d/vagrant.conf").write_text(
         "UseDNS no\nPasswordAuthentication yes\n"
