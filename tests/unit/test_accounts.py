@@ -1,0 +1,117 @@
+"""The stock of dynamic user ids that starts take without waiting for checks."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+
+import pytest
+from conftest import skip_unless_required
+
+from jobgate.errors import ResourceExhausted
+from worker import accounts
+from worker.config import JobsSection
+
+
+@pytest.fixture
+def make_accounts(tmp_path):
+    if os.geteuid() != 0:
+        skip_unless_required("dynamic user ids need root", "JOBGATE_REQUIRE_ROOT")
+    made = []
+
+    def make(uid_min: int = 64100, uid_max: int = 64120) -> accounts.Accounts:
+        scripts = tmp_path / "scripts"
+        scripts.mkdir(exist_ok=True)
+        cfg = JobsSection(
+            scripts_dir=scripts,
+            state_dir=tmp_path / "state",
+            uid_min=uid_min,
+            uid_max=uid_max,
+            uid_lock_dir=tmp_path / "locks",
+            tmp_dir=str(tmp_path / "tmp"),
+            max_concurrent=2,
+        )
+        acc = accounts.Accounts(cfg, f"test-{len(made)}")
+        made.append(acc)
+        return acc
+
+    yield make
+    for acc in made:
+        acc.close()
+
+
+def stocked(acc: accounts.Accounts, count: int = accounts.STOCK) -> list[int]:
+    deadline = time.monotonic() + 5
+    while len(acc._stock) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(acc._stock) == count
+    return [a.uid for a, _ in acc._stock]
+
+
+def lockable(acc: accounts.Accounts, uid: int) -> bool:
+    fd = os.open(acc.cfg.uid_lock_dir / str(uid), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_a_start_takes_an_id_checked_ahead_and_the_stock_is_topped_up(
+    make_accounts, monkeypatch
+):
+    acc = make_accounts()
+    ahead = stocked(acc)
+    assert ahead == [64100, 64101, 64102, 64103]
+    assert not any(lockable(acc, uid) for uid in ahead)  # held for the starts
+    assert acc.held == 0  # no job holds one yet
+
+    asked = []
+    real = accounts._known_to_the_system
+    monkeypatch.setattr(
+        accounts, "_known_to_the_system", lambda uid: asked.append(uid) or real(uid)
+    )
+    account = acc.acquire("job-1")
+    assert account.uid == 64100 and 64100 not in asked  # no lookup on the start
+    assert os.stat(account.tmp).st_uid == 64100
+    assert acc.held == 1
+    assert stocked(acc) == [64101, 64102, 64103, 64104]
+    assert asked == [64104]  # the refill asked, in the background
+
+    acc.release(account)
+    deadline = time.monotonic() + 5
+    while acc.held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert acc.held == 0 and lockable(acc, 64100)
+
+
+def test_an_id_checked_long_ago_is_asked_about_again(make_accounts, monkeypatch):
+    acc = make_accounts()
+    stocked(acc)
+    with acc._pool_lock:
+        old = time.monotonic() - accounts.NSS_RECHECK_S - 1
+        acc._stock = type(acc._stock)((a, old) for a, _ in acc._stock)
+    # Meanwhile the host gave 64100 to an account of its own.
+    monkeypatch.setattr(accounts, "_known_to_the_system", lambda uid: uid == 64100)
+    account = acc.acquire("job-1")
+    assert account.uid == 64101
+    assert lockable(acc, 64100)  # given back, not handed out
+
+
+def test_a_range_taken_whole_is_refused_and_close_gives_the_stock_back(
+    make_accounts,
+):
+    acc = make_accounts(uid_min=64200, uid_max=64201)
+    assert stocked(acc, 2) == [64200, 64201]
+    first, second = acc.acquire("a"), acc.acquire("b")
+    assert {first.uid, second.uid} == {64200, 64201}
+    with pytest.raises(ResourceExhausted, match=r"\(64200-64201\)"):
+        acc.acquire("c")
+
+    other = make_accounts(uid_min=64300, uid_max=64303)
+    ahead = stocked(other)
+    other.close()
+    assert all(lockable(other, uid) for uid in ahead)
