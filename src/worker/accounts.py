@@ -56,6 +56,11 @@ CLEANUP = (
 )
 CLEANUP_TIMEOUT_S = 30.0
 NSS_RECHECK_S = 600.0
+# The login shell of a dynamic id, as systemd reports its DynamicUser= ids.
+# Setting $SHELL also spares the job's bash a lookup of its own id at start
+# (bash looks the user up when SHELL is unset): 0.4 ms of CPU per job where
+# nsswitch.conf falls through to nss-systemd for ids not in /etc/passwd.
+DYNAMIC_SHELL = "/usr/sbin/nologin"
 # Dynamic ids checked and locked ahead of the starts that take them. Asking
 # the host's account databases whether an id is free costs 0.14 ms and its
 # lock file 0.05 ms (this machine, `files systemd` in nsswitch.conf); with a
@@ -74,6 +79,7 @@ class Account:
     name: str
     dynamic: bool = False
     home: str = ""  # a fixed account's home
+    shell: str = ""  # its login shell, for $SHELL (empty: the worker's user)
     tmp: str = ""
     _lock_fd: int | None = dataclasses.field(default=None, repr=False)
 
@@ -92,7 +98,7 @@ class Accounts:
         self._known: dict[int, tuple[bool, float]] = {}
         self.root = os.geteuid() == 0
         self.mode = cfg.user_mode if self.root else "worker"
-        self._fixed: tuple[int, int, str] | None = None
+        self._fixed: tuple[int, int, str, str] | None = None
         if self.mode == "fixed":
             self._fixed = _fixed_account(cfg.user)
         self._next = cfg.uid_min
@@ -181,8 +187,8 @@ class Accounts:
             account = self._from_stock() or self._dynamic()
             self._reclaims.put(_REFILL)
         elif self.mode == "fixed":
-            uid, gid, home = self._fixed  # type: ignore[misc]
-            account = Account(uid, gid, self.cfg.user, home=home)
+            uid, gid, home, shell = self._fixed  # type: ignore[misc]
+            account = Account(uid, gid, self.cfg.user, home=home, shell=shell)
         else:
             account = Account(None, None, "")
         if not self.private_tmp:
@@ -256,7 +262,9 @@ class Accounts:
                     if fd is None:  # the host's, another worker's, or failed
                         self._held.discard(uid)
             if fd is not None:
-                return Account(uid, uid, f"jobgate-{uid}", True, _lock_fd=fd)
+                return Account(
+                    uid, uid, f"jobgate-{uid}", True, shell=DYNAMIC_SHELL, _lock_fd=fd
+                )
         raise ResourceExhausted(
             f"every user id of [jobs].uid_min-uid_max ({lo}-{hi}) is taken by a "
             "running job; retry when one ends"
@@ -392,14 +400,14 @@ def _run_as(account: Account, timeout: float) -> None:
     )
 
 
-def _fixed_account(user: str) -> tuple[int, int, str]:
+def _fixed_account(user: str) -> tuple[int, int, str, str]:
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
         raise OSError(f"[jobs].user: no such account {user!r} on this host") from None
     if pw.pw_uid == 0:
         raise OSError(f"[jobs].user: {user!r} is root; jobs never run as root")
-    return pw.pw_uid, pw.pw_gid, pw.pw_dir
+    return pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell
 
 
 def _known_to_the_system(uid: int) -> bool:

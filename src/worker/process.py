@@ -168,6 +168,8 @@ class Spawner:
             env["TMPDIR"] = account.tmp
         if account.uid is not None:
             env["USER"] = env["LOGNAME"] = account.name
+        if account.shell:
+            env["SHELL"] = account.shell
         env.update(self.cfg.environment)
         return env
 

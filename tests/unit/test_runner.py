@@ -339,7 +339,9 @@ def test_environment_is_scrubbed_and_stdin_is_dev_null(
     expected = {"PATH", "HOME", "LANG", "JOBGATE_JOB_ID", "JOBGATE_WORKER", "EXTRA"}
     expected.add("TMPDIR")  # the job's own directory
     if running_as_root():
-        expected |= {"USER", "LOGNAME"}
+        # A dynamic id's login shell, as systemd gives its DynamicUser= ids.
+        expected |= {"USER", "LOGNAME", "SHELL"}
+        assert env["SHELL"] == "/usr/sbin/nologin"
     added_by_bash = {"PWD", "SHLVL", "_"}
     assert set(env) - {"uid", "stdin"} - added_by_bash == expected
 
@@ -355,6 +357,7 @@ def test_job_runs_as_the_configured_account(make_runner, mode, spawner):
     _, output = run(runner, "env.sh")
     assert f"uid={pwd.getpwnam('nobody').pw_uid}\n".encode() in output
     assert b"USER=nobody\n" in output
+    assert f"SHELL={pwd.getpwnam('nobody').pw_shell}\n".encode() in output
 
 
 def test_cgroup_mode_needs_no_setpriv_with_the_one_exec_spawner(
