@@ -82,6 +82,22 @@ def wait_for_status(node, unit: str, text: str, timeout: float = 45) -> str:
     return node.systemctl("status", unit).stdout
 
 
+def test_reloading_the_scheduler_checks_its_tokens_file(deployed: Deployment):
+    sched = deployed.scheduler
+    unit = "jobgate-scheduler.service"
+    main_pid = sched.unit_property(unit, "MainPID")
+    sched.systemctl("reload", unit)
+    deadline = time.monotonic() + 15
+    lines = ""
+    while "tokens in force" not in lines and time.monotonic() < deadline:
+        time.sleep(0.5)
+        lines = sched.journal("-u", unit, "-n", "20")
+    assert "tokens in force" in lines, lines
+    # A check, not a restart.
+    assert sched.unit_property(unit, "MainPID") == main_pid
+    assert sched.unit_property(unit, "ActiveState") == "active"
+
+
 def test_both_workers_are_online(deployed: Deployment):
     api = deployed.api()
     body = api.wait_for(
