@@ -246,6 +246,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             request.version,
             heartbeat_timeout_s=timeout,
             enforceable_limits=[str(x)[:32] for x in request.enforceable_limits[:8]],
+            previous_id=request.previous_id,
         )
         self._note(row.id, base, timeout, name)
         log.info(

@@ -194,8 +194,15 @@ class Store:
         version: str,
         heartbeat_timeout_s: float = 0.0,
         enforceable_limits: list[str] | tuple[str, ...] = (),
+        previous_id: str = "",
     ) -> WorkerRow:
-        """Insert or refresh the worker named ``name``; its id never changes."""
+        """Insert or refresh the worker named ``name``; its id never changes.
+
+        A name this database does not know (a new worker, or a database lost
+        and started anew) gets ``previous_id``, the id the worker says it had,
+        when that is a well-formed id no other worker has; else a new one.
+        So a scheduler whose state was lost gives its workers back their ids.
+        """
         now = time.time()
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
@@ -203,7 +210,14 @@ class Store:
             row = conn.execute(
                 "SELECT id FROM workers WHERE name = ?", (name,)
             ).fetchone()
-            worker_id = row["id"] if row else str(uuid.uuid4())
+            if row:
+                worker_id = row["id"]
+            elif _is_uuid(previous_id) and not conn.execute(
+                "SELECT 1 FROM workers WHERE id = ?", (previous_id.lower(),)
+            ).fetchone():
+                worker_id = previous_id.lower()
+            else:
+                worker_id = str(uuid.uuid4())
             conn.execute(
                 """INSERT INTO workers (id, name, address, labels, capacity, version,
                                         state, registered_at, last_seen_at,
@@ -431,3 +445,10 @@ def _worker(row: sqlite3.Row) -> WorkerRow:
     d["labels"] = json.loads(d["labels"])
     d["enforceable_limits"] = tuple(json.loads(d["enforceable_limits"]))
     return WorkerRow(**d)
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text.lower()
+    except ValueError:
+        return False

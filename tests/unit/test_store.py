@@ -80,3 +80,27 @@ def test_a_write_without_waiting_is_refused_at_once_while_another_writes(index):
     # The connection waits for locks again afterwards.
     timeout = store._conn().execute("PRAGMA busy_timeout").fetchone()[0]
     assert timeout == 5000
+
+
+def test_a_worker_gets_back_its_id_from_a_scheduler_that_lost_its_state(tmp_path):
+    first = Store(tmp_path / "first.db")
+    first.initialize()
+    had = first.register_worker("w1", "127.0.0.1:1", {}, 1, "test").id
+    other = first.register_worker("w2", "127.0.0.1:2", {}, 1, "test").id
+
+    lost = Store(tmp_path / "lost.db")  # the state database started anew
+    lost.initialize()
+    assert lost.register_worker(
+        "w1", "127.0.0.1:1", {}, 1, "test", previous_id=had.upper()
+    ).id == had
+    # An id another worker has, or one that is not an id, is not taken.
+    assert lost.register_worker(
+        "w3", "127.0.0.1:3", {}, 1, "test", previous_id=had
+    ).id not in (had, other)
+    assert lost.register_worker(
+        "w4", "127.0.0.1:4", {}, 1, "test", previous_id="../w1"
+    ).id != "../w1"
+    # A name the database knows keeps the id on record, whatever it says.
+    assert first.register_worker(
+        "w1", "127.0.0.1:1", {}, 1, "test", previous_id=other
+    ).id == had
