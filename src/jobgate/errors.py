@@ -6,9 +6,9 @@ direction:
 
 - out of a gRPC servicer: :class:`jobgate.guard.ServerGuard` aborts the call
   with the error's :attr:`~JobgateError.code` and message;
-- back in from a worker's answer: :func:`from_status` gives the class of a
+- back in from a worker's answer: :func:`from_status` gives the error of a
   status code (the scheduler converts a worker's ``grpc.RpcError`` with it in
-  one place, ``scheduler.gateway.WorkerCalls``);
+  one place, ``scheduler.worker_errors``);
 - out over HTTP: ``scheduler.http.errors`` maps the status code to an HTTP
   status and the JSON body ``{"title", "description"}``.
 """

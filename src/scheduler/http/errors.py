@@ -5,7 +5,7 @@ error handlers of the app, and each worker's entry of a fan-out (so a worker
 that refuses its part of a fan-out is reported with the very status, title
 and description that starting the job on that worker alone is answered
 with). Errors are :mod:`jobgate.errors` exceptions; a worker's gRPC error was
-converted to one where the call was made (``scheduler.gateway.WorkerCalls``).
+converted to one where the call was made (:mod:`scheduler.worker_errors`).
 Any other exception is a defect: logged with its traceback and answered 500,
 without details.
 """
