@@ -38,8 +38,10 @@ class ClientError(Exception):
     """Base of the errors this module raises."""
 
 
-class ConfigError(ClientError):
-    """The client's settings are missing or unusable; the message says which."""
+class SettingsError(ClientError):
+    """The client's settings (flags, environment, its TOML file) are missing or
+    unusable; the message says which. The services' config files have their
+    own error, :class:`jobgate.config.ConfigError`."""
 
 
 class ConnectionFailed(ClientError):
@@ -122,14 +124,14 @@ class Settings:
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def client(self, timeout: float = DEFAULT_TIMEOUT_S) -> Client:
-        """A :class:`Client` for these settings; ConfigError if one is missing.
+        """A :class:`Client` for these settings; SettingsError if one is missing.
 
         A client certificate over HTTPS may stand in for the token.
         """
         if not self.url:
-            raise ConfigError("no scheduler URL")
+            raise SettingsError("no scheduler URL")
         if not self.token and not (self.cert_file and self.url.startswith("https:")):
-            raise ConfigError("no API token")
+            raise SettingsError("no API token")
         return Client(
             self.url,
             self.token,
@@ -145,18 +147,18 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         with path.open("rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise SettingsError(f"{path}: no such config file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise SettingsError(f"{path}: cannot read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
     for key, value in data.items():
         if key not in SETTING_KEYS:
-            raise ConfigError(
+            raise SettingsError(
                 f"{path}: {key}: unknown key (known: {', '.join(SETTING_KEYS)})"
             )
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{path}: {key}: must be a non-empty string")
+            raise SettingsError(f"{path}: {key}: must be a non-empty string")
     return data
 
 
@@ -169,9 +171,9 @@ class _TokenFile:
             token = self.path.read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:
             text = getattr(exc, "strerror", None) or str(exc)
-            raise ConfigError(f"{where}: cannot read {self.path}: {text}") from None
+            raise SettingsError(f"{where}: cannot read {self.path}: {text}") from None
         if not token:
-            raise ConfigError(f"{where}: {self.path} is empty")
+            raise SettingsError(f"{where}: {self.path} is empty")
         return token
 
 
@@ -197,7 +199,7 @@ def _layer_values(
         return p if p.is_absolute() or base is None else base / p
 
     if layer.get("token") and layer.get("token_file"):
-        raise ConfigError(
+        raise SettingsError(
             f"{source('token')} and {source('token_file')}: give one or the other"
         )
     for key in ("url", "ca_file", "cert_file", "key_file"):
@@ -276,14 +278,14 @@ class Client:
     ):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(
+            raise SettingsError(
                 f"url: {url!r} is not an http:// or https:// URL "
                 "(e.g. http://127.0.0.1:8080)"
             )
         try:
             self.port = parts.port
         except ValueError:
-            raise ConfigError(f"url: {url!r} has an invalid port") from None
+            raise SettingsError(f"url: {url!r} has an invalid port") from None
         self.url = url.rstrip("/")
         self.scheme = parts.scheme
         self.host = parts.hostname
@@ -295,7 +297,7 @@ class Client:
         if self.scheme == "https":
             self.ssl_context = make_ssl_context(ca_file, cert_file, key_file)
         elif cert_file or key_file:
-            raise ConfigError("cert_file and key_file need an https:// URL")
+            raise SettingsError("cert_file and key_file need an https:// URL")
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -542,17 +544,19 @@ def make_ssl_context(
     """A verifying TLS client context: the system's CAs or ``ca_file``, and a
     client certificate when ``cert_file`` is given."""
     if key_file and not cert_file:
-        raise ConfigError("key_file: needs cert_file as well")
+        raise SettingsError("key_file: needs cert_file as well")
     try:
         ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"ca_file: cannot load {ca_file}: {_ssl_text(exc)}") from None
+        raise SettingsError(
+            f"ca_file: cannot load {ca_file}: {_ssl_text(exc)}"
+        ) from None
     if cert_file:
         try:
             ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
         except (OSError, ssl.SSLError) as exc:
             hint = "" if key_file else " (is its key in a separate file? give key_file)"
-            raise ConfigError(
+            raise SettingsError(
                 f"cert_file: cannot load {cert_file}"
                 + (f" with key {key_file}" if key_file else "")
                 + f": {_ssl_text(exc)}{hint}"

@@ -27,9 +27,9 @@ from jobgate.client import (
     ENV_CONFIG,
     ApiError,
     Client,
-    ConfigError,
     ConnectionFailed,
     Settings,
+    SettingsError,
     StreamBroken,
     default_config_path,
     resolve_settings,
@@ -948,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout = args.http_timeout if args.http_timeout else 30.0
         client = settings.client(timeout=timeout)
         return args.func(client, args, o)
-    except ConfigError as exc:
+    except SettingsError as exc:
         o.note(_config_hint(str(exc), args.config))
         return EXIT_USAGE
     except UsageError as exc:

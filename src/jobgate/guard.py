@@ -7,9 +7,10 @@ for that method. Servicers that need the caller's name (a worker may only act
 on itself) get the identity the guard checked with :func:`caller`, without
 reading the certificate again.
 
-The wrapper also turns a :class:`~jobgate.errors.JobgateError` raised by a
-servicer into its gRPC status, and an unexpected exception into a bare
-INTERNAL after logging its traceback once.
+The wrapper is also the one place errors become gRPC statuses: a
+:class:`~jobgate.errors.JobgateError`, raised by a servicer or by the guard's
+own checks, aborts the call with its code and message, and an unexpected
+exception with a bare INTERNAL after its traceback was logged once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterable, Mapping
 import grpc
 
 from jobgate import identity, logs
-from jobgate.errors import JobgateError
+from jobgate.errors import JobgateError, PermissionDenied, Unauthenticated
 from jobgate.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,13 @@ def _check(context, cluster: str, roles: frozenset[str], method: str) -> Identit
     ident = identity.peer_identity(context, cluster)
     if ident is None:
         log.warning("refused %s: caller has no identity of cluster %s", method, cluster)
-        context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
+        raise Unauthenticated(
             f"a certificate of cluster {cluster!r} with a spiffe:// identity "
-            "is required",
+            "is required"
         )
     if ident.role not in roles:
         log.warning("refused %s to %s: role not allowed", method, ident)
-        context.abort(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"{ident} may not call {method}",
-        )
+        raise PermissionDenied(f"{ident} may not call {method}")
     return ident
 
 
@@ -130,16 +127,19 @@ def _wrap(handler, cluster, roles, method):
         inner = handler.unary_unary
 
         def unary_unary(request, context):
-            checked = _CALLER.set((context, _check(context, cluster, roles, method)))
-            token = _bind_request_id(context)
+            checked = token = None
             try:
+                ident = _check(context, cluster, roles, method)
+                checked = _CALLER.set((context, ident))
+                token = _bind_request_id(context)
                 return inner(request, context)
             except Exception as exc:  # noqa: BLE001 - mapped below, never lost
                 _abort(context, exc, method)
             finally:
                 if token is not None:
                     logs.unbind(token)
-                _CALLER.reset(checked)
+                if checked is not None:
+                    _CALLER.reset(checked)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary,
@@ -150,9 +150,10 @@ def _wrap(handler, cluster, roles, method):
         inner_stream = handler.unary_stream
 
         def unary_stream(request, context):
-            _check(context, cluster, roles, method)
-            token = _bind_request_id(context)
+            token = None
             try:
+                _check(context, cluster, roles, method)
+                token = _bind_request_id(context)
                 yield from inner_stream(request, context)
             except Exception as exc:  # noqa: BLE001 - mapped below, never lost
                 _abort(context, exc, method)

@@ -3,36 +3,27 @@
 A fan-out picks workers by explicit list, by labels or all of them, starts
 the same job on each in parallel, and records the lot as a group. A worker
 that cannot take the job (unknown, down, refusing) becomes an error entry of
-the group, never a failure of the whole request. Group status asks every
-reachable worker for its job and answers for the others from the scheduler's
-record, flagged ``stale``.
+the group, never a failure of the whole request: the entry carries the
+status, title and description (as ``error``) that starting the job on that
+worker alone is answered with, from the same map (``scheduler.http.errors``).
+Group status asks every reachable worker for its job and answers for the
+others from the scheduler's record, flagged ``stale``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
-import grpc
-
-from jobgate.errors import InvalidArgument, JobgateError, NotFound
+from jobgate.errors import InvalidArgument, NotFound
 from jobgate.jobstate import JobState
 from scheduler.gateway import Gateway
-from scheduler.store import OFFLINE, ONLINE, WorkerRow
+from scheduler.http.errors import problem
+from scheduler.store import OFFLINE, WorkerRow
 
 log = logging.getLogger(__name__)
-
-
-def describe_error(exc: Exception) -> str:
-    if isinstance(exc, JobgateError):
-        return exc.message
-    if isinstance(exc, grpc.RpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    log.error("fan-out call failed unexpectedly", exc_info=exc)
-    return "internal error; see the scheduler's log"
 
 
 class FanOut:
@@ -52,18 +43,22 @@ class FanOut:
         return list(await asyncio.gather(*(one(item) for item in items)))
 
     def select(self, selector: dict) -> tuple[list[WorkerRow], list[dict]]:
-        """Workers the selector names that can be asked, and error entries."""
-        now = time.time()
-        timeout = self.gw.cfg.workers.heartbeat_timeout_s
+        """Workers the selector names, and error entries for unknown ones.
+
+        A worker named that is not online is among them: starting the job
+        there reports its state as the same call on that worker alone would.
+        """
         errors: list[dict] = []
         if "workers" in selector:
             chosen: list[WorkerRow] = []
             seen: set[str] = set()
             for ref in selector["workers"]:
-                worker = self.gw.store.find_worker(ref)
-                if worker is None:
-                    errors.append({"worker_id": ref, "error": f"no worker {ref!r}"})
-                elif worker.id not in seen:
+                try:
+                    worker = self.gw.find(ref)
+                except NotFound as exc:
+                    errors.append({"worker_id": ref, **problem(exc).entry()})
+                    continue
+                if worker.id not in seen:
                     seen.add(worker.id)
                     chosen.append(worker)
         else:
@@ -81,18 +76,14 @@ class FanOut:
                 f"the selector matches {len(chosen)} workers; one request may start "
                 f"jobs on at most {self.max_workers} ([fanout].max_workers)"
             )
-        targets = []
-        for w in chosen:
-            state = w.effective_state(now, timeout)
-            if state == ONLINE:
-                targets.append(w)
-            else:
-                errors.append(self._error(w, f"worker {w.name!r} is {state}"))
-        return targets, errors
+        return chosen, errors
 
     @staticmethod
-    def _error(worker: WorkerRow, message: str) -> dict:
-        return {"worker_id": worker.id, "worker_name": worker.name, "error": message}
+    def _error(worker: WorkerRow, exc: Exception) -> dict:
+        """The entry of a worker the job could not be started on."""
+        doing = f"starting a fan-out job on worker {worker.name!r}"
+        entry = problem(exc, doing=doing).entry()
+        return {"worker_id": worker.id, "worker_name": worker.name, **entry}
 
     async def start(self, selector: dict, spec: dict) -> dict:
         targets, errors = await asyncio.to_thread(self.select, selector)
@@ -114,7 +105,7 @@ class FanOut:
                     "job_id": status["job_id"],
                 }, None
             except Exception as exc:  # noqa: BLE001 - becomes the worker's error entry
-                return None, self._error(worker, describe_error(exc))
+                return None, self._error(worker, exc)
 
         jobs = []
         for job, error in await self._each(start_one, targets):
@@ -146,7 +137,9 @@ class FanOut:
                     status = await self.gw.get_job(job["worker_id"], job["job_id"])
                 return {**status, "stale": False}
             except Exception as exc:  # noqa: BLE001 - answer from the record instead
-                return {**job, "stale": True, "stale_reason": describe_error(exc)}
+                doing = f"asking for job {job['job_id']} of a group"
+                reason = problem(exc, doing=doing).description
+                return {**job, "stale": True, "stale_reason": reason}
 
         jobs = await self._each(fresh, recorded)
         for job in jobs:

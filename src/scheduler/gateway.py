@@ -3,8 +3,8 @@
 Both route families (``/v1/...`` and the original ``/start``, ``/stop``,
 ``/query``, ``/stream``) call these functions, which resolve the worker,
 make the gRPC call on the channel kept for it, and render plain dicts.
-Errors are :mod:`jobgate.errors` exceptions or ``grpc.RpcError`` from the
-worker; ``scheduler.errors`` maps both to HTTP in one table.
+Errors are :mod:`jobgate.errors` exceptions (:class:`WorkerCalls` converts a
+worker's); ``scheduler.http.errors`` maps them to HTTP in one table.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from scheduler import metrics
 from scheduler.config import SchedulerConfig
 from scheduler.relay import Relay
 from scheduler.store import ONLINE, Busy, Store, WorkerRow, timestamp
+from scheduler.worker_errors import StreamCall, convert
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ class SharedCalls:
                 # Shielded: a waiter that is cancelled (its client left)
                 # does not cancel the call the others wait for.
                 return dict(await asyncio.shield(call))
-            except grpc.RpcError:
-                return await fetch()
             except JobgateError:
                 return await fetch()
         call = asyncio.ensure_future(fetch())
@@ -104,10 +103,12 @@ class SharedCalls:
 
 
 class WorkerCalls:
-    """A worker's stub that counts its calls and explains timed-out ones.
+    """A worker's stub that counts its calls and converts their errors.
 
     Every call is counted by method and final status code
-    (``jobgate_worker_calls_total``). When a call runs past its deadline, the
+    (``jobgate_worker_calls_total``). A failed call, or a failed read of a
+    stream, raises the domain error of its gRPC error
+    (:mod:`scheduler.worker_errors`). When a call runs past its deadline, the
     worker's gRPC health service is asked (with a short deadline of its own):
     a worker that answers it is alive but busy (504), one that does not is
     hung or cut off (503).
@@ -132,7 +133,9 @@ class WorkerCalls:
                 stream.add_done_callback(
                     lambda c: asyncio.ensure_future(_count(c, counter, worker, name))
                 )
-                return stream
+                return StreamCall(
+                    stream, lambda exc: self.domain_error(exc, name, stream=True)
+                )
 
         else:
 
@@ -140,11 +143,8 @@ class WorkerCalls:
                 try:
                     result = await method(*args, **kwargs)
                 except grpc.RpcError as exc:
-                    code = exc.code()
-                    counter.labels(worker, name, code.name).inc()
-                    if code != grpc.StatusCode.DEADLINE_EXCEEDED:
-                        raise
-                    raise await self.diagnose(name) from None
+                    counter.labels(worker, name, exc.code().name).inc()
+                    raise await self.domain_error(exc, name) from None
                 counter.labels(worker, name, "OK").inc()
                 return result
 
@@ -152,7 +152,13 @@ class WorkerCalls:
         setattr(self, name, call)
         return call
 
-    async def diagnose(self, method: str) -> Exception:
+    def domain_error(
+        self, exc: grpc.RpcError, method: str, stream: bool = False
+    ) -> Awaitable[JobgateError]:
+        retry, diagnose = self._retry_after_s, lambda: self.diagnose(method)
+        return convert(exc, self._worker.name, retry, diagnose, stream)
+
+    async def diagnose(self, method: str) -> JobgateError:
         """The error for a call to ``method`` that ran past its deadline."""
         name = self._worker.name
         try:

@@ -14,8 +14,8 @@ import pytest
 from jobgate import command
 from jobgate.client import (
     Client,
-    ConfigError,
     Settings,
+    SettingsError,
     default_config_path,
     resolve_settings,
 )
@@ -94,16 +94,16 @@ def test_token_file_of_a_lower_layer_is_not_read_when_a_higher_one_wins(home):
     default_file(home, 'token_file = "missing-token-file"\n')
     env = env_for(home, JOBGATE_TOKEN="from-env-token-4567")
     assert resolve_settings(NO_FLAGS, env).token == "from-env-token-4567"
-    with pytest.raises(ConfigError, match="token_file: cannot read"):
+    with pytest.raises(SettingsError, match="token_file: cannot read"):
         resolve_settings(NO_FLAGS, env_for(home))
 
 
 def test_token_and_token_file_in_one_layer_is_an_error(home, tmp_path):
     token_file = write(tmp_path / "tok", "x" * 20)
-    with pytest.raises(ConfigError, match="--token and --token-file"):
+    with pytest.raises(SettingsError, match="--token and --token-file"):
         resolve_settings({"token": "y" * 20, "token_file": str(token_file)}, {})
     default_file(home, f'token = "{"y" * 20}"\ntoken_file = "{token_file}"\n')
-    with pytest.raises(ConfigError, match="give one or the other"):
+    with pytest.raises(SettingsError, match="give one or the other"):
         resolve_settings(NO_FLAGS, env_for(home))
 
 
@@ -150,7 +150,7 @@ def test_missing_default_file_is_fine_but_missing_named_file_is_an_error(
     home, tmp_path
 ):
     assert resolve_settings(NO_FLAGS, env_for(home)) == Settings()
-    with pytest.raises(ConfigError, match="no such config file"):
+    with pytest.raises(SettingsError, match="no such config file"):
         resolve_settings(NO_FLAGS, env_for(home), config=tmp_path / "nope.toml")
 
 
@@ -165,7 +165,7 @@ def test_missing_default_file_is_fine_but_missing_named_file_is_an_error(
 )
 def test_bad_config_file_is_an_error_naming_file_and_key(home, text, message):
     conf = default_file(home, text)
-    with pytest.raises(ConfigError, match=message) as info:
+    with pytest.raises(SettingsError, match=message) as info:
         resolve_settings(NO_FLAGS, env_for(home))
     assert str(conf) in str(info.value)
 
@@ -173,15 +173,15 @@ def test_bad_config_file_is_an_error_naming_file_and_key(home, text, message):
 def test_config_file_that_is_not_utf8_is_an_error(home):
     default_file(home, "")
     (home / ".config" / "jobgate" / "client.toml").write_bytes(b'url = "caf\xe9"\n')
-    with pytest.raises(ConfigError, match="not valid TOML"):
+    with pytest.raises(SettingsError, match="not valid TOML"):
         resolve_settings(NO_FLAGS, env_for(home))
 
 
 def test_unreadable_or_empty_token_file_is_an_error(home, tmp_path):
     empty = write(tmp_path / "empty", "\n")
-    with pytest.raises(ConfigError, match="is empty"):
+    with pytest.raises(SettingsError, match="is empty"):
         resolve_settings({"token_file": str(empty)}, env_for(home))
-    with pytest.raises(ConfigError, match="JOBGATE_TOKEN_FILE: cannot read"):
+    with pytest.raises(SettingsError, match="JOBGATE_TOKEN_FILE: cannot read"):
         resolve_settings(
             NO_FLAGS, env_for(home, JOBGATE_TOKEN_FILE=str(tmp_path / "missing"))
         )
@@ -194,17 +194,17 @@ def test_unreadable_or_empty_token_file_is_an_error(home, tmp_path):
     "url", ["127.0.0.1:8080", "ftp://host:21", "http://", "http://host:port"]
 )
 def test_url_that_is_not_http_or_https_is_refused(url):
-    with pytest.raises(ConfigError, match="url"):
+    with pytest.raises(SettingsError, match="url"):
         Client(url, "t" * 20)
 
 
 def test_client_certificate_needs_https():
-    with pytest.raises(ConfigError, match="https"):
+    with pytest.raises(SettingsError, match="https"):
         Client("http://127.0.0.1:1", "t" * 20, cert_file="me.pem")
 
 
 def test_missing_ca_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="ca_file: cannot load"):
+    with pytest.raises(SettingsError, match="ca_file: cannot load"):
         Client("https://127.0.0.1:1", "t" * 20, ca_file=tmp_path / "none.pem")
 
 
@@ -218,18 +218,18 @@ def test_url_path_prefix_is_kept_for_a_proxy():
 
 
 def test_settings_without_url_or_token_cannot_make_a_client():
-    with pytest.raises(ConfigError, match="no scheduler URL"):
+    with pytest.raises(SettingsError, match="no scheduler URL"):
         Settings(token="t" * 20).client()
-    with pytest.raises(ConfigError, match="no API token"):
+    with pytest.raises(SettingsError, match="no API token"):
         Settings(url="http://127.0.0.1:1").client()
 
 
 def test_client_certificate_over_https_stands_in_for_the_token(tmp_path):
     cert = tmp_path / "me.pem"
-    with pytest.raises(ConfigError, match="no API token"):
+    with pytest.raises(SettingsError, match="no API token"):
         Settings(url="http://127.0.0.1:1", cert_file=cert).client()
     # Over https the token is not asked for; the (missing) certificate is.
-    with pytest.raises(ConfigError, match="cert_file: cannot load"):
+    with pytest.raises(SettingsError, match="cert_file: cannot load"):
         Settings(url="https://127.0.0.1:1", cert_file=cert).client()
 
 

@@ -3,7 +3,9 @@
 The call is a fake with the client side of a ``grpc.aio`` server-streaming
 call: ``await read()`` gives the scripted messages (or raises the scripted
 errors), then ``grpc.aio.EOF``; ``cancel()`` ends it, and a read that is
-cancelled while it waits cancels the call, as in ``grpc.aio``.
+cancelled while it waits cancels the call, as in ``grpc.aio``. A call whose
+script fails is wrapped as the gateway wraps a worker's calls, so that its
+gRPC error is read as the domain error.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import grpc
 import pytest
 from asyncsupport import FakeError, run_async
 
+from jobgate.errors import NotFound, Unavailable
 from jobgate.v1 import common_pb2, worker_pb2
 from scheduler.gateway import OutputStream, job_to_dict
+from scheduler.worker_errors import StreamCall, convert
 
 HANG = object()  # a read that waits until the call is cancelled
 
@@ -84,6 +88,10 @@ class Busy(Exception):
 
 async def busy() -> Exception:
     return Busy("busy")
+
+
+def wrapped(call: FakeCall) -> StreamCall:
+    return StreamCall(call, lambda exc: convert(exc, "w1", 5, busy, stream=True))
 
 
 async def read_all(stream: OutputStream) -> list:
@@ -162,10 +170,9 @@ async def test_bytes_skipped_by_the_output_cap_are_reported_with_the_chunk():
 @run_async
 async def test_an_error_before_the_first_message_is_raised_by_first():
     call = FakeCall([FakeError(grpc.StatusCode.NOT_FOUND)])
-    stream = OutputStream(call, "w1", Recorder())
-    with pytest.raises(grpc.RpcError) as caught:
+    stream = OutputStream(wrapped(call), "w1", Recorder())
+    with pytest.raises(NotFound):
         await stream.first(1.0, busy)
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert call.cancelled
 
 
@@ -199,13 +206,12 @@ async def test_an_error_in_mid_stream_comes_after_the_bytes_before_it():
             FakeError(grpc.StatusCode.UNAVAILABLE),
         ]
     )
-    stream = OutputStream(call, "w1", Recorder())
+    stream = OutputStream(wrapped(call), "w1", Recorder())
     await stream.first(1.0, busy)
     got = []
-    with pytest.raises(grpc.RpcError) as caught:
+    with pytest.raises(Unavailable, match="'w1' cannot be reached"):
         async for item in stream:
             got.append(item)
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert got == [(0, b"abc", 0)]
     assert call.cancelled
 

@@ -3,8 +3,10 @@
 Calls are fakes with the client side of a ``grpc.aio`` server-streaming call:
 ``await read()`` gives what the test fed them (``OutputChunk`` messages,
 errors), then ``grpc.aio.EOF``; ``cancel()`` ends them, and a read that is
-cancelled while it waits cancels its call, as in ``grpc.aio``. Nothing waits
-on time: a test feeds a call, then lets the loop run what can run.
+cancelled while it waits cancels its call, as in ``grpc.aio``. The relay gets
+them as the gateway hands them over, wrapped so that a gRPC error is read as
+its domain error. Nothing waits on time: a test feeds a call, then lets the
+loop run what can run.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import grpc
 import pytest
 from asyncsupport import FakeError, run_async, settle
 
-from jobgate.errors import DeadlineExceeded
+from jobgate.errors import DeadlineExceeded, NotFound, StreamExpired, Unavailable
 from jobgate.v1 import common_pb2, worker_pb2
-from scheduler.relay import Relay, StreamExpired
+from scheduler.relay import Relay
+from scheduler.worker_errors import StreamCall, convert
 
 KEY = ("worker-id", "127.0.0.1:1", "job-id")
 END = object()  # the end of the stream: read as grpc.aio.EOF
@@ -92,10 +95,10 @@ class Calls:
     def __init__(self):
         self.made: list[FakeCall] = []
 
-    def __call__(self, offset: int, timeout_s: float) -> FakeCall:
+    def __call__(self, offset: int, timeout_s: float) -> StreamCall:
         call = FakeCall(offset, timeout_s)
         self.made.append(call)
-        return call
+        return StreamCall(call, to_domain)
 
     async def wait(self, n: int) -> FakeCall:
         """The n-th call made, once it waits for its first message."""
@@ -104,6 +107,10 @@ class Calls:
                 return self.made[n - 1]
             await asyncio.sleep(0)
         raise AssertionError(f"call {n} was never read ({len(self.made)} made)")
+
+
+def to_domain(exc: grpc.RpcError):
+    return convert(exc, "worker-1", 5, busy, stream=True)
 
 
 async def final_to_dict(job) -> dict:
@@ -353,8 +360,7 @@ async def test_error_before_the_first_message_is_raised_to_every_waiting_followe
     await settle()
     call.fail(grpc.StatusCode.NOT_FOUND)
     for result in await asyncio.gather(creator, joiner, return_exceptions=True):
-        assert isinstance(result, grpc.RpcError)
-        assert result.code() == grpc.StatusCode.NOT_FOUND
+        assert isinstance(result, NotFound)
     assert len(calls.made) == 1
     assert relay.upstreams() == 0
 
@@ -396,8 +402,8 @@ async def test_error_in_mid_stream_ends_each_follower_after_the_bytes_before_it(
     readers = [asyncio.ensure_future(read(f)) for f in (a, b)]
     call.fail(grpc.StatusCode.UNAVAILABLE)
     for result in await asyncio.gather(*readers, return_exceptions=True):
-        assert isinstance(result, grpc.RpcError)
-        assert result.code() == grpc.StatusCode.UNAVAILABLE
+        assert isinstance(result, Unavailable)
+        assert "worker-1" in result.message
     assert got[a] == got[b] == [(0, b"abc", 0)]
     # A follower arriving now starts a new call rather than join a failed one.
     c, second = await first_follower(relay, calls)

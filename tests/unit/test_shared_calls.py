@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
-from asyncsupport import FakeError, run_async, settle
+from asyncsupport import run_async, settle
 
-from jobgate.errors import NotFound
+from jobgate.errors import DeadlineExceeded, NotFound, Unavailable
 from scheduler.gateway import SharedCalls
 
 KEY = ("w", "j")
@@ -102,8 +101,11 @@ async def test_different_jobs_do_not_share():
 
 @pytest.mark.parametrize(
     "error",
-    [FakeError(grpc.StatusCode.UNAVAILABLE), NotFound("no job 'j'")],
-    ids=["worker-error", "jobgate-error"],
+    [
+        Unavailable("worker 'w' cannot be reached: connection refused"),
+        NotFound("no job 'j'"),
+    ],
+    ids=["worker-unreachable", "no-such-job"],
 )
 @run_async
 async def test_a_failed_call_is_not_shared(error):
@@ -124,12 +126,12 @@ async def test_a_failed_call_is_not_shared(error):
 @run_async
 async def test_a_waiter_whose_shared_call_failed_gets_its_own_answer():
     shared, failing, healthy = SharedCalls(), Worker(), Worker()
-    failing.fail = FakeError(grpc.StatusCode.DEADLINE_EXCEEDED)
+    failing.fail = DeadlineExceeded("worker 'w' did not answer in time")
     first = await arrive(shared, failing.fetch)
     second = await arrive(shared, healthy.fetch)
     healthy.release.set()
     failing.release.set()
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(DeadlineExceeded):
         await first
     assert await second == {"state": "running", "call": 1}
     assert (failing.calls, healthy.calls) == (1, 1)

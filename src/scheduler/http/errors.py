@@ -1,8 +1,19 @@
-"""Errors to HTTP, in one place: the gRPC status of an error picks its HTTP code."""
+"""Errors to HTTP, in one place: the gRPC status of an error picks its HTTP code.
+
+Everything the API answers an error with comes from :func:`problem`: the
+error handlers of the app, and each worker's entry of a fan-out (so a worker
+that refuses its part of a fan-out is reported with the very status, title
+and description that starting the job on that worker alone is answered
+with). Errors are :mod:`jobgate.errors` exceptions; a worker's gRPC error was
+converted to one where the call was made (:mod:`scheduler.worker_errors`).
+Any other exception is a defect: logged with its traceback and answered 500,
+without details.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import falcon
 import grpc
@@ -45,52 +56,70 @@ TITLES = {
     504: "Worker timed out",
 }
 
+# What a 500 says instead of its message: the log has the details.
+INTERNAL_DESCRIPTION = "internal error; see the scheduler's log"
 
-def http_error(code: grpc.StatusCode, message: str, retry_after: int | None = None):
-    status = HTTP_STATUS.get(code, 500)
-    headers = {}
-    if status in (429, 503):
-        headers["Retry-After"] = str(retry_after or 5)
+# Statuses that tell the client when to try again.
+RETRY_STATUSES = (429, 503)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An error as HTTP answers it: status, title, description, Retry-After."""
+
+    status: int
+    title: str
+    description: str
+    retry_after_s: int | None = None
+
+    def http_error(self) -> falcon.HTTPError:
+        headers = {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
+        return falcon.HTTPError(
+            falcon.code_to_http_status(self.status),
+            title=self.title,
+            description=self.description,
+            headers=headers,
+        )
+
+    def entry(self) -> dict:
+        """The error as a fan-out reports one worker's: ``error`` is the
+        description, beside the status and title."""
+        return {"error": self.description, "status": self.status, "title": self.title}
+
+
+def problem(exc: BaseException, retry_after_s: int = 5, doing: str = "") -> Problem:
+    """How HTTP answers ``exc``: the one map from errors to HTTP.
+
+    ``retry_after_s`` is the Retry-After of a 429, and of a 503 whose error
+    does not carry its own. ``doing`` says what failed, for the log line of
+    an unexpected exception.
+    """
+    if not isinstance(exc, JobgateError):
+        log.error("unexpected error%s", f" {doing}" if doing else "", exc_info=exc)
+        return Problem(500, TITLES[500], INTERNAL_DESCRIPTION)
+    status = HTTP_STATUS.get(exc.code, 500)
+    retry = None
+    if status in RETRY_STATUSES:
+        retry = exc.retry_after_s if isinstance(exc, Unavailable) else retry_after_s
     if status >= 500 and status != 503:
-        log.error("worker call failed: %s: %s", code.name, message)
-    return falcon.HTTPError(
-        falcon.code_to_http_status(status),
-        title=TITLES.get(status, "Error"),
-        description=message
-        if status != 500
-        else "internal error; see the scheduler's log",
-        headers=headers,
-    )
+        log.error("answering %d: %s: %s", status, exc.code.name, exc.message)
+    description = INTERNAL_DESCRIPTION if status == 500 else exc.message
+    return Problem(status, TITLES.get(status, "Error"), description, retry)
 
 
 def make_handlers(retry_after_s: int):
-    """Falcon error handlers for domain errors and gRPC errors from workers."""
+    """The app's error handlers: every exception a responder raises."""
 
-    async def on_domain_error(req, resp, exc: JobgateError, params):
-        retry = exc.retry_after_s if isinstance(exc, Unavailable) else retry_after_s
-        raise http_error(exc.code, exc.message, retry)
-
-    async def on_rpc_error(req, resp, exc: grpc.RpcError, params):
-        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            details = f"the worker cannot be reached: {details}"
-        raise http_error(code, details, retry_after_s)
-
-    async def on_unexpected(req, resp, exc: Exception, params):
+    async def on_error(req, resp, exc: Exception, params):
         if isinstance(exc, falcon.HTTPError | AbortResponse):
             raise exc
-        log.exception("unexpected error serving %s %s", req.method, req.path)
-        raise falcon.HTTPInternalServerError(
-            title="Internal error",
-            description="internal error; see the scheduler's log",
-        )
+        raise problem(
+            exc, retry_after_s, f"serving {req.method} {req.path}"
+        ).http_error()
 
-    return [
-        (Exception, on_unexpected),
-        (grpc.RpcError, on_rpc_error),
-        (JobgateError, on_domain_error),
-    ]
+    return [(Exception, on_error)]
 
 
 def json_errors(req, resp, exc: falcon.HTTPError) -> None:

@@ -398,6 +398,12 @@ def _schemas() -> dict[str, Schema]:
             "worker_id": _str("the worker's id, or the reference given for it"),
             "worker_name": _str("the worker's name (absent for an unknown worker)"),
             "error": _str("why the job was not started there"),
+            "status": _int(
+                "the HTTP status starting it there alone is answered with",
+                minimum=400,
+                maximum=599,
+            ),
+            "title": _str("the title of that answer"),
         },
         required=["worker_id", "error"],
         description="A worker the job could not be started on.",

@@ -8,6 +8,7 @@ import logging
 
 import falcon
 
+from jobgate.errors import InvalidArgument
 from scheduler import metrics
 from scheduler.gateway import Gateway
 from scheduler.http import body, streams
@@ -153,10 +154,9 @@ class Jobs(_Base):
         wait = req.get_param_as_bool("wait", default=False)
         follow = req.get_param_as_bool("follow", default=False)
         if wait and follow:
-            raise falcon.HTTPBadRequest(
-                title="Bad request",
-                description="wait and follow: choose one (wait returns the final "
-                "status as JSON, follow streams the output)",
+            raise InvalidArgument(
+                "wait and follow: choose one (wait returns the final "
+                "status as JSON, follow streams the output)"
             )
         b = await self.body(req)
         body.no_unknown(b, START_FIELDS)
@@ -213,10 +213,8 @@ class JobOutput(_Base):
                 not (last_id.isascii() and last_id.isdigit())
                 or int(last_id) > MAX_OFFSET
             ):
-                raise falcon.HTTPBadRequest(
-                    title="Bad request",
-                    description="Last-Event-ID must be a byte offset from an earlier "
-                    "event's id",
+                raise InvalidArgument(
+                    "Last-Event-ID must be a byte offset from an earlier event's id"
                 )
             offset = int(last_id)
         # An event stream follows unless told not to; plain text does not.
@@ -232,18 +230,15 @@ FANOUT_FIELDS = START_FIELDS | {"workers", "labels", "all"}
 def _selector(b: dict) -> dict:
     given = [k for k in ("workers", "labels", "all") if k in b]
     if len(given) != 1:
-        raise falcon.HTTPBadRequest(
-            title="Bad request",
-            description='name the workers with exactly one of "workers" (a list of '
-            'ids or names), "labels" (an object) or "all": true',
+        raise InvalidArgument(
+            'name the workers with exactly one of "workers" (a list of '
+            'ids or names), "labels" (an object) or "all": true'
         )
     key = given[0]
     if key == "workers":
         workers = body.string_list(b, "workers")
         if not workers:
-            raise falcon.HTTPBadRequest(
-                title="Bad request", description="workers: must not be empty"
-            )
+            raise InvalidArgument("workers: must not be empty")
         return {"workers": workers}
     if key == "labels":
         labels = b["labels"]
@@ -252,16 +247,12 @@ def _selector(b: dict) -> dict:
             or not labels
             or not all(isinstance(v, str) for v in labels.values())
         ):
-            raise falcon.HTTPBadRequest(
-                title="Bad request",
-                description="labels: must be a non-empty object of strings, "
-                'e.g. {"role": "web"}',
+            raise InvalidArgument(
+                'labels: must be a non-empty object of strings, e.g. {"role": "web"}'
             )
         return {"labels": labels}
     if b["all"] is not True:
-        raise falcon.HTTPBadRequest(
-            title="Bad request", description="all: must be true when given"
-        )
+        raise InvalidArgument("all: must be true when given")
     return {"all": True}
 
 

@@ -2,7 +2,9 @@
 
 Each function turns an :class:`~scheduler.gateway.OutputStream` into the bytes
 of a response body; :func:`guarded` wraps the stream's chunks so that a
-revoked token ends it.
+revoked token ends it. An error after the response began (the worker went
+away, the stream ran for its longest allowed time) cannot change the status
+any more: :class:`Body` ends the response early and logs why, in one line.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Callable
 
-from jobgate.errors import Unavailable
+from jobgate.errors import JobgateError, StreamExpired, Unavailable
 from scheduler import metrics
 from scheduler.gateway import OutputStream
 from scheduler.http.connection import AbortResponse
@@ -203,22 +205,39 @@ class Slot:
 
 
 class Body:
-    """A streamed response body that lets go of its stream however it ends."""
+    """A streamed response body that lets go of its stream however it ends.
+
+    A domain error while it is sent ends the response early (the client sees
+    an incomplete transfer, so curl exits non-zero) rather than as a defect
+    with a traceback: its status was no longer the response's to give.
+    """
 
     def __init__(
         self, chunks: AsyncIterator[bytes], stream: OutputStream, slot: Slot | None
     ):
         self._chunks = chunks
+        self._sent = _ending_early(chunks)
         self._stream = stream
         self._slot = slot
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks
+        return self._sent
 
     async def close(self) -> None:
         try:
+            await self._sent.aclose()
             await self._chunks.aclose()
         finally:
             self._stream.close()
             if self._slot is not None:
                 self._slot.release()
+
+
+async def _ending_early(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for data in chunks:
+            yield data
+    except JobgateError as exc:
+        level = logging.INFO if isinstance(exc, StreamExpired) else logging.WARNING
+        log.log(level, "an output stream ended early: %s", exc.message)
+        raise StreamAborted(exc.message) from exc
