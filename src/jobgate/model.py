@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -444,6 +445,7 @@ class _Parser:
         if f.type in self.shapes:
             if not isinstance(value, dict):
                 raise Invalid(key, f"must be an object, not {json_type(value)}")
+            _check_size(f, key, value)
             return self.shape(self.shapes[f.type], value, key + ".")
         raise ModelError(f"{key}: a request field cannot be of type {f.type!r}")
 
@@ -469,6 +471,8 @@ class _Parser:
             )
         if f.max_length is not None and len(value) > f.max_length:
             raise Invalid(key, f"longer than {f.max_length} characters")
+        if f.pattern is not None and not re.search(f.pattern, value):
+            raise Invalid(key, f"must match {f.pattern}")
         return value
 
     @staticmethod
@@ -512,9 +516,20 @@ class _Parser:
                     f"{key}.{name}", f"must be a string, not {json_type(item)}"
                 )
             _check_unicode(f"{key}.{name}", item)
-        if f.min_properties and len(value) < f.min_properties:
-            raise Invalid(key, "must not be empty")
+        _check_size(f, key, value)
         return value
+
+
+def _check_size(f: Field, key: str, value: dict) -> None:
+    if f.min_properties and len(value) < f.min_properties:
+        raise Invalid(
+            key,
+            "must not be empty"
+            if f.min_properties == 1
+            else f"must have at least {f.min_properties} entries",
+        )
+    if f.max_properties is not None and len(value) > f.max_properties:
+        raise Invalid(key, f"must have at most {f.max_properties} entries")
 
 
 def _check_unicode(key: str, value: str) -> None:

@@ -339,3 +339,22 @@ def test_client_sees_413_for_a_large_body(client):
     result = client.simulate_post("/echo", body=b"{" + b" " * MAX + b"}")
     assert result.status_code == 413
     assert "the limit is 1024" in result.json["description"]
+
+
+def test_pattern_and_entry_counts_are_checked_where_a_shape_sets_them():
+    shape = model.Shape(
+        "Bounded",
+        "",
+        (
+            model.Field("id", pattern="^[0-9]+$"),
+            model.Field("tags", type="string-map", max_properties=1),
+        ),
+        (),
+    )
+    assert parse({"id": "12", "tags": {"a": "b"}}, shape) == {
+        "id": "12",
+        "tags": {"a": "b"},
+    }
+    assert bad_request(parse, {"id": "1a"}, shape) == "id: must match ^[0-9]+$"
+    message = bad_request(parse, {"tags": {"a": "b", "c": "d"}}, shape)
+    assert message == "tags: must have at most 1 entries"
