@@ -72,7 +72,7 @@ def document() -> dict:
 def _document() -> dict:
     data = _data()
     return {
-        "openapi": data["version"],
+        "openapi": data["openapi"],
         "info": {
             "title": data["info"]["title"],
             "version": __version__,
