@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
-from jobgate import __version__
+from jobgate import __version__, model
 from jobgate.client import (
     ENV_CONFIG,
     ApiError,
@@ -100,27 +100,7 @@ def job_exit_status(job: Mapping[str, Any]) -> int:
 
 # -- output ------------------------------------------------------------------------
 
-JOB_KEYS = (
-    "job_id",
-    "worker_id",
-    "state",
-    "exit_code",
-    "signal",
-    "reason",
-    "exit_reason",
-    "command",
-    "path",
-    "args",
-    "pid",
-    "started_at",
-    "ended_at",
-    "timeout_s",
-    "idempotency_key",
-    "output_bytes",
-    "output_dropped_bytes",
-    "stopped_by",
-    "stopped_at",
-)
+JOB_KEYS = model.JOB_COLUMNS
 WORKER_KEYS = (
     "name",
     "id",

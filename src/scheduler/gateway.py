@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from jobgate import identity, logs
+from jobgate import identity, logs, model
 from jobgate.errors import DeadlineExceeded, JobgateError, NotFound, Unavailable
 from jobgate.guard import REQUEST_ID_KEY
 from jobgate.jobstate import ExitReason, JobState
@@ -32,36 +32,46 @@ from scheduler.worker_errors import StreamCall, convert
 log = logging.getLogger(__name__)
 
 
+_ENUMS = {"JobState": JobState, "ExitReason": ExitReason}
+
+
+def _job_field(f: model.Field) -> Callable[[common_pb2.Job], object]:
+    """How one field of the model's Job is read from the gRPC message.
+
+    A field that may be null is null when the message leaves it unset: a
+    field with presence (``optional``) not set, any other at its zero value
+    (an empty ``idempotency_key``, ``EXIT_REASON_UNSPECIFIED``).
+    """
+    name = f.name
+    convert: Callable[[object], object] = lambda v: v  # noqa: E731
+    if f.type == "timestamp":
+        convert = timestamp
+    elif f.type in _ENUMS:
+        enum = _ENUMS[f.type]
+        convert = lambda v: enum.from_proto(v).value  # noqa: E731
+    elif f.is_array:
+        convert = list
+    elif f.type in model.SHAPES:
+        names = model.SHAPES[f.type].names
+        # A message's fields at 0 are unset: those set only.
+        convert = lambda m: {n: v for n in names if (v := getattr(m, n))}  # noqa: E731
+    elif f.type not in ("string", "uuid", "integer"):
+        raise TypeError(f"Job.{name}: no rendering for type {f.type!r}")
+    if not f.null:
+        return lambda job: convert(getattr(job, name))
+    if common_pb2.Job.DESCRIPTOR.fields_by_name[name].has_presence:
+        return lambda job: convert(getattr(job, name)) if job.HasField(name) else None
+    return lambda job: convert(v) if (v := getattr(job, name)) else None
+
+
+# The model's Job, field by field; the scheduler adds what is not on the
+# wire (worker_id).
+_JOB_FIELDS = [(f.name, _job_field(f) if f.wire else None) for f in model.JOB.fields]
+
+
 def job_to_dict(job: common_pb2.Job, worker_id: str) -> dict:
-    return {
-        "job_id": job.job_id,
-        "worker_id": worker_id,
-        "command": job.command,
-        "path": job.path,
-        "args": list(job.args),
-        "state": JobState.from_proto(job.state).value,
-        "exit_code": job.exit_code if job.HasField("exit_code") else None,
-        "signal": job.signal if job.HasField("signal") else None,
-        "pid": job.pid,
-        "started_at": timestamp(job.started_at),
-        "ended_at": timestamp(job.ended_at) if job.HasField("ended_at") else None,
-        "reason": job.reason,
-        "output_bytes": job.output_bytes,
-        "timeout_s": job.timeout_s,
-        "idempotency_key": job.idempotency_key or None,
-        "exit_reason": reason.value
-        if (reason := ExitReason.from_proto(job.exit_reason))
-        else None,
-        "stopped_by": job.stopped_by or None,
-        "stopped_at": timestamp(job.stopped_at) if job.HasField("stopped_at") else None,
-        "output_dropped_bytes": job.output_dropped_bytes,
-        # The limits it runs with, those set only.
-        "limits": {
-            name: value
-            for name in ("memory_mb", "cpu_percent", "tasks")
-            if (value := getattr(job.limits, name))
-        },
-    }
+    """A job as the HTTP API renders it (``jobgate.model.JOB``)."""
+    return {name: read(job) if read else worker_id for name, read in _JOB_FIELDS}
 
 
 def _metadata() -> tuple[tuple[str, str], ...]:

@@ -212,9 +212,12 @@ class Store:
             ).fetchone()
             if row:
                 worker_id = row["id"]
-            elif _is_uuid(previous_id) and not conn.execute(
-                "SELECT 1 FROM workers WHERE id = ?", (previous_id.lower(),)
-            ).fetchone():
+            elif (
+                _is_uuid(previous_id)
+                and not conn.execute(
+                    "SELECT 1 FROM workers WHERE id = ?", (previous_id.lower(),)
+                ).fetchone()
+            ):
                 worker_id = previous_id.lower()
             else:
                 worker_id = str(uuid.uuid4())

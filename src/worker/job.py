@@ -76,7 +76,13 @@ class Transition:
 
 @dataclasses.dataclass
 class JobRecord:
-    """What is known and persisted about one job (:mod:`worker.records`)."""
+    """What is known and persisted about one job (:mod:`worker.records`).
+
+    Its fields are those of the job in ``jobgate.model`` that are on the
+    wire (all but ``worker_id``), with types that hold their values; a
+    field that may be null there is ``None`` here, or empty for a string.
+    ``tests/unit/test_model.py`` checks.
+    """
 
     job_id: str
     command: str

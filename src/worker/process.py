@@ -173,9 +173,7 @@ class Spawner:
         env.update(self.cfg.environment)
         return env
 
-    def spawn(
-        self, job_id: str, argv: list[str], procs: list[str], account: Account
-    ):
+    def spawn(self, job_id: str, argv: list[str], procs: list[str], account: Account):
         """Start ``argv`` as ``account``; returns ``(process, status_fd)``.
 
         ``procs`` are the ``cgroup.procs`` files the job joins (none: it

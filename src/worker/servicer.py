@@ -4,40 +4,39 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
+from jobgate import model
 from jobgate.errors import ResourceExhausted
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.limits import NAMES as LIMIT_NAMES
 from worker.runner import JobRecord, JobRunner
 
 
+def _proto_field(f: model.Field) -> Callable[[Any], object]:
+    """How one field of the model's Job goes from a record into the message."""
+    if f.type in model.SHAPES:
+        message = getattr(common_pb2, f.type)  # e.g. Limits, from a dict
+        return lambda v: message(**v)
+    if f.type in ("JobState", "ExitReason"):  # jobgate.jobstate's enums
+        return lambda v: v.to_proto()
+    return lambda v: v
+
+
+# The model's Job, field by field: what the worker knows of it (not worker_id).
+_PROTO_FIELDS = [(f.name, _proto_field(f)) for f in model.JOB.fields if f.wire]
+
+
 def job_to_proto(r: JobRecord) -> common_pb2.Job:
-    msg = common_pb2.Job(
-        exit_reason=r.exit_reason.to_proto() if r.exit_reason else 0,
-        stopped_by=r.stopped_by,
-        output_dropped_bytes=r.output_dropped_bytes,
-        job_id=r.job_id,
-        command=r.command,
-        path=r.path,
-        args=r.args,
-        state=r.state.to_proto(),
-        pid=r.pid,
-        started_at=r.started_at,
-        reason=r.reason,
-        output_bytes=r.output_bytes,
-        timeout_s=r.timeout_s,
-        idempotency_key=r.idempotency_key,
-        limits=common_pb2.Limits(**r.limits),
+    """A job's record as the gRPC message; None leaves a field unset."""
+    return common_pb2.Job(
+        **{
+            name: convert(value)
+            for name, convert in _PROTO_FIELDS
+            if (value := getattr(r, name)) is not None
+        }
     )
-    if r.exit_code is not None:
-        msg.exit_code = r.exit_code
-    if r.signal is not None:
-        msg.signal = r.signal
-    if r.ended_at is not None:
-        msg.ended_at = r.ended_at
-    if r.stopped_at is not None:
-        msg.stopped_at = r.stopped_at
-    return msg
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):

@@ -12,11 +12,12 @@ import os
 import stat
 from pathlib import Path
 
+from jobgate import model
 from jobgate.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from worker.config import JobsSection
 from worker.limits import NAMES, Enforcer, Limits
 
-MAX_IDEMPOTENCY_KEY = 256
+MAX_IDEMPOTENCY_KEY = model.START["idempotency_key"].max_length
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,10 @@ import falcon.asgi
 import falcon.testing
 import pytest
 
+from jobgate import model
+from jobgate.errors import InvalidArgument
 from scheduler.http import body
+from scheduler.http.errors import json_errors, make_handlers
 
 MAX = 1024
 
@@ -28,9 +31,10 @@ def read_json(request, limit: int = MAX, depth: int = 32) -> dict:
 
 
 def bad_request(fn, *args, **kw) -> str:
-    with pytest.raises(falcon.HTTPBadRequest) as exc:
+    """What a 400 would say: the domain error the app's one map answers."""
+    with pytest.raises(InvalidArgument) as exc:
         fn(*args, **kw)
-    return exc.value.description
+    return exc.value.message
 
 
 # -- read_json --------------------------------------------------------------------
@@ -84,36 +88,72 @@ def test_read_json_refuses_a_body_over_the_limit_with_413():
     assert f"the limit is {MAX}" in exc.value.description
 
 
-# -- field checks -----------------------------------------------------------------
+# -- field checks (jobgate.model's shapes) --------------------------------------------
+
+# A shape of each kind of field the request bodies use.
+ECHO = model.Shape(
+    "Echo",
+    "",
+    (
+        model.Field("path", min_length=1, max_length=3),
+        model.Field("key", null=True, max_length=8),
+        model.Field("args", type="string[]", null=True),
+        model.Field("timeout_s", type="integer", null=True, minimum=0, maximum=100),
+        model.Field("labels", type="string-map", min_properties=1),
+        model.Field("limits", type="Limits", null=True),
+    ),
+    ("path",),
+    closed=True,
+)
 
 
-def test_string_returns_value_or_default():
-    assert body.string({"path": "a.sh"}, "path", required=True) == "a.sh"
-    assert body.string({}, "key", default="d") == "d"
-    assert body.string({"key": None}, "key", default="d") == "d"
+def parse(doc: dict, shape: model.Shape = ECHO) -> dict:
+    return body.parse(shape, doc)
+
+
+def test_absent_and_null_fields_get_their_zero_values():
+    assert parse({"path": "a"}) == {
+        "path": "a",
+        "key": "",
+        "args": [],
+        "timeout_s": 0,
+        "labels": {},
+        "limits": {},
+    }
+    nulls = {"path": "a", "key": None, "args": None, "timeout_s": None, "limits": None}
+    assert parse(nulls) == parse({"path": "a"})
+
+
+def test_given_fields_are_returned_as_given():
+    doc = {
+        "path": "abc",
+        "key": "k",
+        "args": ["a", ""],
+        "timeout_s": 30,
+        "labels": {"role": "web"},
+        "limits": {"tasks": 4},
+    }
+    assert parse(doc) == doc
+    assert parse({"path": "a", "timeout_s": 0})["timeout_s"] == 0
 
 
 @pytest.mark.parametrize(
-    ("doc", "kw", "message"),
+    ("doc", "message"),
     [
-        ({}, {"required": True}, "path: required, a string"),
-        ({"path": None}, {"required": True}, "path: required, a string"),
-        ({"path": ""}, {"required": True}, "path: must not be empty"),
-        ({"path": 5}, {}, "path: must be a string, not a number"),
-        ({"path": ["a"]}, {}, "path: must be a string, not an array"),
-        ({"path": {"a": 1}}, {}, "path: must be a string, not an object"),
-        ({"path": False}, {}, "path: must be a string, not a boolean"),
-        ({"path": "abcd"}, {"max_len": 3}, "path: longer than 3 characters"),
+        ({}, "path: required, a string"),
+        ({"path": None}, "path: required, a string"),
+        ({"path": ""}, "path: must not be empty"),
+        ({"path": 5}, "path: must be a string, not a number"),
+        ({"path": ["a"]}, "path: must be a string, not an array"),
+        ({"path": {"a": 1}}, "path: must be a string, not an object"),
+        ({"path": False}, "path: must be a string, not a boolean"),
+        ({"path": "abcd"}, "path: longer than 3 characters"),
+        ({"path": "\ud800"}, "path: must be valid Unicode (it holds a lone surrogate)"),
+        ({"path": "a", "key": "123456789"}, "key: longer than 8 characters"),
     ],
 )
-def test_string_errors_name_the_field(doc, kw, message):
-    assert bad_request(body.string, doc, "path", **kw) == message
-
-
-def test_string_list_returns_list_or_empty():
-    assert body.string_list({"args": ["a", ""]}, "args") == ["a", ""]
-    assert body.string_list({}, "args") == []
-    assert body.string_list({"args": None}, "args") == []
+def test_string_errors_name_the_field(doc, message):
+    assert bad_request(parse, doc) == message
 
 
 @pytest.mark.parametrize(
@@ -126,13 +166,7 @@ def test_string_list_returns_list_or_empty():
     ],
 )
 def test_string_list_errors_name_the_item(value, message):
-    assert bad_request(body.string_list, {"args": value}, "args") == message
-
-
-def test_integer_returns_value_or_default():
-    assert body.integer({"timeout_s": 30}, "timeout_s") == 30
-    assert body.integer({}, "timeout_s", default=7) == 7
-    assert body.integer({"timeout_s": 0}, "timeout_s", default=7) == 0
+    assert bad_request(parse, {"path": "a", "args": value}) == message
 
 
 @pytest.mark.parametrize(
@@ -146,15 +180,88 @@ def test_integer_returns_value_or_default():
     ],
 )
 def test_integer_errors_name_the_field(value, message):
-    doc = {"timeout_s": value}
-    assert bad_request(body.integer, doc, "timeout_s", maximum=100) == message
+    assert bad_request(parse, {"path": "a", "timeout_s": value}) == message
 
 
-def test_no_unknown_names_the_unknown_field():
-    body.no_unknown({"path": "a"}, {"path", "args"})
-    doc = {"path": "a", "tiemout": 1}
-    message = bad_request(body.no_unknown, doc, {"path", "args"})
-    assert message == "tiemout: unknown field (known: args, path)"
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([], "labels: must be an object of strings, not an array"),
+        ({}, "labels: must not be empty"),
+        ({"role": 1}, "labels.role: must be a string, not a number"),
+    ],
+)
+def test_string_map_errors_name_the_entry(value, message):
+    assert bad_request(parse, {"path": "a", "labels": value}) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([1], "limits: must be an object, not an array"),
+        (
+            {"swap_mb": 1},
+            "limits.swap_mb: unknown limit (known: cpu_percent, memory_mb, tasks)",
+        ),
+        ({"tasks": "8"}, "limits.tasks: must be an integer, not a string"),
+        ({"tasks": 2**32}, f"limits.tasks: must be between 0 and {2**32 - 1}"),
+    ],
+)
+def test_nested_object_errors_name_the_member(value, message):
+    assert bad_request(parse, {"path": "a", "limits": value}) == message
+
+
+def test_nested_limits_keep_those_set_only():
+    limits = {"memory_mb": 0, "cpu_percent": None, "tasks": 8}
+    assert parse({"path": "a", "limits": limits})["limits"] == {"tasks": 8}
+
+
+def test_a_closed_shape_names_the_unknown_field():
+    message = bad_request(parse, {"path": "a", "tiemout": 1})
+    assert message == (
+        "tiemout: unknown field (known: args, key, labels, limits, path, timeout_s)"
+    )
+
+
+def test_an_open_shape_ignores_unknown_fields():
+    doc = {"worker_id": "w", "job_id": "j", "extra": 1}
+    assert parse(doc, model.LEGACY_JOB) == {"worker_id": "w", "job_id": "j"}
+
+
+# -- the fan-out's selectors ----------------------------------------------------------
+
+FANOUT_JOB = {"command": "bash", "path": "count.sh"}
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ({"workers": ["w1", "w2"]}, {"workers": ["w1", "w2"]}),
+        ({"labels": {"role": "web"}}, {"labels": {"role": "web"}}),
+        ({"all": True}, {"all": True}),
+    ],
+)
+def test_fanout_takes_exactly_one_selector(selector, expected):
+    parsed = parse({**selector, **FANOUT_JOB}, model.FANOUT)
+    assert {k: parsed[k] for k in model.FANOUT.exactly_one if k in parsed} == expected
+    assert parsed["command"] == "bash" and parsed["args"] == []
+
+
+@pytest.mark.parametrize(
+    ("selector", "message"),
+    [
+        ({}, "exactly one of"),
+        ({"all": True, "workers": ["w"]}, "exactly one of"),
+        ({"all": False}, "all: must be true when given"),
+        ({"all": None}, "all: must be true when given"),
+        ({"workers": []}, "workers: must not be empty"),
+        ({"workers": None}, "workers: required, an array of strings"),
+        ({"labels": {}}, "labels: must not be empty"),
+        ({"labels": {"role": 1}}, "labels.role: must be a string, not a number"),
+    ],
+)
+def test_fanout_selector_errors_say_what_to_fix(selector, message):
+    assert message in bad_request(parse, {**selector, **FANOUT_JOB}, model.FANOUT)
 
 
 def test_read_json_refuses_deep_nesting_with_400_naming_the_limit():
@@ -186,19 +293,26 @@ def test_nesting_counts_levels_outside_strings():
 # -- as a client sees it ------------------------------------------------------------
 
 
+ECHO_SMALL = model.Shape(
+    "EchoSmall",
+    "",
+    (model.Field("path", min_length=1), model.Field("args", type="string[]")),
+    ("path",),
+    closed=True,
+)
+
+
 class Echo:
     async def on_post(self, req, resp):
-        doc = await body.read_json(req, MAX)
-        body.no_unknown(doc, {"path", "args"})
-        resp.media = {
-            "path": body.string(doc, "path", required=True),
-            "args": body.string_list(doc, "args"),
-        }
+        resp.media = body.parse(ECHO_SMALL, await body.read_json(req, MAX))
 
 
 @pytest.fixture
 def client() -> falcon.testing.TestClient:
     app = falcon.asgi.App()
+    app.set_error_serializer(json_errors)
+    for exc, handler in make_handlers(retry_after_s=5):
+        app.add_error_handler(exc, handler)
     app.add_route("/echo", Echo())
     return falcon.testing.TestClient(app)
 
@@ -231,3 +345,22 @@ def test_client_sees_413_for_a_large_body(client):
     result = client.simulate_post("/echo", body=b"{" + b" " * MAX + b"}")
     assert result.status_code == 413
     assert "the limit is 1024" in result.json["description"]
+
+
+def test_pattern_and_entry_counts_are_checked_where_a_shape_sets_them():
+    shape = model.Shape(
+        "Bounded",
+        "",
+        (
+            model.Field("id", pattern="^[0-9]+$"),
+            model.Field("tags", type="string-map", max_properties=1),
+        ),
+        (),
+    )
+    assert parse({"id": "12", "tags": {"a": "b"}}, shape) == {
+        "id": "12",
+        "tags": {"a": "b"},
+    }
+    assert bad_request(parse, {"id": "1a"}, shape) == "id: must match ^[0-9]+$"
+    message = bad_request(parse, {"tags": {"a": "b", "c": "d"}}, shape)
+    assert message == "tags: must have at most 1 entries"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import falcon
 import falcon.testing
 import pytest
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
@@ -18,12 +20,12 @@ from jobgate.v1 import common_pb2
 from scheduler.config import SchedulerConfig
 from scheduler.gateway import ChannelPool, Gateway, job_to_dict
 from scheduler.http import openapi
-from scheduler.http import resources as r
 from scheduler.http.app import create_app
 from scheduler.http.auth import OPEN_PATHS, TokenFile, hash_token
 from scheduler.store import Store, WorkerRow
 
 TOKEN = "test-token"
+JSON = "application/json"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
@@ -227,10 +229,57 @@ def test_v1_bodies_refuse_unknown_fields_and_legacy_bodies_do_not(doc):
     schemas = doc["components"]["schemas"]
     assert schemas["StartRequest"]["additionalProperties"] is False
     assert schemas["FanOutRequest"]["additionalProperties"] is False
-    assert props(doc, "StartRequest") == r.START_FIELDS
-    assert props(doc, "FanOutRequest") == r.FANOUT_FIELDS
     for name in ("LegacyStartRequest", "LegacyJobRequest"):
         assert "additionalProperties" not in schemas[name], name
+
+
+def request_examples(doc: dict):
+    """(path, body schema name, example name, example) of every request example."""
+    for path, ops in spec_operations(doc).items():
+        for op in ops.values():
+            media = op.get("requestBody", {}).get("content", {}).get(JSON)
+            if media is None:
+                continue
+            name = media["schema"]["$ref"].rsplit("/", 1)[1]
+            for example, value in media.get("examples", {}).items():
+                yield path, name, example, value["value"]
+
+
+def test_the_start_routes_have_request_examples(doc):
+    # Guards the tests over request_examples against finding none.
+    found = {(path, name) for path, name, _, _ in request_examples(doc)}
+    assert {
+        ("/v1/workers/{worker}/jobs", "StartRequest"),
+        ("/v1/jobs", "FanOutRequest"),
+        ("/start", "LegacyStartRequest"),
+    } <= found
+
+
+def test_request_examples_fit_their_schemas(doc):
+    for path, name, example, value in request_examples(doc):
+        # With the components beside it, its $refs resolve.
+        schema = {**doc["components"]["schemas"][name], "components": doc["components"]}
+        errors = list(Draft202012Validator(schema).iter_errors(value))
+        assert not errors, (path, example, errors)
+
+
+def test_request_examples_pass_the_apps_checks_and_an_unknown_field_does_not(app, doc):
+    # The document and the app's checks come from one model: what the one
+    # shows, the other takes. No worker exists here, so a body that passes
+    # the checks is answered 404 (or 201 for a group of unknown workers).
+    client = falcon.testing.TestClient(app)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for path, name, example, value in request_examples(doc):
+        url = path.replace("{worker}", "worker-9")
+        resp = client.simulate_post(url, json=value, headers=auth)
+        assert resp.status_code in (201, 404), (path, example, resp.json)
+        closed = doc["components"]["schemas"][name].get("additionalProperties")
+        resp = client.simulate_post(url, json={**value, "tiemout": 1}, headers=auth)
+        if closed is False:
+            assert resp.status_code == 400, (path, example)
+            assert resp.json["description"].startswith("tiemout: unknown field")
+        else:
+            assert resp.status_code in (201, 404), (path, example, resp.json)
 
 
 def test_job_schema_has_exactly_the_fields_the_gateway_renders(doc):
@@ -296,3 +345,38 @@ def test_errors_are_json_whatever_the_client_accepts(app, doc, accept):
     assert resp.status_code == 404
     assert resp.headers["Content-Type"].startswith("application/json")
     assert set(resp.json) == set(props(doc, "Error"))
+
+
+def test_rendered_jobs_and_the_job_example_fit_the_job_schema(doc):
+    schema = {**doc["components"]["schemas"]["Job"], "components": doc["components"]}
+    check = Draft202012Validator(
+        schema, format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+    job_id, worker_id = "5da9dbe8-a112-46c2-927c-00d1ee852761", str(uuid.uuid4())
+    running = common_pb2.Job(
+        job_id=job_id, state=JobState.RUNNING.to_proto(), started_at=1.5
+    )
+    stopped = common_pb2.Job(
+        job_id=job_id,
+        command="bash",
+        path="count.sh",
+        args=["3"],
+        state=JobState.STOPPED.to_proto(),
+        signal=15,
+        pid=7,
+        started_at=1.5,
+        ended_at=2.5,
+        reason="stopped",
+        output_bytes=2,
+        timeout_s=60,
+        idempotency_key="k",
+        exit_reason=ExitReason.STOPPED.to_proto(),
+        stopped_by="token ops",
+        stopped_at=2.0,
+        limits=common_pb2.Limits(memory_mb=64),
+    )
+    jobs = [job_to_dict(m, worker_id) for m in (running, stopped)]
+    assert schema["examples"]
+    for job in (*jobs, *schema["examples"]):
+        errors = list(check.iter_errors(job))
+        assert not errors, (job, errors)

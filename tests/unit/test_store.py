@@ -90,17 +90,22 @@ def test_a_worker_gets_back_its_id_from_a_scheduler_that_lost_its_state(tmp_path
 
     lost = Store(tmp_path / "lost.db")  # the state database started anew
     lost.initialize()
-    assert lost.register_worker(
-        "w1", "127.0.0.1:1", {}, 1, "test", previous_id=had.upper()
-    ).id == had
+    assert (
+        lost.register_worker(
+            "w1", "127.0.0.1:1", {}, 1, "test", previous_id=had.upper()
+        ).id
+        == had
+    )
     # An id another worker has, or one that is not an id, is not taken.
     assert lost.register_worker(
         "w3", "127.0.0.1:3", {}, 1, "test", previous_id=had
     ).id not in (had, other)
-    assert lost.register_worker(
-        "w4", "127.0.0.1:4", {}, 1, "test", previous_id="../w1"
-    ).id != "../w1"
+    assert (
+        lost.register_worker("w4", "127.0.0.1:4", {}, 1, "test", previous_id="../w1").id
+        != "../w1"
+    )
     # A name the database knows keeps the id on record, whatever it says.
-    assert first.register_worker(
-        "w1", "127.0.0.1:1", {}, 1, "test", previous_id=other
-    ).id == had
+    assert (
+        first.register_worker("w1", "127.0.0.1:1", {}, 1, "test", previous_id=other).id
+        == had
+    )

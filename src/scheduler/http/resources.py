@@ -8,6 +8,7 @@ import logging
 
 import falcon
 
+from jobgate import model
 from jobgate.errors import InvalidArgument
 from scheduler import metrics
 from scheduler.gateway import Gateway
@@ -17,7 +18,6 @@ from scheduler.http.auth import READ, RUN, Auth, TokenFile
 log = logging.getLogger(__name__)
 
 MAX_OFFSET = 2**63 - 1  # byte offsets are int64 on the wire
-START_FIELDS = {"command", "path", "args", "timeout_s", "idempotency_key", "limits"}
 
 
 def _json(resp: falcon.Response, data, status: int = 200) -> None:
@@ -158,17 +158,8 @@ class Jobs(_Base):
                 "wait and follow: choose one (wait returns the final "
                 "status as JSON, follow streams the output)"
             )
-        b = await self.body(req)
-        body.no_unknown(b, START_FIELDS)
-        job, existing = await self.gw.start_job(
-            worker,
-            command=body.string(b, "command", required=True, max_len=256),
-            path=body.string(b, "path", required=True),
-            args=body.string_list(b, "args"),
-            timeout_s=body.integer(b, "timeout_s"),
-            idempotency_key=body.string(b, "idempotency_key", max_len=256),
-            limits=body.limits(b),
-        )
+        b = body.parse(model.START, await self.body(req))
+        job, existing = await self.gw.start_job(worker, **b)
         resp.location = f"/v1/workers/{job['worker_id']}/jobs/{job['job_id']}"
         resp.set_header("X-Job-ID", job["job_id"])
         if follow:
@@ -224,37 +215,6 @@ class JobOutput(_Base):
 
 # -- fan-out -------------------------------------------------------------------
 
-FANOUT_FIELDS = START_FIELDS | {"workers", "labels", "all"}
-
-
-def _selector(b: dict) -> dict:
-    given = [k for k in ("workers", "labels", "all") if k in b]
-    if len(given) != 1:
-        raise InvalidArgument(
-            'name the workers with exactly one of "workers" (a list of '
-            'ids or names), "labels" (an object) or "all": true'
-        )
-    key = given[0]
-    if key == "workers":
-        workers = body.string_list(b, "workers")
-        if not workers:
-            raise InvalidArgument("workers: must not be empty")
-        return {"workers": workers}
-    if key == "labels":
-        labels = b["labels"]
-        if (
-            not isinstance(labels, dict)
-            or not labels
-            or not all(isinstance(v, str) for v in labels.values())
-        ):
-            raise InvalidArgument(
-                'labels: must be a non-empty object of strings, e.g. {"role": "web"}'
-            )
-        return {"labels": labels}
-    if b["all"] is not True:
-        raise InvalidArgument("all: must be true when given")
-    return {"all": True}
-
 
 class FanOutJobs(_Base):
     scopes = {"POST": RUN}
@@ -264,17 +224,9 @@ class FanOutJobs(_Base):
         self.fanout = fanout
 
     async def on_post(self, req, resp):
-        b = await self.body(req)
-        body.no_unknown(b, FANOUT_FIELDS)
-        selector = _selector(b)
-        spec = {
-            "command": body.string(b, "command", required=True, max_len=256),
-            "path": body.string(b, "path", required=True),
-            "args": body.string_list(b, "args"),
-            "timeout_s": body.integer(b, "timeout_s"),
-            "idempotency_key": body.string(b, "idempotency_key", max_len=256),
-            "limits": body.limits(b),
-        }
+        spec = body.parse(model.FANOUT, await self.body(req))
+        # The one selector given (workers, labels or all); the rest is the job.
+        selector = {k: spec.pop(k) for k in model.FANOUT.exactly_one if k in spec}
         result = await self.fanout.start(selector, spec)
         resp.location = f"/v1/groups/{result['group_id']}"
         _json(resp, result, 201)
@@ -299,13 +251,8 @@ class LegacyStart(_Base):
     scopes = {"POST": RUN}
 
     async def on_post(self, req, resp):
-        b = await self.body(req)
-        job, _ = await self.gw.start_job(
-            body.string(b, "worker_id", required=True),
-            command=body.string(b, "command", required=True, max_len=256),
-            path=body.string(b, "path", required=True),
-            args=body.string_list(b, "args"),
-        )
+        b = body.parse(model.LEGACY_START, await self.body(req))
+        job, _ = await self.gw.start_job(b.pop("worker_id"), **b)
         _json(resp, {"job_id": job["job_id"]}, 201)
 
 
@@ -313,12 +260,8 @@ class LegacyStop(_Base):
     scopes = {"POST": RUN}
 
     async def on_post(self, req, resp):
-        b = await self.body(req)
-        await self.gw.stop_job(
-            body.string(b, "worker_id", required=True),
-            body.string(b, "job_id", required=True),
-            _actor(req),
-        )
+        b = body.parse(model.LEGACY_JOB, await self.body(req))
+        await self.gw.stop_job(b["worker_id"], b["job_id"], _actor(req))
         _json(resp, {"success": True})
 
 
@@ -326,11 +269,8 @@ class LegacyQuery(_Base):
     scopes = {"POST": READ}
 
     async def on_post(self, req, resp):
-        b = await self.body(req)
-        job = await self.gw.get_job(
-            body.string(b, "worker_id", required=True),
-            body.string(b, "job_id", required=True),
-        )
+        b = body.parse(model.LEGACY_JOB, await self.body(req))
+        job = await self.gw.get_job(b["worker_id"], b["job_id"])
         done = job["state"] != "running"
         failed = done and job["state"] != "succeeded"
         _json(
@@ -347,12 +287,5 @@ class LegacyStream(_Base):
     scopes = {"POST": READ}
 
     async def on_post(self, req, resp):
-        b = await self.body(req)
-        await self.stream_output(
-            req,
-            resp,
-            body.string(b, "worker_id", required=True),
-            body.string(b, "job_id", required=True),
-            0,
-            True,
-        )
+        b = body.parse(model.LEGACY_JOB, await self.body(req))
+        await self.stream_output(req, resp, b["worker_id"], b["job_id"], 0, True)
