@@ -101,10 +101,27 @@ class HttpSection:
     allow_plain_http_off_loopback: bool = setting(
         False, help='let scheme = "http" bind an address other than loopback'
     )
+    original_path_prefix: str = setting(
+        "",
+        help="a prefix the original API's /start strips from a script's path "
+        '(e.g. "worker/scripts/"); empty: none',
+    )
     tls: HttpTLSSection = field(default_factory=HttpTLSSection)
 
     def __post_init__(self) -> None:
         host, _ = parse_hostport(self.bind, "bind")
+        prefix = self.original_path_prefix
+        if prefix and (
+            not prefix.endswith("/")
+            or prefix.startswith("/")
+            or any(part in ("", ".", "..") for part in prefix[:-1].split("/"))
+            or "\0" in prefix
+        ):
+            raise Invalid(
+                "original_path_prefix",
+                f"{prefix!r} must be a relative directory path ending in '/', "
+                'without "." or ".." parts, e.g. "worker/scripts/"',
+            )
         if self.scheme == "https":
             for key in ("cert_file", "key_file"):
                 if getattr(self.tls, key) is None:

@@ -529,6 +529,24 @@ def test_scheduler_config_refuses_plain_http_off_loopback(confdir):
     assert cfg.http.bind == "0.0.0.0:8080"
 
 
+@pytest.mark.parametrize(
+    "prefix", ["worker/scripts", "/srv/scripts/", "a/../b/", "./a/", "a//b/", "../"]
+)
+def test_scheduler_config_refuses_an_original_path_prefix_that_is_not_plain(
+    confdir, prefix
+):
+    doc = scheduler_doc()
+    doc["http"] = {"original_path_prefix": prefix}
+    path, message = scheduler_error(confdir, doc)
+    assert message.startswith(
+        f"{path}: [http].original_path_prefix: {prefix!r} must be a relative "
+        "directory path ending in '/'"
+    )
+    doc["http"] = {"original_path_prefix": "worker/scripts/"}
+    cfg = scheduler_config.load(write(confdir, doc, "scheduler.toml"))
+    assert cfg.http.original_path_prefix == "worker/scripts/"
+
+
 def test_scheduler_config_refuses_client_certificates_without_https(confdir):
     doc = scheduler_doc()
     doc["http"] = {"scheme": "http"}

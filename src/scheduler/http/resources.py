@@ -252,6 +252,12 @@ class LegacyStart(_Base):
 
     async def on_post(self, req, resp):
         b = body.parse(model.LEGACY_START, await self.body(req))
+        # The original design's clients name scripts by their path from the
+        # worker's working directory; the worker's own check of the result
+        # (inside its scripts directory) is the same either way.
+        prefix = self.gw.cfg.http.original_path_prefix
+        if prefix and b["path"].startswith(prefix):
+            b["path"] = b["path"][len(prefix) :]
         job, _ = await self.gw.start_job(b.pop("worker_id"), **b)
         _json(resp, {"job_id": job["job_id"]}, 201)
 

@@ -1,0 +1,61 @@
+"""The original API's /start with [http].original_path_prefix: old paths, same confinement."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import Api, make_public_dir
+
+from jobgate.devcluster import DevCluster
+
+PREFIX = "worker/scripts/"
+
+
+@pytest.fixture(scope="module")
+def api(scripts_dir):
+    directory = make_public_dir("jobgate-test-original-paths-")
+    c = DevCluster(
+        directory,
+        scripts_dir=scripts_dir,
+        http_processes=1,
+        http_extra=f'original_path_prefix = "{PREFIX}"\n',
+    )
+    c.start(("worker-1",))
+    yield Api(c)
+    c.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def start(api: Api, path: str):
+    return api.post(
+        "/start", {"worker_id": "worker-1", "path": path, "command": "bash"}
+    )
+
+
+def test_a_path_from_the_workers_directory_starts_the_script(api):
+    status, _, data = start(api, PREFIX + "hello.sh")
+    assert status == 201, data
+    status, _, job = api.get(f"/v1/workers/worker-1/jobs/{data['job_id']}?wait=true")
+    assert status == 200
+    assert (job["path"], job["state"]) == ("hello.sh", "succeeded")
+    # A path without the prefix is taken as it is.
+    status, _, data = start(api, "hello.sh")
+    assert status == 201, data
+
+
+def test_what_is_left_after_the_prefix_is_confined_as_always(api):
+    status, _, data = start(api, PREFIX + "../../etc/passwd")
+    assert status == 403, data
+    assert "outside the scripts directory" in data["description"]
+    status, _, data = start(api, PREFIX + "/etc/passwd")
+    assert status == 403, data
+    assert "absolute" in data["description"]
+
+
+def test_the_v1_routes_take_paths_as_given(api):
+    status, _, data = api.post(
+        "/v1/workers/worker-1/jobs", {"command": "bash", "path": PREFIX + "hello.sh"}
+    )
+    assert status == 400, data
+    assert "no script 'worker/scripts/hello.sh'" in data["description"]
