@@ -1,4 +1,7 @@
-"""The original API's /start with [http].original_path_prefix: old paths, same confinement."""
+"""The original API's /start with [http].original_path_prefix.
+
+Old clients' paths work; what is left after the prefix is confined as always.
+"""
 
 from __future__ import annotations
 
