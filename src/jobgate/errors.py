@@ -64,8 +64,19 @@ class PermissionDenied(JobgateError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+# What an HTTP 401 asks for (its WWW-Authenticate header, RFC 6750).
+BEARER_CHALLENGE = 'Bearer realm="jobgate"'
+INVALID_TOKEN_CHALLENGE = 'Bearer realm="jobgate", error="invalid_token"'  # noqa: S105
+
+
 class Unauthenticated(JobgateError):
+    """No identity, or one that is not valid; ``challenge`` is what HTTP asks for."""
+
     code = grpc.StatusCode.UNAUTHENTICATED
+
+    def __init__(self, message: str, challenge: str = BEARER_CHALLENGE):
+        super().__init__(message)
+        self.challenge = challenge
 
 
 class ResourceExhausted(JobgateError):

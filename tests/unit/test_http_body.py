@@ -12,8 +12,7 @@ import pytest
 
 from jobgate import model
 from jobgate.errors import InvalidArgument
-from scheduler.http import body
-from scheduler.http.errors import json_errors, make_handlers
+from scheduler.http import body, errors
 
 MAX = 1024
 
@@ -310,9 +309,7 @@ class Echo:
 @pytest.fixture
 def client() -> falcon.testing.TestClient:
     app = falcon.asgi.App()
-    app.set_error_serializer(json_errors)
-    for exc, handler in make_handlers(retry_after_s=5):
-        app.add_error_handler(exc, handler)
+    errors.install(app, retry_after_s=5)
     app.add_route("/echo", Echo())
     return falcon.testing.TestClient(app)
 

@@ -15,6 +15,7 @@ import falcon.asgi
 import falcon.testing
 import pytest
 
+from scheduler.http import errors
 from scheduler.http.auth import (
     Auth,
     Principal,
@@ -201,6 +202,7 @@ def auth(tokens_path) -> Auth:
 @pytest.fixture
 def client(auth) -> falcon.testing.TestClient:
     app = falcon.asgi.App(middleware=[auth])
+    errors.install(app, retry_after_s=5)
     app.add_route("/v1/jobs", Jobs())
     app.add_route("/healthz", Health())
     return falcon.testing.TestClient(app)
@@ -284,6 +286,7 @@ def test_narrowed_token_loses_its_scope(auth, tokens_path):
 
 def test_with_no_tokens_every_api_request_is_refused(tmp_path):
     app = falcon.asgi.App(middleware=[Auth(TokenFile(write_tokens(tmp_path, "")))])
+    errors.install(app, retry_after_s=5)
     app.add_route("/v1/jobs", Jobs())
     result = falcon.testing.TestClient(app).simulate_get(
         "/v1/jobs", headers=bearer(READER)

@@ -7,10 +7,9 @@ import falcon.asgi
 from scheduler import metrics
 from scheduler.fanout import FanOut
 from scheduler.gateway import Gateway
-from scheduler.http import openapi
+from scheduler.http import errors, openapi
 from scheduler.http import resources as r
 from scheduler.http.auth import Auth, TokenFile
-from scheduler.http.errors import json_errors, make_handlers
 from scheduler.http.middleware import AccessLog, RequestId
 from scheduler.http.streams import StreamSlots
 
@@ -29,9 +28,7 @@ def create_app(
         middleware.insert(1, AccessLog())
     app = falcon.asgi.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
-    app.set_error_serializer(json_errors)
-    for exc, handler in make_handlers(cfg.workers.retry_after_s):
-        app.add_error_handler(exc, handler)
+    errors.install(app, cfg.workers.retry_after_s)
     slots = StreamSlots(
         cfg.http.max_followers,
         cfg.http.max_followers_per_caller,

@@ -28,9 +28,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import falcon
-
 from jobgate import identity
+from jobgate.errors import (
+    INVALID_TOKEN_CHALLENGE,
+    PermissionDenied,
+    Unauthenticated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,26 +210,19 @@ class Auth:
             name = _peer_client(req, self.cluster)
             if name is not None:
                 if name not in self.client_scopes:
-                    raise falcon.HTTPForbidden(
-                        title="Forbidden",
-                        description=f"client certificate {name!r} is not listed "
-                        "in [http.tls].client_scopes",
+                    raise PermissionDenied(
+                        f"client certificate {name!r} is not listed "
+                        "in [http.tls].client_scopes"
                     )
                 return Principal(name, self.client_scopes[name], "certificate")
         header = req.get_header("Authorization") or ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise falcon.HTTPUnauthorized(
-                title="Unauthorized",
-                description="send 'Authorization: Bearer <token>'",
-                challenges=['Bearer realm="jobgate"'],
-            )
+            raise Unauthenticated("send 'Authorization: Bearer <token>'")
         principal = self.tokens.lookup(token.strip())
         if principal is None:
-            raise falcon.HTTPUnauthorized(
-                title="Unauthorized",
-                description="the bearer token is not valid",
-                challenges=['Bearer realm="jobgate", error="invalid_token"'],
+            raise Unauthenticated(
+                "the bearer token is not valid", challenge=INVALID_TOKEN_CHALLENGE
             )
         return principal
 
@@ -241,10 +237,9 @@ class Auth:
             return
         needed = getattr(resource, "scopes", {}).get(req.method, RUN)
         if _RANK[principal.scope] < _RANK[needed]:
-            raise falcon.HTTPForbidden(
-                title="Forbidden",
-                description=f"{principal} has scope {principal.scope}; "
-                f"{req.method} {req.path} needs scope {needed}",
+            raise PermissionDenied(
+                f"{principal} has scope {principal.scope}; "
+                f"{req.method} {req.path} needs scope {needed}"
             )
 
     def still_valid(self, principal: Principal) -> bool:

@@ -71,11 +71,14 @@ class Problem:
     title: str
     description: str
     retry_after_s: int | None = None
+    challenge: str | None = None  # a 401's WWW-Authenticate
 
     def http_error(self) -> falcon.HTTPError:
         headers = {}
         if self.retry_after_s is not None:
             headers["Retry-After"] = str(self.retry_after_s)
+        if self.challenge is not None:
+            headers["WWW-Authenticate"] = self.challenge
         return falcon.HTTPError(
             falcon.code_to_http_status(self.status),
             title=self.title,
@@ -106,7 +109,8 @@ def problem(exc: BaseException, retry_after_s: int = 5, doing: str = "") -> Prob
     if status >= 500 and status != 503:
         log.error("answering %d: %s: %s", status, exc.code.name, exc.message)
     description = INTERNAL_DESCRIPTION if status == 500 else exc.message
-    return Problem(status, TITLES.get(status, "Error"), description, retry)
+    challenge = getattr(exc, "challenge", None) if status == 401 else None
+    return Problem(status, TITLES.get(status, "Error"), description, retry, challenge)
 
 
 def make_handlers(retry_after_s: int):
@@ -120,6 +124,13 @@ def make_handlers(retry_after_s: int):
         ).http_error()
 
     return [(Exception, on_error)]
+
+
+def install(app, retry_after_s: int) -> None:
+    """Answer every error ``app`` meets through the one map, as JSON."""
+    app.set_error_serializer(json_errors)
+    for exc, handler in make_handlers(retry_after_s):
+        app.add_error_handler(exc, handler)
 
 
 def json_errors(req, resp, exc: falcon.HTTPError) -> None:
