@@ -64,9 +64,7 @@ def test_notifier_says_ready_status_once_and_stopping(systemd):
     ]
 
 
-def test_watchdog_pings_at_half_the_interval_and_refreshes_status(
-    systemd, monkeypatch
-):
+def test_watchdog_pings_at_half_the_interval_and_refreshes_status(systemd, monkeypatch):
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # pings every 0.1 s
     n = Notifier()
     n.ready("ready")
