@@ -7,7 +7,7 @@ import getpass
 import secrets
 import sys
 
-from jobgate import cli
+from jobgate import service_cli
 from scheduler import config
 
 
@@ -57,7 +57,7 @@ def _extra(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main("jobgate-scheduler", config.load, _serve, argv, _extra)
+    return service_cli.main("jobgate-scheduler", config.load, _serve, argv, _extra)
 
 
 if __name__ == "__main__":

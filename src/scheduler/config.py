@@ -64,6 +64,15 @@ class HttpSection:
     )
     timeout_s: int = setting(30, min=1, help="gunicorn worker heartbeat timeout")
     graceful_timeout_s: int = setting(10, min=1, help="time to finish requests on stop")
+    max_restarts: int = setting(
+        5,
+        min=1,
+        help="HTTP processes that may exit and be replaced within "
+        "restart_window_s; one more stops the scheduler (exit status 1)",
+    )
+    restart_window_s: float = setting(
+        60.0, min=1.0, max=86400, help="the window of max_restarts"
+    )
     keepalive_s: int = setting(
         5, min=0, help="idle keep-alive time of client connections"
     )

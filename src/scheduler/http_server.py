@@ -1,11 +1,14 @@
 """The HTTP half of the scheduler: the Falcon ASGI app under gunicorn.
 
-Started by ``scheduler.server`` as a child process with an already-bound
+Started by ``scheduler.http_child`` as a child process with an already-bound
 listening socket (``--listen-fd``), so port 0 works and the port is known
 before gunicorn starts. Each gunicorn worker process serves the app on an
 event loop (:class:`scheduler.http_worker.AsyncHttpWorker`). The app is built
 in each worker process after the fork, so no gRPC object ever crosses a fork.
-Each worker process writes a byte to ``--ready-fd`` once it is serving.
+On ``--events-fd`` each worker process writes ``up PID`` once it has loaded
+the app, and the gunicorn master ``exit PID`` when one has exited: the
+scheduler's main process (:mod:`scheduler.http_child`) tells from them
+whether the HTTP side serves or keeps failing.
 
 This process dies with the scheduler's main process (``--parent-pid``): the
 kernel signals it when its parent goes, even by ``kill -9``, so a restarted
@@ -48,12 +51,12 @@ class HttpServer(BaseApplication):
         self,
         cfg: config.SchedulerConfig,
         listen_fd: int,
-        ready_fd: int,
+        events_fd: int,
         grpc_target: str,
     ):
         self.jg_cfg = cfg
         self.listen_fd = listen_fd
-        self.ready_fd = ready_fd
+        self.events_fd = events_fd
         self.grpc_target = grpc_target
         super().__init__()
 
@@ -67,18 +70,23 @@ class HttpServer(BaseApplication):
             max_head_bytes=h.max_head_bytes,
             retry_after_s=self.jg_cfg.workers.retry_after_s,
         )
-        ready_fd = self.ready_fd
+        events_fd = self.events_fd
+
+        def tell(event: str, pid: int) -> None:
+            try:
+                # One short write: atomic on a pipe, whoever else writes.
+                os.write(events_fd, f"{event} {pid}\n".encode())
+            except OSError:
+                pass  # the main process is gone; this process follows it
 
         def post_worker_init(worker) -> None:
-            try:
-                os.write(ready_fd, b"R")
-            except OSError:
-                pass  # the parent stopped listening after the first one
+            tell("up", worker.pid)
 
         def child_exit(server, worker) -> None:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(worker.pid)
+            tell("exit", worker.pid)
 
         settings = {
             "child_exit": child_exit,
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobgate-scheduler-http")
     parser.add_argument("config")
     parser.add_argument("--listen-fd", type=int, required=True)
-    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--events-fd", type=int, required=True)
     parser.add_argument("--grpc-target", required=True)
     parser.add_argument("--parent-pid", type=int, default=0)
     args = parser.parse_args(argv)
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1  # the parent died before the line above took effect
     _raise_open_files_limit()
     cfg = config.load(args.config)
-    HttpServer(cfg, args.listen_fd, args.ready_fd, args.grpc_target).run()
+    HttpServer(cfg, args.listen_fd, args.events_fd, args.grpc_target).run()
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from jobgate import cli
+from jobgate import service_cli
 from worker import config
 
 
@@ -15,7 +15,7 @@ def _serve(cfg, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main("jobgate-worker", config.load, _serve, argv)
+    return service_cli.main("jobgate-worker", config.load, _serve, argv)
 
 
 if __name__ == "__main__":

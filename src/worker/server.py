@@ -1,19 +1,20 @@
-"""The worker process: gRPC server, job runner and registration together."""
+"""The worker process: gRPC server, job runner and registration together.
+
+Its life is :class:`jobgate.lifecycle.Service`'s; what is its own: the job
+runner before the gRPC server, the metrics listener and the registration
+beside it, ready once registered. On the way out it deregisters and stops
+its jobs while the gRPC server still answers (a caller asking about a job
+meanwhile gets its answer, a start is refused as the worker shuts down).
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
+import grpc
+
 from jobgate import identity
-from jobgate.notify import Notifier
-from jobgate.service import (
-    bind_secure,
-    grpc_server,
-    set_serving,
-    stop_event_on_signals,
-    write_ready_file,
-)
+from jobgate.lifecycle import Service
 from jobgate.tls import Credentials
 from jobgate.v1 import worker_pb2_grpc
 from worker.config import WorkerConfig
@@ -21,78 +22,90 @@ from worker.registration import Registrar
 from worker.runner import JobRunner
 from worker.servicer import WorkerServicer
 
-log = logging.getLogger(__name__)
-
 # Only the scheduler of the cluster may drive a worker.
 POLICY = {"/jobgate.v1.Worker/": {identity.SCHEDULER}}
 
 
-def serve(cfg: WorkerConfig, ready_file: Path | None = None) -> int:
-    stop = stop_event_on_signals()
-    notifier = Notifier()
-    creds = Credentials.load(cfg.tls)
-    runner = JobRunner(cfg.jobs, cfg.worker.name)
-    server, health_servicer = grpc_server(
-        cfg.worker.cluster, POLICY, cfg.grpc.max_threads, cfg.grpc.max_message_bytes
-    )
-    worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerServicer(runner, cfg.jobs.follow_keepalive_s, cfg.grpc.max_streams),
-        server,
-    )
-    port = bind_secure(server, cfg.grpc.bind, creds)
-    server.start()
-    set_serving(health_servicer, True)
-    address = f"{cfg.worker.advertise_host}:{port}"
-    metrics_port = None
-    if cfg.metrics.bind:
-        from worker import metrics
+class WorkerService(Service):
+    stopping_status = "deregistering and stopping jobs"
 
-        metrics_port = metrics.serve(cfg.metrics.bind, runner.running_count)
-        log.info(
-            "metrics on http://%s/metrics (port %d)", cfg.metrics.bind, metrics_port
+    def __init__(self, cfg: WorkerConfig, ready_file: Path | None = None):
+        super().__init__(cfg.worker.cluster, POLICY, cfg.grpc, cfg.tls, ready_file)
+        self.cfg = cfg
+        self.runner: JobRunner | None = None
+        self.registrar: Registrar | None = None
+
+    def prepare(self, creds: Credentials) -> None:
+        self.creds = creds
+        self.runner = JobRunner(self.cfg.jobs, self.cfg.worker.name)
+
+    def add_servicers(self, server: grpc.Server) -> None:
+        servicer = WorkerServicer(
+            self.runner, self.cfg.jobs.follow_keepalive_s, self.cfg.grpc.max_streams
         )
-    log.info("gRPC server listening on %s (advertised as %s)", cfg.grpc.bind, address)
-    registrar = Registrar(
-        cfg,
-        creds,
-        address,
-        runner.running_count,
-        cfg.jobs.max_concurrent,
-        stop,
-        degraded=lambda: runner.health.reason,
-        enforceable_limits=tuple(runner.enforcer.enforceable()),
-    )
-    runner.health.on_change(lambda reason: registrar.nudge())
-    notifier.status(f"registering with the scheduler at {cfg.scheduler.address}")
+        worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
 
-    def status() -> str:
-        running = runner.running_count()
+    def start(self, grpc_port: int) -> None:
+        cfg, runner = self.cfg, self.runner
+        self.grpc_port = grpc_port
+        self.address = f"{cfg.worker.advertise_host}:{grpc_port}"
+        self.metrics_port = None
+        if cfg.metrics.bind:
+            from worker import metrics
+
+            self.metrics_port = metrics.serve(cfg.metrics.bind, runner.running_count)
+            self.log.info(
+                "metrics on http://%s/metrics (port %d)",
+                cfg.metrics.bind,
+                self.metrics_port,
+            )
+        self.log.info("advertising the gRPC server as %s", self.address)
+        self.registrar = Registrar(
+            cfg,
+            self.creds,
+            self.address,
+            runner.running_count,
+            cfg.jobs.max_concurrent,
+            self.stop_requested,
+            degraded=lambda: runner.health.reason,
+            enforceable_limits=tuple(runner.enforcer.enforceable()),
+        )
+        runner.health.on_change(lambda reason: self.registrar.nudge())
+        self.notifier.status(
+            f"registering with the scheduler at {cfg.scheduler.address}"
+        )
+
+    def wait_ready(self) -> dict | None:
+        # Retries until registered, or until the worker is asked to stop.
+        self.registrar.start()
+        if not self.registrar.registered:
+            return None
+        return {
+            "grpc_port": self.grpc_port,
+            "address": self.address,
+            "worker_id": self.registrar.worker_id,
+            "metrics_port": self.metrics_port,
+        }
+
+    def status(self) -> str:
+        running = self.runner.running_count()
         jobs = f"{running} job{'s' if running != 1 else ''} running"
-        if runner.health.reason:
-            jobs += f"; degraded: {runner.health.reason}"
-        if not registrar.registered:
-            return f"not registered with {cfg.scheduler.address}; {jobs}"
-        return f"registered as {cfg.worker.name} ({registrar.worker_id}), {jobs}"
+        if self.runner.health.reason:
+            jobs += f"; degraded: {self.runner.health.reason}"
+        if not self.registrar.registered:
+            return f"not registered with {self.cfg.scheduler.address}; {jobs}"
+        name, worker_id = self.cfg.worker.name, self.registrar.worker_id
+        return f"registered as {name} ({worker_id}), {jobs}"
 
-    registrar.start()
-    if registrar.registered:
-        notifier.ready(status())
-        notifier.start_watchdog(runner.responsive, status)
-        write_ready_file(
-            ready_file,
-            {
-                "grpc_port": port,
-                "address": address,
-                "worker_id": registrar.worker_id,
-                "metrics_port": metrics_port,
-            },
-        )
-        stop.wait()
-    log.info("stopping")
-    notifier.stopping("deregistering and stopping jobs")
-    set_serving(health_servicer, False)
-    registrar.stop()
-    runner.shutdown()
-    server.stop(grace=2).wait()
-    log.info("stopped")
-    return 0
+    def healthy(self) -> bool:
+        return self.runner.responsive()
+
+    def stop_before_grpc(self) -> None:
+        if self.registrar is not None:
+            self.registrar.stop()
+        if self.runner is not None:
+            self.runner.shutdown()
+
+
+def serve(cfg: WorkerConfig, ready_file: Path | None = None) -> int:
+    return WorkerService(cfg, ready_file).run()

@@ -1,4 +1,8 @@
-"""Command-line scaffolding shared by ``jobgate-scheduler`` and ``jobgate-worker``."""
+"""The command line the two services share: ``serve`` and ``check-config``.
+
+``jobgate-scheduler`` and ``jobgate-worker`` are built on :func:`main`; the
+user's command, ``jobgate``, is :mod:`jobgate.command`.
+"""
 
 from __future__ import annotations
 
