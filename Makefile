@@ -30,7 +30,7 @@ $(STUBS)/.generated: $(VENV)/.installed $(PROTOS)
 proto: $(STUBS)/.generated
 
 run: proto
-	$(PY) -m jobgate.devcluster --dir run
+	$(PY) -m jobgate.dev.cluster --dir run
 
 test: proto
 	$(PY) -m pytest tests

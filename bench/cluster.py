@@ -1,6 +1,6 @@
 """The cluster a benchmark runs against, and what is measured about its processes.
 
-:class:`BenchCluster` is :class:`jobgate.devcluster.DevCluster` (real processes
+:class:`BenchCluster` is :class:`jobgate.dev.cluster.DevCluster` (real processes
 on 127.0.0.1, mutual TLS between scheduler and workers, bearer tokens on HTTP)
 with the product's defaults where the development cluster departs from them
 for quick tests, plus what a scenario needs (more threads, larger output caps).
@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from jobgate.devcluster import DEVCA, DevCluster
+from jobgate.dev.cluster import DEVCA, DevCluster
 
 BENCH = Path(__file__).resolve().parent
 SCRIPTS = BENCH / "scripts"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobgate.devcluster import DEVCA, DevCluster
+from jobgate.dev.cluster import DEVCA, DevCluster
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SCRIPTS = Path(__file__).resolve().parent / "scripts"

@@ -1,7 +1,7 @@
 """The command line the two services share: ``serve`` and ``check-config``.
 
 ``jobgate-scheduler`` and ``jobgate-worker`` are built on :func:`main`; the
-user's command, ``jobgate``, is :mod:`jobgate.command`.
+user's command, ``jobgate``, is :mod:`jobgate.client.cli`.
 """
 
 from __future__ import annotations

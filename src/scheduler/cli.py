@@ -18,7 +18,7 @@ def _serve(cfg, args) -> int:
 
 
 def _hash_token(args: argparse.Namespace) -> int:
-    from scheduler.http.auth import hash_token
+    from jobgate.tokens import hash_token
 
     if args.generate:
         token = secrets.token_urlsafe(32)

@@ -26,13 +26,13 @@ import pytest
 from conftest import make_public_dir
 from test_https import HttpsCluster
 
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 class Cli:
-    """Runs ``python -m jobgate.command`` with a clean environment.
+    """Runs ``python -m jobgate.client.cli`` with a clean environment.
 
     ``HOME`` is an empty directory, so no config file of the person running
     the tests takes part; ``JOBGATE_URL`` and ``JOBGATE_TOKEN`` point at the
@@ -58,7 +58,7 @@ class Cli:
         return env
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "jobgate.command", *args]
+        return [sys.executable, "-m", "jobgate.client.cli", *args]
 
     def __call__(
         self, *args: str, timeout: float = 60, **env: str | None
@@ -529,7 +529,8 @@ def test_bash_completion_completes_commands_and_worker_names(cli, tmp_path):
     (tmp_path / "completion.bash").write_text(script.out)
     wrapper = tmp_path / "bin" / "jobgate"
     wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m jobgate.command "$@"\n')
+    python = sys.executable
+    wrapper.write_text(f'#!/bin/sh\nexec "{python}" -m jobgate.client.cli "$@"\n')
     wrapper.chmod(0o755)
     probe = (
         f"source {tmp_path / 'completion.bash'}\n"

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from jobgate.tokens import hash_token
 from scheduler import config
-from scheduler.http.auth import hash_token
 
 METHODS = ("get", "put", "post", "delete", "patch")
 UNKNOWN_WORKER = "no-such-worker"

@@ -10,7 +10,7 @@ import pytest
 from conftest import Api, make_public_dir
 from test_lifecycle import wait_for
 
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 
 NAMES = ("fan-1", "fan-2", "fan-3", "fan-4", "fan-5", "fan-6")
 

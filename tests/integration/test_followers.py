@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import Api, make_public_dir
 
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 
 pytestmark = pytest.mark.timeout(120)
 

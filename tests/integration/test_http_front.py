@@ -21,7 +21,7 @@ import uuid
 import pytest
 from conftest import Api, make_public_dir
 
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 
 REQUEST_TIMEOUT_S = 2
 MAX_CONNECTIONS = 600

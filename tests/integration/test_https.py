@@ -11,7 +11,7 @@ import pytest
 from conftest import devca, make_public_dir
 
 from jobgate.config import ConfigError
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 from scheduler import config as scheduler_config
 
 

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import pytest
 from conftest import TEST_SCRIPTS, Api, make_public_dir, skip_unless_required
 
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 
 pytestmark = pytest.mark.timeout(120)
 

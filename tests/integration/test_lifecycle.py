@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, Api, make_public_dir
 from test_mtls import START_HELLO, pair, worker_stub
 
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 from jobgate.v1 import worker_pb2
 
 
@@ -140,7 +140,7 @@ def test_stopping_a_cluster_leaves_no_process(scripts_dir):
 def test_make_run_flow_runs_sample_job_and_cleans_up(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "jobgate.devcluster", "--dir", str(run_dir), "--once"],
+        [sys.executable, "-m", "jobgate.dev.cluster", "--dir", str(run_dir), "--once"],
         cwd=REPO,
         capture_output=True,
         timeout=120,

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from conftest import Api, make_public_dir
 
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 
 
 def samples(text: str) -> dict[str, float]:

@@ -21,7 +21,7 @@ import pytest
 from conftest import Api, devca, make_public_dir
 
 from jobgate import identity
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 TIMEOUT = 5

@@ -13,7 +13,7 @@ import shutil
 import pytest
 from conftest import make_public_dir
 
-from jobgate.devcluster import EXAMPLE_SCRIPTS, DevCluster
+from jobgate.dev.cluster import EXAMPLE_SCRIPTS, DevCluster
 from scheduler.http import openapi
 
 DOC = openapi.document()

@@ -27,7 +27,7 @@ import schemathesis
 from conftest import make_public_dir
 from schemathesis.config import SchemathesisConfig
 
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 from scheduler.http import openapi
 
 TEST_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

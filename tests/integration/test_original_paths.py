@@ -10,7 +10,7 @@ import shutil
 import pytest
 from conftest import Api, make_public_dir
 
-from jobgate.devcluster import DevCluster
+from jobgate.dev.cluster import DevCluster
 
 PREFIX = "worker/scripts/"
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from scheduler.http.auth import hash_token
+from jobgate.tokens import hash_token
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from test_lifecycle import pid_alive, processes_mentioning, wait_for
 from test_mtls import dial, pair
 
 from jobgate import identity
-from jobgate.devcluster import ClusterError, DevCluster
+from jobgate.dev.cluster import ClusterError, DevCluster
 from jobgate.lifecycle import Service
 from jobgate.tls import TLSConfig
 

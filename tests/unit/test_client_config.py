@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from jobgate import command
 from jobgate.client import (
     Client,
     Settings,
     SettingsError,
+    cli,
+    commands,
     default_config_path,
+    exits,
+    output,
     resolve_settings,
 )
 
@@ -243,7 +246,7 @@ def run_main(monkeypatch, capsys, home, argv, **env):
     monkeypatch.setenv("HOME", str(home))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    code = command.main(argv)
+    code = cli.main(argv)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -289,7 +292,7 @@ def test_usage_errors_exit_2(monkeypatch, capsys, home):
 
 
 def test_common_options_work_before_and_after_the_command():
-    parser = command.build_parser()
+    parser = cli.build_parser()
     before = parser.parse_args(["--json", "--url", "http://a:1", "workers"])
     after = parser.parse_args(["workers", "--json", "--url", "http://a:1"])
     neither = parser.parse_args(["--url", "http://a:1", "workers"])
@@ -299,8 +302,8 @@ def test_common_options_work_before_and_after_the_command():
 
 
 def test_script_arguments_after_double_dash_may_start_with_a_dash():
-    parser = command.build_parser()
-    args = command.parse_command_line(
+    parser = cli.build_parser()
+    args = cli.parse_command_line(
         parser, ["run", "w", "s.sh", "a", "--wait", "--", "-v", "--", "--x"]
     )
     assert (args.script, args.args, args.wait) == (
@@ -308,7 +311,7 @@ def test_script_arguments_after_double_dash_may_start_with_a_dash():
         ["a", "-v", "--", "--x"],
         True,
     )
-    args = command.parse_command_line(parser, ["fanout", "--all", "s.sh", "--", "-n"])
+    args = cli.parse_command_line(parser, ["fanout", "--all", "s.sh", "--", "-n"])
     assert (args.script, args.args, args.all) == ("s.sh", ["-n"], True)
 
 
@@ -328,11 +331,11 @@ def test_script_arguments_after_double_dash_may_start_with_a_dash():
     ],
 )
 def test_job_exit_status(job, code):
-    assert command.job_exit_status(job) == code
+    assert exits.job_exit_status(job) == code
 
 
 def test_table_columns_are_aligned_and_missing_values_dashed():
-    text = command.format_table(
+    text = output.format_table(
         ("NAME", "STATE", "LABELS"),
         [("worker-1", "online", {"role": "web"}), ("w2", None, {})],
     )
@@ -344,7 +347,7 @@ def test_table_columns_are_aligned_and_missing_values_dashed():
 
 
 def test_object_lines_put_known_keys_first_and_name_signals():
-    text = command.format_object(
+    text = output.format_object(
         {"extra": 1, "signal": 9, "job_id": "j", "args": ["a b", "c"]},
         ("job_id", "signal"),
     )
@@ -366,10 +369,10 @@ def test_object_lines_put_known_keys_first_and_name_signals():
     ],
 )
 def test_run_and_fanout_take_limits(argv, limits):
-    parser = command.build_parser()
+    parser = cli.build_parser()
     run = parser.parse_args(["run", "w1", "x.sh", *argv])
     fan = parser.parse_args(["fanout", "--all", "x.sh", *argv])
-    assert command._limits(run) == command._limits(fan) == limits
+    assert commands._limits(run) == commands._limits(fan) == limits
 
 
 @pytest.mark.parametrize(
@@ -383,5 +386,5 @@ def test_run_and_fanout_take_limits(argv, limits):
 )
 def test_a_memory_size_that_is_not_one_is_refused(size, error, capsys):
     with pytest.raises(SystemExit):
-        command.build_parser().parse_args(["run", "w1", "x.sh", f"--memory={size}"])
+        cli.build_parser().parse_args(["run", "w1", "x.sh", f"--memory={size}"])
     assert error in capsys.readouterr().err

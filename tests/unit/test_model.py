@@ -15,8 +15,9 @@ import typing
 import pytest
 from google.protobuf.descriptor import FieldDescriptor as FD
 
-from jobgate import command, model
-from jobgate.devcluster import EXAMPLE_SCRIPTS
+from jobgate import model
+from jobgate.client import output
+from jobgate.dev.cluster import EXAMPLE_SCRIPTS
 from jobgate.jobstate import ExitReason, JobState
 from jobgate.v1 import common_pb2, worker_pb2
 from scheduler.gateway import job_to_dict
@@ -246,8 +247,8 @@ def test_what_a_running_job_lacks_is_null_in_the_json():
 
 
 def test_cli_shows_every_field_of_a_job():
-    assert set(command.JOB_KEYS) == set(model.JOB.names)
-    assert command.JOB_KEYS[:3] == ("job_id", "worker_id", "state")
+    assert set(output.JOB_KEYS) == set(model.JOB.names)
+    assert output.JOB_KEYS[:3] == ("job_id", "worker_id", "state")
 
 
 # -- examples ------------------------------------------------------------------------

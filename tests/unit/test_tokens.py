@@ -15,13 +15,13 @@ import falcon.asgi
 import falcon.testing
 import pytest
 
+from jobgate.tokens import hash_token
 from scheduler.http import errors
 from scheduler.http.auth import (
     Auth,
     Principal,
     TokenFile,
     TokenFileError,
-    hash_token,
     load_tokens,
 )
 

@@ -34,6 +34,7 @@ from jobgate.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from jobgate.tokens import hash_token
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,6 @@ class Principal:
 
     def __str__(self) -> str:
         return f"{self.via} {self.name}"
-
-
-def hash_token(token: str) -> str:
-    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
 
 
 def parse_tokens(path: Path, text: str) -> dict[str, tuple[str, str]]:

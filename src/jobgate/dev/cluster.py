@@ -4,7 +4,7 @@
 development CA, start the sample job and follow its output; the integration
 tests use the same class, so what the tests exercise is what a developer runs.
 
-    python -m jobgate.devcluster --dir run [--workers worker-1,worker-2] [--once]
+    python -m jobgate.dev.cluster --dir run [--workers worker-1,worker-2] [--once]
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from scheduler.http.auth import hash_token
+from jobgate.tokens import hash_token
 from worker.isolation import instance_name, remove_leftovers
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DEVCA = REPO / "certs" / "devca.py"
 EXAMPLE_SCRIPTS = REPO / "examples" / "scripts"
 
@@ -194,7 +194,7 @@ class DevCluster:
     def scheduler_config(self) -> Path:
         path = self.dir / "scheduler.toml"
         path.write_text(
-            f"""# Written by jobgate.devcluster (see examples/scheduler.toml).
+            f"""# Written by jobgate.dev.cluster (see examples/scheduler.toml).
 [cluster]
 name = "{self.cluster}"
 
@@ -243,7 +243,7 @@ rpc_timeout_s = 5.0
         label_text = ", ".join(f'{k} = "{v}"' for k, v in (labels or {}).items())
         path = self.dir / f"{name}.toml"
         path.write_text(
-            f"""# Written by jobgate.devcluster (see examples/worker.toml).
+            f"""# Written by jobgate.dev.cluster (see examples/worker.toml).
 [worker]
 name = "{name}"
 cluster = "{self.cluster}"
@@ -433,7 +433,7 @@ def _follow(cluster: DevCluster, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobgate.devcluster", description=__doc__.split("\n")[0]
+        prog="python -m jobgate.dev.cluster", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--dir", type=Path, default=Path("run"))
     parser.add_argument("--workers", default="worker-1,worker-2")
