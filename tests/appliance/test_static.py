@@ -40,6 +40,10 @@ def test_systemd_analyze_verify_prints_nothing(unit: str, tmp_path: Path):
     for prog in ("jobgate-scheduler", "jobgate-worker"):
         (bindir / prog).write_text("#!/bin/sh\n")
         (bindir / prog).chmod(0o755)
+    # ExecReload's kill (procps, a dependency of the scheduler's package).
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/kill").write_text("#!/bin/sh\n")
+    (tmp_path / "bin/kill").chmod(0o755)
     res = subprocess.run(
         ["systemd-analyze", "verify", f"--root={tmp_path}", unit],
         capture_output=True,

@@ -866,10 +866,12 @@ def test_job_runs_as_its_user_with_scrubbed_env_and_stdin_dev_null(request, site
     if os.geteuid() == 0 and site == "pg":
         assert uid == pwd.getpwnam("nobody").pw_uid
         assert env["USER"] == env["LOGNAME"] == "nobody"
+        assert env["SHELL"] == pwd.getpwnam("nobody").pw_shell
     elif os.geteuid() == 0:
         assert 61184 <= uid <= 65519
         assert env["USER"] == env["LOGNAME"] == f"jobgate-{uid}"
         assert env["HOME"] == env["TMPDIR"]  # a dynamic user has no home
+        assert env["SHELL"] == "/usr/sbin/nologin"  # as systemd's DynamicUser=
     assert env["TMPDIR"].endswith(f"/{job['job_id']}")
     assert env["JOBGATE_JOB_ID"] == job["job_id"]
     assert env["JOBGATE_WORKER"] == s.worker
@@ -884,6 +886,7 @@ def test_job_runs_as_its_user_with_scrubbed_env_and_stdin_dev_null(request, site
         "LOGNAME",
         "PATH",
         "USER",
+        "SHELL",
         "PWD",
         "SHLVL",
         "_",
