@@ -4,7 +4,7 @@ Every error a service means to report is one of these classes, raised with a
 message that says what to fix. They cross each boundary through one map per
 direction:
 
-- out of a gRPC servicer: :class:`jobgate.guard.ServerGuard` aborts the call
+- out of a gRPC servicer: :class:`jobgate.grpc_guard.ServerGuard` aborts the call
   with the error's :attr:`~JobgateError.code` and message;
 - back in from a worker's answer: :func:`from_status` gives the error of a
   status code (the scheduler converts a worker's ``grpc.RpcError`` with it in

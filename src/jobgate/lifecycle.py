@@ -45,7 +45,7 @@ import grpc
 import sdnotify
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from jobgate.guard import ServerGuard
+from jobgate.grpc_guard import ServerGuard
 from jobgate.tls import SERVER_OPTIONS, Credentials, TLSConfig
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
 fields, each field a type, whether it may be null, its bounds and the text
 that describes it. Everything else is derived from that file:
 
-- the JSON a client gets for a job (``scheduler.gateway.job_to_dict``) and
+- the JSON a client gets for a job (``scheduler.usecases.job_to_dict``) and
   the gRPC message a worker sends (``worker.servicer.job_to_proto``), both
   by walking :data:`JOB`'s fields;
 - the JSON Schemas of the OpenAPI document (:class:`SchemaWriter`, used by

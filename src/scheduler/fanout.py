@@ -19,16 +19,16 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from jobgate.errors import InvalidArgument, NotFound
 from jobgate.jobstate import JobState
-from scheduler.gateway import Gateway
 from scheduler.http.errors import problem
 from scheduler.store import OFFLINE, WorkerRow
+from scheduler.usecases import UseCases
 
 log = logging.getLogger(__name__)
 
 
 class FanOut:
-    def __init__(self, gateway: Gateway, max_parallel: int, max_workers: int):
-        self.gw = gateway
+    def __init__(self, cases: UseCases, max_parallel: int, max_workers: int):
+        self.cases = cases
         self.max_parallel = max_parallel
         self.max_workers = max_workers
 
@@ -54,7 +54,7 @@ class FanOut:
             seen: set[str] = set()
             for ref in selector["workers"]:
                 try:
-                    worker = self.gw.find(ref)
+                    worker = self.cases.find(ref)
                 except NotFound as exc:
                     errors.append({"worker_id": ref, **problem(exc).entry()})
                     continue
@@ -65,7 +65,7 @@ class FanOut:
             wanted = selector.get("labels") or {}
             chosen = [
                 w
-                for w in self.gw.store.list_workers()
+                for w in self.cases.store.list_workers()
                 if all(w.labels.get(k) == v for k, v in wanted.items())
                 # Deregistered workers left on purpose; only an explicit list
                 # reports them.
@@ -91,12 +91,12 @@ class FanOut:
             raise NotFound("no worker matches the selector; GET /v1/workers lists them")
         group_id = str(uuid.uuid4())
         await asyncio.to_thread(
-            self.gw.store.create_group, group_id, {"selector": selector, **spec}, []
+            self.cases.store.create_group, group_id, {"selector": selector, **spec}, []
         )
 
         async def start_one(worker: WorkerRow):
             try:
-                status, _ = await self.gw.start_job(
+                status, _ = await self.cases.start_job(
                     worker.id, group_id=group_id, **spec
                 )
                 return {
@@ -113,7 +113,7 @@ class FanOut:
                 jobs.append(job)
             else:
                 errors.append(error)
-        await asyncio.to_thread(self.gw.store.set_group_errors, group_id, errors)
+        await asyncio.to_thread(self.cases.store.set_group_errors, group_id, errors)
         log.info(
             "group %s: started on %d workers, %d errors",
             group_id,
@@ -124,7 +124,7 @@ class FanOut:
         return {"group_id": group_id, "jobs": jobs, "errors": errors}
 
     async def status(self, group_id: str, wait: bool = False) -> dict:
-        found = await asyncio.to_thread(self.gw.store.get_group, group_id)
+        found = await asyncio.to_thread(self.cases.store.get_group, group_id)
         if found is None:
             raise NotFound(f"no group {group_id!r}")
         request, errors, recorded = found
@@ -132,9 +132,9 @@ class FanOut:
         async def fresh(job: dict) -> dict:
             try:
                 if wait and job["state"] == JobState.RUNNING.value:
-                    status = await self.gw.wait_job(job["worker_id"], job["job_id"])
+                    status = await self.cases.wait_job(job["worker_id"], job["job_id"])
                 else:
-                    status = await self.gw.get_job(job["worker_id"], job["job_id"])
+                    status = await self.cases.get_job(job["worker_id"], job["job_id"])
                 return {**status, "stale": False}
             except Exception as exc:  # noqa: BLE001 - answer from the record instead
                 doing = f"asking for job {job['job_id']} of a group"

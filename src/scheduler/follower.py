@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Follower:
     """One HTTP follower: reads its upstream's window, or a call of its own.
 
-    The same interface as :class:`scheduler.gateway.OutputStream`: iterate
+    The same interface as :class:`scheduler.usecases.OutputStream`: iterate
     it (or :attr:`chunks`, which the HTTP layer may wrap) with ``async for``
     for ``(offset, data, skipped)``; :attr:`final` is the job's status once
     the stream has ended; :meth:`close` lets go of the stream.

@@ -124,18 +124,18 @@ class HttpServer(BaseApplication):
 
     def load(self):
         from jobgate.tls import Credentials
-        from scheduler.gateway import ChannelPool, Gateway
         from scheduler.http.app import create_app
         from scheduler.http.auth import TokenFile
         from scheduler.store import Store
+        from scheduler.usecases import ChannelPool, UseCases
 
         cfg = self.jg_cfg
         store = Store(cfg.state.path, cfg.state.busy_timeout_s)
         pool = ChannelPool(cfg.cluster.name, Credentials.load(cfg.tls))
-        gateway = Gateway(cfg, store, pool, self.grpc_target)
+        cases = UseCases(cfg, store, pool, self.grpc_target)
         tls = cfg.http.tls
         client_scopes = dict(tls.client_scopes) if tls.client_ca_file else None
-        return create_app(gateway, TokenFile(cfg.auth.tokens_file), client_scopes)
+        return create_app(cases, TokenFile(cfg.auth.tokens_file), client_scopes)
 
 
 def _raise_open_files_limit() -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from jobgate import guard, identity
+from jobgate import grpc_guard, identity
 from jobgate.config import parse_hostport
 from jobgate.errors import InvalidArgument, NotFound, PermissionDenied
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -157,7 +157,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         self._recount_at = mono + RECOUNT_S
 
     def _caller(self, context) -> str:
-        ident = guard.caller(context, self.cfg.cluster.name)
+        ident = grpc_guard.caller(context, self.cfg.cluster.name)
         assert ident is not None and ident.role == identity.WORKER  # ServerGuard
         return ident.name
 

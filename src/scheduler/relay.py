@@ -23,7 +23,7 @@ Everything runs on the HTTP process's event loop: state changes between two
 to read awaits a future that the next change resolves.
 
 A follower (:class:`scheduler.follower.Follower`) yields what
-:class:`scheduler.gateway.OutputStream` yields, ``(offset, data, skipped)``,
+:class:`scheduler.usecases.OutputStream` yields, ``(offset, data, skipped)``,
 with an empty ``data`` for each keep-alive the worker sends while the job is
 quiet; ``final`` is the job's status once the stream ended.
 """

@@ -20,8 +20,8 @@ from jobgate.client import output
 from jobgate.dev.cluster import EXAMPLE_SCRIPTS
 from jobgate.jobstate import ExitReason, JobState
 from jobgate.v1 import common_pb2, worker_pb2
-from scheduler.gateway import job_to_dict
 from scheduler.http import openapi
+from scheduler.usecases import job_to_dict
 from worker import limits, validation
 from worker.job import JobRecord
 from worker.servicer import job_to_proto

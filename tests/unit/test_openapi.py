@@ -18,11 +18,11 @@ from jobgate.jobstate import ExitReason, JobState
 from jobgate.tls import Credentials
 from jobgate.v1 import common_pb2
 from scheduler.config import SchedulerConfig
-from scheduler.gateway import ChannelPool, Gateway, job_to_dict
 from scheduler.http import openapi
 from scheduler.http.app import create_app
 from scheduler.http.auth import OPEN_PATHS, TokenFile, hash_token
 from scheduler.store import Store, WorkerRow
+from scheduler.usecases import ChannelPool, UseCases, job_to_dict
 
 TOKEN = "test-token"
 JSON = "application/json"
@@ -62,7 +62,7 @@ path = "state/scheduler.db"
     store = Store(cfg.state.path)
     store.initialize()
     pool = ChannelPool(cfg.cluster.name, Credentials(b"ca", b"cert", b"key"))
-    return create_app(Gateway(cfg, store, pool), TokenFile(cfg.auth.tokens_file))
+    return create_app(UseCases(cfg, store, pool), TokenFile(cfg.auth.tokens_file))
 
 
 @pytest.fixture(scope="module")
@@ -303,8 +303,8 @@ def test_worker_schema_has_exactly_the_fields_the_gateway_renders(app, doc):
     row = WorkerRow(
         "id", "w", "127.0.0.1:1", {}, 1, "0", "online", time.time(), time.time(), 0
     )
-    gateway = app._router.find("/v1/workers")[0].gw
-    worker = gateway.worker_to_dict(row)
+    cases = app._router.find("/v1/workers")[0].cases
+    worker = cases.worker_to_dict(row)
     schema = doc["components"]["schemas"]["Worker"]
     assert set(schema["properties"]) == set(worker)
     assert schema["properties"]["state"] == {"$ref": "#/components/schemas/WorkerState"}

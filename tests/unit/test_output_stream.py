@@ -4,7 +4,7 @@ The call is a fake with the client side of a ``grpc.aio`` server-streaming
 call: ``await read()`` gives the scripted messages (or raises the scripted
 errors), then ``grpc.aio.EOF``; ``cancel()`` ends it, and a read that is
 cancelled while it waits cancels the call, as in ``grpc.aio``. A call whose
-script fails is wrapped as the gateway wraps a worker's calls, so that its
+script fails is wrapped as the use cases wrap a worker's calls, so that its
 gRPC error is read as the domain error.
 """
 
@@ -18,7 +18,7 @@ from asyncsupport import FakeError, run_async
 
 from jobgate.errors import NotFound, Unavailable
 from jobgate.v1 import common_pb2, worker_pb2
-from scheduler.gateway import OutputStream, job_to_dict
+from scheduler.usecases import OutputStream, job_to_dict
 from scheduler.worker_errors import StreamCall, convert
 
 HANG = object()  # a read that waits until the call is cancelled

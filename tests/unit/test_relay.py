@@ -4,7 +4,7 @@ Calls are fakes with the client side of a ``grpc.aio`` server-streaming call:
 ``await read()`` gives what the test fed them (``OutputChunk`` messages,
 errors), then ``grpc.aio.EOF``; ``cancel()`` ends them, and a read that is
 cancelled while it waits cancels its call, as in ``grpc.aio``. The relay gets
-them as the gateway hands them over, wrapped so that a gRPC error is read as
+them as the use cases hand them over, wrapped so that a gRPC error is read as
 its domain error. Nothing waits on time: a test feeds a call, then lets the
 loop run what can run.
 """

@@ -1,4 +1,4 @@
-"""Identical worker reads that overlap in time share one call (scheduler.gateway)."""
+"""Identical worker reads that overlap in time share one call (scheduler.usecases)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from asyncsupport import run_async, settle
 
 from jobgate.errors import DeadlineExceeded, NotFound, Unavailable
-from scheduler.gateway import SharedCalls
+from scheduler.usecases import SharedCalls
 
 KEY = ("w", "j")
 

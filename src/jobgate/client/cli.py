@@ -55,8 +55,6 @@ from jobgate.client.output import Output
 SETTING_FLAGS = ("url", "token", "token_file", "ca_file", "cert_file", "key_file")
 
 
-
-
 # -- the command line -------------------------------------------------------------
 
 
@@ -168,7 +166,6 @@ def _megabytes(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
-
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,21 +6,21 @@ import falcon.asgi
 
 from scheduler import metrics
 from scheduler.fanout import FanOut
-from scheduler.gateway import Gateway
 from scheduler.http import errors, openapi
 from scheduler.http import resources as r
 from scheduler.http.auth import Auth, TokenFile
 from scheduler.http.middleware import AccessLog, RequestId
 from scheduler.http.streams import StreamSlots
+from scheduler.usecases import UseCases
 
 
 def create_app(
-    gateway: Gateway,
+    cases: UseCases,
     tokens: TokenFile,
     client_scopes: dict[str, str] | None = None,
 ) -> falcon.asgi.App:
     """The HTTP API. ``client_scopes`` enables client-certificate auth."""
-    cfg = gateway.cfg
+    cfg = cases.cfg
     auth = Auth(tokens, cfg.cluster.name, client_scopes)
     middleware = [RequestId(), metrics.Middleware(), auth]
     if cfg.http.access_log:
@@ -34,18 +34,18 @@ def create_app(
         cfg.http.max_followers_per_caller,
         cfg.workers.retry_after_s,
     )
-    args = (gateway, cfg.http.max_body_bytes, auth, slots, cfg.http.max_json_depth)
+    args = (cases, cfg.http.max_body_bytes, auth, slots, cfg.http.max_json_depth)
     app.add_route("/openapi.json", r.OpenAPI(openapi.document()))
-    app.add_route("/metrics", r.Metrics(gateway))
+    app.add_route("/metrics", r.Metrics(cases))
     app.add_route("/healthz", r.Health())
-    app.add_route("/readyz", r.Ready(gateway, tokens))
+    app.add_route("/readyz", r.Ready(cases, tokens))
     app.add_route("/v1/workers", r.Workers(*args))
     app.add_route("/v1/workers/{worker}", r.Worker(*args))
     app.add_route("/v1/workers/{worker}/jobs", r.Jobs(*args))
     app.add_route("/v1/workers/{worker}/jobs/{job}", r.Job(*args))
     app.add_route("/v1/workers/{worker}/jobs/{job}/stop", r.JobStop(*args))
     app.add_route("/v1/workers/{worker}/jobs/{job}/output", r.JobOutput(*args))
-    fanout = FanOut(gateway, cfg.fanout.max_parallel, cfg.fanout.max_workers)
+    fanout = FanOut(cases, cfg.fanout.max_parallel, cfg.fanout.max_workers)
     app.add_route("/v1/jobs", r.FanOutJobs(fanout, *args))
     app.add_route("/v1/groups/{group}", r.Group(fanout, *args))
     app.add_route("/start", r.LegacyStart(*args))

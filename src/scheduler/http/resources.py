@@ -1,4 +1,4 @@
-"""Falcon resources: thin translations of HTTP onto :class:`Gateway` calls."""
+"""Falcon resources: thin translations of HTTP onto :class:`UseCases` calls."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import falcon
 from jobgate import model
 from jobgate.errors import InvalidArgument
 from scheduler import metrics
-from scheduler.gateway import Gateway
 from scheduler.http import body, streams
 from scheduler.http.auth import READ, RUN, Auth, TokenFile
+from scheduler.usecases import UseCases
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,13 @@ class _Base:
 
     def __init__(
         self,
-        gateway: Gateway,
+        cases: UseCases,
         max_body_bytes: int,
         auth: Auth,
         slots: streams.StreamSlots,
         max_json_depth: int = 32,
     ):
-        self.gw = gateway
+        self.cases = cases
         self.max_body = max_body_bytes
         self.max_depth = max_json_depth
         self.auth = auth
@@ -52,7 +52,7 @@ class _Base:
         principal = req.context.principal
         slot = self.slots.take(str(principal)) if follow else None
         try:
-            stream = await self.gw.output(worker, job_id, offset, follow)
+            stream = await self.cases.output(worker, job_id, offset, follow)
         except BaseException:
             if slot is not None:
                 slot.release()
@@ -94,13 +94,13 @@ class Metrics:
 
     scopes = {"GET": READ}
 
-    def __init__(self, gateway: Gateway):
-        self.gw = gateway
+    def __init__(self, cases: UseCases):
+        self.cases = cases
 
     async def on_get(self, req, resp):
         resp.content_type = metrics.CONTENT_TYPE
         resp.data = await asyncio.to_thread(
-            metrics.render, self.gw.store, self.gw.cfg.workers.heartbeat_timeout_s
+            metrics.render, self.cases.store, self.cases.cfg.workers.heartbeat_timeout_s
         )
 
 
@@ -110,12 +110,12 @@ class Health:
 
 
 class Ready:
-    def __init__(self, gateway: Gateway, tokens: TokenFile):
-        self.gw = gateway
+    def __init__(self, cases: UseCases, tokens: TokenFile):
+        self.cases = cases
         self.tokens = tokens
 
     async def on_get(self, req, resp):
-        problems = await self.gw.readiness_problems()
+        problems = await self.cases.readiness_problems()
         self.tokens.current()
         if self.tokens.problem:
             problems.append(self.tokens.problem + "; no token is valid")
@@ -130,21 +130,21 @@ class Workers(_Base):
     scopes = {"GET": READ}
 
     async def on_get(self, req, resp):
-        _json(resp, {"workers": await self.gw.list_workers()})
+        _json(resp, {"workers": await self.cases.list_workers()})
 
 
 class Worker(_Base):
     scopes = {"GET": READ}
 
     async def on_get(self, req, resp, worker):
-        _json(resp, self.gw.get_worker(worker))
+        _json(resp, self.cases.get_worker(worker))
 
 
 class Jobs(_Base):
     scopes = {"GET": READ, "POST": RUN}
 
     async def on_get(self, req, resp, worker):
-        jobs, stale = await self.gw.list_jobs(worker)
+        jobs, stale = await self.cases.list_jobs(worker)
         if stale:
             # The worker cannot be asked: the scheduler's record, flagged.
             resp.set_header("Warning", '110 - "possibly stale: worker not reachable"')
@@ -159,7 +159,7 @@ class Jobs(_Base):
                 "status as JSON, follow streams the output)"
             )
         b = body.parse(model.START, await self.body(req))
-        job, existing = await self.gw.start_job(worker, **b)
+        job, existing = await self.cases.start_job(worker, **b)
         resp.location = f"/v1/workers/{job['worker_id']}/jobs/{job['job_id']}"
         resp.set_header("X-Job-ID", job["job_id"])
         if follow:
@@ -169,7 +169,7 @@ class Jobs(_Base):
             )
             return
         if wait and job["state"] == "running":
-            job = await self.gw.wait_job(job["worker_id"], job["job_id"])
+            job = await self.cases.wait_job(job["worker_id"], job["job_id"])
         status = 200 if existing else 201
         if wait and job["state"] == "running":
             status = 202  # still running after [workers].max_wait_s
@@ -180,14 +180,14 @@ class Job(_Base):
     scopes = {"GET": READ}
 
     async def on_get(self, req, resp, worker, job):
-        _json(resp, await self.gw.get_job(worker, job))
+        _json(resp, await self.cases.get_job(worker, job))
 
 
 class JobStop(_Base):
     scopes = {"POST": RUN}
 
     async def on_post(self, req, resp, worker, job):
-        _json(resp, await self.gw.stop_job(worker, job, _actor(req)))
+        _json(resp, await self.cases.stop_job(worker, job, _actor(req)))
 
 
 class JobOutput(_Base):
@@ -255,10 +255,10 @@ class LegacyStart(_Base):
         # The original design's clients name scripts by their path from the
         # worker's working directory; the worker's own check of the result
         # (inside its scripts directory) is the same either way.
-        prefix = self.gw.cfg.http.original_path_prefix
+        prefix = self.cases.cfg.http.original_path_prefix
         if prefix and b["path"].startswith(prefix):
             b["path"] = b["path"][len(prefix) :]
-        job, _ = await self.gw.start_job(b.pop("worker_id"), **b)
+        job, _ = await self.cases.start_job(b.pop("worker_id"), **b)
         _json(resp, {"job_id": job["job_id"]}, 201)
 
 
@@ -267,7 +267,7 @@ class LegacyStop(_Base):
 
     async def on_post(self, req, resp):
         b = body.parse(model.LEGACY_JOB, await self.body(req))
-        await self.gw.stop_job(b["worker_id"], b["job_id"], _actor(req))
+        await self.cases.stop_job(b["worker_id"], b["job_id"], _actor(req))
         _json(resp, {"success": True})
 
 
@@ -276,7 +276,7 @@ class LegacyQuery(_Base):
 
     async def on_post(self, req, resp):
         b = body.parse(model.LEGACY_JOB, await self.body(req))
-        job = await self.gw.get_job(b["worker_id"], b["job_id"])
+        job = await self.cases.get_job(b["worker_id"], b["job_id"])
         done = job["state"] != "running"
         failed = done and job["state"] != "succeeded"
         _json(

@@ -1,6 +1,6 @@
 """How a job's output is sent over HTTP: plain chunks, run-and-follow, SSE.
 
-Each function turns an :class:`~scheduler.gateway.OutputStream` into the bytes
+Each function turns an :class:`~scheduler.usecases.OutputStream` into the bytes
 of a response body; :func:`guarded` wraps the stream's chunks so that a
 revoked token ends it. An error after the response began (the worker went
 away, the stream ran for its longest allowed time) cannot change the status
@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Callable
 
 from jobgate.errors import JobgateError, StreamExpired, Unavailable
 from scheduler import metrics
-from scheduler.gateway import OutputStream
 from scheduler.http.connection import AbortResponse
+from scheduler.usecases import OutputStream
 
 log = logging.getLogger(__name__)
 

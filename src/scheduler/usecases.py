@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobgate import identity, logs, model
 from jobgate.errors import DeadlineExceeded, JobgateError, NotFound, Unavailable
-from jobgate.guard import REQUEST_ID_KEY
+from jobgate.grpc_guard import REQUEST_ID_KEY
 from jobgate.jobstate import ExitReason, JobState
 from jobgate.tls import Credentials, secure_aio_channel
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -240,7 +240,7 @@ class ChannelPool:
             await channel.close()
 
 
-class Gateway:
+class UseCases:
     """The scheduler's use cases, as coroutines of the HTTP process's loop.
 
     Reads of the state database that cannot wait on a lock (WAL readers
