@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,28 @@ def make_public_dir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(path, 0o755)
     return path
+
+
+@contextlib.contextmanager
+def cluster_of_its_own(
+    name: str,
+    scripts_dir: Path | None,
+    workers: tuple[str, ...] = ("worker-1",),
+    cluster_class: type[DevCluster] = DevCluster,
+    **settings,
+) -> Iterator[DevCluster]:
+    """A cluster for the tests that need settings of their own: started with
+    ``workers``, stopped and removed afterwards whatever happened."""
+    directory = make_public_dir(f"jobgate-test-{name}-")
+    if scripts_dir is not None:
+        settings["scripts_dir"] = scripts_dir
+    c = cluster_class(directory, **settings)
+    try:
+        c.start(workers)
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def skip_unless_required(reason: str, variable: str) -> None:

@@ -23,10 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import make_public_dir
+from conftest import cluster_of_its_own
 from test_https import HttpsCluster
-
-from jobgate.dev.cluster import DevCluster
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -451,19 +449,14 @@ def test_flags_beat_environment_beat_config_file(cli, cluster, tmp_path):
 @pytest.fixture(scope="module")
 def impatient(scripts_dir, tmp_path_factory):
     """A cluster whose scheduler stops waiting for a job after one second."""
-    directory = make_public_dir("jobgate-test-cli-")
-    c = DevCluster(
-        directory,
-        scripts_dir=scripts_dir,
+    with cluster_of_its_own(
+        "cli",
+        scripts_dir,
+        ("worker-w",),
         http_processes=1,
         scheduler_extra="max_wait_s = 1.0",
-    )
-    try:
-        c.start(("worker-w",))
+    ) as c:
         yield Cli(c.url, c.token, tmp_path_factory.mktemp("cli-home"))
-    finally:
-        c.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_run_wait_keeps_waiting_after_the_scheduler_gives_up(impatient):
@@ -617,14 +610,10 @@ def test_503_exits_4_with_the_description(cli, stand_in):
 def tls_cluster(scripts_dir):
     """A scheduler serving HTTPS that also takes client certificates: ops may
     run jobs, dashboard may only read."""
-    directory = make_public_dir("jobgate-test-cli-https-")
-    c = HttpsCluster(directory, scripts_dir=scripts_dir, http_processes=1)
-    try:
-        c.start(("worker-1",))
+    with cluster_of_its_own(
+        "cli-https", scripts_dir, cluster_class=HttpsCluster, http_processes=1
+    ) as c:
         yield c
-    finally:
-        c.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def https_cli(c, tmp_path_factory) -> tuple[Cli, str]:

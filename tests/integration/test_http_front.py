@@ -19,7 +19,7 @@ import time
 import uuid
 
 import pytest
-from conftest import Api, make_public_dir
+from conftest import Api, cluster_of_its_own, make_public_dir
 
 from jobgate.dev.cluster import DevCluster
 
@@ -29,21 +29,17 @@ MAX_CONNECTIONS = 600
 
 @pytest.fixture(scope="module")
 def front(scripts_dir):
-    directory = make_public_dir("jobgate-test-front-")
-    c = DevCluster(
-        directory,
-        scripts_dir=scripts_dir,
+    with cluster_of_its_own(
+        "front",
+        scripts_dir,
         http_processes=2,
         http_extra=(
             f"request_timeout_s = {REQUEST_TIMEOUT_S}\n"
             f"max_connections = {MAX_CONNECTIONS}\n"
             "max_followers_per_caller = 400\n"
         ),
-    )
-    c.start(("worker-1",))
-    yield c
-    c.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    ) as c:
+        yield c
 
 
 def port(cluster) -> int:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import ssl
 
 import pytest
-from conftest import devca, make_public_dir
+from conftest import cluster_of_its_own, devca
 
 from jobgate.config import ConfigError
 from jobgate.dev.cluster import DevCluster
@@ -72,14 +71,10 @@ client_scopes = { ops = "run", dashboard = "read" }
 
 @pytest.fixture(scope="module")
 def tls_cluster(scripts_dir):
-    directory = make_public_dir("jobgate-test-https-")
-    c = HttpsCluster(directory, scripts_dir=scripts_dir, http_processes=1)
-    try:
-        c.start(("worker-1",))
+    with cluster_of_its_own(
+        "https", scripts_dir, cluster_class=HttpsCluster, http_processes=1
+    ) as c:
         yield c
-    finally:
-        c.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_https_serves_with_token(tls_cluster):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import REPO, Api, make_public_dir
+from conftest import REPO, Api, cluster_of_its_own, make_public_dir
 from test_mtls import START_HELLO, pair, worker_stub
 
 from jobgate.dev.cluster import DevCluster
@@ -57,12 +57,10 @@ def wait_for(predicate, timeout=15.0, interval=0.1):
 
 @pytest.fixture
 def small_cluster(scripts_dir):
-    directory = make_public_dir("jobgate-test-lifecycle-")
-    c = DevCluster(directory, scripts_dir=scripts_dir, http_processes=1)
-    c.start(("worker-a", "worker-b"))
-    yield c
-    c.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    with cluster_of_its_own(
+        "lifecycle", scripts_dir, ("worker-a", "worker-b"), http_processes=1
+    ) as c:
+        yield c
 
 
 def worker_state(api: Api, name: str) -> str:

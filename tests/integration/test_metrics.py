@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
-import shutil
 import time
 import urllib.request
 
 import pytest
-from conftest import Api, make_public_dir
-
-from jobgate.dev.cluster import DevCluster
+from conftest import Api, cluster_of_its_own
 
 
 def samples(text: str) -> dict[str, float]:
@@ -39,19 +36,13 @@ def sample(values: dict[str, float], name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def metered(scripts_dir):
-    directory = make_public_dir("jobgate-test-metrics-")
-    c = DevCluster(
-        directory,
-        scripts_dir=scripts_dir,
+    with cluster_of_its_own(
+        "metrics",
+        scripts_dir,
         http_processes=2,
         worker_extra='[metrics]\nbind = "127.0.0.1:0"\n',
-    )
-    try:
-        c.start(("worker-1",))
+    ) as c:
         yield c
-    finally:
-        c.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_scheduler_metrics_add_up_across_processes(metered):

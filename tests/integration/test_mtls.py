@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Api, devca, make_public_dir
+from conftest import Api, cluster_of_its_own, devca
 
 from jobgate import identity
 from jobgate.dev.cluster import DevCluster
@@ -375,14 +375,8 @@ def test_worker_cannot_register_under_another_workers_name(cluster, api):
 @pytest.fixture(scope="module")
 def own_cluster(scripts_dir) -> Iterator[DevCluster]:
     """A cluster of its own: the impostor's entry must not outlive its test."""
-    directory = make_public_dir("jobgate-test-mtls-")
-    c = DevCluster(directory, scripts_dir=scripts_dir, http_processes=1)
-    try:
-        c.start(("worker-1",))
+    with cluster_of_its_own("mtls", scripts_dir, http_processes=1) as c:
         yield c
-    finally:
-        c.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_scheduler_dials_workers_verifying_their_name(own_cluster):

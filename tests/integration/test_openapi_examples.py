@@ -8,10 +8,9 @@ its job started (201), and the job succeeds.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from conftest import make_public_dir
+from conftest import cluster_of_its_own
 
 from jobgate.dev.cluster import EXAMPLE_SCRIPTS, DevCluster
 from scheduler.http import openapi
@@ -36,15 +35,11 @@ def examples(operation_id: str) -> list[tuple[str, str, dict]]:
 @pytest.fixture(scope="module")
 def dev():
     """The development cluster as `make run` has it: its scripts, its workers."""
-    directory = make_public_dir("jobgate-test-examples-")
-    cluster = DevCluster(directory, http_processes=1)
-    assert cluster.scripts_dir == EXAMPLE_SCRIPTS
-    try:
-        cluster.start()
+    with cluster_of_its_own(
+        "examples", None, ("worker-1", "worker-2"), http_processes=1
+    ) as cluster:
+        assert cluster.scripts_dir == EXAMPLE_SCRIPTS
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def post(cluster: DevCluster, path: str, body: dict) -> tuple[int, dict]:

@@ -5,29 +5,21 @@ Old clients' paths work; what is left after the prefix is confined as always.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from conftest import Api, make_public_dir
-
-from jobgate.dev.cluster import DevCluster
+from conftest import Api, cluster_of_its_own
 
 PREFIX = "worker/scripts/"
 
 
 @pytest.fixture(scope="module")
 def api(scripts_dir):
-    directory = make_public_dir("jobgate-test-original-paths-")
-    c = DevCluster(
-        directory,
-        scripts_dir=scripts_dir,
+    with cluster_of_its_own(
+        "original-paths",
+        scripts_dir,
         http_processes=1,
         http_extra=f'original_path_prefix = "{PREFIX}"\n',
-    )
-    c.start(("worker-1",))
-    yield Api(c)
-    c.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    ) as c:
+        yield Api(c)
 
 
 def start(api: Api, path: str):
