@@ -18,7 +18,6 @@ import os
 import socket
 import struct
 import sys
-import time
 from dataclasses import dataclass
 
 from jobgate.config import setting
@@ -105,26 +104,12 @@ def _suffix(record: logging.LogRecord) -> str:
 class TextFormatter(logging.Formatter):
     """``time LEVEL pid logger: message [FIELD=value ...]`` for terminals and files.
 
-    The line is put together directly rather than through a ``%``-style
-    format, and the date and time of day are formatted once per second: a
-    worker logs two lines per job, and the generic path cost more than the
-    job's own bookkeeping.
+    The message is escaped (:func:`escape`: client input never forges a
+    line) and the context fields follow it.
     """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
-        self._second: tuple[int, str] = (-1, "")
-
-    def formatTime(self, record: logging.LogRecord, datefmt=None) -> str:  # noqa: N802
-        second = int(record.created)
-        cached = self._second
-        if cached[0] != second:
-            cached = (
-                second,
-                time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)),
-            )
-            self._second = cached
-        return f"{cached[1]},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         text = (

@@ -23,27 +23,11 @@ import ssl
 import sys
 
 from gunicorn.app.base import BaseApplication
-from gunicorn.glogging import Logger
 
 from jobgate import logs
 from scheduler import config
 from scheduler.http.connection import Limits
 from scheduler.http_worker import AsyncHttpWorker, die_with_parent
-
-
-class GunicornLogger(Logger):
-    """gunicorn's logger without its access log.
-
-    gunicorn builds its access line's fields from every header and environ
-    entry whenever any logging configuration is given, even with the access
-    log off; the app writes a cheaper line of its own
-    (:class:`scheduler.http.middleware.AccessLog`).
-    """
-
-    access_log_enabled = False
-
-    def access(self, resp, req, environ, request_time) -> None:
-        return
 
 
 class HttpServer(BaseApplication):
@@ -96,10 +80,10 @@ class HttpServer(BaseApplication):
             "timeout": h.timeout_s,
             "graceful_timeout": h.graceful_timeout_s,
             "keepalive": h.keepalive_s,
-            # The app writes the access log (scheduler.http.middleware): one
-            # plain line per request costs far less than gunicorn's.
+            # The app writes the access log (scheduler.http.middleware); the
+            # worker class serves connections itself and never calls
+            # gunicorn's.
             "accesslog": None,
-            "logger_class": GunicornLogger,
             "errorlog": "-",
             "logconfig_dict": logs.gunicorn_logconfig(
                 self.jg_cfg.log.level, "jobgate-scheduler"

@@ -160,7 +160,10 @@ class Store:
         """``fn(*args)`` on this thread's connection, refusing to wait for a lock.
 
         Raises :class:`Busy` at once where ``fn`` would have waited for
-        another process's write; nothing was written then.
+        another process's write; nothing was written then. It lets the HTTP
+        processes write on their event loop (``UseCases._write``) and go to a
+        thread only when they must wait: the job index insert of a start took
+        0.17 ms on the loop against 0.50 ms through a thread (bench scenario 1).
         """
         conn = self._conn()
         conn.execute("PRAGMA busy_timeout = 0")

@@ -86,8 +86,10 @@ class SharedCalls:
     A request that arrives while the same call is under way in this process
     awaits that call's answer instead of making a call of its own. Many
     clients polling one job then cost the worker about one call at a time
-    per scheduler process, not one per request (the figure this buys is the
-    200-job status p99 in ``bench/README.md``). The answer a waiting request
+    per scheduler process, not one per request. What it buys (bench scenario
+    7, 200 jobs, ``GET`` of one of them by 8 clients): status p99 32.2 and
+    37.0 ms with it, 43.0 and 44.9 ms without; the worker's CPU 29-31 %
+    against 44 %. The answer a waiting request
     gets is the worker's as of that call, which may have started up to one
     call's duration before the request arrived: no older than a reply that
     was already on its way. A call that fails is not shared: each request
@@ -438,7 +440,10 @@ class UseCases:
         """The worker, and the job's final status if the index saw it end.
 
         An ended job's status never changes: once seen, the index answers for
-        it, whatever the state of its worker now.
+        it, whatever the state of its worker now. That is one SQLite lookup
+        instead of a call to the worker: ``GET`` of a finished job (bench
+        scenario 2) went from 562 / 650 to 1,508 / 1,392 req/s with 8 / 32
+        clients when it came in.
         """
         worker = self.find(ref)
         return worker, self.store.ended_job(worker.id, job_id)

@@ -13,6 +13,8 @@ a file that is already open; a job's directory is made only when it has output
 to keep (:mod:`worker.output`). On ext4 without a journal each new inode also
 scans past every inode deleted in the last minutes, so a busy worker that made
 and replaced files for every job paid more for each start the busier it was.
+What it bought (bench scenario 1): the worker's system CPU 0.1-0.5 ms per
+start against 0.7-2.5 ms, and start p50 2.25 against 4.09 ms.
 
 Like the per-job files before it, a line is in the kernel's page cache once
 ``write`` returns: it survives the worker's crash, not the host's power loss.

@@ -482,7 +482,7 @@ class JobRunner:
 
     def _snapshot(self, job: Job) -> JobRecord:
         with job.cond:
-            r = copy.copy(job.record)  # dataclasses.replace costs 5x more
+            r = copy.copy(job.record)  # a snapshot; its list is copied below
             r.args = list(r.args)
             if not job.sealed:
                 r.output_bytes = job.output.total
