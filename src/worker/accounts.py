@@ -105,6 +105,8 @@ class Accounts:
         self._pool_lock = threading.Lock()
         self._held: set[int] = set()
         self._checking: set[int] = set()
+        # Notified whenever a check of an id ends (see _take).
+        self._checked = threading.Condition(self._pool_lock)
         # Taken and locked, not yet handed out: (account, when it was checked).
         self._stock: collections.deque[tuple[Account, float]] = collections.deque()
         self._closed = False
@@ -184,7 +186,7 @@ class Accounts:
         OSError when the directory cannot be made.
         """
         if self.mode == "dynamic":
-            account = self._from_stock() or self._dynamic()
+            account = self._take()
             self._reclaims.put(_REFILL)
         elif self.mode == "fixed":
             uid, gid, home, shell = self._fixed  # type: ignore[misc]
@@ -223,20 +225,36 @@ class Accounts:
                 return account
             self._return(account)  # the host gave this id to an account since
 
+    def _take(self) -> Account:
+        """A dynamic id for a start: from the stock, else the next free one.
+
+        An id the background refill is checking counts as taken only until
+        the check ends: a start that finds every other id taken waits for
+        it (and then takes it from the stock) rather than be refused.
+        """
+        while True:
+            account = self._from_stock()
+            if account is not None:
+                return account
+            try:
+                return self._dynamic()
+            except ResourceExhausted:
+                with self._pool_lock:
+                    if not self._checking and not self._stock:
+                        raise
+                    self._checked.wait_for(
+                        lambda: not self._checking, timeout=CLEANUP_TIMEOUT_S
+                    )
+
     def _refill(self) -> None:
         """Check and lock ids ahead of the starts that will take them."""
         while not self._closed and len(self._stock) < STOCK:
             try:
-                account = self._dynamic()
+                self._dynamic(to_stock=True)
             except ResourceExhausted:
                 return  # every id is in use; starts look again themselves
-            with self._pool_lock:
-                if self._closed:
-                    self._unlock(account)
-                    return
-                self._stock.append((account, time.monotonic()))
 
-    def _dynamic(self) -> Account:
+    def _dynamic(self, to_stock: bool = False) -> Account:
         """The next free id of the range, locked; the checks run unlocked.
 
         An id being checked is reserved in ``_held``, so the background
@@ -252,19 +270,33 @@ class Accounts:
                     continue
                 self._held.add(uid)
                 self._checking.add(uid)
-            fd = None
+            fd = account = None
             try:
                 if not self._known_to_the_system(uid):
                     fd = _lock(self.cfg.uid_lock_dir / str(uid))
             finally:
                 with self._pool_lock:
-                    self._checking.discard(uid)
-                    if fd is None:  # the host's, another worker's, or failed
+                    if fd is not None:
+                        account = Account(
+                            uid,
+                            uid,
+                            f"jobgate-{uid}",
+                            True,
+                            shell=DYNAMIC_SHELL,
+                            _lock_fd=fd,
+                        )
+                        if to_stock and self._closed:
+                            self._unlock(account)
+                        elif to_stock:
+                            # In the stock before the check ends, so a start
+                            # waiting for the check finds it there.
+                            self._stock.append((account, time.monotonic()))
+                    else:  # the host's, another worker's, or failed
                         self._held.discard(uid)
-            if fd is not None:
-                return Account(
-                    uid, uid, f"jobgate-{uid}", True, shell=DYNAMIC_SHELL, _lock_fd=fd
-                )
+                    self._checking.discard(uid)
+                    self._checked.notify_all()
+            if account is not None:
+                return account
         raise ResourceExhausted(
             f"every user id of [jobs].uid_min-uid_max ({lo}-{hi}) is taken by a "
             "running job; retry when one ends"

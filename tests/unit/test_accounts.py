@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 
 import pytest
@@ -20,7 +21,9 @@ def make_accounts(tmp_path):
         skip_unless_required("dynamic user ids need root", "JOBGATE_REQUIRE_ROOT")
     made = []
 
-    def make(uid_min: int = 64100, uid_max: int = 64120) -> accounts.Accounts:
+    def make(
+        uid_min: int = 64100, uid_max: int = 64120, max_concurrent: int = 2
+    ) -> accounts.Accounts:
         scripts = tmp_path / "scripts"
         scripts.mkdir(exist_ok=True)
         cfg = JobsSection(
@@ -30,7 +33,7 @@ def make_accounts(tmp_path):
             uid_max=uid_max,
             uid_lock_dir=tmp_path / "locks",
             tmp_dir=str(tmp_path / "tmp"),
-            max_concurrent=2,
+            max_concurrent=max_concurrent,
         )
         acc = accounts.Accounts(cfg, f"test-{len(made)}")
         made.append(acc)
@@ -115,3 +118,21 @@ def test_a_range_taken_whole_is_refused_and_close_gives_the_stock_back(
     ahead = stocked(other)
     other.close()
     assert all(lockable(other, uid) for uid in ahead)
+
+
+def test_a_start_waits_for_the_check_of_the_last_free_id_under_way(
+    make_accounts, monkeypatch
+):
+    checking = threading.Event()
+
+    def slow_lookup(uid: int) -> bool:
+        checking.set()
+        time.sleep(0.3)  # the host's account databases, slow today
+        return False
+
+    monkeypatch.setattr(accounts, "_known_to_the_system", slow_lookup)
+    acc = make_accounts(uid_min=64400, uid_max=64400, max_concurrent=1)
+    assert checking.wait(5)  # the refill is checking 64400 now
+    assert acc.acquire("a").uid == 64400  # once checked; not refused meanwhile
+    with pytest.raises(ResourceExhausted):
+        acc.acquire("b")
