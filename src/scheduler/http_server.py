@@ -111,7 +111,8 @@ class HttpServer(BaseApplication):
         from scheduler.http.app import create_app
         from scheduler.http.auth import TokenFile
         from scheduler.store import Store
-        from scheduler.usecases import ChannelPool, UseCases
+        from scheduler.usecases import UseCases
+        from scheduler.worker_calls import ChannelPool
 
         cfg = self.jg_cfg
         store = Store(cfg.state.path, cfg.state.busy_timeout_s)

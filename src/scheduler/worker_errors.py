@@ -1,6 +1,6 @@
 """A worker's gRPC errors as domain errors: the one place they are converted.
 
-Every call to a worker is made through ``scheduler.usecases.WorkerCalls``; a
+Every call to a worker is made through ``scheduler.worker_calls.WorkerCalls``; a
 call that fails hands its ``grpc.RpcError`` to :func:`convert`, and the reads
 of an output stream do so through :class:`StreamCall`. Past this point only
 :mod:`jobgate.errors` exceptions travel: the relay, the fan-out and the HTTP

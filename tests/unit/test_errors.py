@@ -1,7 +1,7 @@
 """One error map per boundary: gRPC status to domain error, domain error to HTTP.
 
 A worker's gRPC error becomes a domain error where the call is made
-(``scheduler.worker_errors`` through the use cases' ``WorkerCalls``); the app's
+(``scheduler.worker_errors`` through ``scheduler.worker_calls.WorkerCalls``); the app's
 one handler answers a domain error with the status, title and description
 ``scheduler.http.errors`` gives it, and a fan-out reports each worker's error
 with the same three.
@@ -40,7 +40,7 @@ from scheduler.http.errors import (
     problem,
 )
 from scheduler.store import WorkerRow
-from scheduler.usecases import WorkerCalls
+from scheduler.worker_calls import WorkerCalls
 
 ERROR_CODES = [c for c in grpc.StatusCode if c != grpc.StatusCode.OK]
 

@@ -22,7 +22,8 @@ from scheduler.http import openapi
 from scheduler.http.app import create_app
 from scheduler.http.auth import OPEN_PATHS, TokenFile, hash_token
 from scheduler.store import Store, WorkerRow
-from scheduler.usecases import ChannelPool, UseCases, job_to_dict
+from scheduler.usecases import UseCases, job_to_dict
+from scheduler.worker_calls import ChannelPool
 
 TOKEN = "test-token"
 JSON = "application/json"

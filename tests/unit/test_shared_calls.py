@@ -8,7 +8,7 @@ import pytest
 from asyncsupport import run_async, settle
 
 from jobgate.errors import DeadlineExceeded, NotFound, Unavailable
-from scheduler.usecases import SharedCalls
+from scheduler.worker_calls import SharedCalls
 
 KEY = ("w", "j")
 
