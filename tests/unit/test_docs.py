@@ -282,3 +282,23 @@ def test_the_link_checker_sees_links():
     assert any(t.startswith("docs/") for t in links(readme))
     assert slug("The path of a job start") == "the-path-of-a-job-start"
     assert slug("`make lab`") == "make-lab"
+
+
+def test_every_operation_of_the_api_description_has_its_reference_page():
+    """docs/api.md (and the original API's page) name every route the
+    scheduler serves, as ``METHOD /path`` with any names for its parameters:
+    a route added to the app (and so to /openapi.json) needs its prose."""
+    from scheduler.http import openapi
+
+    pages = "\n".join(
+        (ROOT / "docs" / name).read_text() for name in ("api.md", "original-api.md")
+    )
+    missing = []
+    for path, operations in openapi.document()["paths"].items():
+        pattern = re.escape(path)
+        pattern = re.sub(r"\\\{[a-z_]+\\\}", r"\\{[a-z_]+\\}", pattern)
+        for method in operations:
+            if method in ("get", "post", "put", "patch", "delete"):
+                if not re.search(rf"{method.upper()} `?{pattern}(?![\w/{{])", pages):
+                    missing.append(f"{method.upper()} {path}")
+    assert not missing, f"not in docs/api.md or docs/original-api.md: {missing}"
