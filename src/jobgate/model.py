@@ -462,13 +462,7 @@ class _Parser:
         if not isinstance(value, str):
             raise Invalid(key, f"must be a string, not {json_type(value)}")
         _check_unicode(key, value)
-        if f.min_length and len(value) < f.min_length:
-            raise Invalid(
-                key,
-                "must not be empty"
-                if f.min_length == 1
-                else f"shorter than {f.min_length} characters",
-            )
+        _at_least(key, len(value), f.min_length, "characters", "shorter than")
         if f.max_length is not None and len(value) > f.max_length:
             raise Invalid(key, f"longer than {f.max_length} characters")
         if f.pattern is not None and not re.search(f.pattern, value):
@@ -496,13 +490,7 @@ class _Parser:
             if not isinstance(item, str):
                 raise Invalid(f"{key}[{i}]", f"must be a string, not {json_type(item)}")
             _check_unicode(f"{key}[{i}]", item)
-        if f.min_items and len(value) < f.min_items:
-            raise Invalid(
-                key,
-                "must not be empty"
-                if f.min_items == 1
-                else f"must have at least {f.min_items} items",
-            )
+        _at_least(key, len(value), f.min_items, "items")
         return value
 
     @staticmethod
@@ -520,14 +508,23 @@ class _Parser:
         return value
 
 
-def _check_size(f: Field, key: str, value: dict) -> None:
-    if f.min_properties and len(value) < f.min_properties:
+def _at_least(
+    key: str, count: int, minimum: int | None, unit: str, short: str = ""
+) -> None:
+    """Refuse fewer than ``minimum`` characters, items or entries."""
+    if minimum and count < minimum:
         raise Invalid(
             key,
             "must not be empty"
-            if f.min_properties == 1
-            else f"must have at least {f.min_properties} entries",
+            if minimum == 1
+            else f"{short} {minimum} {unit}"
+            if short
+            else f"must have at least {minimum} {unit}",
         )
+
+
+def _check_size(f: Field, key: str, value: dict) -> None:
+    _at_least(key, len(value), f.min_properties, "entries")
     if f.max_properties is not None and len(value) > f.max_properties:
         raise Invalid(key, f"must have at most {f.max_properties} entries")
 
