@@ -348,6 +348,29 @@ def test_followers_over_the_per_caller_cap_get_503(front):
         status, headers, body = split_response(refused)
         assert headers["retry-after"].isdigit()
         assert "[http].max_followers_per_caller" in json.loads(body)["description"]
+        # A start that would follow its job is refused the same way, before
+        # the job is started: a client that retries does not get it twice.
+        refused_keys = []
+        for _ in range(20):
+            key = f"capped-{uuid.uuid4()}"
+            start = json.dumps(
+                {"command": "bash", "path": "hello.sh", "idempotency_key": key}
+            )
+            s = socket.create_connection(("127.0.0.1", port(front)))
+            s.sendall(
+                f"POST /v1/workers/worker-1/jobs?follow=true HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {front.token}\r\n"
+                "Content-Type: application/json\r\n"
+                f"Content-Length: {len(start)}\r\n\r\n{start}".encode()
+            )
+            held.append(s)
+            s.settimeout(5)
+            if s.recv(12).startswith(b"HTTP/1.1 503"):
+                refused_keys.append(key)
+        assert refused_keys
+        _, _, listed = api.get("/v1/workers/worker-1/jobs")
+        started_keys = {j["idempotency_key"] for j in listed["jobs"]}
+        assert not started_keys & set(refused_keys)
     finally:
         for s in held:
             s.close()

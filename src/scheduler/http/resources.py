@@ -47,10 +47,12 @@ class _Base:
         return await body.read_json(req, self.max_body, self.max_depth)
 
     async def stream_output(
-        self, req, resp, worker, job_id, offset, follow, sse=False, run=False
+        self, req, resp, worker, job_id, offset, follow, sse=False, run=False, slot=None
     ) -> None:
+        """Answer with the job's output; ``slot``: a follower slot taken already."""
         principal = req.context.principal
-        slot = self.slots.take(str(principal)) if follow else None
+        if follow and slot is None:
+            slot = self.slots.take(str(principal))
         try:
             stream = await self.cases.output(worker, job_id, offset, follow)
         except BaseException:
@@ -159,13 +161,21 @@ class Jobs(_Base):
                 "status as JSON, follow streams the output)"
             )
         b = body.parse(model.START, await self.body(req))
-        job, existing = await self.cases.start_job(worker, **b)
+        # A follower's slot is taken before the start: a 503 for want of one
+        # must mean that no job was started.
+        slot = self.slots.take(str(req.context.principal)) if follow else None
+        try:
+            job, existing = await self.cases.start_job(worker, **b)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
         resp.location = f"/v1/workers/{job['worker_id']}/jobs/{job['job_id']}"
         resp.set_header("X-Job-ID", job["job_id"])
         if follow:
             resp.status = falcon.HTTP_200 if existing else falcon.HTTP_201
             await self.stream_output(
-                req, resp, job["worker_id"], job["job_id"], 0, True, run=True
+                req, resp, job["worker_id"], job["job_id"], 0, True, run=True, slot=slot
             )
             return
         if wait and job["state"] == "running":
