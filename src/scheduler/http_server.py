@@ -52,6 +52,7 @@ class HttpServer(BaseApplication):
             max_connections=h.max_connections,
             max_request_line_bytes=h.max_request_line_bytes,
             max_head_bytes=h.max_head_bytes,
+            max_body_bytes=h.max_body_bytes,
             retry_after_s=self.jg_cfg.workers.retry_after_s,
         )
         events_fd = self.events_fd

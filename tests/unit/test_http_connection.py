@@ -134,6 +134,36 @@ def test_a_body_in_pieces_reaches_the_app_whole():
     run(main())
 
 
+def test_a_body_the_app_has_not_read_stops_the_reading_at_the_body_limit():
+    go = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await go.wait()  # busy elsewhere before it reads the body
+        await hello_app(scope, receive, send)
+
+    async def main():
+        conn, t = connect(slow_app, max_body_bytes=1024)
+        conn.data_received(
+            b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n"
+            + b"a" * 1000
+        )
+        await settle()
+        assert t.reading
+        conn.data_received(b"b" * 1000)
+        await settle()
+        assert not t.reading  # 2,000 bytes held for an app that reads none
+        go.set()
+        await settle()
+        assert t.reading
+        conn.data_received(b"c" * 1000)
+        await settle()
+        assert answers(bytes(t.written)) == [
+            (200, b"POST /b " + b"a" * 1000 + b"b" * 1000 + b"c" * 1000)
+        ]
+
+    run(main())
+
+
 def test_a_client_that_expects_100_continue_is_told_to_send_its_body():
     async def main():
         conn, t = connect()

@@ -51,6 +51,9 @@ class Limits:
     max_connections: int = 10_000
     max_request_line_bytes: int = 8192
     max_head_bytes: int = 32768
+    # Body bytes held for the app before the connection stops reading: the
+    # app refuses a larger body anyway ([http].max_body_bytes).
+    max_body_bytes: int = 65536
     retry_after_s: int = 5
 
 
@@ -137,6 +140,8 @@ class HttpConnection(asyncio.Protocol):
         self.sockname = None
         self.peercert = None
         self.body: list[bytes] = []
+        self.body_bytes = 0  # in self.body, not yet taken by the app
+        self.body_paused = False
         self.body_done = False
         self.body_event = asyncio.Event()
         self.writable = asyncio.Event()
@@ -217,7 +222,15 @@ class HttpConnection(asyncio.Protocol):
                 self._start(event)
             elif isinstance(event, h11.Data):
                 self.body.append(event.data)
+                self.body_bytes += len(event.data)
                 self.body_event.set()
+                if (
+                    self.body_bytes > self.limits.max_body_bytes
+                    and not self.body_paused
+                ):
+                    # An app that does not read (yet) holds no more than this.
+                    self.body_paused = True
+                    self.transport.pause_reading()
             elif isinstance(event, h11.EndOfMessage):
                 self.body_done = True
                 self.body_event.set()
@@ -305,6 +318,7 @@ class HttpConnection(asyncio.Protocol):
             "jobgate.peercert": self.peercert,
         }
         self.body = []
+        self.body_bytes = 0
         self.body_done = False
         self.body_event = asyncio.Event()
         self.responded = False
@@ -349,6 +363,10 @@ class HttpConnection(asyncio.Protocol):
             if self.body or self.body_done:
                 data = b"".join(self.body)
                 self.body = []
+                self.body_bytes = 0
+                if self.body_paused:
+                    self.body_paused = False
+                    self.transport.resume_reading()
                 if not self.body_done:
                     # The app reads the body as it comes: keep the reader fed.
                     return {"type": "http.request", "body": data, "more_body": True}
@@ -486,6 +504,9 @@ class HttpConnection(asyncio.Protocol):
         if self.task is not None and not self.responded:
             self.task.cancel()
         transport = self.transport
+        if self.body_paused:
+            self.body_paused = False
+            transport.resume_reading()  # what comes now is read and dropped
         try:
             if transport.can_write_eof():
                 transport.write_eof()
