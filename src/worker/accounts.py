@@ -34,6 +34,7 @@ import os
 import pwd
 import queue
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -56,6 +57,8 @@ CLEANUP = (
 )
 CLEANUP_TIMEOUT_S = 30.0
 NSS_RECHECK_S = 600.0
+# How long a start waits for the background check of the last free id.
+NSS_WAIT_S = 5.0
 # The login shell of a dynamic id, as systemd reports its DynamicUser= ids.
 # Setting $SHELL also spares the job's bash a lookup of its own id at start
 # (bash looks the user up when SHELL is unset): 0.4 ms of CPU per job where
@@ -80,6 +83,9 @@ class Account:
     dynamic: bool = False
     home: str = ""  # a fixed account's home
     shell: str = ""  # its login shell, for $SHELL (empty: the worker's user)
+    # Processes of the job may be left: its cgroup could not be emptied and
+    # removed. Its id then goes back only after the clean-up process.
+    escaped: bool = False
     tmp: str = ""
     _lock_fd: int | None = dataclasses.field(default=None, repr=False)
 
@@ -220,8 +226,8 @@ class Accounts:
             uid: int = account.uid  # type: ignore[assignment]
             if time.monotonic() - checked <= NSS_RECHECK_S:
                 return account
-            if not _known_to_the_system(uid):
-                self._known[uid] = (False, time.monotonic())
+            self._known.pop(uid, None)  # ask again, and remember the answer
+            if not self._known_to_the_system(uid):
                 return account
             self._return(account)  # the host gave this id to an account since
 
@@ -232,6 +238,7 @@ class Accounts:
         the check ends: a start that finds every other id taken waits for
         it (and then takes it from the stock) rather than be refused.
         """
+        waited = False
         while True:
             account = self._from_stock()
             if account is not None:
@@ -240,10 +247,11 @@ class Accounts:
                 return self._dynamic()
             except ResourceExhausted:
                 with self._pool_lock:
-                    if not self._checking and not self._stock:
+                    if waited or (not self._checking and not self._stock):
                         raise
+                    waited = True
                     self._checked.wait_for(
-                        lambda: not self._checking, timeout=CLEANUP_TIMEOUT_S
+                        lambda: not self._checking, timeout=NSS_WAIT_S
                     )
 
     def _refill(self) -> None:
@@ -337,11 +345,12 @@ class Accounts:
 
         A clean-up process running as the job's id is needed only when
         processes of the job may have escaped (a dynamic id without a cgroup
-        per job), or when the job left files in its directory that the
-        worker may not remove itself (under systemd it has no
-        CAP_DAC_OVERRIDE). Most jobs need neither, and cost no process.
+        per job, or with one that could not be emptied), or when the job left
+        files in its directory that the worker may not remove itself (under
+        systemd it has no CAP_DAC_OVERRIDE). Most jobs need neither, and cost
+        no process.
         """
-        escaped = account.dynamic and not self.contained
+        escaped = account.dynamic and (account.escaped or not self.contained)
         if account.tmp and not escaped:
             try:
                 os.rmdir(account.tmp)  # empty, the common case
@@ -411,11 +420,13 @@ def _run_as(account: Account, timeout: float) -> None:
             group=account.gid,
             cgroup_procs=None,
         )
+        child.stdout.close()  # it writes nothing
         try:
-            child.stdout.read()  # ends when it exits (it writes nothing)
             child.wait(timeout)
-        finally:
-            child.stdout.close()
+        except subprocess.TimeoutExpired:
+            os.kill(child.pid, signal.SIGKILL)  # as subprocess.run does
+            child.wait()
+            raise
         return
     subprocess.run(
         argv,

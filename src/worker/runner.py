@@ -34,7 +34,7 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import history, isolation, metrics
+from worker import history, isolation, metrics, watcher
 from worker.accounts import Accounts
 from worker.config import JobsSection
 from worker.health import Health
@@ -319,8 +319,10 @@ class JobRunner:
         job.end("it cannot be watched", forced=(ExitReason.START_FAILED, text))
         try:
             if not self.watcher.teardown(job):
+                watcher.escaped(job)
                 self.isolation.cleanup(jid)
         except Exception:  # noqa: BLE001 - record the end regardless
+            watcher.escaped(job)
             log.exception("job %s: cleaning up after it failed", jid)
         finally:
             self._finish(job)

@@ -298,6 +298,7 @@ class Watcher:
                 jid,
                 extra={"JOB_ID": jid},
             )
+            escaped(job)
         if job.status_fd is not None:
             fd, job.status_fd = job.status_fd, None
             job.start_error = read_start_error(fd)
@@ -324,8 +325,10 @@ class Watcher:
             extra={"JOB_ID": jid},
         )
         try:
-            self.teardown(job)
+            if not self.teardown(job):
+                escaped(job)
         except Exception:  # noqa: BLE001 - record the end regardless
+            escaped(job)
             log.exception("job %s: cleaning up after it failed", jid)
         finally:
             self.finish(job)
@@ -417,3 +420,10 @@ class Watcher:
             job.proc.pid,
             extra={"JOB_ID": job.record.job_id},
         )
+
+
+def escaped(job: Job) -> None:
+    """Processes of ``job`` may be left: its id must not go back unswept."""
+    account = job.account
+    if account is not None:
+        account.escaped = True

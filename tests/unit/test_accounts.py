@@ -22,7 +22,10 @@ def make_accounts(tmp_path):
     made = []
 
     def make(
-        uid_min: int = 64100, uid_max: int = 64120, max_concurrent: int = 2
+        uid_min: int = 64100,
+        uid_max: int = 64120,
+        max_concurrent: int = 2,
+        contained: bool = False,
     ) -> accounts.Accounts:
         scripts = tmp_path / "scripts"
         scripts.mkdir(exist_ok=True)
@@ -35,7 +38,7 @@ def make_accounts(tmp_path):
             tmp_dir=str(tmp_path / "tmp"),
             max_concurrent=max_concurrent,
         )
-        acc = accounts.Accounts(cfg, f"test-{len(made)}")
+        acc = accounts.Accounts(cfg, f"test-{len(made)}", contained=contained)
         made.append(acc)
         return acc
 
@@ -136,3 +139,22 @@ def test_a_start_waits_for_the_check_of_the_last_free_id_under_way(
     assert acc.acquire("a").uid == 64400  # once checked; not refused meanwhile
     with pytest.raises(ResourceExhausted):
         acc.acquire("b")
+
+
+def test_an_id_whose_job_may_have_left_processes_goes_back_only_swept(
+    make_accounts, monkeypatch
+):
+    swept = []
+    monkeypatch.setattr(
+        accounts, "_run_as", lambda account, timeout: swept.append(account.uid)
+    )
+    acc = make_accounts(contained=True)  # a cgroup per job: normally no sweep
+    clean, left = acc.acquire("clean"), acc.acquire("left")
+    left.escaped = True  # its cgroup could not be emptied
+    acc.release(clean)
+    acc.release(left)
+    deadline = time.monotonic() + 5
+    while acc.held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert acc.held == 0
+    assert swept == [left.uid]
