@@ -80,7 +80,6 @@ class HttpServer(BaseApplication):
             "worker_class": "scheduler.http_worker.AsyncHttpWorker",
             "timeout": h.timeout_s,
             "graceful_timeout": h.graceful_timeout_s,
-            "keepalive": h.keepalive_s,
             # The app writes the access log (scheduler.http.middleware); the
             # worker class serves connections itself and never calls
             # gunicorn's.
@@ -117,7 +116,9 @@ class HttpServer(BaseApplication):
 
         cfg = self.jg_cfg
         store = Store(cfg.state.path, cfg.state.busy_timeout_s)
-        pool = ChannelPool(cfg.cluster.name, Credentials.load(cfg.tls))
+        pool = ChannelPool(
+            cfg.cluster.name, Credentials.load(cfg.tls), cfg.workers.retry_after_s
+        )
         cases = UseCases(cfg, store, pool, self.grpc_target)
         tls = cfg.http.tls
         client_scopes = dict(tls.client_scopes) if tls.client_ca_file else None

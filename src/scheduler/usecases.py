@@ -99,7 +99,6 @@ class UseCases:
         self.cfg = cfg
         self.store = store
         self.pool = pool
-        pool.retry_after_s = cfg.workers.retry_after_s
         self._last_seen: dict[str, tuple[str, int]] = {}
         self._calls = SharedCalls()
         w = cfg.workers

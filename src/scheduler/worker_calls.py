@@ -166,11 +166,11 @@ class ChannelPool:
     it was dialled for.
     """
 
-    def __init__(self, cluster: str, creds: Credentials):
+    def __init__(self, cluster: str, creds: Credentials, retry_after_s: int):
         self.cluster = cluster
         self.creds = creds
         self._channels: dict[str, tuple[str, grpc.aio.Channel, WorkerCalls]] = {}
-        self.retry_after_s = 5
+        self.retry_after_s = retry_after_s
 
     def stub(self, worker: WorkerRow) -> WorkerCalls:
         entry = self._channels.get(worker.id)

@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import select
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -90,9 +89,8 @@ class Cgroups(ProcessGroups):
 
     name = "cgroup"
 
-    def __init__(self, base: Path, setpriv: str | None = None):
+    def __init__(self, base: Path):
         self.base = base
-        self.setpriv = setpriv
         self._base = os.fspath(base)  # per-job paths are made on every start
 
     @classmethod
@@ -106,13 +104,12 @@ class Cgroups(ProcessGroups):
         mount, own = _cgroup2_mount(), _own_cgroup()
         if mount is None or own is None:
             raise OSError("no cgroup v2 hierarchy is mounted")
-        setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
         base = mount / own.lstrip("/") / f"jobgate-{instance}"
         base.mkdir(exist_ok=True)
         probe = base / "probe"
         probe.mkdir(exist_ok=True)
         probe.rmdir()
-        groups = cls(base, setpriv)
+        groups = cls(base)
         groups.reap_leftovers()
         return groups
 

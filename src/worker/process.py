@@ -127,8 +127,8 @@ class Spawner:
         cfg: JobsSection,
         ops: ProcessOps,
         worker_name: str,
-        setpriv: str | None,
         switches_user: bool,
+        setpriv: str | None = None,
     ):
         self.cfg = cfg
         self.ops = ops

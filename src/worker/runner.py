@@ -87,7 +87,6 @@ class JobRunner:
             cfg,
             self.ops,
             worker_name,
-            getattr(self.isolation, "setpriv", None),
             switches_user=self.accounts.mode != "worker",
         )
         self._lock = threading.Lock()

@@ -62,7 +62,11 @@ path = "state/scheduler.db"
     )
     store = Store(cfg.state.path)
     store.initialize()
-    pool = ChannelPool(cfg.cluster.name, Credentials(b"ca", b"cert", b"key"))
+    pool = ChannelPool(
+        cfg.cluster.name,
+        Credentials(b"ca", b"cert", b"key"),
+        cfg.workers.retry_after_s,
+    )
     return create_app(UseCases(cfg, store, pool), TokenFile(cfg.auth.tokens_file))
 
 

@@ -30,7 +30,7 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import accounts, isolation
+from worker import accounts, process
 from worker.config import JobsSection
 from worker.limits import Enforcer
 from worker.output import OutputLog
@@ -364,7 +364,7 @@ def test_cgroup_mode_needs_no_setpriv_with_the_one_exec_spawner(
     make_runner, monkeypatch
 ):
     needs_root()
-    monkeypatch.setattr(isolation.shutil, "which", lambda *a, **kw: None)
+    monkeypatch.setattr(process.shutil, "which", lambda *a, **kw: None)
     runner = make_runner(user_mode="fixed", user="nobody", isolation="cgroup")
     assert runner.isolation.name == "cgroup"
     _, output = run(runner, "env.sh")

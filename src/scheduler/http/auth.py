@@ -34,6 +34,7 @@ from jobgate.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from jobgate.tokens import PREFIX as TOKEN_PREFIX
 from jobgate.tokens import hash_token
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ def parse_tokens(path: Path, text: str) -> dict[str, tuple[str, str]]:
         if not line:
             continue
         digest, *rest = line.split()
-        hexpart = digest.removeprefix("sha256:")
+        hexpart = digest.removeprefix(TOKEN_PREFIX)
         if (
-            not digest.startswith("sha256:")
+            not digest.startswith(TOKEN_PREFIX)
             or len(hexpart) != 64
             or not all(c in "0123456789abcdef" for c in hexpart)
         ):
