@@ -44,14 +44,21 @@ from scheduler.follower import Follower
 log = logging.getLogger(__name__)
 
 # Wake-ups of an upstream's followers are spaced so that they take at most
-# about a quarter of the event loop's time: waking one follower and writing
-# its bytes costs about 30 microseconds (5,000 followers per process of bench
-# scenario 5, profiled), so the gap is 120 microseconds per follower, and at
-# most a second (see Upstream._notify_soon).
-NOTIFY_GAP_PER_FOLLOWER_S = 120e-6
+# about a quarter of a process's time: in bench scenario 5 (10,000 followers
+# of one job, 5,000 per HTTP process) waking one follower and writing its
+# bytes cost about 60 microseconds of the process's CPU, so the gap is 240
+# microseconds per follower, and at most a second (see Upstream._notify_soon).
+# 120 microseconds had status p99 at 20 ms beside the followers, 240 at 16.
+NOTIFY_GAP_PER_FOLLOWER_S = 240e-6
 MAX_NOTIFY_GAP_S = 1.0
-# Followers woken in one turn of the event loop (see _wake).
-WAKE_SLICE = 32
+# Followers woken at a time (see _wake). Scenario 5's status p99 with 32 (in
+# the same turn of the event loop, one slice after the other) was 44 ms, with
+# 4 26 ms; spread over half the gap (SPREAD_PART), 21 ms with 32 and 19 with 8.
+WAKE_SLICE = 8
+# The wake-ups of one round are spread over this part of the gap, a slice at
+# a time, so that a round's writes (and its readers' reads) load the cores
+# evenly instead of in bursts (see Upstream._notify).
+SPREAD_PART = 0.5
 
 Chunk = tuple[int, bytes, int]  # offset, data, bytes skipped just before offset
 
@@ -225,25 +232,29 @@ class Upstream:
         With thousands of followers of a chatty job, waking them all for
         every message would take the event loop's whole time, and every
         other request of the process would wait. So wake-ups are spaced by
-        a gap that grows with the followers (nothing for one, 12 ms for 100,
-        0.6 s for 5,000: NOTIFY_GAP_PER_FOLLOWER_S), and each wake-up carries
-        all that came meanwhile; a full write's worth (``write_bytes``) is
-        passed on at once.
+        a gap that grows with the followers (nothing for one, 24 ms for 100,
+        a second for 4,200 and more: NOTIFY_GAP_PER_FOLLOWER_S), and each
+        wake-up carries all that came meanwhile; a full write's worth
+        (``write_bytes``) is passed on at once.
         """
         if self.unseen >= self.relay.write_bytes:
-            self._notify()  # a full write's worth: no reason to wait
+            self._notify(spread=True)  # a full write's worth: no reason to wait
             return
         if self._notify_handle is not None:
             return
         loop = asyncio.get_running_loop()
-        gap = min(self.followers * NOTIFY_GAP_PER_FOLLOWER_S, MAX_NOTIFY_GAP_S)
-        wait = self._notified_at + gap - loop.time()
+        wait = self._notified_at + self._gap() - loop.time()
         if wait <= 0:
-            self._notify()
+            self._notify(spread=True)
         else:
-            self._notify_handle = loop.call_later(wait, self._notify)
+            self._notify_handle = loop.call_later(wait, self._notify, True)
 
-    def _notify(self) -> None:
+    def _gap(self) -> float:
+        return min(self.followers * NOTIFY_GAP_PER_FOLLOWER_S, MAX_NOTIFY_GAP_S)
+
+    def _notify(self, spread: bool = False) -> None:
+        """Wake every waiting follower; for new output, ``spread`` over a
+        part of the gap (SPREAD_PART), at the end of the stream at once."""
         if self._notify_handle is not None:
             self._notify_handle.cancel()
             self._notify_handle = None
@@ -251,7 +262,10 @@ class Upstream:
         self._notified_at = loop.time()
         self.unseen = 0
         waiters, self._waiters = self._waiters, []
-        _wake(loop, waiters, 0)
+        step = 0.0
+        if spread and len(waiters) > WAKE_SLICE:
+            step = self._gap() * SPREAD_PART * WAKE_SLICE / len(waiters)
+        _wake(loop, waiters, 0, step)
 
     # -- the first message ----------------------------------------------------
 
@@ -432,8 +446,11 @@ class Upstream:
         return seq
 
 
-def _wake(loop: asyncio.AbstractEventLoop, waiters: list, start: int) -> None:
-    """Wake ``waiters`` a slice per turn of the event loop.
+def _wake(
+    loop: asyncio.AbstractEventLoop, waiters: list, start: int, step: float
+) -> None:
+    """Wake ``waiters`` a slice at a time, ``step`` seconds apart (0: a slice
+    per turn of the event loop).
 
     Thousands of followers woken in one turn would make that turn as long as
     all their writes together, and every other request on the process would
@@ -444,4 +461,7 @@ def _wake(loop: asyncio.AbstractEventLoop, waiters: list, start: int) -> None:
         if not waiter.done():
             waiter.set_result(None)
     if end < len(waiters):
-        loop.call_soon(_wake, loop, waiters, end)
+        if step > 0:
+            loop.call_later(step, _wake, loop, waiters, end, step)
+        else:
+            loop.call_soon(_wake, loop, waiters, end, step)

@@ -653,3 +653,80 @@ async def test_window_is_given_back_when_the_creator_leaves_as_the_first_chunk_c
     assert call.cancelled
     assert relay.upstreams() == 0
     assert relay.kept_bytes == 0
+
+
+class RecordingLoop:
+    """Records what :func:`scheduler.relay._wake` schedules, to run by hand."""
+
+    def __init__(self):
+        self.later: list[tuple[float, tuple]] = []
+        self.soon: list[tuple] = []
+
+    def call_later(self, delay, fn, *args):
+        self.later.append((delay, (fn, *args)))
+
+    def call_soon(self, fn, *args):
+        self.soon.append((fn, *args))
+
+
+def test_wake_ups_of_a_round_are_a_slice_at_a_time_a_step_apart():
+    from scheduler import relay
+
+    loop = asyncio.new_event_loop()
+    try:
+        waiters = [loop.create_future() for _ in range(2 * relay.WAKE_SLICE + 1)]
+        waiters[relay.WAKE_SLICE].cancel()  # a follower that left meanwhile
+        rec = RecordingLoop()
+
+        def woken():
+            return sum(w.done() and not w.cancelled() for w in waiters)
+
+        relay._wake(rec, waiters, 0, 0.002)
+        assert woken() == relay.WAKE_SLICE
+        assert not rec.soon
+        [(delay, (fn, *args))] = rec.later
+        assert delay == 0.002
+        rec.later.clear()
+        fn(*args)
+        assert woken() == 2 * relay.WAKE_SLICE - 1
+        [(_, (fn, *args))] = rec.later
+        rec.later.clear()
+        fn(*args)
+        assert all(w.done() for w in waiters) and not rec.later
+    finally:
+        loop.close()
+
+
+def test_wake_ups_without_a_step_take_one_slice_per_turn_of_the_loop():
+    from scheduler import relay
+
+    loop = asyncio.new_event_loop()
+    try:
+        waiters = [loop.create_future() for _ in range(relay.WAKE_SLICE + 1)]
+        rec = RecordingLoop()
+        relay._wake(rec, waiters, 0, 0.0)
+        assert not rec.later and len(rec.soon) == 1
+        fn, *args = rec.soon[0]
+        fn(*args)
+        assert all(w.done() for w in waiters)
+    finally:
+        loop.close()
+
+
+@run_async
+async def test_many_followers_all_get_each_chunk_and_the_end_with_wake_ups_spread():
+    from scheduler import relay as relay_module
+
+    relay, calls = new_relay(), Calls()
+    first, call = await first_follower(relay, calls)
+    n = 4 * relay_module.WAKE_SLICE
+    followers = [first] + [await follow(relay, calls) for _ in range(n - 1)]
+    readers = [collect(f) for f in followers]
+    for k in range(3):
+        call.data(3 + k, b"d")
+        await asyncio.sleep(0.02)  # more than this round's spread (n*0.12 ms)
+    call.final(6)
+    for items, final in await asyncio.wait_for(asyncio.gather(*readers), 10):
+        assert text(items) == b"abcddd"
+        assert final == {"job_id": "job-id", "output_bytes": 6}
+    assert len(calls.made) == 1
