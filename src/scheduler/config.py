@@ -104,6 +104,9 @@ class HttpSection:
         32768, min=1024, max=1_048_576, help="largest request head; larger is 431"
     )
     access_log: bool = setting(True, help="log one line per HTTP request")
+    console: bool = setting(
+        True, help="serve the web console at /ui/ (and redirect / there)"
+    )
     scheme: str = setting(
         "https", choices=("https", "http"), help="https, or plain http (see below)"
     )

@@ -81,7 +81,8 @@ def served_routes(app: falcon.App) -> dict[str, tuple[object, set[str]]]:
 
     def walk(nodes) -> None:
         for node in nodes:
-            if node.resource is not None:
+            # The console's files (scheduler.http.console) are no API.
+            if node.resource is not None and getattr(node.resource, "in_api", True):
                 # Falcon maps every method; only on_<method> responders count
                 # (the rest are its 405 and OPTIONS defaults).
                 methods = {

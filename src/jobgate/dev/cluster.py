@@ -465,6 +465,7 @@ jobgate: workers: {", ".join(names)}
 jobgate: logs in {cluster.logs}/, settings in {env}:
     source {env}
     curl -sH "Authorization: Bearer $JOBGATE_TOKEN" $JOBGATE_URL/v1/workers
+jobgate: web console at {cluster.url}/ui/ (sign in with $JOBGATE_TOKEN)
 """,
             flush=True,
         )

@@ -6,9 +6,9 @@ import falcon.asgi
 
 from scheduler import metrics
 from scheduler.fanout import FanOut
-from scheduler.http import errors, openapi
+from scheduler.http import console, errors, openapi
 from scheduler.http import resources as r
-from scheduler.http.auth import Auth, TokenFile
+from scheduler.http.auth import OPEN_PATHS, Auth, TokenFile
 from scheduler.http.middleware import AccessLog, RequestId
 from scheduler.http.streams import StreamSlots
 from scheduler.usecases import UseCases
@@ -21,7 +21,18 @@ def create_app(
 ) -> falcon.asgi.App:
     """The HTTP API. ``client_scopes`` enables client-certificate auth."""
     cfg = cases.cfg
-    auth = Auth(tokens, cfg.cluster.name, client_scopes)
+    files = console.load() if cfg.http.console else {}
+    if files:
+        # The console's own files need no token (scheduler.http.console).
+        auth = Auth(
+            tokens,
+            cfg.cluster.name,
+            client_scopes,
+            OPEN_PATHS | {"/", console.PREFIX.rstrip("/")},
+            console.PREFIX,
+        )
+    else:
+        auth = Auth(tokens, cfg.cluster.name, client_scopes)
     middleware = [RequestId(), metrics.Middleware(), auth]
     if cfg.http.access_log:
         # After RequestId, so the line carries the request's id.
@@ -39,6 +50,7 @@ def create_app(
     app.add_route("/metrics", r.Metrics(cases))
     app.add_route("/healthz", r.Health())
     app.add_route("/readyz", r.Ready(cases, tokens))
+    app.add_route("/v1/whoami", r.WhoAmI(*args))
     app.add_route("/v1/workers", r.Workers(*args))
     app.add_route("/v1/workers/{worker}", r.Worker(*args))
     app.add_route("/v1/workers/{worker}/jobs", r.Jobs(*args))
@@ -52,4 +64,9 @@ def create_app(
     app.add_route("/stop", r.LegacyStop(*args))
     app.add_route("/query", r.LegacyQuery(*args))
     app.add_route("/stream", r.LegacyStream(*args))
+    if files:
+        app.add_route("/", console.Root())
+        ui = console.Files(files)
+        app.add_route(console.PREFIX.rstrip("/"), ui)
+        app.add_route(console.PREFIX + "{name}", ui)
     return app

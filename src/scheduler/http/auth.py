@@ -198,10 +198,15 @@ class Auth:
         tokens: TokenFile,
         cluster: str = "",
         client_scopes: dict[str, str] | None = None,
+        open_paths: frozenset[str] = OPEN_PATHS,
+        open_prefix: str | None = None,
     ):
+        """``open_paths`` (and paths under ``open_prefix``) need no token."""
         self.tokens = tokens
         self.cluster = cluster
         self.client_scopes = client_scopes
+        self.open_paths = open_paths
+        self.open_prefix = open_prefix
 
     def authenticate(self, req) -> Principal:
         if self.client_scopes is not None:
@@ -225,7 +230,10 @@ class Auth:
         return principal
 
     async def process_request(self, req, resp) -> None:
-        if req.path in OPEN_PATHS:
+        path = req.path
+        if path in self.open_paths or (
+            self.open_prefix is not None and path.startswith(self.open_prefix)
+        ):
             return
         req.context.principal = self.authenticate(req)
 

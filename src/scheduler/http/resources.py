@@ -106,6 +106,16 @@ class Metrics:
         )
 
 
+class WhoAmI(_Base):
+    """Who the caller is to the API: the console asks to know its scope."""
+
+    scopes = {"GET": READ}
+
+    async def on_get(self, req, resp):
+        p = req.context.principal
+        _json(resp, {"name": p.name, "scope": p.scope, "via": p.via})
+
+
 class Health:
     async def on_get(self, req, resp):
         _json(resp, {"status": "ok"})

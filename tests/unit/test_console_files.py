@@ -1,0 +1,148 @@
+"""The web console's files at /ui/: served without a token, from memory only,
+with a strict Content-Security-Policy; off with [http].console = false."""
+
+from __future__ import annotations
+
+import falcon.testing
+import pytest
+
+from jobgate import config
+from jobgate.tls import Credentials
+from scheduler.config import SchedulerConfig
+from scheduler.http import console
+from scheduler.http.app import create_app
+from scheduler.http.auth import TokenFile, hash_token
+from scheduler.store import Store
+from scheduler.usecases import UseCases
+from scheduler.worker_calls import ChannelPool
+
+RUN_TOKEN = "run-token"
+READ_TOKEN = "read-token"
+PAGE = b"<!doctype html><title>jobgate</title><script type=module src=app.js></script>"
+
+
+def make_app(tmp_path, monkeypatch, enabled: bool = True) -> falcon.testing.TestClient:
+    files = tmp_path / "console"
+    files.mkdir()
+    (files / "index.html").write_bytes(PAGE)
+    (files / "app.js").write_text("export const x = 1;\n")
+    (files / "style.css").write_text("body { margin: 0 }\n")
+    (files / "notes.md").write_text("not a console file type\n")
+    (files / "sub").mkdir()
+    monkeypatch.setattr(console, "DIRECTORY", files)
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("not used\n")
+    (tmp_path / "tokens").write_text(
+        f"{hash_token(RUN_TOKEN)} ops run\n{hash_token(READ_TOKEN)} viewer read\n"
+    )
+    cfg = config.loads(
+        f"""
+[cluster]
+name = "dev"
+
+[http]
+bind = "127.0.0.1:0"
+scheme = "http"
+console = {"true" if enabled else "false"}
+
+[tls]
+ca_file = "ca.pem"
+cert_file = "cert.pem"
+key_file = "key.pem"
+
+[auth]
+tokens_file = "tokens"
+
+[state]
+path = "state/scheduler.db"
+""",
+        SchedulerConfig,
+        base=tmp_path,
+    )
+    store = Store(cfg.state.path)
+    store.initialize()
+    pool = ChannelPool(
+        cfg.cluster.name, Credentials(b"ca", b"cert", b"key"), cfg.workers.retry_after_s
+    )
+    app = create_app(UseCases(cfg, store, pool), TokenFile(cfg.auth.tokens_file))
+    return falcon.testing.TestClient(app)
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch):
+    return make_app(tmp_path, monkeypatch)
+
+
+def test_the_page_and_its_files_need_no_token_and_carry_a_strict_policy(client):
+    for path, body, kind in (
+        ("/ui/", PAGE, "text/html"),
+        ("/ui/app.js", b"export const x = 1;\n", "text/javascript"),
+        ("/ui/style.css", b"body { margin: 0 }\n", "text/css"),
+    ):
+        resp = client.simulate_get(path)
+        assert resp.status_code == 200, path
+        assert resp.content == body
+        assert resp.headers["Content-Type"].startswith(kind)
+        policy = resp.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in policy
+        assert "script-src 'self'" in policy and "'unsafe-inline'" not in policy
+        assert "frame-ancestors 'none'" in policy
+        assert "connect-src 'self'" in policy
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert resp.headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_root_and_ui_without_its_slash_redirect_to_the_page(client):
+    for path in ("/", "/ui"):
+        resp = client.simulate_get(path)
+        assert resp.status_code == 302, path
+        assert resp.headers["Location"].endswith("/ui/")
+
+
+def test_a_name_that_is_not_one_of_the_files_is_a_json_404(client):
+    for path in (
+        "/ui/missing.js",
+        "/ui/notes.md",  # not a type the console serves
+        "/ui/sub",
+        "/ui/..%2f..%2fetc%2fpasswd",
+        "/ui/%2e%2e",
+    ):
+        resp = client.simulate_get(path)
+        assert resp.status_code == 404, path
+        assert resp.json["title"]
+
+
+def test_an_unchanged_file_is_answered_304(client):
+    first = client.simulate_get("/ui/app.js")
+    again = client.simulate_get(
+        "/ui/app.js", headers={"If-None-Match": first.headers["ETag"]}
+    )
+    assert again.status_code == 304
+    assert again.content == b""
+
+
+def test_the_api_still_needs_a_token(client):
+    assert client.simulate_get("/v1/workers").status_code == 401
+    assert client.simulate_get("/v1/whoami").status_code == 401
+
+
+def test_whoami_names_the_token_and_its_scope(client):
+    for token, name, scope in (
+        (RUN_TOKEN, "ops", "run"),
+        (READ_TOKEN, "viewer", "read"),
+    ):
+        resp = client.simulate_get(
+            "/v1/whoami", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert resp.status_code == 200
+        assert resp.json == {"name": name, "scope": scope, "via": "token"}
+
+
+def test_console_off_serves_nothing_and_opens_nothing(tmp_path, monkeypatch):
+    client = make_app(tmp_path, monkeypatch, enabled=False)
+    assert client.simulate_get("/ui/").status_code == 401
+    assert client.simulate_get("/").status_code == 401
+    headers = {"Authorization": f"Bearer {READ_TOKEN}"}
+    assert client.simulate_get("/ui/", headers=headers).status_code == 404
+    assert client.simulate_get("/ui/app.js", headers=headers).status_code == 404
+    assert client.simulate_get("/", headers=headers).status_code == 404
