@@ -96,6 +96,30 @@ appliance-deps: $(TOOLS_VENV)/.installed
 test-appliance: proto
 	JOBGATE_REQUIRE_APPLIANCE=$${JOBGATE_REQUIRE_APPLIANCE:-1} $(PY) -m pytest tests/appliance
 
+# --- the browser tests (tests/browser) ---------------------------------------
+
+# They drive the web console in Debian's headless Chromium through its
+# chromedriver and Selenium (in the dev extra). As root; apt is asked only
+# for what is missing, so a second run costs nothing.
+BROWSER_APT := chromium chromium-driver
+
+.PHONY: browser-deps
+
+browser-deps: venv
+	missing=""; \
+	for p in $(BROWSER_APT); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+			| grep -qx 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then \
+		echo "browser-deps: $(BROWSER_APT) already installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; \
+	else \
+		echo "browser-deps: not root; install with apt-get:$$missing"; \
+	fi
+
 # --- the development lab (docs/lab.md) ---------------------------------------
 
 # Three systemd-nspawn nodes (scheduler, worker-1, worker-2) provisioned by

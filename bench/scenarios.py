@@ -622,6 +622,49 @@ def _output_bytes(c: BenchCluster, jobs: list[str]) -> int:
     )
 
 
+# -- 10. the web console -----------------------------------------------------------
+
+
+def console_page(s: Sizes) -> tuple[dict, dict]:
+    """The console in headless Chromium (:mod:`bench.browser`): the workers
+    page with ``sim_workers`` simulated workers, then a job's page following
+    ``output_bytes`` of output, all of it kept by the worker (as in 3)."""
+    from bench import browser
+
+    why = browser.missing()
+    if why is not None:
+        raise RuntimeError(f"the console scenario needs Chromium: {why}")
+    certs = sim_worker_certs(s.sim_workers)
+    c = BenchCluster(worker={"jobs.output_head_bytes": str(s.output_bytes + MiB)})
+    figures: dict = {}
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp(prefix="jobgate-bench-sim-"))
+    try:
+        with running(c):
+            procs = _start_sims(c, s, certs, tmp)
+            registered = 0
+            for p in procs:
+                line = p.stdout.readline()  # type: ignore[union-attr]
+                if not line:
+                    raise RuntimeError("a simulated worker process exited early")
+                registered += json.loads(line)["registered"]
+            figures["workers"] = registered + 1
+            with browser.chromium() as driver:
+                browser.sign_in(driver, c.url, c.token)
+                times = browser.first_render_ms(driver, c.url, 3)
+                figures["first_render_ms"] = browser.median(times)
+                figures["first_render_max_ms"] = round(max(times), 1)
+                job = c.start_job("flood.sh", [s.output_bytes])
+                figures["output_bytes"] = s.output_bytes
+                figures.update(
+                    browser.follow_page(driver, c.url, WORKER, job["job_id"], 900)
+                )
+    finally:
+        _stop_sims(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return figures, c.settings()
+
+
 # -- the catalogue ----------------------------------------------------------------
 
 
@@ -804,6 +847,27 @@ SCENARIOS = {
                 "status_rps",
                 "status_p50_ms",
                 "status_p99_ms",
+            ),
+        ),
+        Scenario(
+            "console",
+            "10. The web console in headless Chromium (workers page with the "
+            "simulated workers of 6; a job's page following 1 GiB of output)",
+            console_page,
+            {
+                "first_render_ms": ("<=", 500),
+                "max_tick_gap_ms": ("<=", 250),
+                "renderer_rss_peak_mb": ("<=", 300),
+            },
+            (
+                "workers",
+                "first_render_ms",
+                "first_render_max_ms",
+                "output_bytes",
+                "follow_seconds",
+                "max_tick_gap_ms",
+                "renderer_rss_peak_mb",
+                "js_heap_peak_mb",
             ),
         ),
     )

@@ -8,6 +8,7 @@ a report with every figure and values that make sense.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,24 +16,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import browser  # noqa: E402
 from bench.scenarios import SCENARIOS, TINY  # noqa: E402
 
 
 def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
+    names = list(SCENARIOS)
+    if browser.missing() and os.environ.get("JOBGATE_REQUIRE_BROWSER") != "1":
+        names.remove("console")  # needs Chromium: make browser-deps
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "bench.run", "--tiny", "--runs", "1"),
             *("--idle-wait", "0", "--out", tmp_path),
+            *(arg for name in names for arg in ("--scenario", name)),
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["tiny"] is True and report["runs"] == 1
-    assert list(report["scenarios"]) == list(SCENARIOS)
+    assert list(report["scenarios"]) == names
     for name, entry in report["scenarios"].items():
         assert entry["errors"] == [], (name, entry["errors"])
         assert len(entry["runs"]) == 1, name
@@ -81,8 +87,16 @@ def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
         assert j["jobs_output_kb_per_s"] > 0, name
         assert j["status_rps"] > 0 and j["status_errors"] == 0, name
 
+    if "console" in s:
+        c = s["console"]
+        assert c["workers"] == TINY.sim_workers + 1
+        assert 0 < c["first_render_ms"] <= c["first_render_max_ms"]
+        assert c["output_bytes"] == TINY.output_bytes
+        assert c["max_tick_gap_ms"] >= 100  # the probe ticked
+        assert c["renderer_rss_peak_mb"] > 0
+
     table = (tmp_path / "report.md").read_text()
     assert "| Scenario | Figure | Median | Target | Met |" in table
     assert table.count("| yes |") + table.count("| **no** |") == sum(
-        len(sc.targets) for sc in SCENARIOS.values()
+        len(SCENARIOS[name].targets) for name in names
     )

@@ -76,6 +76,7 @@ def client(tmp_path, monkeypatch):
 def test_the_page_and_its_files_need_no_token_and_carry_a_strict_policy(client):
     for path, body, kind in (
         ("/ui/", PAGE, "text/html"),
+        ("/ui/index.html", PAGE, "text/html"),
         ("/ui/app.js", b"export const x = 1;\n", "text/javascript"),
         ("/ui/style.css", b"body { margin: 0 }\n", "text/css"),
     ):
@@ -146,3 +147,12 @@ def test_console_off_serves_nothing_and_opens_nothing(tmp_path, monkeypatch):
     assert client.simulate_get("/ui/", headers=headers).status_code == 404
     assert client.simulate_get("/ui/app.js", headers=headers).status_code == 404
     assert client.simulate_get("/", headers=headers).status_code == 404
+
+
+def test_the_packaged_console_has_its_page():
+    files = console.load()
+    assert "index.html" in files
+    assert all(
+        name.rsplit(".", 1)[-1] in ("html", "js", "css", "svg", "png", "ico", "txt")
+        for name in files
+    )

@@ -90,11 +90,13 @@ class Files:
     def __init__(self, files: dict[str, File]):
         self.files = files
 
-    async def on_get(self, req, resp, name: str = INDEX):
-        if name == INDEX and not req.scope.get("path", "").endswith("/"):
-            # /ui: the page's relative links would resolve against /.
-            _redirect(resp, PREFIX)
-            return
+    async def on_get(self, req, resp, name: str | None = None):
+        if name is None:  # /ui/, or /ui
+            if not req.scope.get("path", "").endswith("/"):
+                # The page's relative links would resolve against /.
+                _redirect(resp, PREFIX)
+                return
+            name = INDEX
         found = self.files.get(name)
         if found is None:
             raise NotFound(f"the console has no file {name!r}")
