@@ -113,6 +113,21 @@ def test_both_workers_are_online(deployed: Deployment):
         assert by_name[name]["labels"] == {"site": "lab"}
 
 
+def test_the_packaged_scheduler_serves_the_console(deployed: Deployment):
+    """The package carries the console's files and the appliance's defaults
+    serve them over HTTPS, without a token (they hold no data)."""
+    api = deployed.api()
+    api.token = ""
+    status, page = api.get("/ui/")
+    assert status == 200, page
+    assert b'<script type="module" src="app.js"></script>' in page
+    for name in ("app.js", "api.js", "sse.js", "style.css"):
+        status, body = api.get(f"/ui/{name}")
+        assert status == 200 and body, name
+    status, _ = api.get("/")
+    assert status == 302
+
+
 def test_the_api_refuses_requests_without_a_token(deployed: Deployment):
     api = deployed.api()
     api.token = "not-a-valid-token-at-all"
