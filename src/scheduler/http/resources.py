@@ -159,8 +159,9 @@ class WorkerDrain(_Base):
 
     async def on_post(self, req, resp, worker):
         wait = req.get_param_as_bool("wait", default=False)
-        b = body.parse(model.DRAIN, await self.body(req, optional=True))
-        enable = b.get("enable") is not False
+        raw = await self.body(req, optional=True)
+        body.parse(model.DRAIN, raw)  # checked; absent would read as false
+        enable = raw.get("enable") is not False  # absent or null: drain
         if wait and not enable:
             raise InvalidArgument(
                 "wait: only with a drain; lifting a drain takes effect at once "
