@@ -546,6 +546,7 @@ JOB = SHAPES["Job"]
 LIMITS = SHAPES["Limits"]
 START = SHAPES["StartRequest"]
 FANOUT = SHAPES["FanOutRequest"]
+DRAIN = SHAPES["DrainRequest"]
 LEGACY_START = SHAPES["LegacyStartRequest"]
 LEGACY_JOB = SHAPES["LegacyJobRequest"]
 

@@ -19,7 +19,7 @@ from jobgate.config import parse_hostport
 from jobgate.errors import InvalidArgument, NotFound, PermissionDenied
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.config import SchedulerConfig, WorkersSection
-from scheduler.store import ONLINE, Store
+from scheduler.store import MAX_DEGRADED_CHARS, ONLINE, Store
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Heartbeats:
     def __init__(self, store: Store, interval: float):
         self.store = store
         self.interval = interval
-        self._pending: dict[str, tuple[float, int, float, str]] = {}
+        self._pending: dict[str, tuple[float, int, float, str, bool]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -96,10 +96,21 @@ class Heartbeats:
         self._thread.start()
 
     def record(
-        self, worker_id: str, running_jobs: int, timeout: float, degraded: str = ""
+        self,
+        worker_id: str,
+        running_jobs: int,
+        timeout: float,
+        degraded: str = "",
+        draining: bool = False,
     ) -> None:
         with self._lock:
-            self._pending[worker_id] = (time.time(), running_jobs, timeout, degraded)
+            self._pending[worker_id] = (
+                time.time(),
+                running_jobs,
+                timeout,
+                degraded,
+                draining,
+            )
 
     def flush(self) -> None:
         with self._lock:
@@ -247,6 +258,8 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             heartbeat_timeout_s=timeout,
             enforceable_limits=[str(x)[:32] for x in request.enforceable_limits[:8]],
             previous_id=request.previous_id,
+            degraded=request.degraded[:MAX_DEGRADED_CHARS],
+            draining=request.draining,
         )
         self._note(row.id, base, timeout, name)
         log.info(
@@ -274,7 +287,11 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         self._note(request.worker_id, base, timeout)
         self.heartbeats.record(
-            request.worker_id, request.running_jobs, timeout, request.degraded[:1024]
+            request.worker_id,
+            request.running_jobs,
+            timeout,
+            request.degraded[:MAX_DEGRADED_CHARS],
+            request.draining,
         )
         return scheduler_pb2.HeartbeatResponse(heartbeat_interval_s=interval)
 

@@ -34,7 +34,9 @@ CREATE TABLE IF NOT EXISTS workers (
     -- why the worker starts no jobs now, as its last heartbeat said; '' if none
     degraded      TEXT NOT NULL DEFAULT '',
     -- the per-job limits it can enforce, as a JSON list of names
-    enforceable_limits TEXT NOT NULL DEFAULT '[]'
+    enforceable_limits TEXT NOT NULL DEFAULT '[]',
+    -- 1 while the worker is drained, as it last said (kept when it goes away)
+    draining      INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job_id     TEXT PRIMARY KEY,
@@ -55,7 +57,7 @@ CREATE TABLE IF NOT EXISTS groups (
 );
 """
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Columns added to a table after version 1, with their definitions: a database
 # written before gets them on start, with their defaults.
 ADDED_COLUMNS = {
@@ -63,10 +65,13 @@ ADDED_COLUMNS = {
         "heartbeat_timeout_s": "REAL NOT NULL DEFAULT 0",
         "degraded": "TEXT NOT NULL DEFAULT ''",
         "enforceable_limits": "TEXT NOT NULL DEFAULT '[]'",
+        "draining": "INTEGER NOT NULL DEFAULT 0",
     },
 }
 
 ONLINE, OFFLINE, UNREACHABLE = "online", "offline", "unreachable"
+# A worker's word on why it starts no jobs is kept up to this long.
+MAX_DEGRADED_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,9 @@ class WorkerRow:
     degraded: str = ""
     # The per-job limits the worker can enforce ("memory_mb", ...).
     enforceable_limits: tuple[str, ...] = ()
+    # Drained by an operator: it starts no new jobs (``degraded`` says who
+    # asked, and when) and stays so across its restarts until undrained.
+    draining: bool = False
 
     def timeout_s(self, configured: float) -> float:
         """How long the worker may stay silent before it is unreachable.
@@ -198,6 +206,8 @@ class Store:
         heartbeat_timeout_s: float = 0.0,
         enforceable_limits: list[str] | tuple[str, ...] = (),
         previous_id: str = "",
+        degraded: str = "",
+        draining: bool = False,
     ) -> WorkerRow:
         """Insert or refresh the worker named ``name``; its id never changes.
 
@@ -228,16 +238,17 @@ class Store:
                 """INSERT INTO workers (id, name, address, labels, capacity, version,
                                         state, registered_at, last_seen_at,
                                         running_jobs, heartbeat_timeout_s,
-                                        enforceable_limits)
-                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0, ?, ?)
+                                        enforceable_limits, degraded, draining)
+                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET
                        address = excluded.address, labels = excluded.labels,
                        capacity = excluded.capacity, version = excluded.version,
                        state = 'online', registered_at = excluded.registered_at,
                        last_seen_at = excluded.last_seen_at, running_jobs = 0,
                        heartbeat_timeout_s = excluded.heartbeat_timeout_s,
-                       degraded = '',
-                       enforceable_limits = excluded.enforceable_limits""",
+                       degraded = excluded.degraded,
+                       enforceable_limits = excluded.enforceable_limits,
+                       draining = excluded.draining""",
                 (
                     worker_id,
                     name,
@@ -249,6 +260,8 @@ class Store:
                     now,
                     heartbeat_timeout_s,
                     json.dumps(sorted(enforceable_limits)),
+                    degraded,
+                    int(draining),
                 ),
             )
             conn.execute("COMMIT")
@@ -266,13 +279,12 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def heartbeats(
-        self, beats: dict[str, tuple[float, int, float] | tuple[float, int, float, str]]
-    ) -> None:
+    def heartbeats(self, beats: dict[str, tuple]) -> None:
         """Record many heartbeats in one transaction.
 
         ``beats`` maps a worker id to (time, running jobs, the worker's
-        heartbeat timeout from then on[, why it is degraded or empty]).
+        heartbeat timeout from then on[, why it is degraded or empty[,
+        whether it is drained]]).
         """
         if not beats:
             return
@@ -281,10 +293,15 @@ class Store:
         try:
             conn.executemany(
                 "UPDATE workers SET last_seen_at = ?, running_jobs = ?, "
-                "heartbeat_timeout_s = ?, degraded = ? "
+                "heartbeat_timeout_s = ?, degraded = ?, draining = ? "
                 "WHERE id = ? AND state = 'online'",
                 [
-                    (*beat[:3], beat[3] if len(beat) > 3 else "", worker_id)
+                    (
+                        *beat[:3],
+                        beat[3] if len(beat) > 3 else "",
+                        int(beat[4]) if len(beat) > 4 else 0,
+                        worker_id,
+                    )
                     for worker_id, beat in beats.items()
                 ],
             )
@@ -292,6 +309,16 @@ class Store:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def set_drain(
+        self, worker_id: str, draining: bool, degraded: str, running_jobs: int
+    ) -> None:
+        """Record what a worker answered to a drain, before its next heartbeat."""
+        self._conn().execute(
+            "UPDATE workers SET draining = ?, degraded = ?, running_jobs = ? "
+            "WHERE id = ? AND state = 'online'",
+            (int(draining), degraded, running_jobs, worker_id),
+        )
 
     def deregister(self, worker_id: str) -> None:
         self._conn().execute(
@@ -450,6 +477,7 @@ def _worker(row: sqlite3.Row) -> WorkerRow:
     d = dict(row)
     d["labels"] = json.loads(d["labels"])
     d["enforceable_limits"] = tuple(json.loads(d["enforceable_limits"]))
+    d["draining"] = bool(d["draining"])
     return WorkerRow(**d)
 
 

@@ -25,7 +25,14 @@ from jobgate.v1 import common_pb2, worker_pb2
 from scheduler import metrics
 from scheduler.config import SchedulerConfig
 from scheduler.relay import Relay
-from scheduler.store import ONLINE, Busy, Store, WorkerRow, timestamp
+from scheduler.store import (
+    MAX_DEGRADED_CHARS,
+    ONLINE,
+    Busy,
+    Store,
+    WorkerRow,
+    timestamp,
+)
 from scheduler.worker_calls import (
     ChannelPool,
     SharedCalls,
@@ -174,6 +181,8 @@ class UseCases:
             # Why an online worker starts no jobs now; null when it does.
             "degraded": (w.degraded or None) if state == ONLINE else None,
             "enforceable_limits": list(w.enforceable_limits),
+            # As the worker last said: a drained worker comes back drained.
+            "draining": w.draining,
         }
 
     async def list_workers(self) -> list[dict]:
@@ -207,6 +216,41 @@ class UseCases:
             )
         return worker, self.pool.stub(worker)
 
+    async def drain_worker(
+        self, ref: str, enable: bool, requested_by: str = "", wait: bool = False
+    ) -> tuple[dict, bool]:
+        """Drain the worker (or lift its drain); returns it and whether it is idle.
+
+        With ``wait``, a drain answers once the worker runs no job, or after
+        ``[workers].max_wait_s`` (then not idle). What the worker answered is
+        written at once, so the worker as the API shows it needs no heartbeat.
+        """
+        worker, stub = self._reachable(ref)
+        wait_s = self.cfg.workers.max_wait_s if wait and enable else 0.0
+        state = await stub.SetDrain(
+            worker_pb2.SetDrainRequest(
+                enable=enable, requested_by=requested_by, wait_s=wait_s
+            ),
+            timeout=wait_s + self.cfg.workers.rpc_timeout_s,
+            metadata=request_metadata(),
+        )
+        await self._write(
+            self.store.set_drain,
+            worker.id,
+            state.draining,
+            state.degraded[:MAX_DEGRADED_CHARS],
+            state.running_jobs,
+        )
+        log.info(
+            "worker %s %s by %s; %d jobs running",
+            worker.name,
+            "drained" if state.draining else "undrained",
+            requested_by or "an unnamed client",
+            state.running_jobs,
+            extra={"WORKER_ID": worker.id},
+        )
+        return self.get_worker(worker.id), state.running_jobs == 0
+
     # -- jobs ---------------------------------------------------------------------
 
     async def start_job(
@@ -222,6 +266,13 @@ class UseCases:
     ) -> tuple[dict, bool]:
         """Start a job; returns its status and whether it already existed."""
         worker, stub = self._reachable(ref)
+        if worker.draining:
+            raise Unavailable(
+                f"worker {worker.name!r} is drained and starts no jobs "
+                f"({worker.degraded or 'draining'}); start the job on another "
+                "worker, or once the drain is lifted",
+                self.cfg.workers.retry_after_s,
+            )
         if worker.degraded:
             raise Unavailable(
                 f"worker {worker.name!r} is degraded and starts no jobs: "

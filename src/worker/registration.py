@@ -36,12 +36,14 @@ class Registrar:
         stop: threading.Event | None = None,
         degraded: Callable[[], str] = lambda: "",
         enforceable_limits: tuple[str, ...] = (),
+        draining: Callable[[], bool] = lambda: False,
     ):
         self.cfg = cfg
         self.address = address
         self.running_jobs = running_jobs
         self.capacity = capacity
         self.degraded = degraded
+        self.draining = draining
         self.enforceable_limits = list(enforceable_limits)
         self.worker_id = ""
         self.heartbeat_interval = 5.0
@@ -68,6 +70,8 @@ class Registrar:
                 version=__version__,
                 previous_id=self.worker_id,
                 enforceable_limits=self.enforceable_limits,
+                degraded=self.degraded(),
+                draining=self.draining(),
             ),
             timeout=self.cfg.scheduler.rpc_timeout_s,
         )
@@ -112,15 +116,13 @@ class Registrar:
     def start(self) -> None:
         """Register (blocking), then heartbeat in the background."""
         if self.register():
-            if self.degraded():
-                self.nudge()  # the scheduler learns it before the interval
             self._thread = threading.Thread(
                 target=self._heartbeat_loop, name="heartbeat", daemon=True
             )
             self._thread.start()
 
     def nudge(self) -> None:
-        """Heartbeat now: what the scheduler must know changed (health)."""
+        """Heartbeat now: what the scheduler must know changed (health, drain)."""
         self._nudged.set()
 
     def _heartbeat_loop(self) -> None:
@@ -135,6 +137,7 @@ class Registrar:
                         worker_id=self.worker_id,
                         running_jobs=self.running_jobs(),
                         degraded=self.degraded(),
+                        draining=self.draining(),
                     ),
                     timeout=self.cfg.scheduler.rpc_timeout_s,
                 )

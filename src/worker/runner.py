@@ -13,7 +13,8 @@ One thread per runner, the :class:`~worker.reactor.Reactor`, watches every
 running job, however many there are; what it does for each job is in
 :mod:`worker.watcher`. A job's user id and private directory come from
 :mod:`worker.accounts`, its limits from :mod:`worker.limits`, and whether
-the worker can take jobs at all from :mod:`worker.health`.
+the worker can take jobs at all from :mod:`worker.health` and
+:mod:`worker.drain`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from jobgate.jobstate import ExitReason, JobState
 from worker import history, isolation, metrics, watcher
 from worker.accounts import Accounts
 from worker.config import JobsSection
+from worker.drain import Drain, DrainState
 from worker.health import Health
 from worker.job import Job, JobRecord
 from worker.limits import NAMES as LIMIT_NAMES
@@ -51,6 +53,7 @@ from worker.watcher import Watcher
 __all__ = ["SAFE_PATH", "JobRecord", "JobRunner", "ProcessOps"]
 
 log = logging.getLogger(__name__)
+
 
 class JobRunner:
     """Starts, stops and reports jobs on this worker."""
@@ -101,6 +104,7 @@ class JobRunner:
         self._unrecorded: dict[str, Job] = {}
         self.health = Health(cfg.state_dir, cfg.min_free_bytes)
         self.health.check()
+        self.drain = Drain(cfg.state_dir)
         self._alive = history.AliveStamp(cfg.state_dir)
         for job in history.load(
             self._records, self.jobs_dir, self._output, self._alive.last()
@@ -173,6 +177,11 @@ class JobRunner:
             key = req.idempotency_key
             if key and key in self._by_key:
                 return self._snapshot(self._jobs[self._by_key[key]]), True
+            if self.drain.reason:
+                raise Unavailable(
+                    f"the worker is {self.drain.reason}; start the job on "
+                    "another worker, or once the drain is lifted"
+                )
             if self.health.reason:
                 raise Unavailable(
                     f"the worker is degraded: {self.health.reason}; start the "
@@ -359,6 +368,43 @@ class JobRunner:
 
     def running_count(self) -> int:
         return len(self._active)
+
+    def degraded(self) -> str:
+        """Why the worker starts no jobs now (drained, unhealthy); empty if it does."""
+        return "; ".join(r for r in (self.drain.reason, self.health.reason) if r)
+
+    def set_drain(self, enable: bool, requested_by: str = "") -> DrainState | None:
+        """Drain the worker (no new jobs; running ones go on) or lift the drain.
+
+        The drain is on disk before this returns; a start that was admitted
+        before it took effect is among the running jobs by then.
+        """
+        try:
+            state = self.drain.set(enable, requested_by, self.ops.now())
+        except OSError as exc:
+            raise Unavailable(
+                f"could not record the drain in {self.drain.path}: "
+                f"{exc.strerror or exc}; nothing was changed"
+            ) from None
+        # Starts check the drain under the lock: once it is taken here, every
+        # start admitted before the drain has its job in _active.
+        with self._lock:
+            pass
+        return state
+
+    def wait_idle(self, timeout_s: float) -> int:
+        """Wait until no job runs, at most ``timeout_s`` (capped by
+        ``[jobs].max_wait_s``); returns how many jobs still run."""
+        deadline = time.monotonic() + min(max(timeout_s, 0.0), self.cfg.max_wait_s)
+        while True:
+            with self._lock:
+                active = list(self._active)
+            if not active:
+                return 0
+            for job in active:
+                left = deadline - time.monotonic()
+                if left <= 0 or not job.done.wait(left):
+                    return self.running_count()
 
     def stop(
         self, job_id: str, grace_s: float = 0, *, requested_by: str = ""

@@ -67,10 +67,12 @@ class WorkerService(Service):
             runner.running_count,
             cfg.jobs.max_concurrent,
             self.stop_requested,
-            degraded=lambda: runner.health.reason,
+            degraded=runner.degraded,
             enforceable_limits=tuple(runner.enforcer.enforceable()),
+            draining=lambda: runner.drain.state is not None,
         )
         runner.health.on_change(lambda reason: self.registrar.nudge())
+        runner.drain.on_change(lambda state: self.registrar.nudge())
         self.notifier.status(
             f"registering with the scheduler at {cfg.scheduler.address}"
         )
@@ -90,8 +92,8 @@ class WorkerService(Service):
     def status(self) -> str:
         running = self.runner.running_count()
         jobs = f"{running} job{'s' if running != 1 else ''} running"
-        if self.runner.health.reason:
-            jobs += f"; degraded: {self.runner.health.reason}"
+        if self.runner.degraded():
+            jobs += f"; degraded: {self.runner.degraded()}"
         if not self.registrar.registered:
             return f"not registered with {self.cfg.scheduler.address}; {jobs}"
         name, worker_id = self.cfg.worker.name, self.registrar.worker_id

@@ -76,6 +76,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def WaitJob(self, request, context):
         return job_to_proto(self.runner.wait(request.job_id, request.timeout_s))
 
+    def SetDrain(self, request, context):
+        self.runner.set_drain(request.enable, request.requested_by)
+        if request.enable and request.wait_s > 0:
+            self.runner.wait_idle(request.wait_s)
+        state = self.runner.drain.state
+        return worker_pb2.DrainState(
+            draining=state is not None,
+            requested_by=state.requested_by if state else "",
+            since=state.since if state else 0.0,
+            degraded=self.runner.degraded(),
+            running_jobs=self.runner.running_count(),
+        )
+
     def GetJob(self, request, context):
         return job_to_proto(self.runner.get(request.job_id))
 

@@ -474,6 +474,38 @@ def test_group_wait_keeps_waiting_after_the_scheduler_gives_up(impatient):
     assert [j["state"] for j in group["jobs"]] == ["succeeded"]
 
 
+def test_drain_wait_outwaits_the_scheduler_and_undrain_lets_jobs_start(impatient):
+    job_id = impatient("run", "worker-w", "sleep.sh", "3").out.strip()
+    assert UUID_RE.match(job_id)
+    try:
+        # The scheduler answers 202 after a second; the command asks again.
+        r = impatient("drain", "worker-w", "--wait")
+        assert r.returncode == 0, r.err
+        fields = key_values(r.out)
+        assert (fields["draining"], fields["running_jobs"]) == ("true", "0")
+        assert fields["degraded"].startswith("draining: asked by token dev at ")
+        status = key_values(impatient("status", "worker-w", job_id).out)
+        assert status["state"] == "succeeded"
+
+        rows = table(impatient("workers").out)
+        assert {row[0]: row[1] for row in rows[1:]}["worker-w"] == "online (draining)"
+        r = impatient("run", "worker-w", "hello.sh", "--wait")
+        assert r.returncode == 4, (r.out, r.err)
+        assert "503" in r.err and "is drained" in r.err
+    finally:
+        r = impatient("undrain", "worker-w", "--json")
+    assert r.returncode == 0, r.err
+    worker = json.loads(r.out)
+    assert (worker["draining"], worker["degraded"]) == (False, None)
+    assert impatient("run", "worker-w", "hello.sh", "--wait").returncode == 0
+
+
+def test_drain_of_an_unknown_worker_exits_3(cli):
+    r = cli("drain", "worker-9")
+    assert r.returncode == 3
+    assert "404" in r.err and "worker-9" in r.err
+
+
 # -- progress on a terminal ---------------------------------------------------------
 
 

@@ -299,6 +299,20 @@ def test_worker_refuses_reading_and_stopping_jobs_from_another_worker(cluster, a
         api.post(f"/v1/workers/worker-1/jobs/{job_id}/stop")
 
 
+@pytest.mark.parametrize("caller", ["worker-2", "client-ops"])
+def test_worker_refuses_a_drain_from_anyone_but_the_scheduler(
+    cluster, api, issued, caller
+):
+    certs = cluster.pki if caller.startswith("worker") else issued
+    with worker_stub(cluster, "worker-1", pair(certs, caller)) as stub:
+        for enable in (True, False):
+            request = worker_pb2.SetDrainRequest(enable=enable, requested_by="me")
+            err = refusal(stub.SetDrain, request)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+    worker = workers(api)["worker-1"]
+    assert (worker["draining"], worker["degraded"]) == (False, None)
+
+
 def test_worker_refuses_client_certificate(cluster, issued):
     before = job_ids(cluster, "worker-1")
     with worker_stub(cluster, "worker-1", pair(issued, "client-ops")) as stub:

@@ -104,7 +104,15 @@ def auth(cluster: DevCluster) -> dict[str, str]:
 @schema.parametrize()
 def test_api_answers_as_documented(case, fuzz_cluster):
     headers = auth(fuzz_cluster)
-    case.call_and_validate(base_url=fuzz_cluster.url, headers=headers)
+    try:
+        case.call_and_validate(base_url=fuzz_cluster.url, headers=headers)
+    finally:
+        if case.operation.path.endswith("/drain"):
+            # A drained worker answers starts with 503, which the checks of
+            # the other operations take for a server error: lift it at once.
+            for name in WORKERS:
+                body = {"enable": False}
+                fuzz_cluster.request("POST", f"/v1/workers/{name}/drain", body)
     if case.operation.path.endswith("/output"):
         # The same request, asking for Server-Sent Events.
         sse = {**headers, "Accept": "text/event-stream"}

@@ -301,6 +301,7 @@ def bare_registrar(stop: threading.Event, intervals, interval: float) -> Registr
     registrar.worker_id = "id-1"
     registrar.running_jobs = lambda: 0
     registrar.degraded = lambda: ""
+    registrar.draining = lambda: False
     registrar.heartbeat_interval = interval
     registrar._stop = stop
     registrar._nudged = threading.Event()
@@ -347,6 +348,30 @@ def test_a_worker_that_degrades_tells_the_scheduler_at_once_and_why():
         assert [r.degraded for r in registrar._stub.requests] == [
             "cannot write job output in /state: No space left on device",
             "",
+        ]
+    finally:
+        stop.set()
+        registrar._nudged.set()
+        loop.join(5)
+
+
+def test_a_worker_drained_tells_the_scheduler_at_once_in_its_heartbeat():
+    stop = threading.Event()
+    registrar = bare_registrar(stop, [60.0], 60.0)
+    drained = False
+    registrar.draining = lambda: drained
+    registrar.degraded = lambda: "draining: asked by token ops at T" if drained else ""
+    loop = threading.Thread(target=registrar._heartbeat_loop, daemon=True)
+    loop.start()
+    try:
+        drained = True
+        registrar.nudge()
+        deadline = time.monotonic() + 5
+        while not registrar._stub.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # The interval is a minute; the heartbeat went out at once.
+        assert [(r.draining, r.degraded) for r in registrar._stub.requests] == [
+            (True, "draining: asked by token ops at T")
         ]
     finally:
         stop.set()

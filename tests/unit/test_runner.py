@@ -78,7 +78,7 @@ SCRIPTS = {
     "leaver.sh": 'sleep 30 &\necho "child $!"\nexit 0\n',
     # $1 lines of 100 bytes, then exits 0 (a SIGPIPE would end it earlier).
     "writer.sh": 'for ((i = 0; i < $1; i++)); do printf "%099d\\n" "$i"; done\n'
-    'echo done >&2\n',
+    "echo done >&2\n",
     # Keeps a secret in its own temporary directory, then waits.
     "victim.sh": 'echo "secret of $JOBGATE_JOB_ID" > "$TMPDIR/secret"\n'
     'echo "pid $$ tmp $TMPDIR uid $(id -u)"\nsleep "${1:-30}"\n',
@@ -92,7 +92,7 @@ SCRIPTS = {
     # Keeps all of $1 MiB in memory (tail holds a line until it ends).
     "hog.sh": 'head -c "${1}M" /dev/zero | tail\n',
     # Starts $1 sleeping children (run with sh: dash fails a fork at once).
-    "forks.sh": 'i=0\nwhile [ $i -lt $1 ]; do sleep 10 & i=$((i + 1)); done\n'
+    "forks.sh": "i=0\nwhile [ $i -lt $1 ]; do sleep 10 & i=$((i + 1)); done\n"
     'echo "started $i"\nkill $(jobs -p)\n',
     # Spins a child for $1 s of wall time; prints the CPU time it got.
     "spin.sh": "timeout $1 bash -c 'while :; do :; done'\ntimes\n",
@@ -1414,8 +1414,11 @@ def test_limits_come_from_the_defaults_else_the_maxima(make_runner):
 @pytest.mark.parametrize(
     ("limits", "message"),
     [
-        ({"memory_mb": 513}, r"limits.memory_mb 513 is above this worker's "
-         r"maximum 512 \(\[jobs\].max_memory_mb\)"),
+        (
+            {"memory_mb": 513},
+            r"limits.memory_mb 513 is above this worker's "
+            r"maximum 512 \(\[jobs\].max_memory_mb\)",
+        ),
         ({"memory_mb": -1}, "limits.memory_mb must be 0"),
         ({"swap_mb": 1}, "limits.swap_mb is not a limit"),
     ],
@@ -1431,15 +1434,15 @@ def test_a_limit_the_host_cannot_enforce_is_refused_not_ignored(make_runner):
     runner = make_runner()
     runner.enforcer.v1.pop("cpu", None)
     runner.enforcer.v2.discard("cpu")
-    with pytest.raises(FailedPrecondition, match="limits.cpu_percent: this worker "
-                       "cannot enforce it on its host"):
+    with pytest.raises(
+        FailedPrecondition,
+        match="limits.cpu_percent: this worker cannot enforce it on its host",
+    ):
         runner.start("bash", "hello.sh", limits={"cpu_percent": 50})
     assert runner.list() == []
 
 
-def test_a_worker_refuses_defaults_its_host_cannot_enforce(
-    make_runner, monkeypatch
-):
+def test_a_worker_refuses_defaults_its_host_cannot_enforce(make_runner, monkeypatch):
     real = Enforcer.discover
 
     def without_cpu(*args, **kw):
@@ -1449,8 +1452,11 @@ def test_a_worker_refuses_defaults_its_host_cannot_enforce(
         return enforcer
 
     monkeypatch.setattr(Enforcer, "discover", without_cpu)
-    with pytest.raises(OSError, match=r"\[jobs\].default_cpu_percent is set, but this "
-                       "host cannot enforce cpu_percent"):
+    with pytest.raises(
+        OSError,
+        match=r"\[jobs\].default_cpu_percent is set, but this "
+        "host cannot enforce cpu_percent",
+    ):
         make_runner(default_cpu_percent=50)
 
 
@@ -1590,6 +1596,63 @@ def test_reactor_close_runs_the_calls_handed_over_before_it():
     closer.join(10)
     assert not closer.is_alive()
     assert seen == ["queued"]
+
+
+# -- drain ----------------------------------------------------------------------
+
+
+def test_a_drained_worker_starts_no_jobs_and_lets_running_ones_end(make_runner, fifos):
+    runner = make_runner()
+    gate = fifos()
+    record, _ = runner.start("bash", "gated.sh", [str(gate), "1"])
+    wait_for(runner, record.job_id, b"before 1")
+    runner.set_drain(True, "token ops")
+    assert runner.degraded().startswith("draining: asked by token ops at ")
+    with pytest.raises(Unavailable, match="the worker is draining: asked by token"):
+        runner.start("bash", "hello.sh")
+    # The running job is not touched: it still runs, and ends as it would.
+    assert runner.get(record.job_id).state is JobState.RUNNING
+    assert runner.wait_idle(0.2) == 1
+    left = []
+    waiter = threading.Thread(target=lambda: left.append(runner.wait_idle(10)))
+    waiter.start()
+    release(gate)
+    waiter.join(10)
+    assert left == [0]
+    assert runner.get(record.job_id).state is JobState.SUCCEEDED
+
+    runner.set_drain(False, "token ops")
+    assert runner.degraded() == ""
+    again, output = run(runner, "hello.sh", "x")
+    assert (again.state, output) == (JobState.SUCCEEDED, b"arg: x\n")
+
+
+def test_a_drain_outlives_a_restart_of_the_worker(make_runner, tmp_path):
+    state_dir = tmp_path / "drained"
+    first = make_runner(state_dir=state_dir)
+    first.set_drain(True, "token ops")
+    reason = first.degraded()
+    first.shutdown(grace_s=0.2)
+    second = make_runner(state_dir=state_dir)
+    assert second.degraded() == reason
+    with pytest.raises(Unavailable, match="draining"):
+        second.start("bash", "hello.sh")
+
+
+def test_a_drain_that_cannot_be_recorded_is_refused_and_changes_nothing(
+    make_runner, monkeypatch
+):
+    runner = make_runner()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(Unavailable, match="could not record the drain in .*No space"):
+        runner.set_drain(True, "token ops")
+    monkeypatch.undo()
+    assert runner.degraded() == ""
+    assert run(runner, "hello.sh")[0].state is JobState.SUCCEEDED
 
 
 # -- health and host requirements ------------------------------------------------

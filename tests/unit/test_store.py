@@ -109,3 +109,55 @@ def test_a_worker_gets_back_its_id_from_a_scheduler_that_lost_its_state(tmp_path
         first.register_worker("w1", "127.0.0.1:1", {}, 1, "test", previous_id=other).id
         == had
     )
+
+
+def test_a_workers_drain_is_kept_from_registration_heartbeats_and_drain_answers(
+    index,
+):
+    store, (a, _) = index
+    assert store.get_worker(a).draining is False
+    store.set_drain(a, True, "draining: asked by token ops at T", 2)
+    row = store.get_worker(a)
+    assert (row.draining, row.degraded, row.running_jobs) == (
+        True,
+        "draining: asked by token ops at T",
+        2,
+    )
+    store.heartbeats({a: (300.0, 1, 15.0, "draining: asked by token ops at T", True)})
+    assert store.get_worker(a).draining is True
+    # Gone, it is still known drained; back drained, it says so at registration.
+    store.deregister(a)
+    assert store.get_worker(a).draining is True
+    store.register_worker(
+        "a", "127.0.0.1:1", {}, 1, "test", degraded="draining: x", draining=True
+    )
+    row = store.get_worker(a)
+    assert (row.state, row.draining, row.degraded) == ("online", True, "draining: x")
+    store.heartbeats({a: (400.0, 0, 15.0, "", False)})
+    assert (store.get_worker(a).draining, store.get_worker(a).degraded) == (False, "")
+
+
+def test_a_database_of_schema_3_gets_the_draining_column(tmp_path):
+    import sqlite3
+
+    from scheduler import store as store_module
+
+    column = (
+        ",\n    -- 1 while the worker is drained, as it last said (kept when it "
+        "goes away)\n    draining      INTEGER NOT NULL DEFAULT 0"
+    )
+    assert column in store_module.SCHEMA
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(store_module.SCHEMA.replace(column, ""))
+    conn.execute(
+        "INSERT INTO workers (id, name, address, state, registered_at, last_seen_at) "
+        "VALUES ('w-1', 'a', '127.0.0.1:1', 'online', 1.0, 1.0)"
+    )
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    store.initialize()
+    [row] = store.list_workers()
+    assert (row.name, row.draining) == ("a", False)

@@ -417,6 +417,20 @@ class Client:
     def worker(self, worker: str) -> dict:
         return self.request("GET", f"/v1/workers/{_segment(worker)}")[1]
 
+    def drain(
+        self, worker: str, enable: bool = True, wait: bool = False
+    ) -> tuple[int, dict]:
+        """Drain a worker (or, ``enable`` false, lift its drain); returns
+        (HTTP status, the worker). With ``wait``, 202 means jobs still ran
+        when the scheduler stopped waiting."""
+        return self.request(
+            "POST",
+            f"/v1/workers/{_segment(worker)}/drain",
+            {"enable": enable},
+            query={"wait": True} if wait else None,
+            long=wait,
+        )
+
     def start_job(
         self,
         worker: str,

@@ -27,6 +27,7 @@ from jobgate.client.api import (
     resolve_settings,
 )
 from jobgate.client.commands import (
+    cmd_drain,
     cmd_fanout,
     cmd_group,
     cmd_jobs,
@@ -34,6 +35,7 @@ from jobgate.client.commands import (
     cmd_run,
     cmd_status,
     cmd_stop,
+    cmd_undrain,
     cmd_worker,
     cmd_workers,
 )
@@ -195,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("workers", cmd_workers, "list the workers")
     p.add_argument("-q", "--quiet", action="store_true", help="only the names")
     p = add("worker", cmd_worker, "show one worker")
+    p.add_argument("worker", help="worker name or id")
+
+    p = add(
+        "drain",
+        cmd_drain,
+        "take a worker out of service: it starts no new jobs, running ones go on",
+    )
+    p.add_argument("worker", help="worker name or id")
+    p.add_argument(
+        "--wait", action="store_true", help="wait until the worker runs no job"
+    )
+    p = add("undrain", cmd_undrain, "lift a worker's drain: it starts jobs again")
     p.add_argument("worker", help="worker name or id")
 
     p = add("run", cmd_run, "start a script on a worker")

@@ -79,7 +79,7 @@ def cmd_workers(client: Client, args: argparse.Namespace, o: Output) -> int:
                 (
                     (
                         w["name"],
-                        w["state"],
+                        w["state"] + (" (draining)" if w.get("draining") else ""),
                         f"{w.get('running_jobs', 0)}/{w.get('capacity', '?')}",
                         w.get("labels"),
                         w.get("address"),
@@ -93,12 +93,33 @@ def cmd_workers(client: Client, args: argparse.Namespace, o: Output) -> int:
     return EXIT_OK
 
 
-def cmd_worker(client: Client, args: argparse.Namespace, o: Output) -> int:
-    worker = client.worker(args.worker)
+def _show_worker(o: Output, worker: Mapping[str, Any]) -> None:
     if o.as_json:
         o.json(worker)
     else:
         o.line(format_object(worker, WORKER_KEYS))
+
+
+def cmd_worker(client: Client, args: argparse.Namespace, o: Output) -> int:
+    _show_worker(o, client.worker(args.worker))
+    return EXIT_OK
+
+
+def cmd_drain(client: Client, args: argparse.Namespace, o: Output) -> int:
+    if not args.wait:
+        _, worker = client.drain(args.worker)
+    else:
+        with Progress(f"waiting for the jobs on {args.worker} to end", o.err):
+            status, worker = client.drain(args.worker, wait=True)
+            while status == 202:  # the scheduler's wait ran out: wait again
+                status, worker = client.drain(args.worker, wait=True)
+    _show_worker(o, worker)
+    return EXIT_OK
+
+
+def cmd_undrain(client: Client, args: argparse.Namespace, o: Output) -> int:
+    _, worker = client.drain(args.worker, enable=False)
+    _show_worker(o, worker)
     return EXIT_OK
 
 

@@ -22,6 +22,8 @@ WORKER_KEYS = (
     "name",
     "id",
     "state",
+    "draining",
+    "degraded",
     "address",
     "labels",
     "running_jobs",

@@ -53,6 +53,7 @@ def create_app(
     app.add_route("/v1/whoami", r.WhoAmI(*args))
     app.add_route("/v1/workers", r.Workers(*args))
     app.add_route("/v1/workers/{worker}", r.Worker(*args))
+    app.add_route("/v1/workers/{worker}/drain", r.WorkerDrain(*args))
     app.add_route("/v1/workers/{worker}/jobs", r.Jobs(*args))
     app.add_route("/v1/workers/{worker}/jobs/{job}", r.Job(*args))
     app.add_route("/v1/workers/{worker}/jobs/{job}/stop", r.JobStop(*args))

@@ -10,8 +10,13 @@ from jobgate import model
 from jobgate.errors import InvalidArgument
 
 
-async def read_json(req, max_bytes: int, max_depth: int = 32) -> dict:
-    """The request body as a JSON object, or a 400/413 that says what to fix."""
+async def read_json(
+    req, max_bytes: int, max_depth: int = 32, optional: bool = False
+) -> dict:
+    """The request body as a JSON object, or a 400/413 that says what to fix.
+
+    ``optional``: no body (or only whitespace) is ``{}`` rather than a 400.
+    """
     length = req.content_length
     if length is not None and length > max_bytes:
         raise falcon.HTTPContentTooLarge(
@@ -25,6 +30,8 @@ async def read_json(req, max_bytes: int, max_depth: int = 32) -> dict:
             description=f"the body is over the limit; the limit is {max_bytes} bytes",
         )
     if not raw.strip():
+        if optional:
+            return {}
         raise InvalidArgument("the body is empty; send a JSON object")
     # Counting brackets is cheap; only a body with more than the limit (in
     # strings or not) is scanned for its real depth.

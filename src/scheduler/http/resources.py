@@ -43,8 +43,8 @@ class _Base:
         self.auth = auth
         self.slots = slots
 
-    async def body(self, req) -> dict:
-        return await body.read_json(req, self.max_body, self.max_depth)
+    async def body(self, req, optional: bool = False) -> dict:
+        return await body.read_json(req, self.max_body, self.max_depth, optional)
 
     async def stream_output(
         self, req, resp, worker, job_id, offset, follow, sse=False, run=False, slot=None
@@ -150,6 +150,26 @@ class Worker(_Base):
 
     async def on_get(self, req, resp, worker):
         _json(resp, self.cases.get_worker(worker))
+
+
+class WorkerDrain(_Base):
+    """Take a worker out of service for maintenance, or back into it."""
+
+    scopes = {"POST": RUN}
+
+    async def on_post(self, req, resp, worker):
+        wait = req.get_param_as_bool("wait", default=False)
+        raw = await self.body(req, optional=True)
+        body.parse(model.DRAIN, raw)  # checked; absent would read as false
+        enable = raw.get("enable") is not False  # absent or null: drain
+        if wait and not enable:
+            raise InvalidArgument(
+                "wait: only with a drain; lifting a drain takes effect at once "
+                "(leave out wait, or send enable true)"
+            )
+        data, idle = await self.cases.drain_worker(worker, enable, _actor(req), wait)
+        # 202: the worker still runs jobs after [workers].max_wait_s.
+        _json(resp, data, 202 if wait and not idle else 200)
 
 
 class Jobs(_Base):

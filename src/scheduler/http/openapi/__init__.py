@@ -212,6 +212,6 @@ def _body(body: dict) -> Schema:
         }
     return {
         "description": body["description"],
-        "required": True,
+        "required": body.get("required", True),
         "content": {JSON: media},
     }
