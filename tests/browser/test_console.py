@@ -7,6 +7,7 @@ there; the ids name the forms, tables and fields.
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.parse
 from pathlib import Path
@@ -423,4 +424,28 @@ def test_fanout_to_all_workers_shows_the_group(console, console_cluster, console
     assert {j["worker_id"] for j in group["jobs"]} == {
         w["id"] for w in workers["workers"]
     }
+    console.assert_clean_log()
+
+
+def test_drain_button_drains_and_undrains_a_worker(console, console_cluster):
+    console.sign_in(console_cluster.token)
+    console.go("#/workers/worker-2")
+    console.wait_view("worker")
+    console.wait_text("button#worker-drain", "Drain")
+    console.click("button#worker-drain")  # confirm() is accepted
+    console.wait_text("button#worker-drain", "Undrain")
+    console.wait(
+        lambda: "draining" in (console.text("#worker-state") or ""),
+        "the worker's state does not say it is draining",
+    )
+    status, _, body = console_cluster.request(
+        "POST",
+        "/v1/workers/worker-2/jobs",
+        {"command": "bash", "path": "count.sh", "args": ["1"]},
+    )
+    assert status == 503 and b"drain" in body, (status, body)
+    console.click("button#worker-drain")
+    console.wait_text("button#worker-drain", "Drain")
+    status, _, body = console_cluster.request("GET", "/v1/workers/worker-2")
+    assert status == 200 and json.loads(body)["draining"] is False, body
     console.assert_clean_log()

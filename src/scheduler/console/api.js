@@ -99,6 +99,8 @@ export const getWorker = (w, opts) => json('GET', `/v1/workers/${seg(w)}`, opts)
 export const listJobs = (w, opts) => json('GET', `/v1/workers/${seg(w)}/jobs`, opts);
 export const getJob = (w, j, opts) => json('GET', `/v1/workers/${seg(w)}/jobs/${seg(j)}`, opts);
 export const stopJob = (w, j, opts) => json('POST', `/v1/workers/${seg(w)}/jobs/${seg(j)}/stop`, opts);
+export const drainWorker = (w, enable, opts) =>
+  json('POST', `/v1/workers/${seg(w)}/drain`, { ...opts, body: { enable } });
 export const startJob = (w, body, opts) => json('POST', `/v1/workers/${seg(w)}/jobs`, { ...opts, body });
 export const fanOut = (body, opts) => json('POST', '/v1/jobs', { ...opts, body });
 export const getGroup = (g, opts) => json('GET', `/v1/groups/${seg(g)}`, opts);

@@ -273,6 +273,12 @@ export function workerView(ctx) {
   const tbody = h('tbody');
   const pages = pager('jobs', draw);
   const jobsCount = h('span', { class: 'muted', id: 'jobs-count' });
+  // Drain (no new jobs; running ones go on) and undrain: run tokens only,
+  // and only while the worker is online, since the worker itself keeps it.
+  const drain = ctx.canRun
+    ? h('button', { id: 'worker-drain', type: 'button', class: 'button', hidden: true })
+    : null;
+  let draining = false;
   let jobs = null;
 
   fill(
@@ -282,7 +288,12 @@ export function workerView(ctx) {
       'div',
       { class: 'view-head' },
       h('h1', { id: 'worker-name' }, w),
-      ctx.canRun ? h('a', { id: 'start-here', class: 'button primary', href: `#/start?worker=${seg(w)}` }, 'Start a job here') : null
+      h(
+        'div',
+        { class: 'actions' },
+        drain,
+        ctx.canRun ? h('a', { id: 'start-here', class: 'button primary', href: `#/start?worker=${seg(w)}` }, 'Start a job here') : null
+      )
     ),
     info,
     h('h2', null, 'Jobs ', jobsCount),
@@ -298,8 +309,32 @@ export function workerView(ctx) {
     if (tr) location.hash = tr.dataset.href;
   });
 
+  if (drain) {
+    drain.addEventListener('click', async () => {
+      const enable = !draining;
+      const question = enable
+        ? `Drain ${w}? It starts no new jobs until it is undrained; jobs running there go on to their end.`
+        : `Undrain ${w}? It takes new jobs again.`;
+      if (!window.confirm(question)) return;
+      drain.disabled = true;
+      try {
+        drawWorker(await api.drainWorker(w, enable, { signal: ctx.signal }));
+        ctx.clearError('drain');
+      } catch (err) {
+        if (!(err && err.name === 'AbortError')) ctx.showError(err, 'drain');
+      } finally {
+        drain.disabled = false;
+      }
+    });
+  }
+
   function drawWorker(worker) {
     const now = Date.now();
+    draining = Boolean(worker.draining);
+    if (drain) {
+      drain.hidden = worker.state !== 'online';
+      drain.textContent = draining ? 'Undrain' : 'Drain';
+    }
     fill(
       info,
       details([
