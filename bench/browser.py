@@ -11,34 +11,21 @@ Two figures, each in a real browser driven by Selenium:
   page (a page whose main thread is busy ticks late), and the peak memory of
   the page (its renderer process's RSS, and the JavaScript heap).
 
-Needs Debian's ``chromium`` and ``chromium-driver`` (``make browser-deps``).
+Needs Debian's ``chromium`` and ``chromium-driver`` (``make browser-deps``):
+:mod:`jobgate.dev.browser`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-CHROMIUM = Path("/usr/bin/chromium")
-DRIVER = Path("/usr/bin/chromedriver")
-FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1280,900",
-)
+from jobgate.dev import browser
 
 # Runs in every document before the page's own scripts (through the DevTools
 # protocol, so the console's Content-Security-Policy does not apply to it).
@@ -67,41 +54,15 @@ PROBE = """
 """
 
 
-def missing() -> str | None:
-    """Why the browser cannot run here, or None."""
-    for path in (CHROMIUM, DRIVER):
-        if not path.exists():
-            return f"{path} is missing (make browser-deps)"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (make venv)"
-    return None
-
-
 @contextlib.contextmanager
 def chromium() -> Iterator:
-    from selenium import webdriver
-
-    profile = tempfile.mkdtemp(prefix="jobgate-bench-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={profile}")
-    options.accept_insecure_certs = True
-    driver = webdriver.Chrome(
-        options=options, service=webdriver.ChromeService(executable_path=str(DRIVER))
-    )
-    try:
+    """A new headless Chromium with the probe in every page it loads."""
+    with browser.chromium() as driver:
         driver.execute_cdp_cmd(
             "Page.addScriptToEvaluateOnNewDocument", {"source": PROBE}
         )
         driver.execute_cdp_cmd("Performance.enable", {})
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def wait_for(driver, condition: str, timeout: float) -> None:

@@ -630,8 +630,9 @@ def console_page(s: Sizes) -> tuple[dict, dict]:
     page with ``sim_workers`` simulated workers, then a job's page following
     ``output_bytes`` of output, all of it kept by the worker (as in 3)."""
     from bench import browser
+    from jobgate.dev.browser import missing
 
-    why = browser.missing()
+    why = missing()
     if why is not None:
         raise RuntimeError(f"the console scenario needs Chromium: {why}")
     certs = sim_worker_certs(s.sim_workers)

@@ -16,8 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import browser  # noqa: E402
 from bench.scenarios import SCENARIOS, TINY  # noqa: E402
+from jobgate.dev import browser  # noqa: E402
 
 
 def test_every_scenario_runs_at_tiny_size(tmp_path: Path):

@@ -7,122 +7,40 @@ browser tests skip, or fail where ``JOBGATE_REQUIRE_BROWSER=1`` (``.ci/run``).
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import secrets
-import shutil
 import signal
-import ssl
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Api, cluster_of_its_own, devca, skip_unless_required
+from conftest import Api, cluster_of_its_own, skip_unless_required
 
+from jobgate.dev import browser
 from jobgate.dev.cluster import DevCluster
 from jobgate.tokens import hash_token
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # Generous: the console refreshes by itself every few seconds, and a loaded
 # machine may take its time starting a job or a browser.
 TIMEOUT = 20.0
-CHROMIUM_ARGS = (
-    "--headless=new",
-    "--no-sandbox",  # as root, Chromium refuses to start with its sandbox
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1280,900",
-)
-
-
-class ConsoleCluster(DevCluster):
-    """The development cluster with its API on HTTPS, as the console is served
-    in production: a server certificate from the dev CA for 127.0.0.1 and
-    localhost, no client certificates."""
-
-    def prepare(self) -> None:
-        super().prepare()
-        devca(
-            "issue",
-            "--dir",
-            str(self.pki),
-            "--role",
-            "scheduler",
-            "--dns",
-            "localhost",
-            "--ip",
-            "127.0.0.1",
-            "--out",
-            str(self.dir / "http"),
-        )
-        self.scheduler_extra = """
-[http.tls]
-cert_file = "http/scheduler.pem"
-key_file = "http/scheduler.key"
-"""
-
-    def scheduler_config(self) -> Path:
-        path = super().scheduler_config()
-        path.write_text(path.read_text().replace('scheme = "http"', 'scheme = "https"'))
-        return path
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.scheduler_info['http_port']}"
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body=None,
-        headers=None,
-        token: str | None = None,
-        timeout: float = 30.0,
-    ):
-        """One HTTPS request, trusting only the dev CA; (status, headers, bytes)."""
-        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
-        conn = http.client.HTTPSConnection(
-            "127.0.0.1", self.scheduler_info["http_port"], context=ctx, timeout=timeout
-        )
-        try:
-            hdrs = {"Authorization": f"Bearer {self.token if token is None else token}"}
-            if token == "":
-                hdrs = {}
-            hdrs.update(headers or {})
-            data = None
-            if body is not None:
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                hdrs.setdefault("Content-Type", "application/json")
-            conn.request(method, path, body=data, headers=hdrs)
-            resp = conn.getresponse()
-            return resp.status, resp.headers, resp.read()
-        finally:
-            conn.close()
 
 
 @pytest.fixture(scope="module")
-def console_cluster(scripts_dir: Path) -> Iterator[ConsoleCluster]:
+def console_cluster(scripts_dir: Path) -> Iterator[DevCluster]:
     """One scheduler (2 HTTP processes) on HTTPS and workers worker-1 and
     worker-2, shared by the tests of a module."""
     with cluster_of_its_own(
         "console",
         scripts_dir,
         workers=("worker-1", "worker-2"),
-        cluster_class=ConsoleCluster,
+        https=True,
         http_processes=2,
     ) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def console_api(console_cluster: ConsoleCluster) -> Api:
+def console_api(console_cluster: DevCluster) -> Api:
     """The API over HTTPS with the cluster's ``run`` token."""
     return Api(console_cluster)
 
@@ -160,7 +78,7 @@ class Tokens:
 
 
 @pytest.fixture
-def tokens(console_cluster: ConsoleCluster) -> Iterator[Tokens]:
+def tokens(console_cluster: DevCluster) -> Iterator[Tokens]:
     t = Tokens(console_cluster)
     try:
         yield t
@@ -171,16 +89,10 @@ def tokens(console_cluster: ConsoleCluster) -> Iterator[Tokens]:
 def need_browser() -> None:
     """Skip (or fail, with JOBGATE_REQUIRE_BROWSER=1) without Chromium,
     chromedriver or Selenium."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("the Python package selenium")
-    if missing:
+    why = browser.missing()
+    if why is not None:
         skip_unless_required(
-            f"the browser tests need {', '.join(missing)} "
-            "(make browser-deps installs them)",
-            "JOBGATE_REQUIRE_BROWSER",
+            f"the browser tests need a browser: {why}", "JOBGATE_REQUIRE_BROWSER"
         )
 
 
@@ -420,31 +332,20 @@ class ConsolePage:
 
 
 @pytest.fixture
-def console(console_cluster: ConsoleCluster) -> Iterator[ConsolePage]:
+def console(console_cluster: DevCluster) -> Iterator[ConsolePage]:
     """A fresh headless Chromium (a profile of its own) on the cluster's origin.
 
     After the test, its console log must show no CSP violation and no
     uncaught error.
     """
     need_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
-    profile = tempfile.mkdtemp(prefix="jobgate-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in (*CHROMIUM_ARGS, f"--user-data-dir={profile}"):
-        options.add_argument(arg)
-    # The dev CA is the cluster's own; the browser does not know it.
-    options.accept_insecure_certs = True
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # A confirm() before a stop is the console's business, not the test's.
-    options.unhandled_prompt_behavior = "accept"
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    page = ConsolePage(driver, console_cluster.url)
-    try:
+    def configure(options) -> None:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        # A confirm() before a stop is the console's business, not the test's.
+        options.unhandled_prompt_behavior = "accept"
+
+    with browser.chromium(configure) as driver:
+        page = ConsolePage(driver, console_cluster.url)
         yield page
         page.assert_clean_log()
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)

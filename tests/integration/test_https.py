@@ -17,35 +17,19 @@ from scheduler import config as scheduler_config
 class HttpsCluster(DevCluster):
     """A development cluster whose HTTP API serves HTTPS with client certs."""
 
+    def __init__(self, directory, **settings):
+        settings.setdefault("https", True)
+        settings.setdefault(
+            "http_tls_extra",
+            'client_ca_file = "pki/ca.pem"\n'
+            'client_scopes = { ops = "run", dashboard = "read" }',
+        )
+        super().__init__(directory, **settings)
+
     def prepare(self) -> None:
         super().prepare()
-        devca(
-            "issue",
-            "--dir",
-            str(self.pki),
-            "--role",
-            "scheduler",
-            "--dns",
-            "localhost",
-            "--ip",
-            "127.0.0.1",
-            "--out",
-            str(self.dir / "http"),
-        )
         for name in ("ops", "dashboard", "stranger"):
             devca("issue", "--dir", str(self.pki), "--role", "client", "--name", name)
-        self.scheduler_extra = """
-[http.tls]
-cert_file = "http/scheduler.pem"
-key_file = "http/scheduler.key"
-client_ca_file = "pki/ca.pem"
-client_scopes = { ops = "run", dashboard = "read" }
-"""
-
-    def scheduler_config(self):
-        path = super().scheduler_config()
-        path.write_text(path.read_text().replace('scheme = "http"', 'scheme = "https"'))
-        return path
 
     def https(self, method, path, *, cert=None, token=None, body=None, ca=None):
         ctx = ssl.create_default_context(cafile=str(ca or self.pki / "ca.pem"))

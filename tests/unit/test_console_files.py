@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import falcon.testing
 import pytest
+import schedulerapp
 
-from jobgate import config
-from jobgate.tls import Credentials
-from scheduler.config import SchedulerConfig
 from scheduler.http import console
-from scheduler.http.app import create_app
-from scheduler.http.auth import TokenFile, hash_token
-from scheduler.store import Store
-from scheduler.usecases import UseCases
-from scheduler.worker_calls import ChannelPool
 
 RUN_TOKEN = "run-token"
 READ_TOKEN = "read-token"
@@ -30,41 +23,12 @@ def make_app(tmp_path, monkeypatch, enabled: bool = True) -> falcon.testing.Test
     (files / "notes.md").write_text("not a console file type\n")
     (files / "sub").mkdir()
     monkeypatch.setattr(console, "DIRECTORY", files)
-    for name in ("ca.pem", "cert.pem", "key.pem"):
-        (tmp_path / name).write_text("not used\n")
-    (tmp_path / "tokens").write_text(
-        f"{hash_token(RUN_TOKEN)} ops run\n{hash_token(READ_TOKEN)} viewer read\n"
+    cases = schedulerapp.use_cases(
+        tmp_path,
+        {RUN_TOKEN: ("ops", "run"), READ_TOKEN: ("viewer", "read")},
+        http=f"console = {'true' if enabled else 'false'}",
     )
-    cfg = config.loads(
-        f"""
-[cluster]
-name = "dev"
-
-[http]
-bind = "127.0.0.1:0"
-scheme = "http"
-console = {"true" if enabled else "false"}
-
-[tls]
-ca_file = "ca.pem"
-cert_file = "cert.pem"
-key_file = "key.pem"
-
-[auth]
-tokens_file = "tokens"
-
-[state]
-path = "state/scheduler.db"
-""",
-        SchedulerConfig,
-        base=tmp_path,
-    )
-    store = Store(cfg.state.path)
-    store.initialize()
-    pool = ChannelPool(
-        cfg.cluster.name, Credentials(b"ca", b"cert", b"key"), cfg.workers.retry_after_s
-    )
-    app = create_app(UseCases(cfg, store, pool), TokenFile(cfg.auth.tokens_file))
+    app = schedulerapp.app(cases)
     return falcon.testing.TestClient(app)
 
 

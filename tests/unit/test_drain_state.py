@@ -7,17 +7,11 @@ import json
 import os
 
 import pytest
+import schedulerapp
 from asyncsupport import run_async
 
-from jobgate import config
 from jobgate.errors import Unavailable
-from jobgate.tls import Credentials
 from jobgate.v1 import worker_pb2
-from scheduler.config import SchedulerConfig
-from scheduler.http.auth import hash_token
-from scheduler.store import Store
-from scheduler.usecases import UseCases
-from scheduler.worker_calls import ChannelPool
 from worker.drain import FILE_NAME, Drain
 
 # -- the worker's record of it ----------------------------------------------------
@@ -127,42 +121,14 @@ class FakePool:
 
 @pytest.fixture
 def cases(tmp_path):
-    for name in ("ca.pem", "cert.pem", "key.pem"):
-        (tmp_path / name).write_text("not used\n")
-    (tmp_path / "tokens").write_text(f"{hash_token('t')} test run\n")
-    cfg = config.loads(
-        """
-[cluster]
-name = "dev"
-
-[http]
-bind = "127.0.0.1:0"
-scheme = "http"
-
-[tls]
-ca_file = "ca.pem"
-cert_file = "cert.pem"
-key_file = "key.pem"
-
-[auth]
-tokens_file = "tokens"
-
-[state]
-path = "state/scheduler.db"
-
-[workers]
-max_wait_s = 120
-rpc_timeout_s = 5
-retry_after_s = 7
-""",
-        SchedulerConfig,
-        base=tmp_path,
+    use_cases = schedulerapp.use_cases(
+        tmp_path,
+        {"t": ("test", "run")},
+        workers="max_wait_s = 120\nrpc_timeout_s = 5\nretry_after_s = 7",
     )
-    store = Store(cfg.state.path)
-    store.initialize()
+    store = use_cases.store
     store.register_worker("worker-1", "127.0.0.1:1", {}, 4, "test")
     stub = FakeWorkerStub(running=2)
-    use_cases = UseCases(cfg, store, ChannelPool("dev", Credentials(b"", b"", b""), 7))
     use_cases.pool = FakePool(stub)
     return use_cases, stub
 

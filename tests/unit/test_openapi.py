@@ -9,21 +9,17 @@ import uuid
 import falcon
 import falcon.testing
 import pytest
+import schedulerapp
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
-from jobgate import config
 from jobgate.jobstate import ExitReason, JobState
-from jobgate.tls import Credentials
 from jobgate.v1 import common_pb2
-from scheduler.config import SchedulerConfig
 from scheduler.http import openapi
-from scheduler.http.app import create_app
-from scheduler.http.auth import OPEN_PATHS, TokenFile, hash_token
-from scheduler.store import Store, WorkerRow
-from scheduler.usecases import UseCases, job_to_dict
-from scheduler.worker_calls import ChannelPool
+from scheduler.http.auth import OPEN_PATHS
+from scheduler.store import WorkerRow
+from scheduler.usecases import job_to_dict
 
 TOKEN = "test-token"
 JSON = "application/json"
@@ -34,40 +30,7 @@ METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 def app(tmp_path_factory) -> falcon.App:
     """The real app, on fakes: no worker is ever called."""
     d = tmp_path_factory.mktemp("openapi")
-    for name in ("ca.pem", "cert.pem", "key.pem"):
-        (d / name).write_text("not used\n")
-    (d / "tokens").write_text(f"{hash_token(TOKEN)} test run\n")
-    cfg = config.loads(
-        """
-[cluster]
-name = "dev"
-
-[http]
-bind = "127.0.0.1:0"
-scheme = "http"
-
-[tls]
-ca_file = "ca.pem"
-cert_file = "cert.pem"
-key_file = "key.pem"
-
-[auth]
-tokens_file = "tokens"
-
-[state]
-path = "state/scheduler.db"
-""",
-        SchedulerConfig,
-        base=d,
-    )
-    store = Store(cfg.state.path)
-    store.initialize()
-    pool = ChannelPool(
-        cfg.cluster.name,
-        Credentials(b"ca", b"cert", b"key"),
-        cfg.workers.retry_after_s,
-    )
-    return create_app(UseCases(cfg, store, pool), TokenFile(cfg.auth.tokens_file))
+    return schedulerapp.app(schedulerapp.use_cases(d, {TOKEN: ("test", "run")}))
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import stat
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from jobgate.tokens import hash_token
 from worker.isolation import instance_name, remove_leftovers
@@ -142,8 +142,15 @@ class DevCluster:
         http_extra: str = "",
         grpc_host: str = "127.0.0.1",
         grpc_port: int = 0,
+        https: bool = False,
+        http_tls_extra: str = "",
     ):
+        """``https``: the API on HTTPS, with a certificate from the
+        development CA for 127.0.0.1 and localhost; ``http_tls_extra`` adds
+        settings to its ``[http.tls]``."""
         self.dir = directory.resolve()
+        self.use_https = https
+        self.http_tls_extra = http_tls_extra
         self.cluster = cluster
         self.http_processes = http_processes
         self.http_port = http_port
@@ -187,6 +194,12 @@ class DevCluster:
                     shutil.copy(f, self._tmp_scripts / f.name)
                     os.chmod(self._tmp_scripts / f.name, 0o755)  # noqa: S103
             self.scripts_dir = self._tmp_scripts
+        if self.use_https and not (self.dir / "http" / "scheduler.pem").exists():
+            self.devca(
+                *("issue", "--dir", str(self.pki), "--role", "scheduler"),
+                *("--dns", "localhost", "--ip", "127.0.0.1"),
+                *("--out", str(self.dir / "http")),
+            )
         self.token = secrets.token_urlsafe(32)
         (self.dir / "tokens").write_text(f"{hash_token(self.token)} dev run\n")
         os.chmod(self.dir / "tokens", 0o600)
@@ -201,8 +214,9 @@ name = "{self.cluster}"
 [http]
 bind = "127.0.0.1:{self.http_port}"
 processes = {self.http_processes}
-scheme = "http"
+scheme = "{"https" if self.use_https else "http"}"
 {self.http_extra}
+{self._http_tls()}
 [grpc]
 bind = "{_hostport(self.grpc_host, self.grpc_port)}"
 
@@ -225,6 +239,14 @@ rpc_timeout_s = 5.0
 """
         )
         return path
+
+    def _http_tls(self) -> str:
+        if not self.use_https:
+            return ""
+        return (
+            '[http.tls]\ncert_file = "http/scheduler.pem"\n'
+            f'key_file = "http/scheduler.key"\n{self.http_tls_extra}\n'
+        )
 
     @property
     def scheduler_address(self) -> str:
@@ -276,7 +298,19 @@ stop_grace_s = 2.0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.scheduler_info['http_port']}"
+        scheme = "https" if self.use_https else "http"
+        return f"{scheme}://127.0.0.1:{self.scheduler_info['http_port']}"
+
+    def connection(self, timeout: float = 30.0) -> http.client.HTTPConnection:
+        """A connection to the HTTP API (over HTTPS trusting only the
+        development CA, where the API serves HTTPS)."""
+        port = self.scheduler_info["http_port"]
+        if not self.use_https:
+            return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        context = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
+        return http.client.HTTPSConnection(
+            "127.0.0.1", port, context=context, timeout=timeout
+        )
 
     def start_scheduler(self) -> dict:
         self.scheduler = Process(
@@ -401,9 +435,7 @@ stop_grace_s = 2.0
         timeout: float = 30.0,
     ):
         """One HTTP request; returns (status, headers, body bytes)."""
-        conn = http.client.HTTPConnection(
-            "127.0.0.1", self.scheduler_info["http_port"], timeout=timeout
-        )
+        conn = self.connection(timeout)
         try:
             hdrs = {"Authorization": f"Bearer {self.token if token is None else token}"}
             if token == "":
@@ -421,8 +453,7 @@ stop_grace_s = 2.0
 
 
 def _follow(cluster: DevCluster, path: str) -> None:
-    url = urlsplit(cluster.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=3600)
+    conn = cluster.connection(timeout=3600)
     conn.request("GET", path, headers={"Authorization": f"Bearer {cluster.token}"})
     resp = conn.getresponse()
     while chunk := resp.read1(65536):
