@@ -36,7 +36,10 @@ CREATE TABLE IF NOT EXISTS workers (
     -- the per-job limits it can enforce, as a JSON list of names
     enforceable_limits TEXT NOT NULL DEFAULT '[]',
     -- 1 while the worker is drained, as it last said (kept when it goes away)
-    draining      INTEGER NOT NULL DEFAULT 0
+    draining      INTEGER NOT NULL DEFAULT 0,
+    -- when a drain or undrain answer was recorded: a heartbeat received
+    -- before then (written later, from the buffer) leaves both fields alone
+    drain_set_at  REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job_id     TEXT PRIMARY KEY,
@@ -66,6 +69,7 @@ ADDED_COLUMNS = {
         "degraded": "TEXT NOT NULL DEFAULT ''",
         "enforceable_limits": "TEXT NOT NULL DEFAULT '[]'",
         "draining": "INTEGER NOT NULL DEFAULT 0",
+        "drain_set_at": "REAL NOT NULL DEFAULT 0",
     },
 }
 
@@ -248,7 +252,7 @@ class Store:
                        heartbeat_timeout_s = excluded.heartbeat_timeout_s,
                        degraded = excluded.degraded,
                        enforceable_limits = excluded.enforceable_limits,
-                       draining = excluded.draining""",
+                       draining = excluded.draining, drain_set_at = 0""",
                 (
                     worker_id,
                     name,
@@ -284,7 +288,8 @@ class Store:
 
         ``beats`` maps a worker id to (time, running jobs, the worker's
         heartbeat timeout from then on[, why it is degraded or empty[,
-        whether it is drained]]).
+        whether it is drained]]). What a beat says of the worker's drain is
+        not written over a drain answer recorded after the beat's time.
         """
         if not beats:
             return
@@ -292,9 +297,11 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
-                "UPDATE workers SET last_seen_at = ?, running_jobs = ?, "
-                "heartbeat_timeout_s = ?, degraded = ?, draining = ? "
-                "WHERE id = ? AND state = 'online'",
+                "UPDATE workers SET last_seen_at = ?1, running_jobs = ?2, "
+                "heartbeat_timeout_s = ?3, "
+                "degraded = CASE WHEN drain_set_at > ?1 THEN degraded ELSE ?4 END, "
+                "draining = CASE WHEN drain_set_at > ?1 THEN draining ELSE ?5 END "
+                "WHERE id = ?6 AND state = 'online'",
                 [
                     (
                         *beat[:3],
@@ -313,11 +320,12 @@ class Store:
     def set_drain(
         self, worker_id: str, draining: bool, degraded: str, running_jobs: int
     ) -> None:
-        """Record what a worker answered to a drain, before its next heartbeat."""
+        """Record what a worker answered to a drain, before its next heartbeat
+        (and over any heartbeat received before now, see :meth:`heartbeats`)."""
         self._conn().execute(
-            "UPDATE workers SET draining = ?, degraded = ?, running_jobs = ? "
-            "WHERE id = ? AND state = 'online'",
-            (int(draining), degraded, running_jobs, worker_id),
+            "UPDATE workers SET draining = ?, degraded = ?, running_jobs = ?, "
+            "drain_set_at = ? WHERE id = ? AND state = 'online'",
+            (int(draining), degraded, running_jobs, time.time(), worker_id),
         )
 
     def deregister(self, worker_id: str) -> None:
@@ -478,6 +486,7 @@ def _worker(row: sqlite3.Row) -> WorkerRow:
     d["labels"] = json.loads(d["labels"])
     d["enforceable_limits"] = tuple(json.loads(d["enforceable_limits"]))
     d["draining"] = bool(d["draining"])
+    del d["drain_set_at"]  # the store's own bookkeeping (see heartbeats)
     return WorkerRow(**d)
 
 

@@ -266,14 +266,17 @@ class UseCases:
     ) -> tuple[dict, bool]:
         """Start a job; returns its status and whether it already existed."""
         worker, stub = self._reachable(ref)
-        if worker.draining:
+        # A start with an idempotency key may be the retry of one the worker
+        # already took: only the worker can answer it with that job (it
+        # refuses a new one while drained or degraded all the same).
+        if worker.draining and not idempotency_key:
             raise Unavailable(
                 f"worker {worker.name!r} is drained and starts no jobs "
                 f"({worker.degraded or 'draining'}); start the job on another "
                 "worker, or once the drain is lifted",
                 self.cfg.workers.retry_after_s,
             )
-        if worker.degraded:
+        if worker.degraded and not idempotency_key:
             raise Unavailable(
                 f"worker {worker.name!r} is degraded and starts no jobs: "
                 f"{worker.degraded}",

@@ -23,6 +23,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FILE_NAME = "drain.json"
+# Seconds since the epoch beyond which a drain record's time is nonsense
+# (the year 5138): such a record is read as unreadable, not trusted.
+MAX_SINCE = 1e11
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,10 @@ class Drain:
             return self._unreadable(f"cannot read {self.path}: {exc.strerror or exc}")
         try:
             data = json.loads(text)
-            return DrainState(str(data["requested_by"]), float(data["since"]))
+            since = float(data["since"])
+            if not 0 <= since < MAX_SINCE:  # NaN too: it compares false
+                raise ValueError(f"since {data['since']!r} is not a time")
+            return DrainState(str(data["requested_by"]), since)
         except (ValueError, TypeError, KeyError) as exc:
             return self._unreadable(f"{self.path} is not a drain record ({exc})")
 
@@ -138,11 +144,22 @@ class Drain:
         self._sync_dir()
 
     def _sync_dir(self) -> None:
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        """Make the rename or removal durable. The file has changed already,
+        so a failure here is logged, not raised: the change stands, and
+        answering that nothing changed would be untrue."""
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error(
+                "the drain file %s changed, but syncing its directory failed "
+                "(%s): a crash of the host now could bring back the old state",
+                self.path,
+                exc.strerror or exc,
+            )
 
 
 def _timestamp(t: float) -> str:

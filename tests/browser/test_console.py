@@ -449,3 +449,16 @@ def test_drain_button_drains_and_undrains_a_worker(console, console_cluster):
     status, _, body = console_cluster.request("GET", "/v1/workers/worker-2")
     assert status == 200 and json.loads(body)["draining"] is False, body
     console.assert_clean_log()
+
+
+def test_dot_segments_in_a_link_are_refused_not_followed(console, console_cluster):
+    # "." and ".." in a name would be resolved by the browser to another
+    # route (#/start?worker=.. would post a start to /v1/jobs).
+    console.sign_in(console_cluster.token)
+    for route in ("#/workers/..", "#/workers/worker-1/jobs/.."):
+        console.go(route)
+        console.wait(
+            lambda: "is not a name or an id" in (console.text("#error") or ""),
+            lambda route=route: f"{route}: #error reads {console.text('#error')!r}",
+        )
+    console.assert_clean_log()

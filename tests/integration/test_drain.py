@@ -171,3 +171,18 @@ def test_draining_an_unknown_or_offline_worker_is_refused(api, drain_cluster):
         drain_cluster.start_worker("worker-2")
     assert wait_for(lambda: api.get("/v1/workers/worker-2")[2]["state"] == "online")
     assert api.get("/v1/workers/worker-2")[2]["draining"] is False
+
+
+def test_a_retry_with_an_idempotency_key_gets_its_job_from_a_drained_worker(api):
+    body = {"command": "bash", "path": "hello.sh", "idempotency_key": "retry-1"}
+    status, _, first = api.post("/v1/workers/worker-2/jobs", body)
+    assert status == 201, first
+    assert drain(api, "worker-2")[0] == 200
+    # The same request again: the job the worker already has, not a refusal.
+    status, _, again = api.post("/v1/workers/worker-2/jobs", body)
+    assert (status, again["job_id"]) == (200, first["job_id"]), again
+    # A new key is refused by the worker itself, naming the drain.
+    status, _, refused = api.post(
+        "/v1/workers/worker-2/jobs", {**body, "idempotency_key": "retry-2"}
+    )
+    assert status == 503 and "drain" in refused["description"], refused

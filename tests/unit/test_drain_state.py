@@ -62,7 +62,20 @@ def test_listeners_hear_of_a_change_only(tmp_path):
     assert [s.requested_by if s else None for s in heard] == ["token ops", None]
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"since": 1}', '["x"]', ""])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        '{"since": 1}',
+        '["x"]',
+        "",
+        # Numbers that are no time: they must not crash the worker's start.
+        '{"requested_by": "token ops", "since": 1e20}',
+        '{"requested_by": "token ops", "since": 1e400}',
+        '{"requested_by": "token ops", "since": NaN}',
+        '{"requested_by": "token ops", "since": -5}',
+    ],
+)
 def test_an_unreadable_drain_file_keeps_the_worker_drained(tmp_path, text):
     (tmp_path / FILE_NAME).write_text(text)
     drain = Drain(tmp_path)
@@ -202,3 +215,21 @@ def test_lifting_a_drain_makes_the_worker_take_jobs_again(cases):
     assert (worker["draining"], worker["degraded"]) == (False, None)
     # Lifting a drain never waits.
     assert stub.calls[1][0].wait_s == 0.0
+
+
+def test_a_failed_sync_of_the_directory_keeps_the_change_it_follows(
+    tmp_path, monkeypatch
+):
+    drain = Drain(tmp_path)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "I/O error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert drain.set(True, "token ops", 100.0) is not None
+    assert drain.state is not None and (tmp_path / FILE_NAME).exists()
+    assert drain.set(False, "token ops", 200.0) is None
+    assert drain.state is None and not (tmp_path / FILE_NAME).exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from scheduler.store import Store
@@ -134,6 +136,23 @@ def test_a_workers_drain_is_kept_from_registration_heartbeats_and_drain_answers(
     row = store.get_worker(a)
     assert (row.state, row.draining, row.degraded) == ("online", True, "draining: x")
     store.heartbeats({a: (400.0, 0, 15.0, "", False)})
+    assert (store.get_worker(a).draining, store.get_worker(a).degraded) == (False, "")
+
+
+def test_a_heartbeat_received_before_a_drain_answer_does_not_undo_it(index):
+    # Heartbeats are buffered and written later; a drain answer at once.
+    store, (a, _) = index
+    before = time.time() - 1
+    store.set_drain(a, True, "draining: asked by token ops at T", 0)
+    store.heartbeats({a: (before, 0, 15.0, "", False)})
+    row = store.get_worker(a)
+    assert (row.draining, row.degraded, row.last_seen_at) == (
+        True,
+        "draining: asked by token ops at T",
+        before,
+    )
+    # A heartbeat received after the answer is the worker's word again.
+    store.heartbeats({a: (time.time() + 1, 0, 15.0, "", False)})
     assert (store.get_worker(a).draining, store.get_worker(a).degraded) == (False, "")
 
 

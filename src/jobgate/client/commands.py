@@ -15,6 +15,7 @@ from jobgate.client.api import (
     StreamBroken,
 )
 from jobgate.client.exits import (
+    EXIT_API,
     EXIT_NOT_ALL_SUCCEEDED,
     EXIT_OK,
     PROG,
@@ -111,7 +112,15 @@ def cmd_drain(client: Client, args: argparse.Namespace, o: Output) -> int:
     else:
         with Progress(f"waiting for the jobs on {args.worker} to end", o.err):
             status, worker = client.drain(args.worker, wait=True)
-            while status == 202:  # the scheduler's wait ran out: wait again
+            while status == 202:  # the scheduler's wait ran out: wait again,
+                # unless the drain was lifted meanwhile (draining again would
+                # undo somebody's undrain)
+                if not client.worker(args.worker).get("draining"):
+                    o.note(
+                        f"drain: the drain of {args.worker} was lifted while "
+                        "waiting for its jobs to end; not draining it again"
+                    )
+                    return EXIT_API
                 status, worker = client.drain(args.worker, wait=True)
     _show_worker(o, worker)
     return EXIT_OK

@@ -91,19 +91,27 @@ async function json(method, path, opts = {}) {
   return res.json();
 }
 
-const seg = encodeURIComponent;
+// A name or id as one segment of an API path. The browser would resolve "."
+// and ".." as steps of the path (to another route), so they are refused.
+function seg(value) {
+  const text = String(value);
+  if (text === '.' || text === '..') {
+    throw new ApiError(400, 'Bad Request', `${JSON.stringify(text)} is not a name or an id`);
+  }
+  return encodeURIComponent(text);
+}
 
 export const whoami = (opts) => json('GET', '/v1/whoami', opts);
 export const listWorkers = (opts) => json('GET', '/v1/workers', opts);
-export const getWorker = (w, opts) => json('GET', `/v1/workers/${seg(w)}`, opts);
-export const listJobs = (w, opts) => json('GET', `/v1/workers/${seg(w)}/jobs`, opts);
-export const getJob = (w, j, opts) => json('GET', `/v1/workers/${seg(w)}/jobs/${seg(j)}`, opts);
-export const stopJob = (w, j, opts) => json('POST', `/v1/workers/${seg(w)}/jobs/${seg(j)}/stop`, opts);
-export const drainWorker = (w, enable, opts) =>
+export const getWorker = async (w, opts) => json('GET', `/v1/workers/${seg(w)}`, opts);
+export const listJobs = async (w, opts) => json('GET', `/v1/workers/${seg(w)}/jobs`, opts);
+export const getJob = async (w, j, opts) => json('GET', `/v1/workers/${seg(w)}/jobs/${seg(j)}`, opts);
+export const stopJob = async (w, j, opts) => json('POST', `/v1/workers/${seg(w)}/jobs/${seg(j)}/stop`, opts);
+export const drainWorker = async (w, enable, opts) =>
   json('POST', `/v1/workers/${seg(w)}/drain`, { ...opts, body: { enable } });
-export const startJob = (w, body, opts) => json('POST', `/v1/workers/${seg(w)}/jobs`, { ...opts, body });
+export const startJob = async (w, body, opts) => json('POST', `/v1/workers/${seg(w)}/jobs`, { ...opts, body });
 export const fanOut = (body, opts) => json('POST', '/v1/jobs', { ...opts, body });
-export const getGroup = (g, opts) => json('GET', `/v1/groups/${seg(g)}`, opts);
+export const getGroup = async (g, opts) => json('GET', `/v1/groups/${seg(g)}`, opts);
 export const outputUrl = (w, j) => `/v1/workers/${seg(w)}/jobs/${seg(j)}/output`;
 
 // The whole output as plain text (no event-stream Accept), as a Blob.

@@ -181,9 +181,9 @@ function signinView(message = '') {
   document.title = 'Sign in · jobgate';
   const token = h('input', {
     id: 'token',
-    name: 'token',
     type: 'password',
-    autocomplete: 'off',
+    // Not a password to remember: the token lives in this tab's session only.
+    autocomplete: 'one-time-code',
     spellcheck: false,
     required: true,
     placeholder: 'API token',

@@ -206,7 +206,14 @@ export function jobView(ctx) {
   }
 
   function followOutput() {
-    followEvents(api.outputUrl(w, j), {
+    let url;
+    try {
+      url = api.outputUrl(w, j);
+    } catch (err) {
+      ctx.showError(err, 'output');
+      return;
+    }
+    followEvents(url, {
       signal: ctx.signal,
       headers: () => api.authHeaders(),
       isEnd: (ev) => ev.event === 'end',
