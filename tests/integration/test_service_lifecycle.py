@@ -340,9 +340,7 @@ def test_scheduler_whose_http_processes_keep_exiting_stops_with_status_1(
             super().prepare()
             # The key of another certificate: each HTTP process dies as it
             # sets up TLS, after gunicorn counts it as booted.
-            self.scheduler_extra = self.scheduler_extra.replace(
-                "http/scheduler.key", "pki/scheduler.key"
-            )
+            self.http_key = "pki/scheduler.key"
 
     c = clusters(
         "crashloop",

@@ -151,6 +151,9 @@ class DevCluster:
         self.dir = directory.resolve()
         self.use_https = https
         self.http_tls_extra = http_tls_extra
+        # The HTTPS certificate and key, relative to ``directory``.
+        self.http_cert = "http/scheduler.pem"
+        self.http_key = "http/scheduler.key"
         self.cluster = cluster
         self.http_processes = http_processes
         self.http_port = http_port
@@ -244,8 +247,8 @@ rpc_timeout_s = 5.0
         if not self.use_https:
             return ""
         return (
-            '[http.tls]\ncert_file = "http/scheduler.pem"\n'
-            f'key_file = "http/scheduler.key"\n{self.http_tls_extra}\n'
+            f'[http.tls]\ncert_file = "{self.http_cert}"\n'
+            f'key_file = "{self.http_key}"\n{self.http_tls_extra}\n'
         )
 
     @property
