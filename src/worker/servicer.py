@@ -9,6 +9,7 @@ from typing import Any
 
 from jobgate import model
 from jobgate.errors import ResourceExhausted
+from jobgate.jobstate import JobState
 from jobgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.limits import NAMES as LIMIT_NAMES
 from worker.runner import JobRecord, JobRunner
@@ -23,6 +24,10 @@ def _proto_field(f: model.Field) -> Callable[[Any], object]:
         return lambda v: v.to_proto()
     return lambda v: v
 
+
+# A wait for a job's end or an idle worker looks this often whether its caller
+# is still there.
+WAIT_SLICE_S = 1.0
 
 # The model's Job, field by field: what the worker knows of it (not worker_id).
 _PROTO_FIELDS = [(f.name, _proto_field(f)) for f in model.JOB.fields if f.wire]
@@ -74,12 +79,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         )
 
     def WaitJob(self, request, context):
-        return job_to_proto(self.runner.wait(request.job_id, request.timeout_s))
+        job_id = request.job_id
+        record = self.runner.get(job_id)  # NotFound at once
+        if record.state == JobState.RUNNING:
+            self._wait_while_asked(
+                context,
+                request.timeout_s,
+                lambda s: self.runner.wait(job_id, s).state != JobState.RUNNING,
+            )
+            record = self.runner.get(job_id)
+        return job_to_proto(record)
 
     def SetDrain(self, request, context):
         self.runner.set_drain(request.enable, request.requested_by)
         if request.enable and request.wait_s > 0:
-            self.runner.wait_idle(request.wait_s)
+            self._wait_while_asked(
+                context, request.wait_s, lambda s: self.runner.wait_idle(s) == 0
+            )
         state = self.runner.drain.state
         return worker_pb2.DrainState(
             draining=state is not None,
@@ -88,6 +104,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             degraded=self.runner.degraded(),
             running_jobs=self.runner.running_count(),
         )
+
+    def _wait_while_asked(
+        self, context, timeout_s: float, wait: Callable[[float], bool]
+    ) -> None:
+        """``wait(seconds)`` (True when what is waited for happened) a slice
+        at a time, for at most ``timeout_s`` (capped by ``[jobs].max_wait_s``)
+        and only while the caller is still there: a caller that gave up
+        frees its thread of the server within a slice, not after the wait."""
+        deadline = time.monotonic() + min(
+            max(timeout_s, 0.0), self.runner.cfg.max_wait_s
+        )
+        while context.is_active():
+            left = deadline - time.monotonic()
+            if left <= 0 or wait(min(left, WAIT_SLICE_S)):
+                return
 
     def GetJob(self, request, context):
         return job_to_proto(self.runner.get(request.job_id))

@@ -671,6 +671,19 @@ def test_sse_ids_are_byte_offsets_and_end_event_has_the_final_status(shared):
     assert int(events[-2]["id"]) == len(plain)
 
 
+def test_sse_output_ending_inside_a_character_has_an_id_for_its_last_event(shared):
+    api, w = shared.api, shared.worker
+    job = api.start(w, "bytes.sh", ["1", "0"])  # ends in a lone UTF-8 lead byte
+    final, _ = run_to_end(api, w, job["job_id"])
+    events = parse_sse(api.get(jobs_path(w, job["job_id"], "/output"), headers=SSE)[2])
+    assert events[-1]["event"] == "end"
+    last = events[-2]
+    # The replacement for the lone byte: its id is the end of the output, so
+    # a client that reconnects after it gets no second one.
+    assert (last["event"], last["data"][-1:]) == ("output", "\ufffd")
+    assert int(last["id"]) == final["output_bytes"]
+
+
 def test_sse_resume_with_last_event_id_gives_exactly_the_rest(shared):
     api, w = shared.api, shared.worker
     job = api.start(w, "utf8.sh", ["30000"])

@@ -84,8 +84,10 @@ async def sse(stream: OutputStream) -> AsyncIterator[bytes]:
     the job's status.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    end = 0  # the offset just past the last byte read
     try:
         async for offset, data, skipped in stream.chunks:
+            end = offset + len(data)
             if skipped:
                 decoder.reset()
                 yield _sse_event(
@@ -100,7 +102,8 @@ async def sse(stream: OutputStream) -> AsyncIterator[bytes]:
                 yield _sse_event("output", text, offset + len(data) - pending)
         text = decoder.decode(b"", final=True)
         if text:
-            yield _sse_event("output", text)
+            # The bytes of a character the output ended in the middle of.
+            yield _sse_event("output", text, end)
         yield _sse_event("end", json.dumps(stream.final))
     finally:
         stream.close()
