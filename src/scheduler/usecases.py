@@ -269,16 +269,13 @@ class UseCases:
         # A start with an idempotency key may be the retry of one the worker
         # already took: only the worker can answer it with that job (it
         # refuses a new one while drained or degraded all the same).
-        if worker.draining and not idempotency_key:
+        if (worker.draining or worker.degraded) and not idempotency_key:
             raise Unavailable(
                 f"worker {worker.name!r} is drained and starts no jobs "
                 f"({worker.degraded or 'draining'}); start the job on another "
-                "worker, or once the drain is lifted",
-                self.cfg.workers.retry_after_s,
-            )
-        if worker.degraded and not idempotency_key:
-            raise Unavailable(
-                f"worker {worker.name!r} is degraded and starts no jobs: "
+                "worker, or once the drain is lifted"
+                if worker.draining
+                else f"worker {worker.name!r} is degraded and starts no jobs: "
                 f"{worker.degraded}",
                 self.cfg.workers.retry_after_s,
             )

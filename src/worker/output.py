@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HEAD_NAME = "output.log"
@@ -164,3 +165,45 @@ def _pwrite_all(fd, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def read_chunks(
+    job,
+    offset: int,
+    chunk: int,
+    follow: bool,
+    cancelled: Callable[[], bool],
+    keepalive_s: float | None,
+) -> Iterator[tuple[int, bytes, int]]:
+    """``(offset, data, skipped)`` chunks of a job's output from ``offset``,
+    at most ``chunk`` bytes each (:meth:`worker.runner.JobRunner.read_output`).
+
+    ``job`` is a :class:`worker.job.Job`: its ``output`` log, and its ``cond``
+    that guards ``sealed`` (no more output will come) and is notified as
+    output arrives.
+    """
+    pos = offset
+    while True:
+        idle = False
+        with job.cond:
+            while follow and not job.sealed and job.output.total <= pos:
+                if cancelled():
+                    break
+                if not job.cond.wait(keepalive_s) and keepalive_s is not None:
+                    idle = True
+                    break
+            sealed = job.sealed
+            available = job.output.total
+        if cancelled():
+            return
+        if pos >= available:
+            if sealed or not follow:
+                return
+            if idle:
+                yield pos, b"", 0
+            continue
+        start, data = job.output.read(pos, chunk, available)
+        if not data:
+            return  # nothing readable where the record says there is
+        yield start, data, start - pos
+        pos = start + len(data)

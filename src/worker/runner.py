@@ -43,7 +43,7 @@ from worker.health import Health
 from worker.job import Job, JobRecord
 from worker.limits import NAMES as LIMIT_NAMES
 from worker.limits import Enforcer, Limits
-from worker.output import OutputLog
+from worker.output import OutputLog, read_chunks
 from worker.process import SAFE_PATH, ProcessOps, Spawner
 from worker.reactor import Reactor
 from worker.records import RecordLog
@@ -481,35 +481,9 @@ class JobRunner:
         job = self._job(job_id)
         if offset < 0:
             raise InvalidArgument("offset must not be negative")
-        chunk = self.cfg.read_chunk_bytes
-        pos = offset
-        while True:
-            idle = False
-            with job.cond:
-                while (
-                    follow
-                    and not job.sealed
-                    and job.output.total <= pos
-                    and not cancelled()
-                ):
-                    if not job.cond.wait(keepalive_s) and keepalive_s is not None:
-                        idle = True
-                        break
-                sealed = job.sealed
-                available = job.output.total
-            if cancelled():
-                return
-            if pos >= available:
-                if sealed or not follow:
-                    return
-                if idle:
-                    yield pos, b"", 0
-                continue
-            start, data = job.output.read(pos, chunk, available)
-            if not data:
-                return  # nothing readable where the record says there is
-            yield start, data, start - pos
-            pos = start + len(data)
+        return read_chunks(
+            job, offset, self.cfg.read_chunk_bytes, follow, cancelled, keepalive_s
+        )
 
     def wake(self, job_id: str) -> None:
         """Wake the followers of a job so they re-check cancellation."""
