@@ -20,6 +20,7 @@ import uuid
 
 import pytest
 from conftest import Api, cluster_of_its_own, make_public_dir
+from test_lifecycle import wait_for
 
 from jobgate.dev.cluster import DevCluster
 
@@ -368,7 +369,19 @@ def test_followers_over_the_per_caller_cap_get_503(front):
             if s.recv(12).startswith(b"HTTP/1.1 503"):
                 refused_keys.append(key)
         assert refused_keys
-        _, _, listed = api.get("/v1/workers/worker-1/jobs")
+        # The listing needs a connection of its own: with 821 held, the HTTP
+        # process it lands on may be at [http].max_connections (a 503).
+        for s in held:
+            s.close()
+        held.clear()
+        listed: dict = {}
+
+        def listing() -> bool:
+            status, _, body = api.get("/v1/workers/worker-1/jobs")
+            listed.update(body if status == 200 else {})
+            return status == 200
+
+        assert wait_for(listing, timeout=10)
         started_keys = {j["idempotency_key"] for j in listed["jobs"]}
         assert not started_keys & set(refused_keys)
     finally:
