@@ -11,8 +11,10 @@ PROTOS := $(wildcard proto/jobgate/v1/*.proto)
 
 all: proto
 
-# setup.py compiles the worker's job spawner (src/worker/_spawn.c) in place.
-$(VENV)/.installed: pyproject.toml setup.py src/worker/_spawn.c
+# setup.py compiles the worker's job spawner (src/worker/_spawn.c) and the
+# jobs' keeper (src/worker/keeper.c, both include jobchild.h) in place.
+$(VENV)/.installed: pyproject.toml setup.py src/worker/_spawn.c src/worker/keeper.c \
+		src/worker/jobchild.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

@@ -5,211 +5,19 @@
  * cgroup of its own. Without this module a job is started as a chain of
  * programs: /bin/sh to join the cgroup, setpriv to drop to the job's
  * account, then the interpreter. Here one vfork()ed child does all of it
- * itself before it executes the interpreter:
+ * itself before it executes the interpreter: it joins the cgroups, leads a
+ * new session, takes its stdin, stdout and stderr, drops to the job's ids
+ * and executes the program. The steps are in jobchild.h, which the keeper
+ * (keeper.c) shares: it starts jobs the same way.
  *
- *   1. every signal back to its default action, then no signal blocked
- *      (raw system calls: glibc's wrappers skip the signals it reserves);
- *   2. joins the job's cgroups (writes "0" to each open cgroup.procs: one
- *      on cgroup v2, one per controller hierarchy on cgroup v1);
- *   3. leads a new session;
- *   4. stdin, stdout and stderr from the given descriptors, every other
- *      descriptor closed on exec;
- *   5. changes to the working directory;
- *   6. drops every supplementary group, then sets real, effective and saved
- *      group and user ids to the job's (when asked to switch), and checks
- *      that no way back to root is left;
- *   7. executes the program.
- *
- * The ids are set with raw system calls: glibc's wrappers would signal the
- * parent's other threads to change theirs too, which a vfork()ed child must
- * never do. With every user id non-zero the kernel clears all capabilities.
- *
- * A step that fails writes the step and errno to a close-on-exec pipe and
- * exits; the parent reaps the child and raises OSError. An empty pipe means
- * the exec succeeded.
+ * A step that fails is reported by the child before it exits; the parent
+ * reaps it and raises OSError.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <errno.h>
-#include <fcntl.h>
-#include <grp.h>
-#include <signal.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-/* The unified hierarchy and the memory, cpu and pids hierarchies of v1. */
-#define MAX_CGROUPS 8
-
-#ifndef CLOSE_RANGE_CLOEXEC
-#define CLOSE_RANGE_CLOEXEC (1U << 2)
-#endif
-
-enum step {
-    STEP_CGROUP = 1,
-    STEP_SESSION,
-    STEP_STREAMS,
-    STEP_DESCRIPTORS,
-    STEP_CWD,
-    STEP_GROUPS,
-    STEP_GID,
-    STEP_UID,
-    STEP_CHECK,
-    STEP_EXEC,
-};
-
-static const char *step_text[] = {
-    [STEP_CGROUP] = "joining the job's cgroup",
-    [STEP_SESSION] = "starting a new session",
-    [STEP_STREAMS] = "setting up stdin, stdout and stderr",
-    [STEP_DESCRIPTORS] = "closing the worker's descriptors",
-    [STEP_CWD] = "changing to the working directory",
-    [STEP_GROUPS] = "dropping supplementary groups",
-    [STEP_GID] = "switching to the job's group",
-    [STEP_UID] = "switching to the job's user",
-    [STEP_CHECK] = "checking the job's ids",
-    [STEP_EXEC] = "executing",
-};
-
-struct failure {
-    int step;
-    int err;
-};
-
-struct plan {
-    const char *path;
-    char *const *argv;
-    char *const *envp;
-    const char *cwd;
-    int stdin_fd;
-    int stdout_fd;
-    int cgroup_fds[MAX_CGROUPS];
-    int n_cgroups;
-    long uid; /* -1: keep the worker's */
-    long gid;
-    int report_fd;
-};
-
-static int
-close_range_cloexec(unsigned int first)
-{
-    return (int)syscall(SYS_close_range, first, ~0U, CLOSE_RANGE_CLOEXEC);
-}
-
-/* The descriptor as ``target``, not closed on exec. */
-static int
-place(int fd, int target)
-{
-    if (fd == target) {
-        int flags = fcntl(fd, F_GETFD);
-        return flags < 0 ? -1 : fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
-    }
-    return dup2(fd, target) < 0 ? -1 : 0;
-}
-
-/* Runs in the vfork()ed child: only async-signal-safe calls, no allocation. */
-static void __attribute__((noreturn))
-child(const struct plan *p)
-{
-    struct failure f = {0, 0};
-    /* The kernel's struct sigaction: glibc's wrapper refuses the signals it
-       keeps for itself (32 and 33), which may be ignored too. */
-    struct {
-        void (*handler)(int);
-        unsigned long flags;
-        void (*restorer)(void);
-        unsigned long mask;
-    } dfl;
-    unsigned long none = 0;
-    int sig, i;
-
-    memset(&dfl, 0, sizeof dfl);
-    dfl.handler = SIG_DFL;
-    for (sig = 1; sig <= 64; sig++) {
-        if (sig != SIGKILL && sig != SIGSTOP)
-            (void)syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof dfl.mask);
-    }
-    (void)syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof none);
-
-    for (i = 0; i < p->n_cgroups; i++) {
-        if (write(p->cgroup_fds[i], "0", 1) != 1) {
-            f.step = STEP_CGROUP;
-            goto fail;
-        }
-    }
-    if (setsid() < 0) {
-        f.step = STEP_SESSION;
-        goto fail;
-    }
-    if (place(p->stdin_fd, 0) < 0 || place(p->stdout_fd, 1) < 0 ||
-        place(p->stdout_fd, 2) < 0) {
-        f.step = STEP_STREAMS;
-        goto fail;
-    }
-    if (close_range_cloexec(3) < 0) {
-        f.step = STEP_DESCRIPTORS;
-        goto fail;
-    }
-    if (p->cwd != NULL && chdir(p->cwd) < 0) {
-        f.step = STEP_CWD;
-        goto fail;
-    }
-    if (p->uid >= 0) {
-        uid_t r, e, s;
-        gid_t gr, ge, gs;
-
-        if (syscall(SYS_setgroups, 0, NULL) < 0) {
-            f.step = STEP_GROUPS;
-            goto fail;
-        }
-        if (syscall(SYS_setresgid, (gid_t)p->gid, (gid_t)p->gid, (gid_t)p->gid) < 0) {
-            f.step = STEP_GID;
-            goto fail;
-        }
-        if (syscall(SYS_setresuid, (uid_t)p->uid, (uid_t)p->uid, (uid_t)p->uid) < 0) {
-            f.step = STEP_UID;
-            goto fail;
-        }
-        /* Nothing may be left that leads back: not an id, not a group. */
-        if (syscall(SYS_getresuid, &r, &e, &s) < 0 || syscall(SYS_getresgid, &gr, &ge, &gs) < 0 ||
-            r != (uid_t)p->uid || e != r || s != r || gr != (gid_t)p->gid || ge != gr ||
-            gs != gr || syscall(SYS_getgroups, 0, NULL) != 0 ||
-            syscall(SYS_setresuid, 0, 0, 0) == 0) {
-            f.step = STEP_CHECK;
-            errno = EPERM;
-            goto fail;
-        }
-    }
-    execve(p->path, p->argv, p->envp);
-    f.step = STEP_EXEC;
-fail:
-    f.err = errno;
-    (void)!write(p->report_fd, &f, sizeof f);
-    _exit(127);
-}
-
-/* vfork() in a frame of its own: the caller's locals are safe from it. */
-static pid_t __attribute__((noinline))
-start_child(const struct plan *p, int *err)
-{
-    sigset_t all, old;
-    pid_t pid;
-
-    /* No signal may reach the child while it still shares our memory and
-       our handlers; it unblocks them once they are all back to default. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    pid = vfork();
-    if (pid == 0)
-        child(p);
-    *err = errno;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    return pid;
-}
+#include "jobchild.h"
 
 /* A NULL-terminated array of the bytes in ``seq`` (a list or tuple of bytes). */
 static char **
@@ -244,54 +52,94 @@ byte_array(PyObject *seq, const char *what)
     return out;
 }
 
+/*
+ * The OSError for a start that failed at ``step`` with ``err``: what exec met,
+ * with the program's path, or "<step>: <strerror>" for the steps before it;
+ * step 0 (no child could be started): errno's own. Calling OSError picks its
+ * subclass by errno (FileNotFoundError...).
+ */
+static PyObject *
+failure_error(int step, int err, PyObject *path)
+{
+    if (step == STEP_EXEC)
+        return PyObject_CallFunction(PyExc_OSError, "isO", err, strerror(err), path);
+    if (step > 0 && step < STEP_COUNT)
+        return PyObject_CallFunction(PyExc_OSError, "iN", err,
+                                     PyUnicode_FromFormat("%s: %s", step_text[step],
+                                                          strerror(err)));
+    return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+}
+
+/* The descriptors in ``tuple`` into ``out`` (room for ``max``); -1 if any is
+   not one. */
+static int
+descriptors(PyObject *tuple, int *out, int max, const char *what)
+{
+    Py_ssize_t i, n = PyTuple_GET_SIZE(tuple);
+
+    if (n > max) {
+        PyErr_Format(PyExc_ValueError, "%s has more than %d descriptors", what, max);
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PyTuple_GET_ITEM(tuple, i));
+        if (fd < 0 || fd > INT_MAX) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "%s must be descriptors", what);
+            return -1;
+        }
+        out[i] = (int)fd;
+    }
+    return (int)n;
+}
+
 PyDoc_STRVAR(spawn_doc,
-"spawn(path, argv, envp, cwd, stdin_fd, stdout_fd, cgroup_fds, uid, gid) -> pid\n\n"
+"spawn(path, argv, envp, cwd, stdin_fd, stdout_fd, cgroup_fds, uid, gid,\n"
+"      pass_fds=(), stderr_fd=-1) -> pid\n\n"
 "Start ``path`` with ``argv`` and ``envp`` (lists of bytes) in ``cwd`` (bytes or\n"
 "None) as the leader of a new session, stdin from ``stdin_fd``, stdout and\n"
-"stderr to ``stdout_fd``, no other descriptor. ``cgroup_fds``: a tuple of open\n"
-"cgroup.procs files (at most 8) the child joins first. ``uid`` and ``gid``\n"
-">= 0: the child's\n"
-"only ids, without supplementary groups. Raises OSError if any step fails\n"
-"(the child is reaped).");
+"stderr to ``stdout_fd`` (stderr to ``stderr_fd`` instead if that is >= 0),\n"
+"no other descriptor but those in ``pass_fds`` (at most 16, kept under their\n"
+"numbers). ``cgroup_fds``: a tuple of open cgroup.procs files (at most 8) the\n"
+"child joins first. ``uid`` and ``gid`` >= 0: the child's only ids, without\n"
+"supplementary groups. Raises OSError if any step fails (the child is\n"
+"reaped).");
 
 static PyObject *
 spawn(PyObject *self, PyObject *args)
 {
-    PyObject *argv_obj, *envp_obj, *cwd_obj, *cgroups_obj, *result = NULL;
+    PyObject *argv_obj, *envp_obj, *cwd_obj, *cgroups_obj, *pass_obj = NULL;
+    PyObject *result = NULL;
     const char *path;
     struct plan p;
     char **argv = NULL, **envp = NULL;
-    int pipe_fds[2] = {-1, -1};
     pid_t pid;
-    int saved_errno;
-    struct failure f = {0, 0};
-    ssize_t got;
-    Py_ssize_t i;
+    struct failure f;
+    int n;
 
     (void)self;
     memset(&p, 0, sizeof p);
-    if (!PyArg_ParseTuple(args, "yOOOiiO!ll:spawn", &path, &argv_obj, &envp_obj, &cwd_obj,
-                          &p.stdin_fd, &p.stdout_fd, &PyTuple_Type, &cgroups_obj, &p.uid,
-                          &p.gid))
+    p.stderr_fd = -1;
+    if (!PyArg_ParseTuple(args, "yOOOiiO!ll|O!i:spawn", &path, &argv_obj, &envp_obj,
+                          &cwd_obj, &p.stdin_fd, &p.stdout_fd, &PyTuple_Type, &cgroups_obj,
+                          &p.uid, &p.gid, &PyTuple_Type, &pass_obj, &p.stderr_fd))
         return NULL;
-    if (PyTuple_GET_SIZE(cgroups_obj) > MAX_CGROUPS) {
-        PyErr_SetString(PyExc_ValueError, "cgroup_fds has more than 8 descriptors");
+    if ((n = descriptors(cgroups_obj, p.cgroup_fds, MAX_CGROUPS, "cgroup_fds")) < 0)
         return NULL;
-    }
-    for (i = 0; i < PyTuple_GET_SIZE(cgroups_obj); i++) {
-        int fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(cgroups_obj, i));
-        if (fd < 0) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "cgroup_fds must be descriptors");
+    p.n_cgroups = n;
+    if (pass_obj != NULL) {
+        if ((n = descriptors(pass_obj, p.pass_fds, MAX_PASS_FDS, "pass_fds")) < 0)
             return NULL;
-        }
-        p.cgroup_fds[p.n_cgroups++] = fd;
+        p.n_pass = n;
     }
     if (p.stdin_fd < 0 || p.stdout_fd < 0 || (p.uid < 0) != (p.gid < 0)) {
         PyErr_SetString(PyExc_ValueError,
                         "stdin_fd and stdout_fd are needed; uid and gid go together");
         return NULL;
     }
+    /* Unless told otherwise, stderr shares stdout (a job's output is both). */
+    if (p.stderr_fd < 0)
+        p.stderr_fd = p.stdout_fd;
     if (cwd_obj != Py_None && !PyBytes_Check(cwd_obj)) {
         PyErr_SetString(PyExc_TypeError, "cwd must be bytes or None");
         return NULL;
@@ -308,61 +156,49 @@ spawn(PyObject *self, PyObject *args)
         goto out;
     p.argv = argv;
     p.envp = envp;
-    if (pipe2(pipe_fds, O_CLOEXEC) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto out;
-    }
-    p.report_fd = pipe_fds[1];
 
     Py_BEGIN_ALLOW_THREADS
-    pid = start_child(&p, &saved_errno);
-    close(pipe_fds[1]);
-    pipe_fds[1] = -1;
-    if (pid > 0) {
-        do {
-            got = read(pipe_fds[0], &f, sizeof f);
-        } while (got < 0 && errno == EINTR);
-        if (got != 0) {
-            /* The child failed before or in exec (or the report is torn):
-               it has exited or is about to; reap it. */
-            while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
-                ;
-            if (got != (ssize_t)sizeof f) {
-                f.step = STEP_EXEC;
-                f.err = got < 0 ? errno : EIO;
-            }
-        }
-    }
+    pid = launch(&p, &f);
     Py_END_ALLOW_THREADS
 
-    if (pid < 0) {
-        errno = saved_errno;
-        PyErr_SetFromErrno(PyExc_OSError);
-    } else if (f.step == STEP_EXEC) {
+    if (pid > 0) {
+        result = PyLong_FromLong((long)pid);
+    } else {
         PyObject *name = PyBytes_FromString(path);
-        if (name != NULL) {
-            errno = f.err;
-            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
-            Py_DECREF(name);
-        }
-    } else if (f.step != 0) {
-        /* OSError(errno, "<step>: <strerror>"); its subclass by errno. */
-        PyObject *err = PyObject_CallFunction(PyExc_OSError, "iN", f.err,
-                                              PyUnicode_FromFormat("%s: %s", step_text[f.step],
-                                                                   strerror(f.err)));
+        PyObject *err = name == NULL ? NULL : failure_error(f.step, f.err, name);
         if (err != NULL) {
             PyErr_SetObject((PyObject *)Py_TYPE(err), err);
             Py_DECREF(err);
         }
-    } else {
-        result = PyLong_FromLong((long)pid);
+        Py_XDECREF(name);
     }
 out:
-    if (pipe_fds[0] >= 0)
-        close(pipe_fds[0]);
     PyMem_Free(argv);
     PyMem_Free(envp);
     return result;
+}
+
+PyDoc_STRVAR(failure_doc,
+"failure(step, errno, path) -> OSError\n\n"
+"The OSError spawn() raises for a child that failed at ``step`` with\n"
+"``errno``, for a start reported by number (the keeper's report): the step\n"
+"numbers of jobchild.h, 0 for a start where no child ran. ``path`` (bytes)\n"
+"is the program's, named by an exec failure.");
+
+static PyObject *
+failure(PyObject *self, PyObject *args)
+{
+    int step, err;
+    PyObject *path;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iiO!:failure", &step, &err, &PyBytes_Type, &path))
+        return NULL;
+    if (step < 0 || step >= STEP_COUNT) {
+        PyErr_Format(PyExc_ValueError, "no step %d", step);
+        return NULL;
+    }
+    return failure_error(step, err, path);
 }
 
 PyDoc_STRVAR(supported_doc,
@@ -383,6 +219,7 @@ supported(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"spawn", spawn, METH_VARARGS, spawn_doc},
+    {"failure", failure, METH_VARARGS, failure_doc},
     {"supported", supported, METH_NOARGS, supported_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -11,13 +11,23 @@ to 1.8-2.0 ms of CPU per start, the whole cluster from 11-12 to 8 ms.
 The module is built with the package when a C compiler is at hand
 (``setup.py``); where it is not, or the kernel lacks ``close_range`` (Linux
 5.11), :func:`available` says why and the runner uses the chain.
+
+A job started by :func:`spawn` is the worker's child and dies with it (its
+output pipe does). :func:`spawn_kept` starts it through ``jobgate-keeper``
+(``keeper.c``, built with the package) instead: the keeper is the job's
+parent, copies its output into a file and writes how it ended into another,
+whether or not the worker is still there to read them (:func:`read_exit`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import fcntl
 import functools
 import os
+import signal
+import struct
 import subprocess
 import time
 
@@ -31,6 +41,17 @@ else:
 
 # Waiting for a child with a timeout polls it at growing intervals up to this.
 _WAIT_MAX_DELAY_S = 0.05
+
+_KEEPER = "jobgate-keeper"
+# The keeper's report of the start: the step that failed (0: none) and errno,
+# or 0 and the job's pid. Native byte order: the keeper runs on this host.
+_REPORT = struct.Struct("=ii")
+# The file the keeper writes once the job has ended, in the job's directory.
+EXIT_FILE = "exit"
+# What the keeper takes (keeper.c): sizes far from overflowing an offset, a
+# drain of at most a day.
+_MAX_BYTES = 1 << 60
+_MAX_DRAIN_S = 86400
 
 
 @functools.cache
@@ -103,11 +124,13 @@ def spawn(
     user: int | None,
     group: int | None,
     cgroup_procs: str | list[str] | None,
+    pass_fds: tuple[int, ...] = (),
 ) -> Child:
     """Start ``argv`` (an absolute path first) with stdout and stderr on a pipe.
 
     The child leads a new session, reads /dev/null, keeps no other descriptor
-    of the worker, has every signal at its default, joins the cgroups whose
+    of the worker but ``pass_fds`` (at most 16, under the same numbers, 3 or
+    above), has every signal at its default, joins the cgroups whose
     ``cgroup.procs`` are given (if any) and, if ``user`` is given, has only the
     ids ``user`` and ``group`` and no supplementary group. Raises OSError if
     any of it fails; nothing is left running then.
@@ -138,6 +161,7 @@ def spawn(
             tuple(cgroups),
             -1 if user is None else user,
             -1 if group is None else group,
+            tuple(pass_fds),
         )
     except BaseException:
         for fd in opened:
@@ -146,3 +170,249 @@ def spawn(
     for fd in opened[1:]:
         os.close(fd)
     return Child(pid, os.fdopen(read_end, "rb", buffering=0))
+
+
+def keeper_path() -> str:
+    """Where the keeper is: next to ``worker._spawn``, in this package."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), _KEEPER)
+
+
+@functools.cache
+def keeper_available() -> str:
+    """Empty if jobs can be started through the keeper here, else why not.
+
+    Asked once per process, like :func:`available`, which it needs too: the
+    worker starts the keeper with ``worker._spawn``.
+    """
+    if why := available():
+        return why
+    path = keeper_path()
+    if not os.path.isfile(path):
+        return f"{_KEEPER} is not built (no {path})"
+    if not os.access(path, os.X_OK):
+        return f"{path} is not executable"
+    return ""
+
+
+@dataclasses.dataclass
+class Kept:
+    """A job started through the keeper."""
+
+    keeper: Child  # the worker's child, the job's parent
+    pid: int  # the job's main process
+
+
+def spawn_kept(
+    argv: list[str],
+    *,
+    cwd: str,
+    env: dict[str, str],
+    user: int | None,
+    group: int | None,
+    cgroup_procs: list[str] | None,
+    cgroup_kill: str | None,
+    job_dir: str,
+    output_fd: int,
+    head_bytes: int,
+    tail_bytes: int,
+    drain_s: float,
+) -> Kept:
+    """Start ``argv`` as :func:`spawn` does, but as the keeper's child.
+
+    The job's stdout and stderr go to the keeper, which writes them into
+    ``output_fd`` (the caller's; it stays open here) at the offsets where the
+    job wrote them, keeping the first ``head_bytes`` and the last
+    ``tail_bytes`` and freeing the space between. Once the job's main process
+    has exited, the keeper ends what the job left running (its cgroup, through
+    ``cgroup_kill``, and its process group), reads its output for at most
+    ``drain_s`` more seconds, and writes ``exit`` into ``job_dir``
+    (:func:`read_exit`).
+
+    Returns once the job's program runs. Raises OSError as :func:`spawn` does
+    if the job could not be started, with nothing left running.
+    """
+    assert keeper_available() == "", "spawn_kept() without keeper_available()"
+    if (user is None) != (group is None):
+        raise ValueError("user and group go together")
+    if not (0 <= head_bytes <= _MAX_BYTES and 0 <= tail_bytes <= _MAX_BYTES):
+        raise ValueError(f"head_bytes and tail_bytes go from 0 to {_MAX_BYTES}")
+    if not 0 <= drain_s <= _MAX_DRAIN_S:
+        raise ValueError(f"drain_s goes from 0 to {_MAX_DRAIN_S}")
+    opened: list[int] = []
+
+    def open_fd(path: str, flags: int) -> int:
+        opened.append(_above_stdio(os.open(path, flags | os.O_CLOEXEC)))
+        return opened[-1]
+
+    try:
+        report_r, report_w = os.pipe()  # both close-on-exec
+        opened += [report_r, report_w]
+        report_w = opened[1] = _above_stdio(report_w)
+        devnull = open_fd(os.devnull, os.O_RDWR)
+        directory = open_fd(job_dir, os.O_PATH | os.O_DIRECTORY)
+        output = output_fd
+        if output < 3:  # the caller's own descriptor is never moved
+            output = fcntl.fcntl(output_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            opened.append(output)
+        passed = [report_w, output, directory]
+        args = ["--report", str(report_w), "--output", str(output)]
+        args += ["--dir", str(directory), "--head", str(head_bytes)]
+        args += ["--tail", str(tail_bytes), "--drain-ms", str(round(drain_s * 1000))]
+        for procs in cgroup_procs or ():
+            passed.append(open_fd(procs, os.O_WRONLY))
+            args += ["--cgroup-procs", str(passed[-1])]
+        if cgroup_kill is not None:
+            passed.append(open_fd(cgroup_kill, os.O_WRONLY))
+            args += ["--cgroup-kill", str(passed[-1])]
+        if user is not None:
+            args += ["--uid", str(user), "--gid", str(group)]
+        args += ["--cwd", cwd, "--", argv[0], *argv]
+        keeper = Child(
+            _spawn.spawn(
+                os.fsencode(keeper_path()),
+                [os.fsencode(a) for a in [_KEEPER, *args]],
+                [os.fsencode(f"{k}={v}") for k, v in env.items()],
+                b"/",  # the keeper holds no directory of the job's
+                devnull,
+                devnull,
+                (),
+                -1,
+                -1,
+                tuple(passed),
+                _worker_stderr(),
+            ),
+            None,
+        )
+        # Only the keeper may hold the write end now: if it dies before it
+        # reports, the read ends instead of waiting forever.
+        os.close(report_w)
+        opened.remove(report_w)
+        try:
+            report = _read_report(report_r)
+        except BaseException:
+            _abandon(keeper, cgroup_kill)
+            raise
+    finally:
+        for fd in opened:
+            os.close(fd)
+    if len(report) != _REPORT.size:
+        keeper.wait()
+        _kill_cgroup(cgroup_kill)
+        raise OSError(
+            errno.EIO,
+            f"{_KEEPER} ended ({_ended(keeper.returncode)}) before it reported "
+            "the job's start",
+        )
+    step, value = _REPORT.unpack(report)
+    if step != 0:
+        keeper.wait()  # it has reaped the job's process and exits
+        try:
+            error = _spawn.failure(step, value, os.fsencode(argv[0]))
+        except ValueError:  # a step this module does not know
+            error = OSError(errno.EIO, f"{_KEEPER} reported an unknown step {step}")
+        raise error
+    return Kept(keeper=keeper, pid=value)
+
+
+def _worker_stderr() -> int:
+    """The keeper's stderr: the worker's own, where it has one, else stdout's
+    (/dev/null: -1 tells worker._spawn so)."""
+    try:
+        os.fstat(2)
+    except OSError:
+        return -1
+    return 2
+
+
+def _read_report(fd: int) -> bytes:
+    """The keeper's report, or less if the keeper ended without one."""
+    report = b""
+    while len(report) < _REPORT.size:
+        got = os.read(fd, _REPORT.size - len(report))  # retried on EINTR
+        if not got:
+            break
+        report += got
+    return report
+
+
+def _kill_cgroup(cgroup_kill: str | None) -> None:
+    """A keeper that died before it reported may have started the job; only
+    the job's cgroup can still find it."""
+    if cgroup_kill is None:
+        return
+    try:
+        with open(cgroup_kill, "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
+def _abandon(keeper: Child, cgroup_kill: str | None) -> None:
+    """The start was interrupted: end the keeper and whatever it started."""
+    try:
+        os.kill(keeper.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    keeper.wait()
+    _kill_cgroup(cgroup_kill)
+
+
+def _ended(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeeperExit:
+    """How a kept job ended: the keeper's exit file."""
+
+    status: int  # the raw wait status
+    returncode: int  # negative: killed by that signal
+    output_bytes: int  # all the job wrote
+    output_error: tuple[int, int] | None  # (errno, bytes kept) if a write failed
+    drain_cut: bool  # the output was still open when the keeper stopped reading
+
+
+def read_exit(job_dir: str) -> KeeperExit | None:
+    """The keeper's exit file in ``job_dir``; None if it has not been written.
+
+    The keeper renames it into place whole: a reader never sees a part of it.
+    Raises ValueError if it is not what the keeper writes.
+    """
+    try:
+        with open(os.path.join(job_dir, EXIT_FILE), "rb") as f:
+            raw = f.read(4096)
+    except FileNotFoundError:
+        return None
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{EXIT_FILE}: not text") from None
+    if not text.endswith("\n"):
+        raise ValueError(f"{EXIT_FILE}: not a whole file")
+    fields: dict[str, list[int]] = {}
+    for line in text.splitlines():
+        key, *values = line.split(" ")
+        try:
+            numbers = [int(v) for v in values]
+        except ValueError:
+            raise ValueError(f"{EXIT_FILE}: not a number in {line!r}") from None
+        if key in fields:
+            raise ValueError(f"{EXIT_FILE}: {key} twice")
+        fields[key] = numbers
+    counts = {"status": 1, "output_bytes": 1, "output_error": 2, "drain_cut": 1}
+    for key, numbers in fields.items():
+        if counts.get(key) != len(numbers):
+            raise ValueError(f"{EXIT_FILE}: unexpected line {key!r}")
+    if "status" not in fields or "output_bytes" not in fields:
+        raise ValueError(f"{EXIT_FILE}: status or output_bytes missing")
+    (status,) = fields["status"]
+    error = fields.get("output_error")
+    return KeeperExit(
+        status=status,
+        returncode=os.waitstatus_to_exitcode(status),  # ValueError if not one
+        output_bytes=fields["output_bytes"][0],
+        output_error=(error[0], error[1]) if error else None,
+        drain_cut=fields.get("drain_cut") == [1],
+    )

@@ -214,3 +214,35 @@ def test_wait_with_a_timeout_and_poll():
     killed.stdout.close()
     os.kill(killed.pid, signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
+
+
+def test_descriptors_passed_on_survive_the_exec_under_their_numbers(tmp_path):
+    kept = os.open(tmp_path, os.O_RDONLY | os.O_CLOEXEC)  # close-on-exec here
+    dropped = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(dropped, True)
+    try:
+        child, facts = run(
+            ["/bin/bash", "-c", REPORT + f'echo "kept=$(readlink /proc/$$/fd/{kept})"'],
+            pass_fds=(kept,),
+        )
+    finally:
+        os.close(dropped)
+    assert facts["kept"] == [str(tmp_path)]
+    assert str(dropped) not in facts["fd"]
+    # 0, 1, 2, the one the glob reads /proc through, and the one passed on.
+    assert str(kept) in facts["fd"] and len(facts["fd"]) == 5
+    # The worker's own descriptor is still closed on exec.
+    assert not os.get_inheritable(kept)
+    os.close(kept)
+
+
+def test_descriptors_to_pass_on_are_checked_before_anything_starts():
+    with pytest.raises(ValueError):
+        start(["/bin/true"], pass_fds=(-1,))
+    with pytest.raises(ValueError):
+        start(["/bin/true"], pass_fds=tuple(range(3, 20)))
+    with pytest.raises(OSError) as caught:
+        start(["/bin/true"], pass_fds=(999,))  # not open
+    assert caught.value.strerror == (
+        "keeping the descriptors passed on: Bad file descriptor"
+    )

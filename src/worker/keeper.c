@@ -1,0 +1,491 @@
+/*
+ * jobgate-keeper: the parent of one job, so that the job outlives the worker.
+ *
+ * A job started by the worker itself is the worker's child: its output goes
+ * into a pipe the worker reads, and only the worker can learn how it ended.
+ * A restart of the worker would lose both. The worker starts this program
+ * instead (as root, in no cgroup of the job's), and it starts the job:
+ *
+ *   jobgate-keeper --report FD --output FD --dir FD --head BYTES --tail BYTES
+ *                  --drain-ms MS [--cgroup-procs FD]... [--cgroup-kill FD]
+ *                  [--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]
+ *
+ * The descriptors are open already, passed on by the worker. The keeper's
+ * environment is the job's; its stdin (/dev/null) is the job's stdin; its
+ * stderr carries its own complaints, a line each.
+ *
+ *   1. It ignores the signals that could end it by accident: it leads a
+ *      session of its own and is in none of the job's cgroups, so that only
+ *      a SIGKILL sent to it by name ends it.
+ *   2. It starts the job as worker._spawn does (jobchild.h): the job joins
+ *      its cgroups, leads a new session, has its stdout and stderr on a pipe
+ *      to the keeper and drops to its ids.
+ *   3. It tells the worker on --report: one record { int32 step, int32
+ *      value }, step 0 and the job's pid, or the step that failed and
+ *      errno. A job that did not start ends the keeper there (exit 127).
+ *   4. It copies the job's output into --output at the offset where the
+ *      job wrote it, and keeps the file small: the first --head bytes stay,
+ *      of the rest only the newest --tail bytes; the bytes in between are
+ *      deallocated (a hole), so that the file's size is still all the job
+ *      wrote. A write that fails (a full disk) stops the copying, never the
+ *      reading: the job must not block, nor get SIGPIPE, because of it.
+ *   5. Once the job's main process has exited, it ends whatever the job
+ *      left behind (its cgroup through --cgroup-kill, its process group),
+ *      reaps it and reads what is left in the pipe, for at most --drain-ms.
+ *   6. It writes how it ended into "exit" in --dir, atomically:
+ *
+ *        status <the wait status>
+ *        output_bytes <all the job wrote>
+ *        output_error <errno> <bytes in the file when a write failed>
+ *        drain_cut 1            (when the pipe had not ended by --drain-ms)
+ *
+ * Exit status: 0 once the exit file is written; 127 if the job could not be
+ * started; 2 for bad arguments; 1 if the exit file could not be written.
+ */
+
+#define _GNU_SOURCE
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "jobchild.h"
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+
+/* One read of the job's output. */
+#define CHUNK (64 * 1024)
+/* The middle of the output is freed once this much of it has piled up: one
+   system call per MiB, and the file never holds more than this beyond its
+   head and tail. */
+#define PUNCH_SLACK (1024LL * 1024)
+/* Without a pidfd (older kernels) the keeper looks for the job's exit this
+   often. */
+#define EXIT_POLL_MS 50
+/* Sizes and offsets are kept far from overflowing a 64-bit offset. */
+#define MAX_BYTES (1LL << 60)
+
+extern char **environ;
+
+/* What the worker reads on --report: native byte order, like the worker. */
+struct report {
+    int32_t step;
+    int32_t value;
+};
+
+struct output {
+    int fd;
+    long long head, tail;
+    long long total;   /* everything the job wrote so far */
+    long long punched; /* [head, punched) is freed */
+    int punch_failed;
+    int write_err; /* the first failed write's errno, 0 if none */
+    long long kept; /* the bytes in the file when it failed */
+};
+
+static char chunk[CHUNK];
+
+static void __attribute__((format(printf, 1, 2)))
+say(const char *fmt, ...)
+{
+    char line[512];
+    int n = snprintf(line, sizeof line, "jobgate-keeper: ");
+    va_list ap;
+
+    va_start(ap, fmt);
+    n += vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    if (n > (int)sizeof line - 2)
+        n = (int)sizeof line - 2;
+    line[n++] = '\n';
+    /* One write, so that lines of several keepers sharing the worker's
+       stderr do not mix. */
+    (void)!write(2, line, (size_t)n);
+}
+
+static void __attribute__((noreturn))
+usage(const char *why, const char *what)
+{
+    say("%s%s%s", why, what ? ": " : "", what ? what : "");
+    say("usage: jobgate-keeper --report FD --output FD --dir FD --head BYTES "
+        "--tail BYTES --drain-ms MS [--cgroup-procs FD]... [--cgroup-kill FD] "
+        "[--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]");
+    exit(2);
+}
+
+/* A decimal number in [0, max], or the usage message. */
+static long long
+number(const char *option, const char *text, long long max)
+{
+    char *end;
+    long long n;
+
+    if (text == NULL)
+        usage("a value is missing", option);
+    /* Digits only: strtoll() would also take a sign and leading blanks. */
+    if (text[0] < '0' || text[0] > '9')
+        usage("not a number", option);
+    errno = 0;
+    n = strtoll(text, &end, 10);
+    if (errno != 0 || *end != '\0' || n > max)
+        usage("not a number in range", option);
+    return n;
+}
+
+/* An open descriptor above stderr, or the usage message. */
+static int
+descriptor(const char *option, const char *text)
+{
+    int fd = (int)number(option, text, INT_MAX);
+
+    if (fd < 3 || fcntl(fd, F_GETFD) < 0)
+        usage("not an open descriptor above 2", option);
+    return fd;
+}
+
+static long long
+now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * Frees [punched, total - tail) once ``slack`` bytes of it have piled up.
+ * The size stays (FALLOC_FL_KEEP_SIZE): offsets in the file remain offsets
+ * in all the job wrote, and the hole reads as zeros.
+ */
+static void
+trim(struct output *o, long long slack)
+{
+    long long end;
+
+    if (o->punch_failed || o->write_err || o->total <= o->head + o->tail)
+        return;
+    end = o->total - o->tail;
+    if (end - o->punched < slack)
+        return;
+    if (fallocate(o->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, o->punched,
+                  end - o->punched) < 0) {
+        /* The output is still right, only bigger on disk than it should be;
+           trying again every MiB would not help. */
+        o->punch_failed = 1;
+        say("cannot free the middle of the job's output, the file keeps it all: %s",
+            strerror(errno));
+        return;
+    }
+    o->punched = end;
+}
+
+/* ``n`` more bytes of the job's output, written where they belong. */
+static void
+take(struct output *o, const char *data, size_t n)
+{
+    size_t done = 0;
+
+    while (!o->write_err && done < n) {
+        ssize_t w = pwrite(o->fd, data + done, n - done, (off_t)(o->total + (long long)done));
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            /* A full disk or a file too big: what is in the file stays, and
+               the rest is counted but dropped. Say so only once. */
+            o->write_err = w < 0 ? errno : EIO;
+            o->kept = o->total + (long long)done;
+            say("cannot write the job's output, dropping the rest: %s", strerror(o->write_err));
+            break;
+        }
+        done += (size_t)w;
+    }
+    o->total += (long long)n;
+    trim(o, PUNCH_SLACK);
+}
+
+/*
+ * Reads what the pipe has. Returns 0 once it has ended (every writer gone),
+ * 1 otherwise.
+ */
+static int
+drain_once(int fd, struct output *o)
+{
+    ssize_t n = read(fd, chunk, sizeof chunk);
+
+    if (n > 0) {
+        take(o, chunk, (size_t)n);
+        return 1;
+    }
+    if (n < 0 && (errno == EINTR || errno == EAGAIN))
+        return 1;
+    if (n < 0)
+        say("cannot read the job's output: %s", strerror(errno));
+    return 0;
+}
+
+/*
+ * The job's main process has exited (it is a zombie: its pid still names its
+ * process group). What it left running is ended before it is reaped: its
+ * cgroup at once, then its process group (those that left the group but not
+ * the session would hold the pipe on; the cgroup catches them). Returns the
+ * wait status.
+ */
+static int
+end_job(pid_t pid, int kill_fd)
+{
+    int status = 0;
+
+    if (kill_fd >= 0)
+        (void)!write(kill_fd, "1", 1);
+    if (kill(-pid, SIGKILL) < 0 && errno != ESRCH)
+        say("cannot end the job's process group %d: %s", (int)pid, strerror(errno));
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR) {
+            say("cannot reap the job's process %d: %s", (int)pid, strerror(errno));
+            break;
+        }
+    }
+    return status;
+}
+
+/* Whether the job's main process has exited, for a keeper without pidfd. */
+static int
+exited(pid_t pid)
+{
+    siginfo_t info;
+
+    memset(&info, 0, sizeof info);
+    return waitid(P_PID, (id_t)pid, &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+           info.si_pid == pid;
+}
+
+/* "exit" in ``dir``: written to exit.tmp, then renamed, so that a reader sees
+   all of it or nothing. */
+static int
+write_exit(int dir, const char *text, size_t len)
+{
+    int fd = openat(dir, "exit.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    ssize_t w;
+
+    if (fd < 0) {
+        say("cannot create exit.tmp: %s", strerror(errno));
+        return -1;
+    }
+    do {
+        w = write(fd, text, len);
+    } while (w < 0 && errno == EINTR);
+    if (w != (ssize_t)len) {
+        say("cannot write exit.tmp: %s", w < 0 ? strerror(errno) : "short write");
+        close(fd);
+        (void)unlinkat(dir, "exit.tmp", 0);
+        return -1;
+    }
+    if (close(fd) < 0 || renameat(dir, "exit.tmp", dir, "exit") < 0) {
+        say("cannot put the exit file in place: %s", strerror(errno));
+        (void)unlinkat(dir, "exit.tmp", 0);
+        return -1;
+    }
+    return 0;
+}
+
+int
+main(int argc, char **argv)
+{
+    static const int ignored[] = {SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGPIPE, SIGUSR1, SIGUSR2};
+    struct plan p;
+    struct output o;
+    struct failure f;
+    struct report r;
+    struct sigaction ign;
+    int report_fd = -1, dir_fd = -1, kill_fd = -1, has_head = 0, has_tail = 0;
+    long long drain_ms = -1;
+    int pipe_fds[2], pidfd, pipe_open, job_done = 0, drain_cut = 0, status = 0;
+    int poll_failed = 0;
+    long long exit_ms = 0;
+    pid_t pid;
+    char text[256];
+    int len, i;
+    size_t k;
+
+    memset(&p, 0, sizeof p);
+    memset(&o, 0, sizeof o);
+    p.uid = p.gid = -1;
+    o.fd = -1;
+    for (i = 1; i < argc; i++) {
+        const char *opt = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
+
+        if (strcmp(opt, "--") == 0) {
+            i++;
+            break;
+        }
+        if (strcmp(opt, "--report") == 0) {
+            report_fd = descriptor(opt, val);
+        } else if (strcmp(opt, "--output") == 0) {
+            o.fd = descriptor(opt, val);
+        } else if (strcmp(opt, "--dir") == 0) {
+            dir_fd = descriptor(opt, val);
+        } else if (strcmp(opt, "--head") == 0) {
+            o.head = number(opt, val, MAX_BYTES);
+            has_head = 1;
+        } else if (strcmp(opt, "--tail") == 0) {
+            o.tail = number(opt, val, MAX_BYTES);
+            has_tail = 1;
+        } else if (strcmp(opt, "--drain-ms") == 0) {
+            drain_ms = number(opt, val, 24LL * 3600 * 1000);
+        } else if (strcmp(opt, "--cgroup-procs") == 0) {
+            if (p.n_cgroups == MAX_CGROUPS)
+                usage("too many cgroups", opt);
+            p.cgroup_fds[p.n_cgroups++] = descriptor(opt, val);
+        } else if (strcmp(opt, "--cgroup-kill") == 0) {
+            kill_fd = descriptor(opt, val);
+        } else if (strcmp(opt, "--uid") == 0) {
+            p.uid = (long)number(opt, val, UINT_MAX - 1);
+        } else if (strcmp(opt, "--gid") == 0) {
+            p.gid = (long)number(opt, val, UINT_MAX - 1);
+        } else if (strcmp(opt, "--cwd") == 0) {
+            if (val == NULL || val[0] == '\0')
+                usage("a value is missing", opt);
+            p.cwd = val;
+        } else {
+            usage("unknown option", opt);
+        }
+        i++; /* every option has a value */
+    }
+    if (report_fd < 0 || o.fd < 0 || dir_fd < 0 || !has_head || !has_tail || drain_ms < 0 ||
+        p.cwd == NULL)
+        usage("--report, --output, --dir, --head, --tail, --drain-ms and --cwd are needed",
+              NULL);
+    if ((p.uid < 0) != (p.gid < 0))
+        usage("--uid and --gid go together", NULL);
+    if (argc - i < 2)
+        usage("the program's path and argv[0] are needed after --", NULL);
+    p.path = argv[i];
+    p.argv = argv + i + 1;
+    p.envp = environ;
+    o.punched = o.head;
+
+    memset(&ign, 0, sizeof ign);
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    for (k = 0; k < sizeof ignored / sizeof ignored[0]; k++)
+        sigaction(ignored[k], &ign, NULL);
+
+    /* The job's stdout and stderr; close-on-exec, so that only the job's
+       copies (placed on 1 and 2) survive its exec. */
+    pid = -1;
+    if (pipe2(pipe_fds, O_CLOEXEC) < 0) {
+        f.step = STEP_START;
+        f.err = errno;
+    } else {
+        p.stdin_fd = 0;
+        p.stdout_fd = p.stderr_fd = pipe_fds[1];
+        pid = launch(&p, &f);
+        if (pid < 0 && f.step == 0)
+            f.step = STEP_START;
+    }
+    r.step = pid > 0 ? 0 : f.step;
+    r.value = pid > 0 ? (int32_t)pid : f.err;
+    /* The worker may be gone already (SIGPIPE is ignored): the job runs on
+       all the same, and the exit file will tell. */
+    if (write(report_fd, &r, sizeof r) != (ssize_t)sizeof r)
+        say("cannot report the start to the worker: %s", strerror(errno));
+    close(report_fd);
+    if (pid < 0)
+        return 127;
+
+    /* The job has joined its cgroups and holds its own end of the pipe:
+       the keeper's write end would keep the pipe from ever ending. */
+    for (i = 0; i < p.n_cgroups; i++)
+        close(p.cgroup_fds[i]);
+    close(pipe_fds[1]);
+    pipe_open = 1;
+    pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0)
+        say("no pidfd for the job (%s): looking for its exit every %d ms", strerror(errno),
+            EXIT_POLL_MS);
+
+    while (pipe_open || !job_done) {
+        struct pollfd fds[2];
+        int nfds = 0, timeout = -1, pipe_at = -1, pid_at = -1, n;
+
+        if (pipe_open) {
+            fds[nfds] = (struct pollfd){.fd = pipe_fds[0], .events = POLLIN};
+            pipe_at = nfds++;
+        }
+        if (!job_done && pidfd >= 0) {
+            fds[nfds] = (struct pollfd){.fd = pidfd, .events = POLLIN};
+            pid_at = nfds++;
+        }
+        if (job_done) {
+            /* Something outside the job's process group and cgroup (or a
+               job without a cgroup whose child left its session) may hold
+               the pipe open forever: the drain has a deadline. */
+            long long left = exit_ms + drain_ms - now_ms();
+            if (left <= 0) {
+                drain_cut = 1;
+                break;
+            }
+            timeout = (int)left;
+        } else if (pidfd < 0) {
+            timeout = EXIT_POLL_MS;
+        }
+        n = poll(fds, (nfds_t)nfds, timeout);
+        if (n < 0) {
+            /* Only a shortage of memory could bring this about, for a
+               while: the job must be kept all the same, so try again. */
+            if (errno != EINTR) {
+                if (!poll_failed++)
+                    say("poll: %s", strerror(errno));
+                usleep(10 * 1000);
+            }
+            continue;
+        }
+        if (pipe_at >= 0 && fds[pipe_at].revents != 0 && !drain_once(pipe_fds[0], &o)) {
+            close(pipe_fds[0]);
+            pipe_open = 0;
+        }
+        if (!job_done && ((pid_at >= 0 && fds[pid_at].revents != 0) ||
+                          (pidfd < 0 && exited(pid)))) {
+            siginfo_t info;
+
+            /* Exited, not reaped: its pid stays its process group's name
+               until end_job() has signalled the group. */
+            while (waitid(P_PID, (id_t)pid, &info, WEXITED | WNOWAIT) < 0 && errno == EINTR)
+                ;
+            status = end_job(pid, kill_fd);
+            job_done = 1;
+            exit_ms = now_ms();
+        }
+    }
+    if (pipe_open)
+        close(pipe_fds[0]);
+    if (pidfd >= 0)
+        close(pidfd);
+    if (kill_fd >= 0)
+        close(kill_fd);
+    /* The output is complete: nothing between the head and the tail is
+       left on disk, however little of it there is. */
+    trim(&o, 1);
+
+    len = snprintf(text, sizeof text, "status %d\noutput_bytes %lld\n", status, o.total);
+    if (o.write_err)
+        len += snprintf(text + len, sizeof text - (size_t)len, "output_error %d %lld\n",
+                        o.write_err, o.kept);
+    if (drain_cut)
+        len += snprintf(text + len, sizeof text - (size_t)len, "drain_cut 1\n");
+    return write_exit(dir_fd, text, (size_t)len) < 0 ? 1 : 0;
+}

@@ -1,0 +1,508 @@
+"""worker.spawn.spawn_kept: a job whose parent is jobgate-keeper, not the worker."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import skip_unless_required
+
+from worker import isolation, spawn
+
+MiB = 1024 * 1024
+# A user and group id no account has: the job's ids come from the keeper's
+# arguments, not from the password database.
+JOB_ID = 61999
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def needs_root(why: str) -> None:
+    if os.geteuid() != 0:
+        skip_unless_required(why, "JOBGATE_REQUIRE_ROOT")
+
+
+class Job:
+    """A kept job with its directory and output file, for the tests."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        argv: list[str],
+        output: Path | None = None,
+        flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+        **kw,
+    ):
+        self.dir = tmp_path / f"job-{uuid.uuid4().hex[:8]}"
+        self.dir.mkdir()
+        self.output = output or self.dir / "output"
+        fd = os.open(self.output, flags, 0o600)
+        kw.setdefault("cwd", "/")
+        kw.setdefault("env", {"PATH": "/usr/bin:/bin"})
+        kw.setdefault("user", None)
+        kw.setdefault("group", None)
+        kw.setdefault("cgroup_procs", None)
+        kw.setdefault("cgroup_kill", None)
+        kw.setdefault("head_bytes", MiB)
+        kw.setdefault("tail_bytes", MiB)
+        kw.setdefault("drain_s", 5.0)
+        try:
+            self.kept = spawn.spawn_kept(
+                argv, job_dir=str(self.dir), output_fd=fd, **kw
+            )
+        finally:
+            os.close(fd)  # the keeper has its own
+
+    def finish(self, timeout: float = 10) -> spawn.KeeperExit:
+        assert self.kept.keeper.wait(timeout=timeout) == 0
+        ended = spawn.read_exit(str(self.dir))
+        assert ended is not None
+        assert "exit.tmp" not in os.listdir(self.dir)
+        return ended
+
+    def read(self) -> bytes:
+        return self.output.read_bytes()
+
+    def wait_for_output(self, size: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while self.output.stat().st_size < size:
+            assert time.monotonic() < deadline, "the output never came"
+            time.sleep(0.01)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended: only its parent's wait is due)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def children() -> list[int]:
+    """This process's children, zombies included."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == os.getpid():
+                found.append(int(entry))
+    return found
+
+
+def wait_until(check, timeout: float = 10, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_the_keeper_is_built_and_usable_here():
+    # The package build compiles it (setup.py); without it jobs would die
+    # with every restart of the worker.
+    assert spawn.keeper_available() == ""
+    assert os.access(spawn.keeper_path(), os.X_OK)
+
+
+@pytest.mark.parametrize(
+    "script, returncode",
+    [
+        ("exit 0", 0),
+        ("exit 3", 3),
+        ("kill -TERM $$", -signal.SIGTERM),
+    ],
+)
+def test_the_output_is_copied_exactly_and_the_exit_file_tells_the_end(
+    tmp_path, script, returncode
+):
+    expected = b"out\x00\xff\x01\n" + b"err\n"
+    job = Job(
+        tmp_path,
+        ["/bin/sh", "-c", f"printf 'out\\000\\377\\001\\n'; echo err >&2; {script}"],
+    )
+    ended = job.finish()
+    assert job.read() == expected
+    assert ended.returncode == returncode
+    assert os.waitstatus_to_exitcode(ended.status) == returncode
+    assert ended.output_bytes == len(expected)
+    assert (ended.output_error, ended.drain_cut) == (None, False)
+    # The keeper reaped the job: the worker has only the keeper to reap.
+    assert not alive(job.kept.pid)
+    assert children() == []
+
+
+def test_the_job_is_the_keepers_child_with_a_session_of_its_own(tmp_path):
+    job = Job(
+        tmp_path,
+        [
+            "/bin/bash",
+            "-c",
+            'echo "$PPID $(cut -d" " -f6 /proc/$$/stat)"\n'
+            'for fd in /proc/$$/fd/*; do echo "${fd##*/}"; done',
+        ],
+    )
+    job.finish()
+    first, *fds = job.read().decode().splitlines()
+    assert first == f"{job.kept.keeper.pid} {job.kept.pid}"
+    # 0, 1, 2 and the descriptor the glob reads /proc through: none of the
+    # keeper's went on to the job.
+    assert sorted(fds)[:3] == ["0", "1", "2"] and len(fds) == 4
+
+
+def test_the_keeper_shrugs_off_signals_and_keeps_copying(tmp_path):
+    job = Job(tmp_path, ["/bin/sh", "-c", "echo one; sleep 0.5; echo two"])
+    job.wait_for_output(4)
+    for sig in (
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGPIPE,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+    ):
+        os.kill(job.kept.keeper.pid, sig)
+    assert job.kept.keeper.poll() is None
+    ended = job.finish()
+    assert (job.read(), ended.returncode) == (b"one\ntwo\n", 0)
+
+
+WORKER = """
+import os, signal, sys
+from worker import spawn
+
+job_dir, script = sys.argv[1:]
+fd = os.open(os.path.join(job_dir, "output"), os.O_WRONLY | os.O_CREAT, 0o600)
+kept = spawn.spawn_kept(
+    ["/bin/sh", "-c", script], cwd="/", env={"PATH": "/usr/bin:/bin"},
+    user=None, group=None, cgroup_procs=None, cgroup_kill=None, job_dir=job_dir,
+    output_fd=fd, head_bytes=1 << 20, tail_bytes=1 << 20, drain_s=5,
+)
+print(kept.keeper.pid, kept.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """This process adopts its descendants' orphans (as a service manager
+    does), so that the test can reap the keeper of a worker it killed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.fail(f"prctl: {os.strerror(ctypes.get_errno())}")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def test_the_job_outlives_the_worker_killed_with_sigkill(tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    with adopting_orphans():
+        worker = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                str(job_dir),
+                "sleep 0.5; echo after; exit 5",
+            ],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            timeout=30,
+        )
+        assert worker.returncode == -signal.SIGKILL
+        keeper_pid, job_pid = map(int, worker.stdout.split())
+        assert alive(job_pid)  # the worker is gone, the job is not
+        _, status = os.waitpid(keeper_pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    ended = spawn.read_exit(str(job_dir))
+    assert (ended.returncode, ended.output_bytes) == (5, 6)
+    assert (job_dir / "output").read_bytes() == b"after\n"
+
+
+def test_the_job_runs_as_its_user_and_group_only(tmp_path):
+    needs_root("jobs change user only as root")
+    job = Job(
+        tmp_path,
+        [
+            "/bin/sh",
+            "-c",
+            "id -u; id -g; id -G; grep -E '^(Groups|CapEff):' /proc/self/status",
+        ],
+        user=JOB_ID,
+        group=JOB_ID,
+    )
+    assert job.finish().returncode == 0
+    lines = job.read().decode().splitlines()
+    assert lines[:3] == [str(JOB_ID)] * 3
+    assert lines[3].split() == ["Groups:"]
+    assert lines[4].split() == ["CapEff:", "0000000000000000"]
+
+
+def test_a_program_that_cannot_be_executed_raises_what_exec_met(tmp_path):
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\necho ran\n")
+    for path, code in [(tmp_path / "missing", errno.ENOENT), (script, errno.EACCES)]:
+        job_dir = tmp_path / f"job-{code}"
+        job_dir.mkdir()
+        fd = os.open(job_dir / "output", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError) as caught:
+                spawn.spawn_kept(
+                    [str(path)],
+                    cwd="/",
+                    env={},
+                    user=None,
+                    group=None,
+                    cgroup_procs=None,
+                    cgroup_kill=None,
+                    job_dir=str(job_dir),
+                    output_fd=fd,
+                    head_bytes=0,
+                    tail_bytes=0,
+                    drain_s=1,
+                )
+            os.fstat(fd)  # the caller's descriptor stays open
+        finally:
+            os.close(fd)
+        assert caught.value.errno == code
+        assert caught.value.filename == os.fsencode(path)
+        assert os.listdir(job_dir) == ["output"]  # no exit file
+    # The keeper was reaped, and it reaped its child: nothing is left.
+    assert children() == []
+
+
+def test_a_step_before_exec_fails_the_start_as_spawn_does(tmp_path):
+    with pytest.raises(FileNotFoundError) as caught:
+        Job(tmp_path, ["/bin/true"], cwd=str(tmp_path / "gone"))
+    assert caught.value.strerror == (
+        "changing to the working directory: No such file or directory"
+    )
+    assert children() == []
+
+
+def test_the_output_keeps_its_head_and_tail_and_frees_the_middle(tmp_path):
+    head, tail, size = 64 * 1024, 256 * 1024, 8 * MiB
+    data = random.Random(7).randbytes(size)
+    writer = (
+        "import random, sys, time; "
+        f"sys.stdout.buffer.write(random.Random(7).randbytes({size})); "
+        "sys.stdout.flush(); time.sleep(30)"
+    )
+    job = Job(
+        tmp_path,
+        [sys.executable, "-c", writer],
+        head_bytes=head,
+        tail_bytes=tail,
+    )
+    job.wait_for_output(size)
+    # While the job runs: the middle is freed a MiB at a time.
+    on_disk = job.output.stat().st_blocks * 512
+    # (A read's worth may be written but not yet freed, and the file system
+    # may round up.)
+    assert on_disk <= head + tail + 2 * MiB, on_disk
+    os.kill(job.kept.pid, signal.SIGKILL)
+    ended = job.finish()
+    assert (ended.returncode, ended.output_bytes) == (-signal.SIGKILL, size)
+    st = job.output.stat()
+    # Offsets are offsets in everything the job wrote.
+    assert st.st_size == size
+    written = job.read()
+    assert written[:head] == data[:head]
+    assert written[-tail:] == data[-tail:]
+    # Once the job has ended, nothing of the middle is left on disk.
+    assert written[head:-tail] == bytes(size - head - tail)
+    assert st.st_blocks * 512 <= head + tail + 64 * 1024, st.st_blocks
+
+
+def test_a_process_left_holding_the_output_is_ended_with_the_job(tmp_path):
+    job = Job(
+        tmp_path,
+        ["/bin/sh", "-c", "sleep 30 & echo $!"],
+        drain_s=20,
+    )
+    started = time.monotonic()
+    ended = job.finish()
+    # Its process group went with it: no waiting for the drain's deadline.
+    assert time.monotonic() - started < 5
+    assert (ended.returncode, ended.drain_cut) == (0, False)
+    left = int(job.read())
+    wait_until(lambda: not alive(left), what="the background process to end")
+
+
+def test_the_drain_gives_up_on_a_process_outside_the_jobs_reach(tmp_path):
+    job = Job(
+        tmp_path,
+        # The grandchild leaves the job's session: only a cgroup would find it.
+        ["/bin/sh", "-c", "setsid /bin/sh -c 'echo $$; exec sleep 30' & sleep 0.2"],
+        drain_s=0.2,
+    )
+    try:
+        started = time.monotonic()
+        ended = job.finish()
+        assert time.monotonic() - started < 5
+        assert (ended.returncode, ended.drain_cut) == (0, True)
+    finally:
+        escaped = int(job.read())
+        os.kill(escaped, signal.SIGKILL)
+    assert ended.output_bytes == len(job.read())
+
+
+@pytest.fixture
+def cgroup():
+    """A fresh cgroup v2 below this process's own, removed afterwards."""
+    mount, own = isolation._cgroup2_mount(), isolation._own_cgroup()
+    if mount is None or own is None or os.geteuid() != 0:
+        skip_unless_required("no writable cgroup v2 here", "JOBGATE_REQUIRE_CGROUP")
+    path = mount / own.lstrip("/") / f"jobgate-keeper-test-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+    except OSError as exc:
+        skip_unless_required(f"cannot make a cgroup: {exc}", "JOBGATE_REQUIRE_CGROUP")
+    yield path
+    # Killed members may take a moment to be gone.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            path.rmdir()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def test_the_job_joins_its_cgroup_and_cgroup_kill_ends_what_it_left(
+    tmp_path, cgroup: Path
+):
+    script = textwrap.dedent(
+        """
+        grep '^0::' /proc/self/cgroup | cut -d: -f3
+        setsid sleep 30 &
+        echo $!
+        sleep 0.3
+        """
+    )
+    job = Job(
+        tmp_path,
+        ["/bin/sh", "-c", script],
+        cgroup_procs=[str(cgroup / "cgroup.procs")],
+        cgroup_kill=str(cgroup / "cgroup.kill"),
+        drain_s=20,
+    )
+    # The keeper is not in the job's cgroup: killing it spares the keeper.
+    keeper_cgroup = Path(f"/proc/{job.kept.keeper.pid}/cgroup").read_text()
+    assert cgroup.name not in keeper_cgroup
+    started = time.monotonic()
+    ended = job.finish()
+    assert time.monotonic() - started < 5
+    assert (ended.returncode, ended.drain_cut) == (0, False)
+    joined, escaped = job.read().decode().split()
+    own = isolation._own_cgroup().rstrip("/")
+    assert joined == f"{own}/{cgroup.name}"
+    wait_until(lambda: not alive(int(escaped)), what="the escaped process to end")
+    wait_until(
+        lambda: (cgroup / "cgroup.procs").read_text() == "", what="an empty cgroup"
+    )
+
+
+def test_a_cgroup_that_cannot_be_joined_fails_the_start(tmp_path, cgroup: Path):
+    marker = tmp_path / "ran"
+    with pytest.raises(OSError) as caught:
+        Job(
+            tmp_path,
+            ["/bin/sh", "-c", f"touch {marker}"],
+            cgroup_procs=[str(cgroup / "cgroup.events")],
+        )
+    assert caught.value.strerror.startswith("joining the job's cgroup: ")
+    assert not marker.exists()
+    assert children() == []
+
+
+def test_an_output_that_cannot_be_written_is_named_and_the_job_runs_on(tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.touch()
+    job = Job(
+        tmp_path,
+        # More than a pipe holds: a keeper that stopped reading would block
+        # the job.
+        ["/bin/sh", "-c", "head -c 1000000 /dev/zero; echo done >&2"],
+        output=read_only,
+        flags=os.O_RDONLY,  # every write fails at once
+    )
+    ended = job.finish()
+    assert (ended.returncode, ended.output_bytes) == (0, 1000005)
+    assert ended.output_error == (errno.EBADF, 0)
+
+
+def test_a_full_disk_keeps_what_fit_and_the_job_runs_on(tmp_path):
+    needs_root("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(disk)],
+        check=True,
+    )
+    try:
+        data = random.Random(3).randbytes(MiB)
+        writer = (
+            "import random, sys; "
+            f"sys.stdout.buffer.write(random.Random(3).randbytes({MiB}))"
+        )
+        # Only the output is on the full disk: the exit file still fits.
+        job = Job(tmp_path, [sys.executable, "-c", writer], output=disk / "output")
+        ended = job.finish()
+        assert (ended.returncode, ended.output_bytes) == (0, MiB)
+        code, kept = ended.output_error
+        assert code == errno.ENOSPC
+        assert 0 < kept < MiB
+        assert job.read() == data[:kept]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_read_exit_refuses_what_the_keeper_does_not_write(tmp_path):
+    assert spawn.read_exit(str(tmp_path)) is None
+    exit_file = tmp_path / "exit"
+    exit_file.write_text("status 0\noutput_bytes 12\noutput_error 28 4\ndrain_cut 1\n")
+    assert spawn.read_exit(str(tmp_path)) == spawn.KeeperExit(
+        status=0, returncode=0, output_bytes=12, output_error=(28, 4), drain_cut=True
+    )
+    for bad in [
+        "status 0\n",
+        "status 0\noutput_bytes 1",
+        "status 0\noutput_bytes x\n",
+        "status 0\noutput_bytes 1\noutput_bytes 1\n",
+        "status 0\noutput_bytes 1\nwhat 1\n",
+        "status 0\noutput_bytes 1\noutput_error 28\n",
+        "status 4991\noutput_bytes 1\n",  # stopped, not ended
+    ]:
+        exit_file.write_text(bad)
+        with pytest.raises(ValueError):
+            spawn.read_exit(str(tmp_path))
+
+
+def test_bad_arguments_end_the_keeper_before_it_starts_anything(tmp_path):
+    run = subprocess.run(
+        [spawn.keeper_path(), "--report", "1", "--", "/bin/true", "true"],
+        capture_output=True,
+        timeout=10,
+    )
+    assert run.returncode == 2
+    assert run.stderr.startswith(b"jobgate-keeper: ")
