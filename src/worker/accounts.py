@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import fcntl
 import grp
 import logging
@@ -87,7 +88,27 @@ class Account:
     # removed. Its id then goes back only after the clean-up process.
     escaped: bool = False
     tmp: str = ""
+    # Taken over from the worker's earlier run with a job it adopted: the
+    # lock of its id was held by the job's keeper, not by this worker.
+    adopted: bool = False
     _lock_fd: int | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor whose lock holds the id (dynamic ids only)."""
+        return self._lock_fd
+
+    def to_json(self) -> dict:
+        """What names the account, for :meth:`Accounts.adopt` after a restart."""
+        return {
+            "uid": self.uid,
+            "gid": self.gid,
+            "name": self.name,
+            "dynamic": self.dynamic,
+            "home": self.home,
+            "shell": self.shell,
+            "tmp": self.tmp,
+        }
 
 
 class Accounts:
@@ -214,6 +235,27 @@ class Accounts:
         except BaseException:
             self._return(account)
             raise
+        return account
+
+    def adopt(self, d: dict) -> Account:
+        """The account of a job adopted from the worker's earlier run.
+
+        Its id counts as taken from now on; its lock is held by the job's
+        keeper until the job ends (see :meth:`_reclaim`).
+        """
+        account = Account(
+            d.get("uid"),
+            d.get("gid"),
+            str(d.get("name", "")),
+            bool(d.get("dynamic")),
+            home=str(d.get("home", "")),
+            shell=str(d.get("shell", "")),
+            tmp=str(d.get("tmp", "")),
+            adopted=True,
+        )
+        if account.dynamic and account.uid is not None:
+            with self._pool_lock:
+                self._held.add(account.uid)
         return account
 
     def _from_stock(self) -> Account | None:
@@ -350,6 +392,19 @@ class Accounts:
         systemd it has no CAP_DAC_OVERRIDE). Most jobs need neither, and cost
         no process.
         """
+        if account.adopted and account.dynamic and account._lock_fd is None:
+            # Its keeper held the lock and has ended: take it before touching
+            # anything of the id. Should another worker on the host have
+            # taken the id meanwhile, it is that worker's now.
+            account._lock_fd = _lock(self.cfg.uid_lock_dir / str(account.uid))
+            if account._lock_fd is None:
+                log.warning(
+                    "%s: its id is in use by another worker now; not cleaned up",
+                    account.name,
+                )
+                with self._pool_lock:
+                    self._held.discard(account.uid)
+                return
         escaped = account.dynamic and (account.escaped or not self.contained)
         if account.tmp and not escaped:
             try:
@@ -397,7 +452,8 @@ class Accounts:
         try:
             self.tmp_root.rmdir()
         except OSError as exc:
-            log.warning("could not remove %s: %s", self.tmp_root, exc)
+            if exc.errno != errno.ENOTEMPTY:  # jobs left running keep theirs
+                log.warning("could not remove %s: %s", self.tmp_root, exc)
 
 
 def _run_as(account: Account, timeout: float) -> None:

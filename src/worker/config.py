@@ -128,6 +128,12 @@ class JobsSection:
         min=0,
         help="how long output is still read after a job's main process exits",
     )
+    keep_on_restart: bool = setting(
+        True,
+        help="jobs go on running while systemd restarts the worker (systemctl "
+        "restart, a package upgrade) and the worker adopts them when it is "
+        "back; false: a restart stops them as a stop does",
+    )
     max_args: int = setting(256, min=0, help="most arguments a job may have")
     max_arg_bytes: int = setting(
         65536, min=1, help="largest total size of a job's arguments"

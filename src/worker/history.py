@@ -19,13 +19,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from jobgate.jobstate import ExitReason, JobState
-from worker.job import Job, JobRecord
+from worker.job import Job, JobRecord, Phase
 from worker.output import OutputLog
 from worker.records import RecordLog
 
 log = logging.getLogger(__name__)
 
 ALIVE_NAME = "alive"
+# Written with a kept job's record while it runs (worker.runner).
+ADOPTION_KEYS = ("keeper", "account")
 
 
 class AliveStamp:
@@ -89,16 +91,16 @@ def load(
             continue
         directory = jobs_dir / record.job_id
         output = make_output(directory, record.output_bytes)
-        if record.state is JobState.RUNNING:
-            mark_lost(record, last_alive)
-            record.output_bytes = output.recover()
-            log.warning(
-                "job %s was running when the worker stopped: lost",
-                record.job_id,
-                extra={"JOB_ID": record.job_id},
-            )
-        kept.append(record.to_json())
-        jobs.append(Job(record, directory, output))
+        job = Job(record, directory, output)
+        if record.state is JobState.RUNNING and "keeper" in d:
+            # Kept: it may still run. The runner adopts it, or calls it lost.
+            job.extra = {k: d[k] for k in ADOPTION_KEYS if k in d}
+            kept.append(record.to_json() | job.extra)
+        else:
+            if record.state is JobState.RUNNING:
+                _lose(job, last_alive)
+            kept.append(record.to_json())
+        jobs.append(job)
     # One line per job, the lost ones with their end; a line a crash cut
     # short is gone, so appends start on a line of their own.
     records.reset(kept)
@@ -108,6 +110,34 @@ def load(
     if jobs:
         log.info("loaded %d job records from %s", len(jobs), jobs_dir)
     return jobs
+
+
+def _lose(job: Job, last_alive: float | None) -> None:
+    record = job.record
+    mark_lost(record, last_alive)
+    record.output_bytes = job.output.recover()
+    job.change(Phase.ENDED, "lost when the worker stopped")
+    job.done.set()
+    log.warning(
+        "job %s was running when the worker stopped: lost",
+        record.job_id,
+        extra={"JOB_ID": record.job_id},
+    )
+
+
+def lose(job: Job, last_alive: float | None, records: RecordLog) -> None:
+    """A kept job that could not be adopted: its keeper is gone without a word."""
+    _lose(job, last_alive)
+    job.record.reason = (
+        "the job was running when the worker stopped, and had ended without "
+        "a record of its end when the worker came back (its keeper was "
+        "killed, or the host restarted); ended_at is the last time the "
+        "worker knew it running"
+    )
+    try:
+        records.write(job.record.to_json())
+    except OSError as exc:
+        log.error("job %s: could not record it lost: %s", job.record.job_id, exc)
 
 
 def mark_lost(record: JobRecord, last_alive: float | None) -> None:

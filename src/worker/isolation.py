@@ -62,6 +62,10 @@ class ProcessGroups:
     def prepare(self, job_id: str) -> str:
         return "-"
 
+    def kill_file(self, job_id: str) -> str | None:
+        """The job's ``cgroup.kill``, if it has one (for its keeper)."""
+        return None
+
     def signal(self, job_id: str, pgid: int, sig: int) -> None:
         if pgid <= 0:
             return  # no group known: never the worker's own (killpg(0))
@@ -92,9 +96,13 @@ class Cgroups(ProcessGroups):
     def __init__(self, base: Path):
         self.base = base
         self._base = os.fspath(base)  # per-job paths are made on every start
+        self._has_kill = (base / "cgroup.kill").exists()  # Linux 5.14
+
+    def kill_file(self, job_id: str) -> str | None:
+        return f"{self._dir(job_id)}/cgroup.kill" if self._has_kill else None
 
     @classmethod
-    def create(cls, instance: str) -> Cgroups:
+    def create(cls, instance: str, keep: set[str] = frozenset()) -> Cgroups:
         """Make the jobs' parent cgroup, or raise OSError saying why not.
 
         ``instance`` names this worker uniquely on the host (several workers
@@ -110,13 +118,14 @@ class Cgroups(ProcessGroups):
         probe.mkdir(exist_ok=True)
         probe.rmdir()
         groups = cls(base)
-        groups.reap_leftovers()
+        groups.reap_leftovers(keep)
         return groups
 
-    def reap_leftovers(self) -> None:
-        """End what jobs of an earlier run of this worker left behind."""
+    def reap_leftovers(self, keep: set[str] = frozenset()) -> None:
+        """End what jobs of an earlier run of this worker left behind, but
+        for the jobs in ``keep`` (adopted: they still run)."""
         for d in self.base.iterdir():
-            if d.is_dir():
+            if d.is_dir() and d.name not in keep:
                 log.warning(
                     "killing what is left of job %s from an earlier run", d.name
                 )
@@ -231,12 +240,15 @@ def remove_leftovers(instance: str) -> None:
         groups.close()
 
 
-def choose(mode: str, instance: str) -> ProcessGroups:
-    """The isolation for ``[jobs].isolation``; raises OSError if it cannot be had."""
+def choose(mode: str, instance: str, keep: set[str] = frozenset()) -> ProcessGroups:
+    """The isolation for ``[jobs].isolation``; raises OSError if it cannot be had.
+
+    The cgroups of the jobs in ``keep`` (adopted from an earlier run) stay.
+    """
     if mode == "process-group":
         return ProcessGroups()
     try:
-        chosen = Cgroups.create(instance)
+        chosen = Cgroups.create(instance, keep)
     except OSError as exc:
         if mode == "cgroup":
             raise OSError(

@@ -155,6 +155,10 @@ class Job:
         self.out_fd: int | None = None  # the output pipe, while it is read
         self.exit_fd: int | None = None  # readable once the main process exits
         self.timers: list = []  # deadlines on the reactor
+        # What names a kept job's keeper and account, written with its record
+        # while it runs, so that the next run of the worker can adopt it.
+        self.extra: dict = {}
+        self.watch = -1  # a kept job's inotify watch of its output
         self.account = None  # accounts.Account, until given back
         self.returncode: int | None = None
         # The main process was waited for (its pid is free for reuse). Not a
@@ -164,6 +168,7 @@ class Job:
         self.output_open = False  # the pipe is still read
         self.output_error = ""  # why output could not be kept, from then on
         self.start_error = ""  # the job's process could not get ready to run
+        self.lost_why = ""  # why the exit of a job that ended is not known
         self.oom_kills = 0  # processes of it the OOM killer ended (memory limit)
         self._stop: tuple[ExitReason, str] | None = None  # first stop asked
         self._forced: tuple[ExitReason, str] | None = None  # an end imposed
@@ -190,18 +195,21 @@ class Job:
 
     # -- events ---------------------------------------------------------------
 
-    def started(self, proc) -> tuple[ExitReason, str] | None:
+    def started(self, proc, why: str = "") -> tuple[ExitReason, str] | None:
         """The process runs and is watched. Returns a stop asked meanwhile.
 
         A stop that came while the job was starting was kept; now that there
         is a process to signal, it takes effect (the job goes on to STOPPING).
+        The worker reads the output of a job it started without a keeper;
+        a kept job's keeper (``proc.kept``) does, and drains it before it
+        ends.
         """
         with self.cond:
             self.proc = proc
             self.record.pid = proc.pid
             self.reaped = False
-            self.output_open = True
-            self.change(Phase.RUNNING, f"process {proc.pid} spawned")
+            self.output_open = not getattr(proc, "kept", False)
+            self.change(Phase.RUNNING, why or f"process {proc.pid} spawned")
             if self._stop is not None:
                 self.change(Phase.STOPPING, f"{self._stop[1]} (asked while starting)")
                 return self._stop
@@ -287,6 +295,8 @@ class Job:
         if self.start_error:
             return ExitReason.START_FAILED, self.start_error
         natural = _natural(self.returncode)
+        if self.returncode is None and self.lost_why:
+            natural = (ExitReason.LOST, self.lost_why)
         if self.oom_kills:
             limit = self.record.limits.get("memory_mb", 0)
             # The main process killed with SIGKILL, or a shell reporting so.

@@ -117,8 +117,17 @@ class Enforcer:
         self._why_not: dict[str, str] = {}
 
     @classmethod
-    def discover(cls, instance: str, v2_base: Path | None, v2_dir=None) -> Enforcer:
-        """Find the controllers this worker can use; never raises."""
+    def discover(
+        cls,
+        instance: str,
+        v2_base: Path | None,
+        v2_dir=None,
+        keep: set[str] = frozenset(),
+    ) -> Enforcer:
+        """Find the controllers this worker can use; never raises.
+
+        The v1 cgroups of the jobs in ``keep`` (adopted) stay.
+        """
         v2: set[str] = set()
         v1: dict[str, Path] = {}
         why_not = {}
@@ -156,7 +165,7 @@ class Enforcer:
                     f"no {c} controller: neither enabled in the worker's cgroup v2 "
                     f"nor a cgroup v1 {c} hierarchy it may write",
                 )
-        enforcer.reap_leftovers()
+        enforcer.reap_leftovers(keep)
         return enforcer
 
     # -- what it can do -------------------------------------------------------
@@ -165,7 +174,7 @@ class Enforcer:
         return [n for n in NAMES if self.how(n)]
 
     def how(self, name: str) -> str:
-        """"cgroup v2", "cgroup v1", or "" when ``name`` cannot be enforced."""
+        """ "cgroup v2", "cgroup v1", or "" when ``name`` cannot be enforced."""
         c = CONTROLLER[name]
         if c in self.v2 and self._v2_dir is not None:
             return "cgroup v2"
@@ -250,11 +259,12 @@ class Enforcer:
                 done = False
         return done
 
-    def reap_leftovers(self) -> None:
-        """End and remove what jobs of an earlier run left in the v1 cgroups."""
+    def reap_leftovers(self, keep: set[str] = frozenset()) -> None:
+        """End and remove what jobs of an earlier run left in the v1 cgroups
+        (but for the jobs in ``keep``)."""
         for base in self.v1.values():
             for d in base.iterdir():
-                if d.is_dir():
+                if d.is_dir() and d.name not in keep:
                     _kill_members(str(d))
                     try:
                         d.rmdir()

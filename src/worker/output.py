@@ -22,6 +22,8 @@ from pathlib import Path
 
 HEAD_NAME = "output.log"
 TAIL_NAME = "output.tail"
+# A kept job's output (KeptOutput): one sparse file.
+DATA_NAME = "output.data"
 
 
 class OutputLog:
@@ -141,6 +143,100 @@ class OutputLog:
             tail = 0
         self.total = head + tail
         return self.total
+
+
+class KeptOutput:
+    """A kept job's output: one file its keeper writes, capped in place.
+
+    The keeper (``jobgate-keeper``, :mod:`worker.spawn`) writes everything
+    the job writes at its position in the file, so the file's size is the
+    job's ``total`` and an offset is a position in the file. Of what lies
+    beyond the first ``head_bytes``, the keeper deallocates all but the
+    newest ``tail_bytes`` (it punches holes): the file is sparse and its disk
+    use stays about ``head_bytes + tail_bytes``, whatever its size.
+
+    The worker never writes it: it only reads, and learns of new bytes with
+    :meth:`refresh` (on an inotify event, :mod:`worker.linux`). A read of the
+    tail checks the size again afterwards: bytes the keeper may have
+    deallocated meanwhile are dropped from the answer, as the ring of
+    :class:`OutputLog` would have overwritten them.
+    """
+
+    def __init__(self, directory: Path, head_bytes: int, tail_bytes: int):
+        self.directory = directory
+        self.path = directory / DATA_NAME
+        self.head_bytes = head_bytes
+        self.tail_bytes = tail_bytes
+        self.total = 0
+        self.lock = threading.Lock()
+        self._fd: int | None = None  # for reading, while the job runs
+
+    def create(self) -> int:
+        """Make the job's directory and its empty output file; returns a
+        descriptor for the keeper to write (the caller closes it)."""
+        os.mkdir(self.directory, 0o750)
+        return os.open(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+        )
+
+    def refresh(self) -> int:
+        """Read the size again; how many bytes the output grew by."""
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            size = os.fstat(self._fd).st_size
+        except FileNotFoundError:
+            return 0
+        with self.lock:
+            grew = max(0, size - self.total)
+            self.total += grew
+        return grew
+
+    def recover(self) -> int:
+        """The size on disk, for a finished job's record after a restart."""
+        try:
+            self.total = self.path.stat().st_size
+        except FileNotFoundError:
+            self.total = 0
+        return self.total
+
+    def close(self) -> None:
+        with self.lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    @property
+    def dropped(self) -> int:
+        return max(0, self.total - self.head_bytes - self.tail_bytes)
+
+    def _kept_from(self, total: int) -> int:
+        return max(self.head_bytes, total - self.tail_bytes)
+
+    def read(self, pos: int, limit: int, total: int) -> tuple[int, bytes]:
+        """Up to ``limit`` bytes from ``pos`` (see :meth:`OutputLog.read`)."""
+        with open(self.path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            while True:
+                if pos >= self.head_bytes:
+                    pos = max(pos, self._kept_from(total))
+                end = min(pos + limit, total)
+                if pos < self.head_bytes:
+                    end = min(end, self.head_bytes)  # the head never changes
+                if end <= pos:
+                    return pos, b""
+                data = os.pread(fd, end - pos, pos)
+                if pos < self.head_bytes:
+                    return pos, data
+                # What lies below the newest tail now may have been punched
+                # while it was read: it reads as zeros, never as output.
+                total = max(total, os.fstat(fd).st_size)
+                kept = self._kept_from(total)
+                if kept <= pos:
+                    return pos, data
+                if kept < pos + len(data):
+                    return kept, data[kept - pos :]
+                pos = kept  # all of it may be gone: read from the tail now
 
 
 def _pread_ring(fd: int, start: int, n: int, ring: int) -> bytes:

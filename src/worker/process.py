@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import shutil
 import stat
 import subprocess
@@ -54,6 +55,12 @@ class ProcessOps:
     """
 
     native = not one_exec.available()
+
+    @property
+    def kept(self) -> bool:
+        """Jobs start through their keeper (worker.spawn, ``jobgate-keeper``),
+        and so outlive the worker: where both C parts are built."""
+        return self.native and not one_exec.keeper_available()
 
     def spawn(
         self,
@@ -89,6 +96,9 @@ class ProcessOps:
             extra_groups=[] if user is not None else None,
         )
 
+    def spawn_kept(self, argv, **kwargs) -> one_exec.Kept:
+        return one_exec.spawn_kept(argv, **kwargs)
+
     def exit_fd(self, pid: int) -> int:
         """A descriptor that becomes readable once ``pid`` has exited.
 
@@ -117,6 +127,85 @@ class ProcessOps:
 
     def now(self) -> float:
         return time.time()
+
+
+class KeptProcess:
+    """A kept job: its main process, and the keeper whose end is the job's.
+
+    ``keeper`` is the worker's own child when this run of the worker started
+    the job, None when it adopted the job from an earlier run: then init is
+    the keeper's parent, and its end is known from ``pidfd`` alone. Either
+    way, the job's exit status is in the exit file the keeper writes.
+    """
+
+    kept = True
+    stdout = None  # the keeper, not the worker, reads the job's output
+
+    def __init__(
+        self,
+        pid: int,
+        keeper_pid: int,
+        keeper: one_exec.Child | None,
+        job_dir: str,
+        pidfd: int | None = None,
+    ):
+        self.pid = pid
+        self.keeper_pid = keeper_pid
+        self.keeper = keeper
+        self.job_dir = job_dir
+        self._pidfd = pidfd if pidfd is not None else os.pidfd_open(keeper_pid)
+        self.returncode: int | None = None
+        self.exit: one_exec.KeeperExit | None = None
+        self.ended = False
+
+    @classmethod
+    def gone(cls, pid: int, keeper_pid: int, job_dir: str) -> KeptProcess:
+        """A kept job whose keeper ended while no worker watched it; its
+        ``exit`` is None if the keeper left no record of the job's end."""
+        proc = cls.__new__(cls)
+        proc.pid, proc.keeper_pid, proc.keeper, proc.job_dir = (
+            pid,
+            keeper_pid,
+            None,
+            job_dir,
+        )
+        proc._pidfd = -1
+        proc.returncode, proc.exit, proc.ended = None, None, True
+        proc._read_exit()
+        return proc
+
+    def _read_exit(self) -> None:
+        try:
+            self.exit = one_exec.read_exit(self.job_dir)
+        except (OSError, ValueError) as exc:
+            log.error("%s: unreadable exit record: %s", self.job_dir, exc)
+        if self.exit is not None:
+            self.returncode = self.exit.returncode
+
+    def exit_fd(self) -> int:
+        """A descriptor readable once the keeper has ended (the caller's to close)."""
+        return os.dup(self._pidfd)
+
+    def poll(self) -> int | None:
+        return self.wait(0) if self._gone(0) else None
+
+    def _gone(self, timeout: float | None) -> bool:
+        if self.ended:
+            return True
+        ready, _, _ = select.select([self._pidfd], [], [], timeout)
+        return bool(ready)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the keeper's end; the job's exit code (None: not known)."""
+        if not self.ended:
+            if not self._gone(timeout):
+                raise subprocess.TimeoutExpired(str(self.keeper_pid), timeout)
+            if self.keeper is not None:
+                self.keeper.wait()
+            self.ended = True
+            os.close(self._pidfd)
+            self._read_exit()
+        return self.returncode
 
 
 class Spawner:
@@ -173,8 +262,24 @@ class Spawner:
         env.update(self.cfg.environment)
         return env
 
-    def spawn(self, job_id: str, argv: list[str], procs: list[str], account: Account):
+    def spawn(
+        self,
+        job_id: str,
+        argv: list[str],
+        procs: list[str],
+        account: Account,
+        kept=None,
+        cgroup_kill: str | None = None,
+        hold_fds: tuple[int, ...] = (),
+    ):
         """Start ``argv`` as ``account``; returns ``(process, status_fd)``.
+
+        With ``kept`` (a :class:`~worker.output.KeptOutput`), through a
+        keeper that writes the job's output there: the process is then a
+        :class:`KeptProcess`. ``cgroup_kill`` is the job's ``cgroup.kill``
+        (the keeper ends what the job leaves behind with it), ``hold_fds``
+        descriptors the keeper holds open for as long as it lives (the lock
+        of the job's user id).
 
         ``procs`` are the ``cgroup.procs`` files the job joins (none: it
         joins none). ``status_fd`` (chain only, else None) is readable once the
@@ -184,6 +289,29 @@ class Spawner:
         check_executable(argv[0])
         env = self.environment(job_id, account)
         user, group = account.uid, account.gid
+        if kept is not None:
+            out_fd = kept.create()
+            try:
+                started = self.ops.spawn_kept(
+                    argv,
+                    cwd=self.cwd,
+                    env=env,
+                    user=user,
+                    group=group,
+                    cgroup_procs=procs or None,
+                    cgroup_kill=cgroup_kill,
+                    job_dir=str(kept.directory),
+                    output_fd=out_fd,
+                    head_bytes=kept.head_bytes,
+                    tail_bytes=kept.tail_bytes,
+                    drain_s=self.cfg.drain_timeout_s,
+                    hold_fds=hold_fds,
+                )
+            finally:
+                os.close(out_fd)
+            keeper = started.keeper
+            proc = KeptProcess(started.pid, keeper.pid, keeper, str(kept.directory))
+            return proc, None
         if self.ops.native:
             proc = self.ops.spawn(
                 argv,

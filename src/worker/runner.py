@@ -35,16 +35,16 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import history, isolation, metrics, watcher
+from worker import history, isolation, linux, metrics, watcher
 from worker.accounts import Accounts
 from worker.config import JobsSection
 from worker.drain import Drain, DrainState
 from worker.health import Health
-from worker.job import Job, JobRecord
+from worker.job import Job, JobRecord, Phase
 from worker.limits import NAMES as LIMIT_NAMES
 from worker.limits import Enforcer, Limits
-from worker.output import OutputLog, read_chunks
-from worker.process import SAFE_PATH, ProcessOps, Spawner
+from worker.output import DATA_NAME, KeptOutput, OutputLog, read_chunks
+from worker.process import SAFE_PATH, KeptProcess, ProcessOps, Spawner
 from worker.reactor import Reactor
 from worker.records import RecordLog
 from worker.validation import Validator
@@ -73,42 +73,54 @@ class JobRunner:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.validator = Validator(cfg)
         self.scripts_dir = self.validator.scripts_dir
+        # The jobs of the worker's earlier run first: the kept ones still
+        # running keep their cgroups and user ids (everything else an
+        # earlier run left is swept away below).
+        self._records = RecordLog(self.jobs_dir)
+        self._alive = history.AliveStamp(cfg.state_dir)
+        loaded = history.load(
+            self._records, self.jobs_dir, self._output, self._alive.last()
+        )
+        adopt, ended_away = self._survivors(loaded)
+        keep = {j.record.job_id for j in adopt}
         instance = isolation.instance_name(worker_name, cfg.state_dir)
-        self.isolation = isolation.choose(isolation_mode or cfg.isolation, instance)
+        self.isolation = isolation.choose(
+            isolation_mode or cfg.isolation, instance, keep
+        )
         v2_base = getattr(self.isolation, "base", None)
         self.enforcer = Enforcer.discover(
             instance,
             v2_base,
             (lambda job_id: f"{v2_base}/{job_id}") if v2_base is not None else None,
+            keep,
         )
         self._check_limit_settings()
         log.info("%s", self.enforcer.describe())
         self.accounts = Accounts(
             cfg, instance, contained=self.isolation.name == "cgroup"
         )
+        for job in adopt + ended_away:
+            job.account = self.accounts.adopt(job.extra.get("account") or {})
         self.spawner = Spawner(
             cfg,
             self.ops,
             worker_name,
             switches_user=self.accounts.mode != "worker",
         )
+        self._boot = linux.boot_id()
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._by_key: dict[str, str] = {}
         self._active: set[Job] = set()  # jobs not ended yet
         self._closing = False  # shutdown() began: start() refuses (under _lock)
         self._closed = threading.Event()
-        self._records = RecordLog(self.jobs_dir)
         # Jobs whose end could not be written (a full disk): written again
         # once the worker has recovered, so a restart does not call them lost.
         self._unrecorded: dict[str, Job] = {}
         self.health = Health(cfg.state_dir, cfg.min_free_bytes)
         self.health.check()
         self.drain = Drain(cfg.state_dir)
-        self._alive = history.AliveStamp(cfg.state_dir)
-        for job in history.load(
-            self._records, self.jobs_dir, self._output, self._alive.last()
-        ):
+        for job in loaded:
             self._jobs[job.record.job_id] = job
             if job.record.idempotency_key:
                 self._by_key[job.record.idempotency_key] = job.record.job_id
@@ -123,10 +135,93 @@ class JobRunner:
             self._finish,
             self._give_back,
         )
+        for job in adopt + ended_away:
+            self._adopt(job)
         self._housekeeping = threading.Thread(
             target=self._housekeeping_loop, name="housekeeping", daemon=True
         )
         self._housekeeping.start()
+
+    # -- jobs of an earlier run ---------------------------------------------------
+
+    def _survivors(self, loaded: list[Job]) -> tuple[list[Job], list[Job]]:
+        """Sort out the jobs the earlier run left running (history.load).
+
+        Returns the kept jobs whose keeper still runs (to adopt) and those
+        whose keeper ended meanwhile and recorded the job's end; every other
+        one is lost. A keeper is known by its pid, its start time and the
+        boot: a pid alone may name another process by now.
+        """
+        adopt, ended_away = [], []
+        boot = linux.boot_id()
+        for job in loaded:
+            if job.phase is not Phase.STARTING:
+                continue  # ended before the restart
+            keeper = job.extra.get("keeper") or {}
+            pidfd, proc = None, None
+            if keeper and keeper.get("boot") == boot:
+                try:
+                    pidfd = os.pidfd_open(int(keeper["pid"]))
+                except (OSError, KeyError, TypeError, ValueError):
+                    pidfd = None
+                if pidfd is not None and linux.start_time(keeper["pid"]) != keeper.get(
+                    "start"
+                ):
+                    os.close(pidfd)  # its pid names another process now
+                    pidfd = None
+            if pidfd is not None:
+                proc = KeptProcess(
+                    job.record.pid, keeper["pid"], None, str(job.dir), pidfd
+                )
+                adopt.append(job)
+            elif keeper and keeper.get("boot") == boot:
+                proc = KeptProcess.gone(job.record.pid, keeper["pid"], str(job.dir))
+                if proc.exit is not None:
+                    ended_away.append(job)
+                else:
+                    proc = None
+            if proc is None:
+                history.lose(job, self._alive.last(), self._records)
+                continue
+            job.proc = proc
+        return adopt, ended_away
+
+    def _adopt(self, job: Job) -> None:
+        """Watch a kept job of the earlier run as if this run had started it."""
+        jid = job.record.job_id
+        proc = job.proc
+        self._active.add(job)
+        job.started(
+            proc, f"adopted from the worker's earlier run (keeper {proc.keeper_pid})"
+        )
+        if proc.ended:
+            log.info(
+                "job %s ended while the worker was away", jid, extra={"JOB_ID": jid}
+            )
+            self.watcher.watch_ended(job)
+            return
+        job.exit_fd = proc.exit_fd()
+        left = 0.0
+        if job.record.timeout_s:
+            # The timeout counts from the job's start, not from the adoption.
+            left = job.record.started_at + job.record.timeout_s - self.ops.now()
+            left = max(left, 0.001)
+        self.watcher.watch(job, left)
+        log.info(
+            "job %s adopted from the worker's earlier run: it is still running "
+            "(pid %d, keeper %d)",
+            jid,
+            job.record.pid,
+            proc.keeper_pid,
+            extra={"JOB_ID": jid},
+        )
+        if job.record.stopped_by:  # asked before the restart: ask again
+            self.watcher.terminate(
+                job,
+                ExitReason.STOPPED,
+                f"stopped on request by {job.record.stopped_by}",
+                self.cfg.stop_grace_s,
+            )
 
     def _check_limit_settings(self) -> None:
         """Refuse defaults and maxima the host cannot enforce (never ignored)."""
@@ -139,10 +234,14 @@ class JobRunner:
                         "setting or give the worker the controller"
                     )
 
-    def _output(self, directory, total: int = 0) -> OutputLog:
-        return OutputLog(
-            directory, self.cfg.output_head_bytes, self.cfg.output_tail_bytes, total
-        )
+    def _output(self, directory, total: int = 0) -> OutputLog | KeptOutput:
+        """A job's output: kept (a file its keeper writes) or the worker's own."""
+        head, tail = self.cfg.output_head_bytes, self.cfg.output_tail_bytes
+        if total == -1 and self.ops.kept or (directory / DATA_NAME).exists():
+            output = KeptOutput(directory, head, tail)
+            output.total = max(total, 0)
+            return output
+        return OutputLog(directory, head, tail, max(total, 0))
 
     # -- requests ---------------------------------------------------------------
 
@@ -214,7 +313,9 @@ class JobRunner:
             )
             # The output log is opened when the first output arrives.
             directory = self.jobs_dir / job_id
-            job = Job(record, directory, self._output(directory), clock=self.ops.now)
+            job = Job(
+                record, directory, self._output(directory, -1), clock=self.ops.now
+            )
             job.account = account
             self._jobs[job_id] = job
             self._active.add(job)
@@ -259,13 +360,28 @@ class JobRunner:
             procs = [] if joined == "-" else [joined]
             procs += self.enforcer.prepare(jid, Limits.from_json(job.record.limits))
             stage = "spawn"
-            proc, job.status_fd = self.spawner.spawn(jid, argv, procs, job.account)
-            assert proc.stdout is not None
-            job.out_fd = proc.stdout.fileno()
+            kept = job.output if isinstance(job.output, KeptOutput) else None
+            account = job.account
+            proc, job.status_fd = self.spawner.spawn(
+                jid,
+                argv,
+                procs,
+                account,
+                kept=kept,
+                cgroup_kill=self.isolation.kill_file(jid),
+                # The keeper holds the lock of the job's user id for as long
+                # as the job may run, whether the worker is there or not.
+                hold_fds=() if account.lock_fd is None else (account.lock_fd,),
+            )
+            if kept is None:
+                job.out_fd = proc.stdout.fileno()
+            else:
+                job.extra = self._adoption_record(proc, account)
             pending_stop = job.started(proc)
             stage = "watch"
             self._record_pid(job)
-            job.exit_fd = self.ops.exit_fd(job.record.pid)
+            # A kept job ends with its keeper (the worker's child until then).
+            job.exit_fd = self.ops.exit_fd(proc.keeper_pid if kept else proc.pid)
             self.watcher.watch(job, timeout)
             if pending_stop is not None:
                 self.watcher.send_stop(job, pending_stop[1], self.cfg.stop_grace_s)
@@ -288,10 +404,22 @@ class JobRunner:
                 return f"could not execute {argv[0]}: {detail}"
             return f"the worker could not watch the job: {detail}"
 
+    def _adoption_record(self, proc: KeptProcess, account) -> dict:
+        """What the next run of the worker needs to adopt a kept job."""
+        return {
+            "keeper": {
+                "pid": proc.keeper_pid,
+                "start": linux.start_time(proc.keeper_pid),
+                "boot": self._boot,
+            },
+            "account": account.to_json(),
+        }
+
     def _record_pid(self, job: Job) -> None:
-        """Persist the running job's pid (a lost job keeps it after a restart)."""
+        """Persist the running job's pid (a lost job keeps it after a restart),
+        and for a kept job what names its keeper and its account."""
         try:
-            self._records.write(job.record.to_json())
+            self._records.write(job.record.to_json() | job.extra)
         except OSError as exc:  # it runs all the same; only its pid is not kept
             self.health.write_failed("job records", exc)
             log.error(
@@ -430,16 +558,26 @@ class JobRunner:
         job.done.wait()
         return self._snapshot(job)
 
-    def shutdown(self, grace_s: float | None = None) -> None:
+    def shutdown(self, grace_s: float | None = None, keep_jobs: bool = False) -> None:
         """Stop every running job (the worker is going away).
 
         From the moment it takes the lock, start() refuses: a job started
         after the running ones are collected would be left unwatched. Jobs
-        whose main process has exited already end on their own.
+        whose main process has exited already end on their own. With
+        ``keep_jobs`` (the worker restarts), kept jobs go on running for the
+        next run of the worker to adopt; the others are stopped.
         """
         with self._lock:
             self._closing = True
             running = [j for j in self._jobs.values() if not j.done.is_set()]
+        if keep_jobs:
+            left = [j for j in running if isinstance(j.proc, KeptProcess)]
+            running = [j for j in running if j not in left]
+            if left:
+                log.info(
+                    "leaving %d kept job(s) running for the worker's next run",
+                    len(left),
+                )
         grace = grace_s if grace_s is not None else self.cfg.stop_grace_s
         for j in running:
             try:

@@ -9,6 +9,8 @@ meanwhile gets its answer, a start is refused as the worker shuts down).
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -22,6 +24,8 @@ from worker.registration import Registrar
 from worker.runner import JobRunner
 from worker.servicer import WorkerServicer
 
+# How long the worker waits for systemd to say whether it restarts.
+RESTART_QUERY_TIMEOUT_S = 5.0
 # Only the scheduler of the cluster may drive a worker.
 POLICY = {"/jobgate.v1.Worker/": {identity.SCHEDULER}}
 
@@ -103,10 +107,55 @@ class WorkerService(Service):
         return self.runner.responsive()
 
     def stop_before_grpc(self) -> None:
+        keep = self.cfg.jobs.keep_on_restart and restart_pending()
+        if keep:
+            self.log.info("systemd restarts the worker: its kept jobs go on running")
         if self.registrar is not None:
             self.registrar.stop()
         if self.runner is not None:
-            self.runner.shutdown()
+            self.runner.shutdown(keep_jobs=keep)
+
+
+def own_unit() -> str:
+    """The systemd service this process runs in ("" if none)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                for part in reversed(line.strip().split(":", 2)[-1].split("/")):
+                    if part.endswith(".service"):
+                        return part
+    except OSError:
+        pass
+    return ""
+
+
+def restart_pending() -> bool:
+    """Whether systemd stops the worker in order to start it again.
+
+    ``systemctl restart`` (an Ansible handler, a package upgrade) queues one
+    job of type ``restart`` for the unit; it runs, as that type, for as long
+    as the unit stops. ``systemctl stop`` and a package removal queue a
+    ``stop``. Outside systemd, or if systemd cannot be asked, the answer is
+    no: the jobs are stopped, as they always were.
+    """
+    unit = own_unit()
+    if not unit or "INVOCATION_ID" not in os.environ:
+        return False
+    try:
+        out = subprocess.run(
+            ["systemctl", "list-jobs", "--plain", "--no-legend", "--no-pager", unit],
+            capture_output=True,
+            text=True,
+            timeout=RESTART_QUERY_TIMEOUT_S,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[1] == unit and fields[2] == "restart":
+            return True
+    return False
 
 
 def serve(cfg: WorkerConfig, ready_file: Path | None = None) -> int:

@@ -216,6 +216,7 @@ def spawn_kept(
     head_bytes: int,
     tail_bytes: int,
     drain_s: float,
+    hold_fds: tuple[int, ...] = (),
 ) -> Kept:
     """Start ``argv`` as :func:`spawn` does, but as the keeper's child.
 
@@ -254,7 +255,7 @@ def spawn_kept(
         if output < 3:  # the caller's own descriptor is never moved
             output = fcntl.fcntl(output_fd, fcntl.F_DUPFD_CLOEXEC, 3)
             opened.append(output)
-        passed = [report_w, output, directory]
+        passed = [report_w, output, directory, *hold_fds]
         args = ["--report", str(report_w), "--output", str(output)]
         args += ["--dir", str(directory), "--head", str(head_bytes)]
         args += ["--tail", str(tail_bytes), "--drain-ms", str(round(drain_s * 1000))]

@@ -26,12 +26,12 @@ import time
 from collections.abc import Callable
 
 from jobgate.jobstate import ExitReason
-from worker import metrics
+from worker import linux, metrics
 from worker.config import JobsSection
 from worker.health import Health
 from worker.job import Job, Phase
 from worker.limits import Enforcer, Limits
-from worker.process import read_start_error
+from worker.process import KeptProcess, read_start_error
 from worker.reactor import Reactor
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,9 @@ class Watcher:
         self.health = health
         self.finish = finish  # records the end the machine decided
         self.give_back = give_back  # returns the job's account
+        # Kept jobs' output files, watched for growth (on the reactor's thread).
+        self._inotify: linux.Inotify | None = None
+        self._watches: dict[int, Job] = {}
 
     # -- from any thread ----------------------------------------------------------
 
@@ -80,6 +83,8 @@ class Watcher:
         Waiting for the job to end is up to the caller (``job.done``).
         """
         with job.cond:
+            if exited_in_keeper(job):
+                return  # it ended in time; its keeper is reading the rest
             if job.request_stop(reason, text, requested_by):
                 self.send_stop(job, text, grace_s)
 
@@ -124,17 +129,51 @@ class Watcher:
         except Exception as exc:  # noqa: BLE001 - see above
             self._fail(job, exc)
 
+    def watch_ended(self, job: Job) -> None:
+        """Hand over a kept job whose keeper ended while no worker watched."""
+        self.reactor.call_soon(self._job_event, job, self._kept_ended)
+
     def _watch(self, job: Job) -> None:
         if job.phase is Phase.ENDED:
             return
-        assert job.out_fd is not None and job.exit_fd is not None
-        os.set_blocking(job.out_fd, False)
-        self.reactor.add_reader(
-            job.out_fd, functools.partial(self._job_event, job, self._on_output)
-        )
+        assert job.exit_fd is not None
+        if job.out_fd is not None:
+            os.set_blocking(job.out_fd, False)
+            self.reactor.add_reader(
+                job.out_fd, functools.partial(self._job_event, job, self._on_output)
+            )
+        else:  # kept: its keeper writes the output file, the worker watches it
+            if self._inotify is None:
+                self._inotify = linux.Inotify()
+                self.reactor.add_reader(self._inotify.fd, self._on_growth)
+            job.watch = self._inotify.watch(str(job.output.path))
+            self._watches[job.watch] = job
+            self._grown(job)  # what it wrote before the watch began
         self.reactor.add_reader(
             job.exit_fd, functools.partial(self._job_event, job, self._on_exit)
         )
+
+    def _on_growth(self) -> None:
+        assert self._inotify is not None
+        for wd in self._inotify.read():
+            job = self._watches.get(wd)
+            if job is not None:
+                self._grown(job)
+
+    def _grown(self, job: Job) -> None:
+        grew = job.output.refresh()
+        if grew:
+            metrics.OUTPUT_BYTES.inc(grew)
+            with job.cond:
+                job.cond.notify_all()
+
+    def _unwatch(self, job: Job) -> None:
+        wd, job.watch = job.watch, -1
+        if wd >= 0 and self._watches.pop(wd, None) is not None:
+            try:
+                self._inotify.unwatch(wd)
+            except OSError as exc:
+                log.warning("job %s: unwatching its output: %s", job.record.job_id, exc)
 
     def _escalate(self, job: Job, grace: float) -> None:
         jid = job.record.job_id
@@ -193,9 +232,9 @@ class Watcher:
     def _on_output(self, job: Job) -> None:
         self._read_once(job)
 
-    def _write_failed(self, job: Job, exc: OSError) -> None:
+    def _write_failed(self, job: Job, exc: OSError, kept: int | None = None) -> None:
         jid = job.record.job_id
-        kept = job.output.total
+        kept = job.output.total if kept is None else kept
         if job.output_failed(
             f"the worker could not write its output after {kept} bytes: "
             f"{exc.strerror or exc}"
@@ -236,6 +275,9 @@ class Watcher:
         fd, job.exit_fd = job.exit_fd, None
         self.reactor.remove_reader(fd)
         os.close(fd)
+        if isinstance(proc, KeptProcess):
+            self._kept_ended(job)
+            return
         jid = job.record.job_id
         with job.cond:
             # The main process is a zombie, so its pid still names the job's
@@ -259,6 +301,51 @@ class Watcher:
                     self.cfg.drain_timeout_s, self._job_event, job, self._drain_expired
                 )
             )
+
+    def _kept_ended(self, job: Job) -> None:
+        """A kept job's keeper has ended: the job has, and its output is complete.
+
+        The keeper ended what the job left in its process group and its
+        cgroup while the main process was a zombie, read the output to its
+        end and wrote the exit status; what is left here is what escaped
+        both (a process in a v1 cgroup only).
+        """
+        proc = job.proc
+        assert isinstance(proc, KeptProcess)
+        jid = job.record.job_id
+        returncode = proc.wait()
+        self._unwatch(job)
+        self._grown(job)
+        job.output.close()
+        with job.cond:
+            self.isolation.kill_all(jid, 0)  # never by pid: its pid is free now
+            job.oom_kills = self.enforcer.oom_kills(
+                jid, Limits.from_json(job.record.limits)
+            )
+            done = proc.exit
+            if done is None:
+                job.lost_why = (
+                    "its keeper ended without recording how the job ended "
+                    "(killed, or its state directory unwritable)"
+                )
+            elif done.output_error is not None:
+                err, kept = done.output_error
+                exc = OSError(err, os.strerror(err))
+                self._write_failed(job, exc, kept)
+            if done is not None and done.drain_cut:
+                log.warning(
+                    "job %s: its output was given up %.1fs after its exit "
+                    "(a process it left still held it)",
+                    jid,
+                    self.cfg.drain_timeout_s,
+                    extra={"JOB_ID": jid},
+                )
+            drained = job.exited(returncode)
+            timers, job.timers = job.timers, []
+        for timer in timers:
+            timer.cancel()
+        assert drained, "a kept job has no output left to read"
+        self._release(job, time.monotonic() + CGROUP_REMOVE_S, 0.001)
 
     def _drain_expired(self, job: Job) -> None:
         # What is in the pipe now was written before the deadline: keep it,
@@ -353,6 +440,7 @@ class Watcher:
             timers, job.timers = job.timers, []
         for timer in timers:
             attempt(timer.cancel)
+        attempt(self._unwatch, job)
         if job.out_fd is not None:
             attempt(self.reactor.remove_reader, job.out_fd)
             job.out_fd = None
@@ -420,6 +508,16 @@ class Watcher:
             job.proc.pid,
             extra={"JOB_ID": job.record.job_id},
         )
+
+
+def exited_in_keeper(job: Job) -> bool:
+    """Whether a kept job's main process has exited (a zombie its keeper
+    keeps until it has read the output to its end and writes the exit), so
+    that neither a timeout nor a stop applies to it any more."""
+    proc = job.proc
+    if not isinstance(proc, KeptProcess) or proc.ended:
+        return False
+    return linux.process_state(proc.pid) in ("Z", "")
 
 
 def escaped(job: Job) -> None:

@@ -102,7 +102,6 @@ def test_units_keep_the_promised_settings():
             "Type=notify",
             "NotifyAccess=main",
             "Restart=on-failure",
-            "KillMode=mixed",
             "NoNewPrivileges=yes",
             "ProtectSystem=strict",
             "ProtectHome=yes",
@@ -112,6 +111,11 @@ def test_units_keep_the_promised_settings():
         assert re.search(r"^WatchdogSec=\d+s$", text, re.M), unit
     worker = (UNITS / "jobgate-worker.service").read_text()
     assert "\nDelegate=yes\n" in worker
+    # Jobs outlive a restart of the worker: its keepers are left alone.
+    assert "\nKillMode=process\n" in worker
+    assert "\nRuntimeDirectoryPreserve=restart\n" in worker
+    scheduler_unit = (UNITS / "jobgate-scheduler.service").read_text()
+    assert "\nKillMode=mixed\n" in scheduler_unit
     assert (
         "\nCapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN\n" in worker
     )

@@ -457,29 +457,91 @@ def test_worker_stopped_mid_job_stops_it_and_returns_with_its_id(clusters):
     }
 
 
-def test_worker_killed_mid_job_reports_it_lost_and_keeps_its_id(clusters):
-    c, api = clusters("lost", workers=("worker-a",))
+def restart_killed_worker(c: DevCluster, name: str) -> None:
+    old = c.workers[name]
+    old.signal(signal.SIGKILL)
+    old.proc.wait(5)
+    c.start_worker(name)
+    assert c.workers[name].pid != old.pid
+
+
+def keeper_of(job_id: str) -> int:
+    """The pid of the job's keeper (it carries the job's environment)."""
+    for pid in job_processes({job_id}):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "jobgate-keeper":
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no keeper for job {job_id}")
+
+
+def test_a_job_outlives_a_killed_worker_and_is_adopted_with_its_real_end(clusters):
+    c, api = clusters("adopt", workers=("worker-a",))
     before = api.worker("worker-a")
+    # 40 lines, one per 100 ms, then exit code 3: about 4 s.
+    job = api.start("worker-a", "lastwords.sh", ["40", "0.1", "3"])
+    jid = job["job_id"]
+    path = f"/v1/workers/worker-a/jobs/{jid}"
+    assert wait_for(
+        lambda: api.output("worker-a", jid, "follow=false").count(b"\n") >= 3
+    )
+    seen = api.output("worker-a", jid, "follow=false")
+
+    restart_killed_worker(c, "worker-a")
+    after = api.worker("worker-a")
+    assert after["state"] == "online" and after["id"] == before["id"]
+    status, _, data = api.get(path)
+    assert status == 200 and data["state"] == "running", data
+    assert data["pid"] == job["pid"]
+    # A follower resuming where it was cut gets the rest, and the job's end.
+    rest = api.output("worker-a", jid, f"follow=true&offset={len(seen)}")
+    whole = seen + rest
+    lines = whole.split(b"\n")
+    assert lines[-1] == b"last words"
+    assert [int(line.split()[1]) for line in lines[:-1]] == list(range(1, 41))
+    assert api.output("worker-a", jid) == whole
+    status, _, data = api.get(path)
+    assert status == 200, data
+    assert data["state"] == "failed" and data["exit_code"] == 3, data
+    assert data["output_bytes"] == len(whole)
+
+
+def test_a_timeout_that_passed_while_the_worker_was_away_ends_the_job(clusters):
+    c, api = clusters("adopt-timeout", workers=("worker-a",))
+    job = api.start("worker-a", "sleep.sh", ["300"], timeout_s=2)
+    jid = job["job_id"]
+    c.workers["worker-a"].signal(signal.SIGKILL)
+    c.workers["worker-a"].proc.wait(5)
+    time.sleep(2.5)
+    assert pid_alive(job["pid"])  # nobody ended it meanwhile
+    c.start_worker("worker-a")
+    path = f"/v1/workers/worker-a/jobs/{jid}"
+    assert wait_for(lambda: api.get(path)[2]["state"] != "running", timeout=5)
+    data = api.get(path)[2]
+    assert data["state"] == "timed_out" and data["exit_reason"] == "timed_out", data
+    assert not pid_alive(job["pid"])
+
+
+def test_a_job_whose_keeper_died_with_the_worker_is_lost(clusters):
+    c, api = clusters("lost", workers=("worker-a",))
     job = api.start("worker-a", "lastwords.sh", ["100000", "0.05"])
     jid = job["job_id"]
     assert wait_for(
         lambda: api.output("worker-a", jid, "follow=false").count(b"\n") >= 3
     )
     seen = api.output("worker-a", jid, "follow=false")
-
-    old = c.workers["worker-a"]
-    old.signal(signal.SIGKILL)
-    old.proc.wait(5)
+    keeper = keeper_of(jid)
+    c.workers["worker-a"].signal(signal.SIGKILL)
+    c.workers["worker-a"].proc.wait(5)
+    os.kill(keeper, signal.SIGKILL)
+    end_jobs({jid})
     c.start_worker("worker-a")
-    assert c.workers["worker-a"].pid != old.pid
-    after = api.worker("worker-a")
-    assert after["state"] == "online"
-    assert after["id"] == before["id"]
 
     status, _, data = api.get(f"/v1/workers/worker-a/jobs/{jid}")
     assert status == 200
     assert data["state"] == "lost" and data["exit_reason"] == "lost", data
-    assert data["ended_at"] is not None
+    assert data["ended_at"] is not None and "keeper" in data["reason"], data
     # What it wrote before the worker died is kept, and following ends.
     assert api.output("worker-a", jid).startswith(seen)
     status, _, listing = api.get("/v1/workers/worker-a/jobs")

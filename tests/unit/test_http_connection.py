@@ -144,8 +144,7 @@ def test_a_body_the_app_has_not_read_stops_the_reading_at_the_body_limit():
     async def main():
         conn, t = connect(slow_app, max_body_bytes=1024)
         conn.data_received(
-            b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n"
-            + b"a" * 1000
+            b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n" + b"a" * 1000
         )
         await settle()
         assert t.reading

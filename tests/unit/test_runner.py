@@ -256,7 +256,8 @@ def test_output_keeps_stdout_stderr_order_exactly(make_runner, tmp_path):
     record, output = run(runner, "mixed.sh")
     assert output == b"out 1\nerr 1\nout 2\nerr 2\n"
     assert record.output_bytes == len(output)
-    log = tmp_path / "state" / "jobs" / record.job_id / "output.log"
+    directory = tmp_path / "state" / "jobs" / record.job_id
+    log = directory / ("output.data" if runner.ops.kept else "output.log")
     assert log.read_bytes() == output
 
 
@@ -304,12 +305,25 @@ def test_final_record_is_persisted(make_runner):
 
 
 def test_a_job_without_output_leaves_no_directory(make_runner):
-    runner = make_runner()
+    # Without a keeper, the worker makes the directory with the first byte.
+    runner = make_runner(ops=ExecChain())
     record, output = run(runner, "hello.sh")  # no args: prints nothing
     assert output == b""
     assert record.state is JobState.SUCCEEDED
     assert not (runner.jobs_dir / record.job_id).exists()
     assert sorted(p.name for p in runner.jobs_dir.iterdir()) == ["records.jsonl"]
+
+
+def test_a_kept_job_leaves_its_output_and_its_exit_in_its_directory(make_runner):
+    runner = make_runner()
+    if not runner.ops.kept:
+        pytest.skip("jobgate-keeper is not built")
+    record, output = run(runner, "mixed.sh", "4")
+    directory = runner.jobs_dir / record.job_id
+    assert sorted(p.name for p in directory.iterdir()) == ["exit", "output.data"]
+    assert (directory / "output.data").read_bytes() == output
+    assert "status 1024\n" in (directory / "exit").read_text()  # exit code 4
+    assert record.exit_code == 4
 
 
 def test_args_reach_the_script_verbatim(make_runner):
@@ -932,8 +946,12 @@ def test_job_lost_before_its_process_was_known_has_no_end_time(make_runner):
 # -- the reactor ---------------------------------------------------------------
 
 
-class GatedExit(ProcessOps):
-    """Reports a job's exit only when the test says so (a pipe, not a pidfd)."""
+class GatedExit(ExecChain):
+    """Reports a job's exit only when the test says so (a pipe, not a pidfd).
+
+    The worker is then the parent of the job's main process (no keeper), so
+    the tests below can see it a zombie until its exit is reported.
+    """
 
     def __init__(self):
         self.gates: dict[int, int] = {}
@@ -1061,8 +1079,9 @@ def test_reactor_drops_cancelled_timers_in_bulk():
 # -- a job always ends, whatever fails -------------------------------------------
 
 
-class NoExitFd(ProcessOps):
-    """The host is out of descriptors when the job's exit is to be watched."""
+class NoExitFd(ExecChain):
+    """The host is out of descriptors when the job's exit is to be watched
+    (the worker the parent of the job's main process, as in GatedExit)."""
 
     def __init__(self):
         self.spawned: list[int] = []
@@ -1174,8 +1193,10 @@ def test_killing_a_job_that_cannot_be_watched_holds_no_lock(make_runner, monkeyp
 
 def test_job_record_exists_when_start_returns_and_survives_a_crash(make_runner):
     # process-group: a second runner on the same state would otherwise remove
-    # the first one's cgroups as left over from an earlier run.
-    runner = make_runner(isolation="process-group")
+    # the first one's cgroups as left over from an earlier run. Without a
+    # keeper: a kept job would be adopted by the second runner
+    # (tests/integration/test_faults.py).
+    runner = make_runner(ops=ExecChain(), isolation="process-group")
     gate = threading.Event()
     runner._reactor.call_soon(gate.wait, 10)  # the reactor is busy
     try:
@@ -1184,7 +1205,7 @@ def test_job_record_exists_when_start_returns_and_survives_a_crash(make_runner):
         assert first["state"] == "running"
         assert first["idempotency_key"] == "once"
         # The worker dies now; its next run knows the job and its key.
-        restarted = make_runner(isolation="process-group")
+        restarted = make_runner(ops=ExecChain(), isolation="process-group")
         lost = restarted.get(record.job_id)
         assert lost.state is JobState.LOST
         again, existing = restarted.start("bash", "hello.sh", idempotency_key="once")
@@ -1480,7 +1501,9 @@ def disk_fills_after(monkeypatch, limit: int) -> dict:
 def test_a_job_whose_output_cannot_be_written_ends_output_failed_not_sigpipe(
     make_runner, monkeypatch
 ):
-    runner = make_runner(alive_interval_s=0.1, min_free_bytes=0)
+    # The worker writes the output itself (no keeper): see test_keeper for
+    # the keeper's side of a failed write.
+    runner = make_runner(ops=ExecChain(), alive_interval_s=0.1, min_free_bytes=0)
     disk_fills_after(monkeypatch, 1000)
     record, _ = runner.start("bash", "writer.sh", ["2000"])
     final = runner.wait(record.job_id, 20)
@@ -1499,7 +1522,7 @@ def test_a_job_whose_output_cannot_be_written_ends_output_failed_not_sigpipe(
 def test_a_worker_that_cannot_write_is_degraded_until_space_is_back(
     make_runner, monkeypatch
 ):
-    runner = make_runner(alive_interval_s=0.1, min_free_bytes=0)
+    runner = make_runner(ops=ExecChain(), alive_interval_s=0.1, min_free_bytes=0)
     disk = disk_fills_after(monkeypatch, 0)
     record, _ = runner.start("bash", "hello.sh", ["x"])
     assert runner.wait(record.job_id, 10).exit_reason is ExitReason.OUTPUT_FAILED

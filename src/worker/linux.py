@@ -1,0 +1,108 @@
+"""What the worker asks of Linux that the standard library does not offer.
+
+* :class:`Inotify`: notice that a kept job's output file grew. A kept job
+  writes its output through its keeper straight into a file
+  (:mod:`worker.output`), not through the worker; the worker learns of new
+  bytes, to wake the job's followers, from an ``IN_MODIFY`` event on the
+  file. Events of one file coalesce while unread, so a job writing fast
+  costs the worker one event per turn of its reactor, not one per write.
+* :func:`start_time` and :func:`boot_id`: with its pid, what names a
+  process for good. A pid alone may be reused once its process is gone; a
+  process's start time (clock ticks since boot) on this boot is not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+
+IN_MODIFY = 0x00000002
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+# struct inotify_event: int wd; uint32 mask, cookie, len; char name[len]
+_EVENT = struct.Struct("iIII")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+class Inotify:
+    """One inotify instance: watches files for writes (``IN_MODIFY``)."""
+
+    def __init__(self) -> None:
+        self.fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
+
+    def watch(self, path: str) -> int:
+        """Start watching ``path``; returns the watch descriptor."""
+        return _check(
+            _libc.inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY),
+            f"watching {path}",
+        )
+
+    def unwatch(self, wd: int) -> None:
+        # EINVAL: the file is gone, and its watch with it.
+        if (
+            _libc.inotify_rm_watch(self.fd, wd) < 0
+            and ctypes.get_errno() != errno.EINVAL
+        ):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def read(self) -> set[int]:
+        """The watch descriptors with events since the last read (never blocks)."""
+        found: set[int] = set()
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return found
+            pos = 0
+            while pos + _EVENT.size <= len(data):
+                wd, _mask, _cookie, length = _EVENT.unpack_from(data, pos)
+                found.add(wd)
+                pos += _EVENT.size + length
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: the fields
+    # after it start after its last ')'. The start time is field 22.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``pid`` (``R``, ``S``, ``Z``...); "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return ""
+    return data[data.rindex(b")") + 2 :].split(maxsplit=1)[0].decode()
+
+
+def boot_id() -> str:
+    """This boot's id: a start time from another boot names another process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
