@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -669,6 +670,53 @@ def console_page(s: Sizes) -> tuple[dict, dict]:
 # -- the catalogue ----------------------------------------------------------------
 
 
+# -- 11. adopting the running jobs of a killed worker ------------------------------
+
+
+def adoption(s: Sizes) -> tuple[dict, dict]:
+    """``s.jobs`` jobs run (a line every ``job_interval_s``) when the worker is
+    killed with SIGKILL; a new worker process adopts them. Times from the new
+    process's start: its own adoption (from its log), its registration, and
+    the API showing every job ``running`` again.
+    """
+    c = BenchCluster(worker={"jobs.max_concurrent": str(s.jobs + 50)})
+    figures: dict = {}
+    with running(c):
+        jobs = [
+            c.start_job("steady.sh", [s.job_interval_s, 600])["job_id"]
+            for _ in range(s.jobs)
+        ]
+        time.sleep(1.0)  # let every job get going
+        old = c.workers[WORKER]
+        old.signal(signal.SIGKILL)
+        old.proc.wait(10)
+        t0 = time.monotonic()
+        c.start_worker(WORKER)
+        figures["ready_s"] = round(time.monotonic() - t0, 3)
+        while True:
+            states = [c.job(j)["state"] for j in jobs]
+            if all(st == "running" for st in states):
+                break
+            if time.monotonic() - t0 > 60:
+                raise RuntimeError(f"not every job is running again: {states}")
+            time.sleep(0.05)
+        figures["all_running_s"] = round(time.monotonic() - t0, 3)
+        found = re.findall(
+            r"adopted (\d+) running job.*in ([\d.]+)s",
+            c.workers[WORKER].log_path.read_text(errors="replace"),
+        )
+        if not found or int(found[-1][0]) != s.jobs:
+            raise RuntimeError(f"the worker did not adopt {s.jobs} jobs: {found}")
+        figures["adopt_s"] = float(found[-1][1])
+        figures["jobs"] = s.jobs
+        bytes0 = _output_bytes(c, jobs)
+        time.sleep(1.0)
+        figures["jobs_output_kb_per_s"] = round(
+            (_output_bytes(c, jobs) - bytes0) / 1e3, 1
+        )
+    return figures, c.settings()
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -870,6 +918,14 @@ SCENARIOS = {
                 "renderer_rss_peak_mb",
                 "js_heap_peak_mb",
             ),
+        ),
+        Scenario(
+            "adopt",
+            "11. A killed worker's running jobs adopted by its next process "
+            "(times from that process's start)",
+            adoption,
+            {"adopt_s": ("<=", 2.0), "all_running_s": ("<=", 2.0)},
+            ("jobs", "adopt_s", "ready_s", "all_running_s", "jobs_output_kb_per_s"),
         ),
     )
 }

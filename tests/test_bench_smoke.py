@@ -87,6 +87,11 @@ def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
         assert j["jobs_output_kb_per_s"] > 0, name
         assert j["status_rps"] > 0 and j["status_errors"] == 0, name
 
+    a = s["adopt"]
+    assert a["jobs"] == TINY.jobs
+    assert 0 < a["adopt_s"] and 0 < a["ready_s"] <= a["all_running_s"]
+    assert a["jobs_output_kb_per_s"] > 0  # the adopted jobs write on
+
     if "console" in s:
         c = s["console"]
         assert c["workers"] == TINY.sim_workers + 1

@@ -78,6 +78,7 @@ class JobRunner:
         # earlier run left is swept away below).
         self._records = RecordLog(self.jobs_dir)
         self._alive = history.AliveStamp(cfg.state_dir)
+        adoption_began = time.monotonic()
         loaded = history.load(
             self._records, self.jobs_dir, self._output, self._alive.last()
         )
@@ -137,6 +138,14 @@ class JobRunner:
         )
         for job in adopt + ended_away:
             self._adopt(job)
+        if adopt or ended_away:
+            log.info(
+                "adopted %d running job(s) of the worker's earlier run, and the "
+                "end of %d that ended meanwhile, in %.3fs",
+                len(adopt),
+                len(ended_away),
+                time.monotonic() - adoption_began,
+            )
         self._housekeeping = threading.Thread(
             target=self._housekeeping_loop, name="housekeeping", daemon=True
         )
