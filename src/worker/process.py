@@ -289,16 +289,19 @@ class Spawner:
         check_executable(argv[0])
         env = self.environment(job_id, account)
         user, group = account.uid, account.gid
+        common = {
+            "cwd": self.cwd,
+            "env": env,
+            "user": user,
+            "group": group,
+            "cgroup_procs": procs or None,
+        }
         if kept is not None:
             out_fd = kept.create()
             try:
                 started = self.ops.spawn_kept(
                     argv,
-                    cwd=self.cwd,
-                    env=env,
-                    user=user,
-                    group=group,
-                    cgroup_procs=procs or None,
+                    **common,
                     cgroup_kill=cgroup_kill,
                     job_dir=str(kept.directory),
                     output_fd=out_fd,
@@ -312,16 +315,8 @@ class Spawner:
             keeper = started.keeper
             proc = KeptProcess(started.pid, keeper.pid, keeper, str(kept.directory))
             return proc, None
-        if self.ops.native:
-            proc = self.ops.spawn(
-                argv,
-                cwd=self.cwd,
-                env=env,
-                user=user,
-                group=group,
-                cgroup_procs=procs or None,
-            )
-            return proc, None
+        if self.ops.native:  # one exec, but no keeper (jobgate-keeper missing)
+            return self.ops.spawn(argv, **common), None
         # The job's program runs with the job's user only, through setpriv:
         # no uid switch in the forked child lets subprocess use vfork.
         priv = []
