@@ -1,5 +1,5 @@
 /*
- * jobchild.h: the steps that turn a vfork()ed child into a job's program.
+ * jobchild.h: the steps that turn a new child into a job's program.
  *
  * Two programs start jobs: the worker itself (worker._spawn, _spawn.c) and
  * the keeper (jobgate-keeper, keeper.c), which stays the job's parent so that
@@ -7,7 +7,10 @@
  * up the same way whichever starts it. Everything here is static: each of
  * them gets its own copy, and nothing is linked between them.
  *
- * The vfork()ed child, before it executes the program:
+ * The worker vfork()s (launch(): the worker is big, and it waits for the
+ * exec); the keeper fork()s (it is small, and it reports the start before
+ * the child has done any of this). Either way the child, before it executes
+ * the program:
  *
  *   1. every signal back to its default action, then no signal blocked
  *      (raw system calls: glibc's wrappers skip the signals it reserves);
@@ -26,8 +29,10 @@
  * parent's other threads to change theirs too, which a vfork()ed child must
  * never do. With every user id non-zero the kernel clears all capabilities.
  *
- * A step that fails writes the step and errno to a close-on-exec pipe and
- * exits; the parent reaps the child. An empty pipe means the exec succeeded.
+ * A step that fails writes the step and errno to a close-on-exec pipe
+ * (plan.report_fd) and exits with 127. An empty pipe, once the child has
+ * exited or executed, means the exec succeeded. launch() reads it at once;
+ * the keeper once the job has ended, for its exit file.
  *
  * The includer defines _GNU_SOURCE (Python.h does) before any system header.
  */
@@ -55,9 +60,10 @@
 #endif
 
 /*
- * The numbers travel in the keeper's report to the worker (keeper.c) and
- * are turned into the same OSError as worker._spawn's own: a new step goes
- * at the end, so that a number never changes its meaning.
+ * The numbers travel from the keeper to the worker (its report, its exit
+ * file: keeper.c) and are turned into the same OSError as worker._spawn's
+ * own: a new step goes at the end, so that a number never changes its
+ * meaning.
  */
 enum step {
     STEP_CGROUP = 1,
@@ -112,7 +118,8 @@ struct plan {
     int n_pass;
     long uid; /* -1: keep the parent's */
     long gid;
-    int report_fd; /* set by launch() */
+    int report_fd; /* where a failed step is written: set by launch(), or
+                      by the keeper */
 };
 
 static int
@@ -137,7 +144,8 @@ place(int fd, int target)
     return dup2(fd, target) < 0 ? -1 : 0;
 }
 
-/* Runs in the vfork()ed child: only async-signal-safe calls, no allocation. */
+/* Runs in the new child (vfork()ed: it shares its parent's memory): only
+   async-signal-safe calls, no allocation. */
 static void __attribute__((noreturn))
 child(const struct plan *p)
 {
@@ -250,9 +258,10 @@ start_child(const struct plan *p, int *err)
  * child's pid once it has executed the program. Otherwise -1, with ``*f``
  * telling why: step 0 when no child could be started at all (the report
  * pipe or vfork() failed: errno in f->err), else the step the child failed
- * at (the child has been reaped).
+ * at (the child has been reaped). The worker's way (_spawn.c); the keeper
+ * does not wait for the exec, and forks on its own.
  */
-static pid_t
+static pid_t __attribute__((unused))
 launch(struct plan *p, struct failure *f)
 {
     int fds[2];

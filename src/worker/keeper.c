@@ -12,17 +12,24 @@
  *
  * The descriptors are open already, passed on by the worker. The keeper's
  * environment is the job's; its stdin (/dev/null) is the job's stdin; its
- * stderr carries its own complaints, a line each.
+ * stderr carries its own complaints, a line each. It may hold other
+ * descriptors the worker passed on (a lock, say): it never touches them, so
+ * they stay open as long as it runs, and the job does not inherit them.
  *
  *   1. It ignores the signals that could end it by accident: it leads a
  *      session of its own and is in none of the job's cgroups, so that only
  *      a SIGKILL sent to it by name ends it.
- *   2. It starts the job as worker._spawn does (jobchild.h): the job joins
- *      its cgroups, leads a new session, has its stdout and stderr on a pipe
- *      to the keeper and drops to its ids.
- *   3. It tells the worker on --report: one record { int32 step, int32
- *      value }, step 0 and the job's pid, or the step that failed and
- *      errno. A job that did not start ends the keeper there (exit 127).
+ *   2. It fork()s the job's process, which is set up as worker._spawn sets
+ *      up its children (jobchild.h): it joins the job's cgroups, leads a new
+ *      session, has its stdout and stderr on a pipe to the keeper and drops
+ *      to the job's ids before it executes the program.
+ *   3. It tells the worker on --report, as soon as fork() has returned: one
+ *      record { int32 step, int32 value }, step 0 and the job's pid. The
+ *      worker does not wait for the job's exec: a step of the child that
+ *      fails (the exec included) goes to the keeper alone, through a pipe of
+ *      its own, and ends up in the exit file (start_error). Only a keeper
+ *      that could not start the job's process at all (no pipe, no fork)
+ *      reports a failure, the step and errno, and exits there (127).
  *   4. It copies the job's output into --output at the offset where the
  *      job wrote it, and keeps the file small: the first --head bytes stay,
  *      of the rest only the newest --tail bytes; the bytes in between are
@@ -30,17 +37,24 @@
  *      wrote. A write that fails (a full disk) stops the copying, never the
  *      reading: the job must not block, nor get SIGPIPE, because of it.
  *   5. Once the job's main process has exited, it ends whatever the job
- *      left behind (its cgroup through --cgroup-kill, its process group),
- *      reaps it and reads what is left in the pipe, for at most --drain-ms.
+ *      left behind (its cgroup through --cgroup-kill, its process group) and
+ *      reads what is left in the pipe, for at most --drain-ms. Only then does
+ *      it reap the main process, right before it writes the exit file and
+ *      exits: until then the job's pid, and so its process group's id,
+ *      belongs to no other process, and the worker may signal the group by
+ *      that id.
  *   6. It writes how it ended into "exit" in --dir, atomically:
  *
  *        status <the wait status>
  *        output_bytes <all the job wrote>
  *        output_error <errno> <bytes in the file when a write failed>
  *        drain_cut 1            (when the pipe had not ended by --drain-ms)
+ *        start_error <step> <errno>  (the program never ran: jobchild.h's
+ *                                     step, and status is 127's)
  *
- * Exit status: 0 once the exit file is written; 127 if the job could not be
- * started; 2 for bad arguments; 1 if the exit file could not be written.
+ * Exit status: 0 once the exit file is written; 127 if the job's process
+ * could not be started; 2 for bad arguments; 1 if the exit file could not be
+ * written.
  */
 
 #define _GNU_SOURCE
@@ -238,21 +252,27 @@ drain_once(int fd, struct output *o)
 }
 
 /*
- * The job's main process has exited (it is a zombie: its pid still names its
- * process group). What it left running is ended before it is reaped: its
- * cgroup at once, then its process group (those that left the group but not
- * the session would hold the pipe on; the cgroup catches them). Returns the
- * wait status.
+ * The job's main process has exited. It is a zombie, and stays one until the
+ * keeper is done (reap()): its pid still names its process group. What it
+ * left running is ended: its cgroup at once, then its process group (those
+ * that left the group but not the session would hold the pipe on; the
+ * cgroup catches them).
  */
-static int
+static void
 end_job(pid_t pid, int kill_fd)
 {
-    int status = 0;
-
     if (kill_fd >= 0)
         (void)!write(kill_fd, "1", 1);
     if (kill(-pid, SIGKILL) < 0 && errno != ESRCH)
         say("cannot end the job's process group %d: %s", (int)pid, strerror(errno));
+}
+
+/* The job's main process, reaped at last. Returns its wait status. */
+static int
+reap(pid_t pid)
+{
+    int status = 0;
+
     while (waitpid(pid, &status, 0) < 0) {
         if (errno != EINTR) {
             say("cannot reap the job's process %d: %s", (int)pid, strerror(errno));
@@ -260,6 +280,51 @@ end_job(pid_t pid, int kill_fd)
         }
     }
     return status;
+}
+
+/*
+ * fork() with every signal blocked: the child starts with the keeper's
+ * dispositions (SIGTERM ignored...) until it has put them back to default,
+ * and a signal that is blocked is never ignored, only kept pending. A
+ * SIGTERM the worker sends to the job's pid as soon as it has it is thus
+ * delivered once the child unblocks, not lost.
+ */
+static pid_t
+start_job(struct plan *p, int *err)
+{
+    sigset_t all, old;
+    pid_t pid;
+
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    pid = fork();
+    if (pid == 0)
+        child(p); /* unblocks every signal; never returns */
+    *err = errno;
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    return pid;
+}
+
+/*
+ * The step the job's process failed at, if it did: it wrote { step, errno }
+ * into the start pipe (non-blocking) before it exited; an exec that
+ * succeeded closed the pipe's last write end. Called once the main process
+ * has exited, so that the pipe holds all it will ever hold. Returns 1 and
+ * fills ``f`` if a step failed.
+ */
+static int
+start_failed(int fd, struct failure *f)
+{
+    ssize_t got;
+
+    do {
+        got = read(fd, f, sizeof *f);
+    } while (got < 0 && errno == EINTR);
+    if (got == (ssize_t)sizeof *f && f->step > 0 && f->step < STEP_COUNT)
+        return 1;
+    if (got > 0)
+        say("the job's process left a report that makes no sense (%zd bytes)", got);
+    return 0;
 }
 
 /* Whether the job's main process has exited, for a keeper without pidfd. */
@@ -313,7 +378,7 @@ main(int argc, char **argv)
     struct sigaction ign;
     int report_fd = -1, dir_fd = -1, kill_fd = -1, has_head = 0, has_tail = 0;
     long long drain_ms = -1;
-    int pipe_fds[2], pidfd, pipe_open, job_done = 0, drain_cut = 0, status = 0;
+    int pipe_fds[2], start_fds[2], pidfd, pipe_open, job_done = 0, drain_cut = 0, status;
     int poll_failed = 0;
     long long exit_ms = 0;
     pid_t pid;
@@ -384,18 +449,24 @@ main(int argc, char **argv)
     for (k = 0; k < sizeof ignored / sizeof ignored[0]; k++)
         sigaction(ignored[k], &ign, NULL);
 
-    /* The job's stdout and stderr; close-on-exec, so that only the job's
-       copies (placed on 1 and 2) survive its exec. */
+    /* The job's stdout and stderr, and where its process says which step
+       failed (never more than a record: no write to it ever blocks). Both
+       close-on-exec, so that only the job's copies of the first (placed on
+       1 and 2) survive its exec. */
     pid = -1;
+    f.step = STEP_START;
+    f.err = 0;
     if (pipe2(pipe_fds, O_CLOEXEC) < 0) {
-        f.step = STEP_START;
         f.err = errno;
+    } else if (pipe2(start_fds, O_CLOEXEC | O_NONBLOCK) < 0) {
+        f.err = errno;
+        close(pipe_fds[0]);
+        close(pipe_fds[1]);
     } else {
         p.stdin_fd = 0;
         p.stdout_fd = p.stderr_fd = pipe_fds[1];
-        pid = launch(&p, &f);
-        if (pid < 0 && f.step == 0)
-            f.step = STEP_START;
+        p.report_fd = start_fds[1];
+        pid = start_job(&p, &f.err);
     }
     r.step = pid > 0 ? 0 : f.step;
     r.value = pid > 0 ? (int32_t)pid : f.err;
@@ -407,11 +478,12 @@ main(int argc, char **argv)
     if (pid < 0)
         return 127;
 
-    /* The job has joined its cgroups and holds its own end of the pipe:
-       the keeper's write end would keep the pipe from ever ending. */
+    /* The job's process has its own copies: the keeper's write ends would
+       keep the pipes from ever ending. */
     for (i = 0; i < p.n_cgroups; i++)
         close(p.cgroup_fds[i]);
     close(pipe_fds[1]);
+    close(start_fds[1]);
     pipe_open = 1;
     pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     if (pidfd < 0)
@@ -462,24 +534,30 @@ main(int argc, char **argv)
                           (pidfd < 0 && exited(pid)))) {
             siginfo_t info;
 
-            /* Exited, not reaped: its pid stays its process group's name
-               until end_job() has signalled the group. */
+            /* Exited, not reaped (WNOWAIT): it stays a zombie, its pid the
+               name of its process group, until the drain is over. */
             while (waitid(P_PID, (id_t)pid, &info, WEXITED | WNOWAIT) < 0 && errno == EINTR)
                 ;
-            status = end_job(pid, kill_fd);
+            end_job(pid, kill_fd);
             job_done = 1;
             exit_ms = now_ms();
+            /* A zombie's pidfd stays readable: polling it again would
+               spin. */
+            if (pidfd >= 0) {
+                close(pidfd);
+                pidfd = -1;
+            }
         }
     }
     if (pipe_open)
         close(pipe_fds[0]);
-    if (pidfd >= 0)
-        close(pidfd);
     if (kill_fd >= 0)
         close(kill_fd);
     /* The output is complete: nothing between the head and the tail is
        left on disk, however little of it there is. */
     trim(&o, 1);
+    /* Done with the job's process group: its name may go now. */
+    status = reap(pid);
 
     len = snprintf(text, sizeof text, "status %d\noutput_bytes %lld\n", status, o.total);
     if (o.write_err)
@@ -487,5 +565,9 @@ main(int argc, char **argv)
                         o.write_err, o.kept);
     if (drain_cut)
         len += snprintf(text + len, sizeof text - (size_t)len, "drain_cut 1\n");
+    if (start_failed(start_fds[0], &f))
+        len += snprintf(text + len, sizeof text - (size_t)len, "start_error %d %d\n", f.step,
+                        f.err);
+    close(start_fds[0]);
     return write_exit(dir_fd, text, (size_t)len) < 0 ? 1 : 0;
 }

@@ -17,6 +17,10 @@ output pipe does). :func:`spawn_kept` starts it through ``jobgate-keeper``
 (``keeper.c``, built with the package) instead: the keeper is the job's
 parent, copies its output into a file and writes how it ended into another,
 whether or not the worker is still there to read them (:func:`read_exit`).
+It reports the start as soon as it has forked the job's process: a step of
+that process that fails, the exec included, is in the exit file
+(``start_error``), and :func:`start_failure` makes of it the OSError
+:func:`spawn` would have raised.
 """
 
 from __future__ import annotations
@@ -218,7 +222,7 @@ def spawn_kept(
     drain_s: float,
     hold_fds: tuple[int, ...] = (),
 ) -> Kept:
-    """Start ``argv`` as :func:`spawn` does, but as the keeper's child.
+    """Start ``argv`` as :func:`spawn` sets it up, but as the keeper's child.
 
     The job's stdout and stderr go to the keeper, which writes them into
     ``output_fd`` (the caller's; it stays open here) at the offsets where the
@@ -226,11 +230,25 @@ def spawn_kept(
     ``tail_bytes`` and freeing the space between. Once the job's main process
     has exited, the keeper ends what the job left running (its cgroup, through
     ``cgroup_kill``, and its process group), reads its output for at most
-    ``drain_s`` more seconds, and writes ``exit`` into ``job_dir``
-    (:func:`read_exit`).
+    ``drain_s`` more seconds, reaps the main process and writes ``exit`` into
+    ``job_dir`` (:func:`read_exit`), then exits. The job's pid, and so its
+    process group's id, stays reserved until that reaping: while the keeper
+    runs (bar the moment it takes to write the exit file), a signal to the
+    group by that id reaches no other process.
 
-    Returns once the job's program runs. Raises OSError as :func:`spawn` does
-    if the job could not be started, with nothing left running.
+    ``hold_fds`` (the caller's; they stay open here) are held by the keeper,
+    untouched, for as long as it runs (a lock, say, released when the keeper
+    exits), and not by the job.
+
+    Returns once the keeper has forked the job's process, before that process
+    is set up: for a moment it may not be in its cgroups yet, nor lead its
+    process group (a signal to the group finds none, ESRCH), but a signal to
+    its pid is never lost (if it comes before the process has put its
+    handlers back to default, it is delivered after). A step of its set-up
+    that fails, the exec included, ends it with status 127 and is in the exit
+    file's ``start_error`` (:func:`start_failure`). Raises OSError if the
+    keeper could not be started or could not start the job's process, with
+    nothing left running.
     """
     assert keeper_available() == "", "spawn_kept() without keeper_available()"
     if (user is None) != (group is None):
@@ -255,7 +273,12 @@ def spawn_kept(
         if output < 3:  # the caller's own descriptor is never moved
             output = fcntl.fcntl(output_fd, fcntl.F_DUPFD_CLOEXEC, 3)
             opened.append(output)
-        passed = [report_w, output, directory, *hold_fds]
+        passed = [report_w, output, directory]
+        for held in hold_fds:
+            if held < 3:  # the keeper's stdio: held under another number
+                held = fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 3)
+                opened.append(held)
+            passed.append(held)
         args = ["--report", str(report_w), "--output", str(output)]
         args += ["--dir", str(directory), "--head", str(head_bytes)]
         args += ["--tail", str(tail_bytes), "--drain-ms", str(round(drain_s * 1000))]
@@ -306,13 +329,26 @@ def spawn_kept(
         )
     step, value = _REPORT.unpack(report)
     if step != 0:
-        keeper.wait()  # it has reaped the job's process and exits
-        try:
-            error = _spawn.failure(step, value, os.fsencode(argv[0]))
-        except ValueError:  # a step this module does not know
-            error = OSError(errno.EIO, f"{_KEEPER} reported an unknown step {step}")
-        raise error
+        keeper.wait()  # it started no process, and exits
+        raise start_failure(step, value, argv[0])
     return Kept(keeper=keeper, pid=value)
+
+
+def start_failure(step: int, err: int, path: str) -> OSError:
+    """The OSError :func:`spawn` raises for a child that failed at ``step``
+    with errno ``err``, for a failure reported by number: a kept job's
+    ``start_error`` (:class:`KeeperExit`), or the keeper's report.
+
+    ``path`` is the job's program (``argv[0]``), named (as bytes, as by
+    :func:`spawn`) when the exec failed; the steps before it are told in
+    words: ``"changing to the working directory: No such file or
+    directory"``. The subclass follows errno (FileNotFoundError...).
+    """
+    assert _spawn is not None, "start_failure() without available()"
+    try:
+        return _spawn.failure(step, err, os.fsencode(path))
+    except ValueError:  # a step this module does not know
+        return OSError(errno.EIO, f"{_KEEPER} reported an unknown step {step}")
 
 
 def _worker_stderr() -> int:
@@ -373,6 +409,9 @@ class KeeperExit:
     output_bytes: int  # all the job wrote
     output_error: tuple[int, int] | None  # (errno, bytes kept) if a write failed
     drain_cut: bool  # the output was still open when the keeper stopped reading
+    # (step, errno) if the job's program never ran: a step of its set-up or
+    # its exec failed (then status is exit 127's); start_failure() words it.
+    start_error: tuple[int, int] | None = None
 
 
 def read_exit(job_dir: str) -> KeeperExit | None:
@@ -402,7 +441,13 @@ def read_exit(job_dir: str) -> KeeperExit | None:
         if key in fields:
             raise ValueError(f"{EXIT_FILE}: {key} twice")
         fields[key] = numbers
-    counts = {"status": 1, "output_bytes": 1, "output_error": 2, "drain_cut": 1}
+    counts = {
+        "status": 1,
+        "output_bytes": 1,
+        "output_error": 2,
+        "drain_cut": 1,
+        "start_error": 2,
+    }
     for key, numbers in fields.items():
         if counts.get(key) != len(numbers):
             raise ValueError(f"{EXIT_FILE}: unexpected line {key!r}")
@@ -410,10 +455,12 @@ def read_exit(job_dir: str) -> KeeperExit | None:
         raise ValueError(f"{EXIT_FILE}: status or output_bytes missing")
     (status,) = fields["status"]
     error = fields.get("output_error")
+    start = fields.get("start_error")
     return KeeperExit(
         status=status,
         returncode=os.waitstatus_to_exitcode(status),  # ValueError if not one
         output_bytes=fields["output_bytes"][0],
         output_error=(error[0], error[1]) if error else None,
         drain_cut=fields.get("drain_cut") == [1],
+        start_error=(start[0], start[1]) if start else None,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import random
 import signal
@@ -123,6 +124,8 @@ def test_the_keeper_is_built_and_usable_here():
     [
         ("exit 0", 0),
         ("exit 3", 3),
+        # A program that ran and exited 127 is not one that did not start.
+        ("exit 127", 127),
         ("kill -TERM $$", -signal.SIGTERM),
     ],
 )
@@ -139,7 +142,11 @@ def test_the_output_is_copied_exactly_and_the_exit_file_tells_the_end(
     assert ended.returncode == returncode
     assert os.waitstatus_to_exitcode(ended.status) == returncode
     assert ended.output_bytes == len(expected)
-    assert (ended.output_error, ended.drain_cut) == (None, False)
+    assert (ended.output_error, ended.drain_cut, ended.start_error) == (
+        None,
+        False,
+        None,
+    )
     # The keeper reaped the job: the worker has only the keeper to reap.
     assert not alive(job.kept.pid)
     assert children() == []
@@ -179,6 +186,16 @@ def test_the_keeper_shrugs_off_signals_and_keeps_copying(tmp_path):
     assert job.kept.keeper.poll() is None
     ended = job.finish()
     assert (job.read(), ended.returncode) == (b"one\ntwo\n", 0)
+
+
+def test_a_signal_sent_as_soon_as_the_job_has_a_pid_is_not_lost(tmp_path):
+    # The keeper reports the pid before its child has put the keeper's
+    # ignored signals back to default: the child keeps them pending until
+    # then. Several tries, as the signal may also come after that.
+    for _ in range(10):
+        job = Job(tmp_path, ["/bin/sleep", "30"])
+        os.kill(job.kept.pid, signal.SIGTERM)
+        assert job.finish(timeout=10).returncode == -signal.SIGTERM
 
 
 WORKER = """
@@ -255,46 +272,143 @@ def test_the_job_runs_as_its_user_and_group_only(tmp_path):
     assert lines[4].split() == ["CapEff:", "0000000000000000"]
 
 
-def test_a_program_that_cannot_be_executed_raises_what_exec_met(tmp_path):
+def spawn_error(argv: list[str], **kw) -> OSError:
+    """What spawn.spawn raises for ``argv``: a kept job's start_error must
+    come out the same."""
+    kw.setdefault("cwd", "/")
+    with pytest.raises(OSError) as caught:
+        spawn.spawn(
+            argv,
+            env={"PATH": "/usr/bin:/bin"},
+            user=None,
+            group=None,
+            cgroup_procs=None,
+            **kw,
+        )
+    return caught.value
+
+
+def same_error(a: OSError, b: OSError) -> bool:
+    return (type(a), a.errno, a.strerror, a.filename) == (
+        type(b),
+        b.errno,
+        b.strerror,
+        b.filename,
+    )
+
+
+def test_a_program_that_cannot_be_executed_is_told_in_the_exit_file(tmp_path):
     script = tmp_path / "not-executable"
     script.write_text("#!/bin/sh\necho ran\n")
     for path, code in [(tmp_path / "missing", errno.ENOENT), (script, errno.EACCES)]:
-        job_dir = tmp_path / f"job-{code}"
-        job_dir.mkdir()
-        fd = os.open(job_dir / "output", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            with pytest.raises(OSError) as caught:
-                spawn.spawn_kept(
-                    [str(path)],
-                    cwd="/",
-                    env={},
-                    user=None,
-                    group=None,
-                    cgroup_procs=None,
-                    cgroup_kill=None,
-                    job_dir=str(job_dir),
-                    output_fd=fd,
-                    head_bytes=0,
-                    tail_bytes=0,
-                    drain_s=1,
-                )
-            os.fstat(fd)  # the caller's descriptor stays open
-        finally:
-            os.close(fd)
-        assert caught.value.errno == code
-        assert caught.value.filename == os.fsencode(path)
-        assert os.listdir(job_dir) == ["output"]  # no exit file
-    # The keeper was reaped, and it reaped its child: nothing is left.
+        # The keeper reports the start before the exec: it is no failure of
+        # spawn_kept's.
+        job = Job(tmp_path, [str(path)], head_bytes=0, tail_bytes=0, drain_s=1)
+        ended = job.finish()
+        assert (ended.returncode, ended.output_bytes, job.read()) == (127, 0, b"")
+        assert ended.start_error is not None and ended.start_error[1] == code
+        error = spawn.start_failure(*ended.start_error, str(path))
+        assert error.errno == code
+        assert error.filename == os.fsencode(path)
+        assert same_error(error, spawn_error([str(path)]))
+    # The keepers were reaped, and they reaped their children: nothing is left.
     assert children() == []
 
 
-def test_a_step_before_exec_fails_the_start_as_spawn_does(tmp_path):
-    with pytest.raises(FileNotFoundError) as caught:
-        Job(tmp_path, ["/bin/true"], cwd=str(tmp_path / "gone"))
-    assert caught.value.strerror == (
+def test_a_step_before_exec_is_told_as_spawn_tells_it(tmp_path):
+    job = Job(tmp_path, ["/bin/true"], cwd=str(tmp_path / "gone"))
+    ended = job.finish()
+    assert ended.returncode == 127 and ended.start_error is not None
+    error = spawn.start_failure(*ended.start_error, "/bin/true")
+    assert isinstance(error, FileNotFoundError)
+    assert error.strerror == (
         "changing to the working directory: No such file or directory"
     )
+    assert same_error(error, spawn_error(["/bin/true"], cwd=str(tmp_path / "gone")))
     assert children() == []
+
+
+def test_an_unknown_step_is_an_error_of_its_own():
+    error = spawn.start_failure(99, errno.EPERM, "/bin/true")
+    assert error.errno == errno.EIO
+    assert "unknown step 99" in str(error)
+
+
+def kept_error(tmp_path: Path, **kw) -> OSError:
+    """What spawn_kept raises for a keeper that does not start the job."""
+    job_dir = tmp_path / f"job-{uuid.uuid4().hex[:8]}"
+    job_dir.mkdir()
+    fd = os.open(job_dir / "output", os.O_WRONLY | os.O_CREAT, 0o600)
+    kw.setdefault("cwd", "/")
+    try:
+        with pytest.raises(OSError) as caught:
+            spawn.spawn_kept(
+                ["/bin/true"],
+                env={},
+                user=None,
+                group=None,
+                cgroup_procs=None,
+                cgroup_kill=None,
+                job_dir=str(job_dir),
+                output_fd=fd,
+                head_bytes=0,
+                tail_bytes=0,
+                drain_s=1,
+                **kw,
+            )
+        os.fstat(fd)  # the caller's descriptor stays open
+    finally:
+        os.close(fd)
+    assert os.listdir(job_dir) == ["output"]  # no exit file
+    assert children() == []  # nothing left, not even a zombie
+    return caught.value
+
+
+def test_a_keeper_that_cannot_be_executed_fails_the_start(tmp_path, monkeypatch):
+    not_executable = tmp_path / "not-executable"
+    not_executable.write_text("#!/bin/sh\n")
+    for path, code in [
+        (tmp_path / "missing", errno.ENOENT),
+        (not_executable, errno.EACCES),
+    ]:
+        monkeypatch.setattr(spawn, "keeper_path", lambda path=path: str(path))
+        error = kept_error(tmp_path)
+        assert (error.errno, error.filename) == (code, os.fsencode(path))
+
+
+def test_a_keeper_given_a_bad_argument_fails_the_start(tmp_path):
+    # An empty working directory: the keeper refuses it before it forks.
+    error = kept_error(tmp_path, cwd="")
+    assert error.errno == errno.EIO
+    assert "ended (exit status 2) before it reported" in error.strerror
+
+
+def test_a_keeper_that_cannot_start_the_jobs_process_reports_why(tmp_path):
+    # Only the descriptors it was given, and one for the dynamic loader: no
+    # room for the pipe to the job.
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    run = subprocess.run(
+        [
+            "/bin/bash",
+            "-c",
+            'ulimit -n 7; exec "$0" --report 3 --output 4 --dir 5 --head 0 --tail 0 '
+            '--drain-ms 0 --cwd / -- /bin/true true 3>"$1" 4>"$2" 5<"$3"',
+            spawn.keeper_path(),
+            str(tmp_path / "report"),
+            str(job_dir / "output"),
+            str(job_dir),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=10,
+    )
+    assert run.returncode == 127, run.stderr
+    step, err = spawn._REPORT.unpack((tmp_path / "report").read_bytes())
+    assert err == errno.EMFILE
+    error = spawn.start_failure(step, err, "/bin/true")
+    assert error.strerror == f"starting the job's process: {os.strerror(errno.EMFILE)}"
+    assert os.listdir(job_dir) == ["output"]
 
 
 def test_the_output_keeps_its_head_and_tail_and_frees_the_middle(tmp_path):
@@ -364,6 +478,97 @@ def test_the_drain_gives_up_on_a_process_outside_the_jobs_reach(tmp_path):
     assert ended.output_bytes == len(job.read())
 
 
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def test_the_job_is_reaped_only_once_the_drain_is_over(tmp_path):
+    left = tmp_path / "left"
+    job = Job(
+        tmp_path,
+        # The grandchild leaves the job's session and holds the output open;
+        # the job ends once it has left.
+        [
+            "/bin/sh",
+            "-c",
+            f"setsid /bin/sh -c 'echo $$ > {left}; exec sleep 30' &"
+            f"while [ ! -s {left} ]; do sleep 0.01; done",
+        ],
+        drain_s=30,
+    )
+    keeper = job.kept.keeper.pid
+    escaped = 0
+    try:
+        wait_until(lambda: left.exists() and left.read_text().endswith("\n"))
+        escaped = int(left.read_text())
+        wait_until(lambda: not alive(job.kept.pid), what="the job's exit")
+        # Exited, not reaped: the keeper's zombie child, whose pid (and
+        # process group id) no other process can take.
+        stat = Path(f"/proc/{job.kept.pid}/stat").read_text().rpartition(")")[2]
+        assert stat.split()[:2] == ["Z", str(keeper)]
+        os.killpg(job.kept.pid, 0)
+        # The keeper waits for the drain without spinning on the zombie.
+        before = cpu_ticks(keeper)
+        time.sleep(0.5)
+        assert cpu_ticks(keeper) - before <= 5
+        assert job.kept.keeper.poll() is None
+    finally:
+        if escaped:
+            os.kill(escaped, signal.SIGKILL)
+    ended = job.finish()
+    assert (ended.returncode, ended.drain_cut) == (0, False)
+    assert not os.path.exists(f"/proc/{job.kept.pid}")
+
+
+def test_held_descriptors_stay_with_the_keeper_and_not_the_job(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    started = tmp_path / "started"
+    go = tmp_path / "go"
+
+    def locked() -> bool:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    held = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        job = Job(
+            tmp_path,
+            [
+                "/bin/sh",
+                "-c",
+                f"touch {started}; while [ ! -e {go} ]; do sleep 0.01; done",
+            ],
+            hold_fds=(held,),
+        )
+    finally:
+        os.close(held)  # the keeper's copy holds the lock on its own now
+    keeper = job.kept.keeper.pid
+    wait_until(started.exists, what="the job to run")
+    assert locked()
+
+    def holders(pid: int) -> list[str]:
+        fds = Path(f"/proc/{pid}/fd")
+        return [str(fd) for fd in fds.iterdir() if fd.resolve() == lock]
+
+    assert holders(keeper) == [f"/proc/{keeper}/fd/{held}"]
+    assert holders(job.kept.pid) == []
+    go.touch()
+    wait_until(lambda: not alive(job.kept.pid), what="the job to end")
+    # The job has ended: the keeper has not yet, or has only just.
+    ended = job.finish()
+    assert ended.returncode == 0
+    assert not locked()
+
+
 @pytest.fixture
 def cgroup():
     """A fresh cgroup v2 below this process's own, removed afterwards."""
@@ -422,15 +627,19 @@ def test_the_job_joins_its_cgroup_and_cgroup_kill_ends_what_it_left(
     )
 
 
-def test_a_cgroup_that_cannot_be_joined_fails_the_start(tmp_path, cgroup: Path):
+def test_a_cgroup_that_cannot_be_joined_is_told_and_runs_nothing(
+    tmp_path, cgroup: Path
+):
     marker = tmp_path / "ran"
-    with pytest.raises(OSError) as caught:
-        Job(
-            tmp_path,
-            ["/bin/sh", "-c", f"touch {marker}"],
-            cgroup_procs=[str(cgroup / "cgroup.events")],
-        )
-    assert caught.value.strerror.startswith("joining the job's cgroup: ")
+    job = Job(
+        tmp_path,
+        ["/bin/sh", "-c", f"touch {marker}"],
+        cgroup_procs=[str(cgroup / "cgroup.events")],
+    )
+    ended = job.finish()
+    assert ended.returncode == 127 and ended.start_error is not None
+    error = spawn.start_failure(*ended.start_error, "/bin/sh")
+    assert error.strerror.startswith("joining the job's cgroup: ")
     assert not marker.exists()
     assert children() == []
 
@@ -484,6 +693,15 @@ def test_read_exit_refuses_what_the_keeper_does_not_write(tmp_path):
     assert spawn.read_exit(str(tmp_path)) == spawn.KeeperExit(
         status=0, returncode=0, output_bytes=12, output_error=(28, 4), drain_cut=True
     )
+    exit_file.write_text("status 32512\noutput_bytes 0\nstart_error 10 2\n")
+    assert spawn.read_exit(str(tmp_path)) == spawn.KeeperExit(
+        status=32512,
+        returncode=127,
+        output_bytes=0,
+        output_error=None,
+        drain_cut=False,
+        start_error=(10, 2),
+    )
     for bad in [
         "status 0\n",
         "status 0\noutput_bytes 1",
@@ -491,6 +709,7 @@ def test_read_exit_refuses_what_the_keeper_does_not_write(tmp_path):
         "status 0\noutput_bytes 1\noutput_bytes 1\n",
         "status 0\noutput_bytes 1\nwhat 1\n",
         "status 0\noutput_bytes 1\noutput_error 28\n",
+        "status 0\noutput_bytes 1\nstart_error 10\n",
         "status 4991\noutput_bytes 1\n",  # stopped, not ended
     ]:
         exit_file.write_text(bad)
