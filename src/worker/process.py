@@ -140,6 +140,7 @@ class KeptProcess:
 
     kept = True
     stdout = None  # the keeper, not the worker, reads the job's output
+    program = ""  # what the job executes (for a start error's text)
 
     def __init__(
         self,
@@ -314,6 +315,7 @@ class Spawner:
                 os.close(out_fd)
             keeper = started.keeper
             proc = KeptProcess(started.pid, keeper.pid, keeper, str(kept.directory))
+            proc.program = argv[0]
             return proc, None
         if self.ops.native:  # one exec, but no keeper (jobgate-keeper missing)
             return self.ops.spawn(argv, **common), None
@@ -344,6 +346,16 @@ class Spawner:
         # Read only once the shim has exited; never wait on it.
         os.set_blocking(status_r, False)
         return proc, status_r
+
+
+def start_error_text(exc: OSError, program: str) -> str:
+    """Why a job never ran, from the OSError of its start."""
+    detail = exc.strerror or str(exc)
+    if exc.filename:  # the exec itself
+        return f"could not execute {program}: {detail}"
+    # What the child had to do before it, or a descriptor the worker could
+    # not get.
+    return f"could not start the job: {detail}"
 
 
 def read_start_error(status_fd: int) -> str:

@@ -44,7 +44,13 @@ from worker.job import Job, JobRecord, Phase
 from worker.limits import NAMES as LIMIT_NAMES
 from worker.limits import Enforcer, Limits
 from worker.output import DATA_NAME, KeptOutput, OutputLog, read_chunks
-from worker.process import SAFE_PATH, KeptProcess, ProcessOps, Spawner
+from worker.process import (
+    SAFE_PATH,
+    KeptProcess,
+    ProcessOps,
+    Spawner,
+    start_error_text,
+)
 from worker.reactor import Reactor
 from worker.records import RecordLog
 from worker.validation import Validator
@@ -405,10 +411,8 @@ class JobRunner:
                 return f"could not record the job: {detail}"
             if stage == "limits":
                 return f"could not set up the job's cgroups and limits: {detail}"
-            if stage == "spawn" and isinstance(exc, OSError) and not exc.filename:
-                # Not the exec: what the child had to do before it, or a
-                # descriptor the worker could not get.
-                return f"could not start the job: {detail}"
+            if stage == "spawn" and isinstance(exc, OSError):
+                return start_error_text(exc, argv[0])
             if stage == "spawn":
                 return f"could not execute {argv[0]}: {detail}"
             return f"the worker could not watch the job: {detail}"

@@ -26,12 +26,12 @@ import time
 from collections.abc import Callable
 
 from jobgate.jobstate import ExitReason
-from worker import linux, metrics
+from worker import linux, metrics, spawn
 from worker.config import JobsSection
 from worker.health import Health
 from worker.job import Job, Phase
 from worker.limits import Enforcer, Limits
-from worker.process import KeptProcess, read_start_error
+from worker.process import KeptProcess, read_start_error, start_error_text
 from worker.reactor import Reactor
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,11 @@ class Watcher:
                 extra={"JOB_ID": jid},
             )
             self.isolation.signal(jid, job.proc.pid, signal.SIGTERM)
+            if isinstance(job.proc, KeptProcess):
+                # Just started, the job may not lead its process group nor be
+                # in its cgroup yet; its own pid is safe to signal (its keeper
+                # keeps it a zombie until the keeper itself ends).
+                _signal_pid(job.proc.pid, signal.SIGTERM)
             try:
                 timer = self.reactor.call_later(
                     grace, self._job_event, job, self._escalate, grace
@@ -187,6 +192,8 @@ class Watcher:
                 extra={"JOB_ID": jid},
             )
             self.isolation.kill_all(jid, job.proc.pid)
+            if isinstance(job.proc, KeptProcess):
+                _signal_pid(job.proc.pid, signal.SIGKILL)
 
     def _on_timeout(self, job: Job) -> None:
         self.terminate(
@@ -328,6 +335,11 @@ class Watcher:
                     "its keeper ended without recording how the job ended "
                     "(killed, or its state directory unwritable)"
                 )
+            elif done.start_error is not None:
+                step, err = done.start_error
+                program = proc.program or job.record.command
+                failure = spawn.start_failure(step, err, program)
+                job.start_error = start_error_text(failure, program)
             elif done.output_error is not None:
                 err, kept = done.output_error
                 exc = OSError(err, os.strerror(err))
@@ -508,6 +520,13 @@ class Watcher:
             job.proc.pid,
             extra={"JOB_ID": job.record.job_id},
         )
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def exited_in_keeper(job: Job) -> bool:
