@@ -122,6 +122,27 @@ browser-deps: venv
 		echo "browser-deps: not root; install with apt-get:$$missing"; \
 	fi
 
+# --- PostgreSQL for the tests (tests/conftest.py's postgres fixture) ----------
+
+# The tests of the PostgreSQL state store start a throwaway server from
+# Debian's postgresql package binaries (src/jobgate/dev/postgres.py: initdb
+# and pg_ctl into a temporary directory, no system service). As root; apt is
+# asked only when the package is missing.
+POSTGRES_APT := postgresql
+
+.PHONY: postgres-deps
+
+postgres-deps:
+	if dpkg-query -W -f='$${Status}\n' $(POSTGRES_APT) 2>/dev/null \
+			| grep -qx 'install ok installed'; then \
+		echo "postgres-deps: $(POSTGRES_APT) already installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $(POSTGRES_APT); \
+	else \
+		echo "postgres-deps: not root; install with apt-get: $(POSTGRES_APT)"; \
+	fi
+
 # --- the development lab (docs/lab.md) ---------------------------------------
 
 # Three systemd-nspawn nodes (scheduler, worker-1, worker-2) provisioned by

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from jobgate.dev import postgres as devpg
 from jobgate.dev.cluster import DEVCA, DevCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,28 @@ def skip_unless_required(reason: str, variable: str) -> None:
     if os.environ.get(variable) == "1":
         pytest.fail(f"{variable}=1 but {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[devpg.PostgresServer]:
+    """One PostgreSQL server for the test session (Debian's package binaries),
+    on a unix socket and 127.0.0.1; stopped and removed at the end.
+
+    Skips when the binaries are missing, unless JOBGATE_REQUIRE_POSTGRES=1.
+    """
+    if devpg.find_bindir() is None:
+        skip_unless_required(
+            "PostgreSQL's server binaries are missing (make postgres-deps)",
+            "JOBGATE_REQUIRE_POSTGRES",
+        )
+    directory = make_public_dir("jobgate-test-postgres-")
+    server = devpg.PostgresServer(directory, tcp=True)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def devca(*args: str) -> None:

@@ -188,9 +188,50 @@ class AuthSection:
 class StateSection:
     path: Path = setting(
         Path("/var/lib/jobgate/scheduler.db"),
-        help="SQLite database of workers and jobs",
+        help="SQLite database of workers and jobs (when url is empty)",
     )
-    busy_timeout_s: float = setting(5.0, min=0.1, help="wait for a locked database")
+    busy_timeout_s: float = setting(
+        5.0, min=0.1, help="wait for a locked database (SQLite)"
+    )
+    url: str = setting(
+        "",
+        help='PostgreSQL database URL ("postgresql://user@host:port/dbname?...", '
+        "no password); empty: SQLite at path",
+    )
+    password_file: Path | None = setting(
+        None, exists="file", help="file holding the PostgreSQL role's password"
+    )
+    pool_min: int = setting(
+        1, min=0, max=1000, help="PostgreSQL connections each process keeps open"
+    )
+    pool_max: int = setting(
+        8, min=1, max=1000, help="most PostgreSQL connections of each process"
+    )
+    pool_timeout_s: float = setting(
+        5.0, min=0.1, max=600, help="wait for a free PostgreSQL connection"
+    )
+    connect_timeout_s: int = setting(
+        5, min=2, max=600, help="wait for a new PostgreSQL connection"
+    )
+    statement_timeout_s: float = setting(
+        10.0, min=0.1, max=86400, help="longest a PostgreSQL statement may run"
+    )
+
+    def __post_init__(self) -> None:
+        if self.pool_max < self.pool_min:
+            raise Invalid(
+                "pool_max",
+                f"{self.pool_max} is less than pool_min ({self.pool_min})",
+            )
+        if not self.url:
+            return  # SQLite: the PostgreSQL keys mean nothing
+        # Imported here: a scheduler on SQLite never loads the driver.
+        from scheduler.store.postgres import check_url
+
+        try:
+            check_url(self.url)
+        except ValueError as exc:
+            raise Invalid("url", str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -110,12 +110,12 @@ class HttpServer(BaseApplication):
         from jobgate.tls import Credentials
         from scheduler.http.app import create_app
         from scheduler.http.auth import TokenFile
-        from scheduler.store import Store
+        from scheduler.store import open_store
         from scheduler.usecases import UseCases
         from scheduler.worker_calls import ChannelPool
 
         cfg = self.jg_cfg
-        store = Store(cfg.state.path, cfg.state.busy_timeout_s)
+        store = open_store(cfg.state, "jobgate-scheduler-http")
         pool = ChannelPool(
             cfg.cluster.name, Credentials.load(cfg.tls), cfg.workers.retry_after_s
         )

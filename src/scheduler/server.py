@@ -23,7 +23,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.http.auth import TokenFileError, load_tokens
 from scheduler.http_child import HttpChild, listen, loopback_target
 from scheduler.membership import POLICY, MembershipServicer
-from scheduler.store import Store
+from scheduler.store import Store, open_store
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -37,6 +37,7 @@ class SchedulerService(Service):
         self.config_path = config_path
         self.http: HttpChild | None = None
         self.membership: MembershipServicer | None = None
+        self.store: Store | None = None
         self.grpc_port = 0
 
     def prepare(self, creds: Credentials) -> None:
@@ -45,7 +46,7 @@ class SchedulerService(Service):
             load_tokens(cfg.auth.tokens_file)  # refuse to start on a broken file
         except TokenFileError as exc:
             raise OSError(str(exc)) from None
-        self.store = Store(cfg.state.path, cfg.state.busy_timeout_s)
+        self.store = open_store(cfg.state)
         self.store.initialize()
         self.membership = MembershipServicer(cfg, self.store)
         self.listener = listen(cfg.http.bind)
@@ -131,6 +132,8 @@ class SchedulerService(Service):
     def close(self) -> None:
         if self.membership is not None:
             self.membership.heartbeats.close()
+        if self.store is not None:
+            self.store.close()
 
 
 def serve(cfg: SchedulerConfig, config_path: Path, ready_file: Path | None) -> int:

@@ -136,7 +136,7 @@ class UseCases:
         """What keeps the scheduler from serving; empty when it is ready."""
         problems = []
         if not await asyncio.to_thread(self.store.writable):
-            problems.append(f"the state database {self.store.path} is not writable")
+            problems.append(f"the state database {self.store.location} is not writable")
         if self._grpc_target is None:
             problems.append("this process does not know the scheduler's gRPC address")
             return problems

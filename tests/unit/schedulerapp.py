@@ -16,7 +16,7 @@ from jobgate.tls import Credentials
 from scheduler.config import SchedulerConfig
 from scheduler.http.app import create_app
 from scheduler.http.auth import TokenFile, hash_token
-from scheduler.store import Store
+from scheduler.store import SqliteStore
 from scheduler.usecases import UseCases
 from scheduler.worker_calls import ChannelPool
 
@@ -63,7 +63,7 @@ def use_cases(
     cfg = config.loads(
         CONFIG.format(http=http, workers=workers), SchedulerConfig, base=directory
     )
-    store = Store(cfg.state.path)
+    store = SqliteStore(cfg.state.path)
     store.initialize()
     pool = ChannelPool(
         cfg.cluster.name, Credentials(b"ca", b"cert", b"key"), cfg.workers.retry_after_s

@@ -529,6 +529,54 @@ def test_scheduler_config_refuses_plain_http_off_loopback(confdir):
     assert cfg.http.bind == "0.0.0.0:8080"
 
 
+def test_scheduler_config_names_a_postgresql_database_and_its_password_file(confdir):
+    (confdir / "db-password").write_text("s3cret\n")
+    doc = scheduler_doc()
+    url = "postgresql://jobgate@db.example:5432/jobgate?sslmode=verify-full"
+    doc["state"] = {"url": url, "password_file": "db-password", "pool_max": 4}
+    cfg = scheduler_config.load(write(confdir, doc, "scheduler.toml"))
+    assert (cfg.state.url, cfg.state.password_file) == (url, confdir / "db-password")
+    assert (cfg.state.pool_min, cfg.state.pool_max) == (1, 4)
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (
+            {"url": "postgresql://jobgate:s3cret@db.example/jobgate?sslmode=require"},
+            "[state].url: the URL holds a password, which the config file must not: "
+            "remove it and put it in a file named by [state].password_file",
+        ),
+        (
+            {"url": "postgresql://jobgate@db.example/jobgate?sslmode=prefer"},
+            "[state].url: sslmode=prefer could send the connection to db.example "
+            "unencrypted; add sslmode=verify-full&sslrootcert=<CA file> to the URL "
+            "(or sslmode=require), or connect over a unix socket or loopback",
+        ),
+        (
+            {"url": "sqlite:///var/lib/jobgate/scheduler.db"},
+            "[state].url: not a PostgreSQL URL (postgresql://user@host:port/dbname",
+        ),
+        (
+            {"url": "postgresql:///jobgate", "password_file": "missing"},
+            "[state].password_file: no such file",
+        ),
+        (
+            {"url": "postgresql:///jobgate", "pool_min": 5, "pool_max": 4},
+            "[state].pool_max: 4 is less than pool_min (5)",
+        ),
+    ],
+)
+def test_scheduler_config_refuses_a_state_database_it_cannot_use_safely(
+    confdir, state, expected
+):
+    doc = scheduler_doc()
+    doc["state"] = state
+    path, message = scheduler_error(confdir, doc)
+    assert message.startswith(f"{path}: {expected}"), message
+    assert "s3cret" not in message
+
+
 @pytest.mark.parametrize(
     "prefix", ["worker/scripts", "/srv/scripts/", "a/../b/", "./a/", "a//b/", "../"]
 )

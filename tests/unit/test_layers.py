@@ -119,7 +119,7 @@ def test_each_layer_has_modules_so_the_rules_are_not_empty():
         ("jobgate/client/api.py", "import grpc\n", "not the standard library"),
         ("jobgate/client/api.py", "from jobgate import tls\n", "client imports"),
         ("worker/runner.py", "from jobgate.dev import cluster\n", "worker imports"),
-        ("scheduler/store.py", "import worker.runner\n", "scheduler imports"),
+        ("scheduler/store/base.py", "import worker.runner\n", "scheduler imports"),
     ],
 )
 def test_an_upward_import_is_found(tmp_path, monkeypatch, module, text, expected):
@@ -131,7 +131,12 @@ def test_an_upward_import_is_found(tmp_path, monkeypatch, module, text, expected
     monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path / "src")
     for name in FIRST_PARTY:  # is_module() looks under the copy's src
         (tmp_path / "src" / name).mkdir(exist_ok=True)
-    for rel in ("scheduler/store.py", "worker/runner.py", "jobgate/tls.py"):
+    for rel in (
+        "scheduler/store/__init__.py",
+        "scheduler/store/base.py",
+        "worker/runner.py",
+        "jobgate/tls.py",
+    ):
         dest = tmp_path / "src" / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.touch(exist_ok=True)

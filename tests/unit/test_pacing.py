@@ -26,7 +26,7 @@ from scheduler.config import (
     WorkersSection,
 )
 from scheduler.membership import MembershipServicer, Pacing
-from scheduler.store import ONLINE, UNREACHABLE, Store
+from scheduler.store import ONLINE, UNREACHABLE, SqliteStore
 from worker.registration import Registrar
 
 
@@ -128,7 +128,7 @@ def scheduler_cfg(tmp_path: Path, **workers) -> SchedulerConfig:
 @pytest.fixture
 def membership(tmp_path):
     cfg = scheduler_cfg(tmp_path)
-    store = Store(tmp_path / "state.db")
+    store = SqliteStore(tmp_path / "state.db")
     store.initialize()
     servicer = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
     yield servicer
@@ -206,7 +206,7 @@ def test_silent_workers_stop_counting(membership):
 
 def test_a_restarted_scheduler_keeps_the_timeouts_it_gave(tmp_path):
     cfg = scheduler_cfg(tmp_path)
-    store = Store(tmp_path / "state.db")
+    store = SqliteStore(tmp_path / "state.db")
     store.initialize()
     first = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
     ids = {name: register(first, name).worker_id for name in ("w1", "w2", "w3")}
@@ -246,7 +246,7 @@ def test_a_database_from_before_keeps_its_workers(tmp_path, version):
     conn = sqlite3.connect(path)
     conn.executescript(VERSION_1_WORKERS.replace("= 1;", f"= {version};"))
     conn.close()
-    store = Store(path)
+    store = SqliteStore(path)
     store.initialize()
     (row,) = store.list_workers()
     assert (row.name, row.capacity, row.heartbeat_timeout_s) == ("w1", 4, 0.0)

@@ -1,19 +1,60 @@
-"""The scheduler's job index: an ended job's recorded status is final."""
+"""The scheduler's state store, on each backend: SQLite and PostgreSQL.
+
+Every test that takes the ``store`` or ``new_store`` fixture runs twice, once
+per backend (PostgreSQL: a database of its own on the session's server, see
+``tests/conftest.py``); the tests of one backend's own machinery name it.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
-from scheduler.store import Store
+from scheduler.store import Busy, SqliteStore, open_store
+from scheduler.store import sqlite as sqlite_backend
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_store(request, tmp_path):
+    """Makes initialised stores of one backend, each on a new database."""
+    made = []
+    if request.param == "sqlite":
+
+        def make(**kw):
+            store = SqliteStore(tmp_path / f"state-{len(made)}.db", **kw)
+            made.append(store)
+            store.initialize()
+            return store
+
+    else:
+        from scheduler.store.postgres import PostgresStore
+
+        server = request.getfixturevalue("postgres")
+
+        def make(**kw):
+            store = PostgresStore(server.create_database(), **kw)
+            made.append(store)
+            store.initialize()
+            return store
+
+    yield make
+    for store in made:
+        store.close()
+    if request.param == "postgres":
+        for store in made:
+            server.drop_database(store.url.rsplit("/", 1)[1])
 
 
 @pytest.fixture
-def index(tmp_path):
+def store(new_store):
+    return new_store()
+
+
+@pytest.fixture
+def index(store):
     """A store with two workers; returns it and their ids."""
-    store = Store(tmp_path / "state.db")
-    store.initialize()
     ids = [
         store.register_worker(name, "127.0.0.1:1", {}, 1, "test").id
         for name in ("a", "b")
@@ -59,13 +100,12 @@ def test_a_job_that_had_ended_when_it_was_recorded(index):
     assert store.ended_job(a, "j2") == final
 
 
-def test_a_write_without_waiting_is_refused_at_once_while_another_writes(index):
+def test_a_write_without_waiting_is_refused_at_once_while_another_writes(tmp_path):
     import sqlite3
-    import time
 
-    from scheduler.store import Busy
-
-    store, (a, _) = index
+    store = SqliteStore(tmp_path / "state.db")
+    store.initialize()
+    a = store.register_worker("a", "127.0.0.1:1", {}, 1, "test").id
     other = sqlite3.connect(store.path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another process's write under way
     try:
@@ -84,14 +124,12 @@ def test_a_write_without_waiting_is_refused_at_once_while_another_writes(index):
     assert timeout == 5000
 
 
-def test_a_worker_gets_back_its_id_from_a_scheduler_that_lost_its_state(tmp_path):
-    first = Store(tmp_path / "first.db")
-    first.initialize()
+def test_a_worker_gets_back_its_id_from_a_scheduler_that_lost_its_state(new_store):
+    first = new_store()
     had = first.register_worker("w1", "127.0.0.1:1", {}, 1, "test").id
     other = first.register_worker("w2", "127.0.0.1:2", {}, 1, "test").id
 
-    lost = Store(tmp_path / "lost.db")  # the state database started anew
-    lost.initialize()
+    lost = new_store()  # the state database started anew
     assert (
         lost.register_worker(
             "w1", "127.0.0.1:1", {}, 1, "test", previous_id=had.upper()
@@ -159,8 +197,7 @@ def test_a_heartbeat_received_before_a_drain_answer_does_not_undo_it(index):
 def test_a_database_of_schema_3_gets_the_draining_column(tmp_path):
     import sqlite3
 
-    from scheduler import store as store_module
-
+    store_module = sqlite_backend
     column = (
         ",\n    -- 1 while the worker is drained, as it last said (kept when it "
         "goes away)\n    draining      INTEGER NOT NULL DEFAULT 0"
@@ -176,7 +213,181 @@ def test_a_database_of_schema_3_gets_the_draining_column(tmp_path):
     conn.execute("PRAGMA user_version = 3")
     conn.commit()
     conn.close()
-    store = Store(path)
+    store = SqliteStore(path)
     store.initialize()
     [row] = store.list_workers()
     assert (row.name, row.draining) == ("a", False)
+
+
+# -- every backend alike -----------------------------------------------------------
+
+
+def test_a_registered_worker_reads_back_as_it_registered(store):
+    before = time.time()
+    row = store.register_worker(
+        "w1",
+        "10.0.0.1:7444",
+        {"zone": "b", "rack": "1"},
+        8,
+        "1.2.3",
+        heartbeat_timeout_s=45.0,
+        enforceable_limits=["tasks", "memory_mb"],
+        degraded="disk full",
+    )
+    assert (row.name, row.address, row.labels, row.capacity, row.version) == (
+        "w1",
+        "10.0.0.1:7444",
+        {"rack": "1", "zone": "b"},
+        8,
+        "1.2.3",
+    )
+    assert (row.state, row.running_jobs, row.heartbeat_timeout_s) == ("online", 0, 45.0)
+    assert (row.enforceable_limits, row.degraded, row.draining) == (
+        ("memory_mb", "tasks"),
+        "disk full",
+        False,
+    )
+    # Times keep their fraction of a second (a float of 4 bytes would not).
+    assert before <= row.registered_at == row.last_seen_at <= time.time()
+    assert store.get_worker(row.id) == row
+    assert store.list_workers() == [row]
+
+
+def test_a_worker_is_found_by_its_id_before_another_by_that_name(store):
+    a = store.register_worker("a", "127.0.0.1:1", {}, 1, "test")
+    # A name that is another worker's id (the servicer refuses such names;
+    # the store still answers the id first).
+    b = store.register_worker(a.id, "127.0.0.1:2", {}, 1, "test")
+    assert store.find_worker(a.id).id == a.id
+    assert store.find_worker("a").id == a.id
+    assert store.find_worker(b.id).name == a.id
+    assert store.find_worker("nobody") is None
+    assert store.get_worker("nobody") is None
+    assert [w.name for w in store.list_workers()] == sorted(["a", a.id])
+
+
+def test_heartbeats_count_for_online_workers_only(index):
+    store, (a, b) = index
+    assert store.heartbeat(a, 3) is True
+    assert store.get_worker(a).running_jobs == 3
+    store.deregister(a)
+    row = store.get_worker(a)
+    assert (row.state, row.running_jobs) == ("offline", 0)
+    assert store.heartbeat(a, 1) is False
+    assert store.heartbeat("unknown", 1) is False
+    store.heartbeats({a: (500.0, 2, 15.0), b: (600.0, 4, 30.0, "why", False)})
+    assert store.get_worker(a).last_seen_at != 500.0  # offline: not written
+    row = store.get_worker(b)
+    assert (row.last_seen_at, row.running_jobs, row.heartbeat_timeout_s) == (
+        600.0,
+        4,
+        30.0,
+    )
+    assert row.degraded == "why"
+    # Registering again brings it back online, with the same id.
+    assert store.register_worker("a", "127.0.0.1:9", {}, 1, "test").id == a
+    assert store.get_worker(a).state == "online"
+
+
+def test_the_job_index_lists_a_workers_jobs_newest_first(index):
+    store, (a, b) = index
+    for n in range(5):
+        store.record_job(status(f"j{n}", a, "running"))
+    store.record_job(status("k", b, "failed"))
+    store.update_job(status("j1", a, "succeeded", 7))
+    store.record_job(status("j0", a, "failed"))  # known already: kept as it was
+    jobs = store.worker_jobs(a)
+    assert [j["job_id"] for j in jobs] == ["j4", "j3", "j2", "j1", "j0"]
+    assert [j["job_id"] for j in store.worker_jobs(a, limit=2)] == ["j4", "j3"]
+    assert jobs[3]["state"] == "succeeded" and jobs[3]["output_bytes"] == 7
+    assert jobs[4]["state"] == "running"
+    assert all(j["recorded_at"].endswith("Z") for j in jobs)
+    assert store.job_counts() == {"running": 4, "succeeded": 1, "failed": 1}
+
+
+def test_a_group_keeps_its_request_errors_and_jobs(index):
+    store, (a, b) = index
+    assert store.get_group("g-unknown") is None
+    request = {"selector": {"all": True}, "command": "bash", "path": "x.sh"}
+    store.create_group("g1", request, [])
+    store.record_job(status("j1", a, "running"), "g1")
+    store.record_job(status("j2", b, "running"), "g1")
+    store.record_job(status("j3", b, "running"))
+    errors = [{"worker_id": "w9", "error": {"status": 503}}]
+    store.set_group_errors("g1", errors)
+    got_request, got_errors, jobs = store.get_group("g1")
+    assert got_request.pop("created_at") <= time.time()
+    assert got_request == request
+    assert got_errors == errors
+    assert [j["job_id"] for j in jobs] == ["j1", "j2"]
+
+
+def test_a_second_start_changes_nothing(store):
+    row = store.register_worker("a", "127.0.0.1:1", {"x": "y"}, 1, "test")
+    store.initialize()
+    assert store.list_workers() == [row]
+
+
+def test_a_write_without_waiting_runs_when_nothing_else_writes(index):
+    store, (a, _) = index
+    store.without_waiting(store.record_job, status("j1", a, "running"))
+    assert [j["job_id"] for j in store.worker_jobs(a)] == ["j1"]
+    assert store.writable() is True
+
+
+def _write_schema_version(store, version: int) -> None:
+    if isinstance(store, SqliteStore):
+        import sqlite3
+
+        with sqlite3.connect(store.path) as conn:
+            conn.execute(f"PRAGMA user_version = {version}")
+    else:
+        import psycopg
+
+        with psycopg.connect(store.url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO schema_migrations (version) VALUES (%s)", (version,)
+            )
+
+
+def test_a_database_of_a_newer_jobgate_is_refused(store):
+    store.register_worker("a", "127.0.0.1:1", {}, 1, "test")
+    _write_schema_version(store, 99)
+    with pytest.raises(OSError) as exc:
+        store.initialize()
+    assert str(exc.value).startswith(f"{store.location} was written by a newer ")
+    assert "(schema 99, this one knows " in str(exc.value)
+    assert str(exc.value).endswith("); upgrade this scheduler")
+    # Nothing was changed by the refusal.
+    assert [w.name for w in store.list_workers()] == ["a"]
+
+
+def test_the_store_of_an_sqlite_config_is_sqlite(tmp_path):
+    from scheduler.config import StateSection
+
+    store = open_store(StateSection(path=tmp_path / "s.db"))
+    assert isinstance(store, SqliteStore)
+    assert store.location == str(tmp_path / "s.db")
+
+
+def test_two_sqlite_stores_starting_at_once_migrate_once(tmp_path):
+    # The second waits for the first's transaction, then finds nothing to do.
+    stores = [SqliteStore(tmp_path / "state.db") for _ in range(4)]
+    errors = []
+    barrier = threading.Barrier(len(stores))
+
+    def start(s):
+        barrier.wait()
+        try:
+            s.initialize()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    version = stores[0]._conn().execute("PRAGMA user_version").fetchone()[0]
+    assert version == sqlite_backend.SCHEMA_VERSION
