@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from jobgate.dev.cluster import DEVCA, DevCluster
+from jobgate.dev.postgres import PostgresServer
 
 BENCH = Path(__file__).resolve().parent
 SCRIPTS = BENCH / "scripts"
@@ -44,6 +45,9 @@ PROFILE_TAG = "cluster"
 # TOML value, applied to every cluster after the scenario's own settings.
 EXTRA_SCHEDULER: dict[str, str] = {}
 EXTRA_WORKER: dict[str, str] = {}
+# Set by ``bench.run --postgres``: the server whose databases keep the state of
+# every cluster's scheduler (a new database each), instead of SQLite.
+POSTGRES: PostgresServer | None = None
 
 # The product's defaults ([workers] heartbeats and call deadline), which the
 # development cluster shortens for its tests.
@@ -139,11 +143,13 @@ class BenchCluster(DevCluster):
                 os.chmod(self._scripts / f.name, 0o755)  # noqa: S103
         directory = public_dir("jobgate-bench-")
         shutil.copytree(pki_cache(), directory / "pki", ignore=lambda *_: ["sim"])
+        self._database = POSTGRES.create_database() if POSTGRES else ""
         super().__init__(
             directory,
             cluster=CLUSTER,
             http_processes=2,
             scripts_dir=self._scripts,
+            store_url=self._database,
         )
 
     def settings(self) -> dict[str, dict[str, str]]:
@@ -188,6 +194,8 @@ class BenchCluster(DevCluster):
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
             shutil.rmtree(self._scripts, ignore_errors=True)
+            if self._database and POSTGRES is not None:
+                POSTGRES.drop_database(self._database.rsplit("/", 1)[1])
 
     # -- helpers ----------------------------------------------------------------
 
@@ -278,6 +286,21 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU time of process ``pid`` and of every descendant, living or reaped.
+
+    For a daemon the benchmark started but does not wait for (the PostgreSQL
+    server of ``--postgres``), whose time ``os.times`` does not include.
+    """
+    ticks = 0
+    for p in [pid, *descendants(pid)]:
+        fields = _stat(p)
+        if fields is not None:
+            # utime, stime, and cutime, cstime of children it has reaped
+            ticks += sum(int(x) for x in fields[11:15])
+    return ticks / TICKS
 
 
 def rss_bytes(pid: int) -> int:

@@ -10,15 +10,18 @@ table shows the medians next to the targets of issue 7.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench import cluster
@@ -63,13 +66,21 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _state(state: dict) -> str:
+    if state.get("backend") != "postgresql":
+        return "SQLite"
+    settings = ", ".join(f"{k}={v}" for k, v in state.get("settings", {}).items())
+    return f"PostgreSQL ({settings or 'default settings'})"
+
+
 def markdown(report: dict) -> str:
     lines = [
         "# jobgate benchmarks",
         "",
         f"`{report['command']}` at {report['commit'] or 'an unknown commit'}: "
         f"{report['runs']} run(s) per scenario, medians; "
-        f"{report['machine']['cpus']} CPUs.",
+        f"{report['machine']['cpus']} CPUs; the scheduler's state in "
+        f"{_state(report.get('state', {}))}.",
         "",
         "Other processes than the benchmark's kept the CPUs at most "
         f"{report['others_busy_pct']}% busy during a run.",
@@ -123,7 +134,10 @@ def _commit() -> str:
 def _own_cpu() -> float:
     """CPU time of this process and of every descendant it has waited for."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    own = t.user + t.system + t.children_user + t.children_system
+    server = cluster.POSTGRES
+    pid = server.pid if server is not None else None
+    return own + (cluster.tree_cpu_s(pid) if pid else 0.0)
 
 
 def wait_idle(limit_s: float, quiet_s: float = QUIET_S) -> float:
@@ -277,7 +291,54 @@ def main(argv: list[str] | None = None) -> int:
             help=f"set this in every {side} config (a TOML value, e.g. "
             f"{example}); repeatable",
         )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="keep each scheduler's state in PostgreSQL (a server started for "
+        "the run from Debian's binaries, a new database per cluster) instead "
+        "of SQLite",
+    )
+    parser.add_argument(
+        "--postgres-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of that server (e.g. synchronous_commit=off); repeatable",
+    )
     args = parser.parse_args(argv)
+    with _postgres(parser, args) as server:
+        cluster.POSTGRES = server
+        return _run(parser, args, argv, server)
+
+
+@contextlib.contextmanager
+def _postgres(parser: argparse.ArgumentParser, args) -> Iterator[object | None]:
+    """The PostgreSQL server of ``--postgres``, stopped and removed after."""
+    if not args.postgres:
+        if args.postgres_setting:
+            parser.error("--postgres-setting needs --postgres")
+        yield None
+        return
+    from jobgate.dev.postgres import PostgresServer
+
+    settings = {}
+    for text in args.postgres_setting:
+        name, sep, value = text.partition("=")
+        if not sep or not name or not value:
+            parser.error(f"{text!r}: expected NAME=VALUE")
+        settings[name] = value
+    directory = cluster.public_dir("jobgate-bench-postgres-")
+    # As durable as in production (fsync on), unless a setting says otherwise.
+    server = PostgresServer(directory, durable=True, settings=settings)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run(parser, args, argv, server) -> int:
     for dotted in args.scheduler_setting:
         cluster.EXTRA_SCHEDULER.update([_setting(parser, dotted)])
     for dotted in args.worker_setting:
@@ -303,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
             "scheduler": cluster.EXTRA_SCHEDULER,
             "worker": cluster.EXTRA_WORKER,
         },
+        "state": (
+            {"backend": "postgresql", "settings": server.settings}
+            if server is not None
+            else {"backend": "sqlite"}
+        ),
         "runs": args.runs,
         "machine": {
             "cpus": os.cpu_count(),

@@ -144,10 +144,16 @@ class DevCluster:
         grpc_port: int = 0,
         https: bool = False,
         http_tls_extra: str = "",
+        store_url: str = "",
+        store_password_file: Path | None = None,
     ):
         """``https``: the API on HTTPS, with a certificate from the
         development CA for 127.0.0.1 and localhost; ``http_tls_extra`` adds
-        settings to its ``[http.tls]``."""
+        settings to its ``[http.tls]``. ``store_url``: the scheduler keeps
+        its state in this PostgreSQL database (``[state].url``, e.g. from
+        :meth:`jobgate.dev.postgres.PostgresServer.create_database`), with
+        the password in ``store_password_file`` if it needs one; empty:
+        SQLite under ``directory``."""
         self.dir = directory.resolve()
         self.use_https = https
         self.http_tls_extra = http_tls_extra
@@ -162,6 +168,8 @@ class DevCluster:
         self.scheduler_extra = scheduler_extra
         self.http_extra = http_extra
         self.worker_extra = worker_extra
+        self.store_url = store_url
+        self.store_password_file = store_password_file
         self.pki = self.dir / "pki"
         self.logs = self.dir / "logs"
         self.scripts_dir = scripts_dir or EXAMPLE_SCRIPTS
@@ -233,6 +241,7 @@ tokens_file = "tokens"
 
 [state]
 path = "state/scheduler.db"
+{self._store()}
 
 [workers]
 heartbeat_interval_s = 1.0
@@ -242,6 +251,14 @@ rpc_timeout_s = 5.0
 """
         )
         return path
+
+    def _store(self) -> str:
+        if not self.store_url:
+            return ""
+        lines = [f"url = {json.dumps(self.store_url)}"]
+        if self.store_password_file is not None:
+            lines.append(f"password_file = {json.dumps(str(self.store_password_file))}")
+        return "\n".join(lines) + "\n"
 
     def _http_tls(self) -> str:
         if not self.use_https:
