@@ -391,3 +391,17 @@ def test_two_sqlite_stores_starting_at_once_migrate_once(tmp_path):
     assert errors == []
     version = stores[0]._conn().execute("PRAGMA user_version").fetchone()[0]
     assert version == sqlite_backend.SCHEMA_VERSION
+
+
+def test_a_worker_and_its_jobs_ended_status_are_read_together(index):
+    store, (a, b) = index
+    store.record_job(status("j1", a, "running"))
+    store.record_job(status("j2", a, "failed"))
+    worker_a = store.get_worker(a)
+    assert store.find_worker_and_ended_job("a", "j1") == (worker_a, None)
+    assert store.find_worker_and_ended_job(a, "j2") == (
+        worker_a,
+        status("j2", a, "failed"),
+    )
+    assert store.find_worker_and_ended_job("b", "j2") == (store.get_worker(b), None)
+    assert store.find_worker_and_ended_job("nobody", "j2") == (None, None)

@@ -91,6 +91,7 @@ class Statements:
     deregister: str  # :now, :id
     get_worker: str  # :id
     find_worker: str  # :ref
+    find_worker_ended_job: str  # :ref, :job_id; the worker's columns and ended
     list_workers: str
     # job index
     record_job: str  # :job_id, :worker_id, :group_id, :now, :state, :status
@@ -293,6 +294,18 @@ class Store(abc.ABC):
         """The worker whose id or, failing that, whose name is ``ref``."""
         row = self._one(self.sql.find_worker, {"ref": ref})
         return _worker(row) if row else None
+
+    def find_worker_and_ended_job(
+        self, ref: str, job_id: str
+    ) -> tuple[WorkerRow | None, dict | None]:
+        """:meth:`find_worker` and that worker's :meth:`ended_job` in one
+        query: a status request's reads in one round trip to the database."""
+        row = self._one(self.sql.find_worker_ended_job, {"ref": ref, "job_id": job_id})
+        if row is None:
+            return None, None
+        row = dict(row)
+        ended = row.pop("ended")
+        return _worker(row), None if ended is None else json.loads(ended)
 
     def list_workers(self) -> list[WorkerRow]:
         return [_worker(r) for r in self._all(self.sql.list_workers)]

@@ -135,6 +135,10 @@ STATEMENTS = Statements(
     get_worker="SELECT * FROM workers WHERE id = %(id)s",
     find_worker="SELECT * FROM workers WHERE id = %(ref)s OR name = %(ref)s "
     "ORDER BY id = %(ref)s DESC LIMIT 1",
+    find_worker_ended_job="SELECT w.*, j.status AS ended FROM workers w "
+    "LEFT JOIN jobs j ON j.job_id = %(job_id)s AND j.worker_id = w.id "
+    "AND j.state <> 'running' "
+    "WHERE w.id = %(ref)s OR w.name = %(ref)s ORDER BY w.id = %(ref)s DESC LIMIT 1",
     list_workers="SELECT * FROM workers ORDER BY name",
     record_job="INSERT INTO jobs (job_id, worker_id, group_id, created_at, state, "
     "status, updated_at) VALUES (%(job_id)s, %(worker_id)s, %(group_id)s, "

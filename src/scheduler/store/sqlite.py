@@ -116,6 +116,10 @@ STATEMENTS = Statements(
     get_worker="SELECT * FROM workers WHERE id = :id",
     find_worker="SELECT * FROM workers WHERE id = :ref OR name = :ref "
     "ORDER BY id = :ref DESC LIMIT 1",
+    find_worker_ended_job="SELECT w.*, j.status AS ended FROM workers w "
+    "LEFT JOIN jobs j ON j.job_id = :job_id AND j.worker_id = w.id "
+    "AND j.state != 'running' "
+    "WHERE w.id = :ref OR w.name = :ref ORDER BY w.id = :ref DESC LIMIT 1",
     list_workers="SELECT * FROM workers ORDER BY name",
     record_job="INSERT OR IGNORE INTO jobs (job_id, worker_id, group_id, "
     "created_at, state, status, updated_at) "
