@@ -109,7 +109,7 @@ class SchedulerService(Service):
         )
 
     def healthy(self) -> bool:
-        return self.http.healthy() and self.store.writable()
+        return self.http.healthy() and self.store.healthy()
 
     def reload(self) -> None:
         # gunicorn's processes re-read the tokens file as soon as it changes;

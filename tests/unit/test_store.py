@@ -333,6 +333,7 @@ def test_a_write_without_waiting_runs_when_nothing_else_writes(index):
     store.without_waiting(store.record_job, status("j1", a, "running"))
     assert [j["job_id"] for j in store.worker_jobs(a)] == ["j1"]
     assert store.writable() is True
+    assert store.healthy() is True
 
 
 def _write_schema_version(store, version: int) -> None:

@@ -151,6 +151,12 @@ class Store(abc.ABC):
     def writable(self) -> bool:
         """True if the database takes writes now (for readiness)."""
 
+    def healthy(self) -> bool:
+        """False if this process should be restarted for the store's sake
+        (the service's watchdog); the store's own failure, not the database
+        being away for a while."""
+        return self.writable()
+
     def without_waiting(self, fn: Callable, *args):
         """``fn(*args)``, or :class:`Busy` at once where it would have to
         wait for another writer (or another caller's connection) first.

@@ -346,5 +346,14 @@ class PostgresStore(Store):
         except psycopg.Error:
             return False
 
+    def healthy(self) -> bool:
+        """True while the pool is open, whether or not the database answers.
+
+        A database that restarts or is cut off for a while is no reason to
+        restart the scheduler (which could not start without it either):
+        readiness (:meth:`writable`) says it, and the pool reconnects.
+        """
+        return not self.pool.closed
+
     def close(self) -> None:
         self.pool.close()
