@@ -219,9 +219,11 @@ class Spawner:
         worker_name: str,
         switches_user: bool,
         setpriv: str | None = None,
+        stock=None,
     ):
         self.cfg = cfg
         self.ops = ops
+        self.stock = stock  # output.Stock: kept jobs' directories, made ahead
         self.worker_name = worker_name
         self.cwd = str(cfg.scripts_dir.resolve())
         # Without the one-exec spawner, drop privileges with setpriv rather
@@ -298,7 +300,7 @@ class Spawner:
             "cgroup_procs": procs or None,
         }
         if kept is not None:
-            out_fd = kept.create()
+            out_fd = kept.create(self.stock)
             try:
                 started = self.ops.spawn_kept(
                     argv,
