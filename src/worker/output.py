@@ -28,6 +28,10 @@ HEAD_NAME = "output.log"
 TAIL_NAME = "output.tail"
 # A kept job's output (KeptOutput): one sparse file.
 DATA_NAME = "output.data"
+# The keeper's exit file before it is renamed "exit" (worker.spawn), and the
+# room kept for it.
+EXIT_TMP_NAME = "exit.tmp"
+EXIT_RESERVE_BYTES = 4096
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +252,21 @@ class KeptOutput:
 
 
 def _make_job_directory(directory: Path) -> int:
-    """Make ``directory`` with an empty output file; a descriptor to write it."""
+    """Make ``directory`` with an empty output file; a descriptor to write it.
+
+    Also the keeper's ``exit.tmp``, with a block allocated: the keeper writes
+    the job's end into it in place, which a full disk cannot refuse.
+    """
     os.mkdir(directory, 0o750)
+    fd = os.open(
+        directory / EXIT_TMP_NAME,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+        0o640,
+    )
+    try:
+        os.posix_fallocate(fd, 0, EXIT_RESERVE_BYTES)
+    finally:
+        os.close(fd)
     return os.open(
         directory / DATA_NAME,
         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
