@@ -212,8 +212,12 @@ class Store:
         previous_id: str = "",
         degraded: str = "",
         draining: bool = False,
+        running_jobs: int = 0,
     ) -> WorkerRow:
         """Insert or refresh the worker named ``name``; its id never changes.
+
+        ``running_jobs``: the jobs it runs as it registers (those it took over
+        from its earlier run).
 
         A name this database does not know (a new worker, or a database lost
         and started anew) gets ``previous_id``, the id the worker says it had,
@@ -243,12 +247,13 @@ class Store:
                                         state, registered_at, last_seen_at,
                                         running_jobs, heartbeat_timeout_s,
                                         enforceable_limits, degraded, draining)
-                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, 0, ?, ?, ?, ?)
+                   VALUES (?, ?, ?, ?, ?, ?, 'online', ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET
                        address = excluded.address, labels = excluded.labels,
                        capacity = excluded.capacity, version = excluded.version,
                        state = 'online', registered_at = excluded.registered_at,
-                       last_seen_at = excluded.last_seen_at, running_jobs = 0,
+                       last_seen_at = excluded.last_seen_at,
+                       running_jobs = excluded.running_jobs,
                        heartbeat_timeout_s = excluded.heartbeat_timeout_s,
                        degraded = excluded.degraded,
                        enforceable_limits = excluded.enforceable_limits,
@@ -262,6 +267,7 @@ class Store:
                     version,
                     now,
                     now,
+                    running_jobs,
                     heartbeat_timeout_s,
                     json.dumps(sorted(enforceable_limits)),
                     degraded,

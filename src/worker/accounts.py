@@ -36,10 +36,12 @@ import pwd
 import queue
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from jobgate.errors import ResourceExhausted
@@ -116,7 +118,16 @@ class Account:
 class Accounts:
     """Hands out accounts and temporary directories, and takes them back."""
 
-    def __init__(self, cfg: JobsSection, instance: str, contained: bool = False):
+    def __init__(
+        self,
+        cfg: JobsSection,
+        instance: str,
+        contained: bool = False,
+        keep: Collection[str] = (),
+    ):
+        """``keep``: the ids of the jobs of the worker's earlier run that are
+        taken over (adopted, or ended while no worker ran): their temporary
+        directories stay for :meth:`adopt` and :meth:`release`."""
         self.cfg = cfg
         # Every process of a job stays in the job's cgroup (worker.isolation):
         # once it is empty, none is left to kill when the id is returned.
@@ -144,6 +155,7 @@ class Accounts:
         if cfg.tmp_dir:
             self.tmp_root = Path(cfg.tmp_dir) / f"jobgate-{instance}"
             self.tmp_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+            self._sweep(set(keep))
         else:
             self.tmp_root = Path(tempfile.mkdtemp(prefix=f"jobgate-{instance}-"))
         # Others may pass through to their own directory, never list it.
@@ -157,6 +169,35 @@ class Accounts:
         if self.mode == "dynamic":
             self._reclaims.put(_REFILL)
         log.info("jobs run %s", self.describe())
+
+    def _sweep(self, keep: set[str]) -> None:
+        """Remove what the worker's earlier runs left in ``[jobs].tmp_dir``.
+
+        The default directory is made anew by each run (under systemd, in the
+        unit's private /tmp, which goes with it); one set in the config lasts.
+        A job's directory in it outlives its job only when the job was lost
+        (its keeper killed, the host rebooted): nothing runs there any more.
+        The directories of the jobs in ``keep`` stay.
+        """
+        removed = 0
+        for entry in os.scandir(self.tmp_root):
+            if entry.name in keep:
+                continue
+            try:
+                _remove_tree(Path(entry.path))
+                removed += 1
+            except OSError as exc:
+                log.warning(
+                    "could not remove %s, left by an earlier run of the worker: %s",
+                    entry.path,
+                    exc,
+                )
+        if removed:
+            log.info(
+                "removed %d temporary directories of lost jobs from %s",
+                removed,
+                self.tmp_root,
+            )
 
     def _can_give_directories(self) -> bool:
         """Whether the worker may make a directory the job's (CAP_CHOWN).
@@ -530,6 +571,45 @@ def _run_as(account: Account, timeout: float) -> None:
         timeout=timeout,
         check=False,
     )
+
+
+def _take_over(path: Path) -> bool:
+    """Make the directory ``path`` the worker's own, mode 0700; False if it is
+    no directory (a link is never followed).
+
+    Under systemd the worker's root has CAP_CHOWN but not CAP_DAC_OVERRIDE:
+    it cannot list, nor empty, a directory a job's user made 0700 before it
+    has made it its own. Once it is, no process of the job can change what
+    is in it any more.
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            return False
+        # The descriptor's own directory, whatever its name points to now.
+        own = f"/proc/self/fd/{fd}"
+        os.chown(own, os.geteuid(), os.getegid())
+        os.chmod(own, 0o700)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _remove_tree(top: Path) -> None:
+    """Remove ``top`` and everything in it, whoever owns it (see _take_over)."""
+    pending = [top]
+    while pending:
+        path = pending.pop()
+        if not _take_over(path):
+            continue
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+    if top.is_symlink() or not top.is_dir():
+        top.unlink()
+    else:
+        shutil.rmtree(top)
 
 
 def _fixed_account(user: str) -> tuple[int, int, str, str]:

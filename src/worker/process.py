@@ -246,6 +246,22 @@ class Spawner:
                 "jobs start through /bin/sh and setpriv: %s",
                 one_exec.available() or "the one-exec spawner is turned off",
             )
+        # Whether jobs outlive the worker hangs on one file of the package:
+        # say which it is, so that a build without the keeper does not go
+        # unnoticed until the first restart stops every job.
+        if ops.kept:
+            log.info(
+                "jobs start through their keeper (%s): they go on running "
+                "while the worker restarts",
+                one_exec.keeper_path(),
+            )
+        else:
+            log.warning(
+                "jobs start as the worker's own children and end with it: %s",
+                one_exec.keeper_available()
+                if ops.native
+                else "they start without the one-exec spawner",
+            )
 
     def environment(self, job_id: str, account: Account) -> dict[str, str]:
         env = {

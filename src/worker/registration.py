@@ -127,6 +127,7 @@ class Registrar:
                 enforceable_limits=self.enforceable_limits,
                 degraded=self.degraded(),
                 draining=self.draining(),
+                running_jobs=self.running_jobs(),
             ),
             self.cfg.scheduler.rpc_timeout_s,
         )

@@ -104,7 +104,10 @@ class JobRunner:
         self._check_limit_settings()
         log.info("%s", self.enforcer.describe())
         self.accounts = Accounts(
-            cfg, instance, contained=self.isolation.name == "cgroup"
+            cfg,
+            instance,
+            contained=self.isolation.name == "cgroup",
+            keep={j.record.job_id for j in adopt + ended_away},
         )
         for job in adopt + ended_away:
             job.account = self.accounts.adopt(job.extra.get("account") or {})

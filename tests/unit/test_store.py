@@ -180,3 +180,19 @@ def test_a_database_of_schema_3_gets_the_draining_column(tmp_path):
     store.initialize()
     [row] = store.list_workers()
     assert (row.name, row.draining) == ("a", False)
+
+
+def test_a_worker_registers_with_the_jobs_it_took_over_from_its_earlier_run(
+    tmp_path,
+):
+    store = Store(tmp_path / "state.db")
+    store.initialize()
+    worker = store.register_worker("w1", "127.0.0.1:1", {}, 4, "test")
+    assert worker.running_jobs == 0
+    assert store.heartbeat(worker.id, 3)
+    # Restarted, it says what still runs; a heartbeat need not come first.
+    again = store.register_worker("w1", "127.0.0.1:1", {}, 4, "test", running_jobs=2)
+    assert (again.id, again.running_jobs) == (worker.id, 2)
+    # A worker that says nothing (an older one) runs nothing it knows of.
+    again = store.register_worker("w1", "127.0.0.1:1", {}, 4, "test")
+    assert again.running_jobs == 0
