@@ -260,6 +260,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             previous_id=request.previous_id,
             degraded=request.degraded[:MAX_DEGRADED_CHARS],
             draining=request.draining,
+            running_jobs=request.running_jobs,
         )
         self._note(row.id, base, timeout, name)
         log.info(

@@ -60,7 +60,17 @@ class GrpcSection:
 
 @dataclass(frozen=True)
 class SchedulerSection:
-    address: str = setting(help="host:port of the scheduler's gRPC server")
+    address: str = setting(
+        "",
+        help="host:port of the scheduler's gRPC server (one scheduler); "
+        "or set addresses",
+    )
+    addresses: tuple[str, ...] = setting(
+        default_factory=tuple,
+        help="host:port of every scheduler's gRPC server (several schedulers "
+        "on one database): the worker heartbeats to one and fails over to the "
+        "next when it does not answer",
+    )
     rpc_timeout_s: float = setting(
         5.0, min=0.1, help="deadline of each call to the scheduler"
     )
@@ -72,7 +82,23 @@ class SchedulerSection:
     )
 
     def __post_init__(self) -> None:
-        parse_hostport(self.address, "address")
+        if bool(self.address) == bool(self.addresses):
+            raise Invalid(
+                "address",
+                "set either address (one scheduler) or addresses (several), "
+                "not both and not neither",
+            )
+        if self.address:
+            parse_hostport(self.address, "address")
+        for i, address in enumerate(self.addresses):
+            parse_hostport(address, f"addresses[{i}]")
+        if len(set(self.addresses)) != len(self.addresses):
+            raise Invalid("addresses", "lists an address twice")
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        """Every scheduler's address, in the order the worker tries them."""
+        return self.addresses or (self.address,)
 
 
 @dataclass(frozen=True)

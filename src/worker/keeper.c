@@ -339,11 +339,14 @@ exited(pid_t pid)
 }
 
 /* "exit" in ``dir``: written to exit.tmp, then renamed, so that a reader sees
-   all of it or nothing. */
+   all of it or nothing. The worker makes exit.tmp with a block allocated
+   for it when it makes the job's directory, so that the end of a job is
+   recorded even once the disk is full (the job's output may have filled it):
+   it is written in place, not truncated first, then cut to its length. */
 static int
 write_exit(int dir, const char *text, size_t len)
 {
-    int fd = openat(dir, "exit.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    int fd = openat(dir, "exit.tmp", O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
     ssize_t w;
 
     if (fd < 0) {
@@ -351,8 +354,10 @@ write_exit(int dir, const char *text, size_t len)
         return -1;
     }
     do {
-        w = write(fd, text, len);
+        w = pwrite(fd, text, len, 0);
     } while (w < 0 && errno == EINTR);
+    if (w == (ssize_t)len && ftruncate(fd, (off_t)len) < 0)
+        w = -1;
     if (w != (ssize_t)len) {
         say("cannot write exit.tmp: %s", w < 0 ? strerror(errno) : "short write");
         close(fd);

@@ -15,7 +15,11 @@ the head need none, since the head never changes once written.
 
 from __future__ import annotations
 
+import collections
+import itertools
+import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +28,12 @@ HEAD_NAME = "output.log"
 TAIL_NAME = "output.tail"
 # A kept job's output (KeptOutput): one sparse file.
 DATA_NAME = "output.data"
+# The keeper's exit file before it is renamed "exit" (worker.spawn), and the
+# room kept for it.
+EXIT_TMP_NAME = "exit.tmp"
+EXIT_RESERVE_BYTES = 4096
+
+log = logging.getLogger(__name__)
 
 
 class OutputLog:
@@ -171,13 +181,15 @@ class KeptOutput:
         self.lock = threading.Lock()
         self._fd: int | None = None  # for reading, while the job runs
 
-    def create(self) -> int:
-        """Make the job's directory and its empty output file; returns a
-        descriptor for the keeper to write (the caller closes it)."""
-        os.mkdir(self.directory, 0o750)
-        return os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
-        )
+    def create(self, stock: Stock | None = None) -> int:
+        """Make the job's directory and its empty output file (from ``stock``
+        when it has one ready); returns a descriptor for the keeper to write
+        (the caller closes it)."""
+        if stock is not None:
+            fd = stock.take(self.directory)
+            if fd is not None:
+                return fd
+        return _make_job_directory(self.directory)
 
     def refresh(self) -> int:
         """Read the size again; how many bytes the output grew by."""
@@ -237,6 +249,100 @@ class KeptOutput:
                 if kept < pos + len(data):
                     return kept, data[kept - pos :]
                 pos = kept  # all of it may be gone: read from the tail now
+
+
+def _make_job_directory(directory: Path) -> int:
+    """Make ``directory`` with an empty output file; a descriptor to write it.
+
+    Also the keeper's ``exit.tmp``, with a block allocated: the keeper writes
+    the job's end into it in place, which a full disk cannot refuse.
+    """
+    os.mkdir(directory, 0o750)
+    fd = os.open(
+        directory / EXIT_TMP_NAME,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+        0o640,
+    )
+    try:
+        os.posix_fallocate(fd, 0, EXIT_RESERVE_BYTES)
+    finally:
+        os.close(fd)
+    return os.open(
+        directory / DATA_NAME,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+        0o640,
+    )
+
+
+class Stock:
+    """Job directories with an empty output file, made ahead of the starts.
+
+    Making a directory and a file is the dearest thing a kept job's start
+    does on the disk: on ext4 each new inode costs 0.2-0.6 ms on this
+    machine, more the more files were deleted lately (see
+    :mod:`worker.records`). A thread keeps ``size`` of them ready as
+    ``<jobs_dir>/.stock-<n>``; a start renames one to the job's name (no new
+    inode) and takes its open descriptor. What bench scenario 1 measured is
+    in ``bench/README.md``. A directory left from an earlier run is removed
+    when the stock starts.
+    """
+
+    PREFIX = ".stock-"
+
+    def __init__(self, jobs_dir: Path, size: int = 4):
+        self.jobs_dir = jobs_dir
+        self.size = size
+        self._ready: collections.deque[tuple[Path, int]] = collections.deque()
+        self._wanted = threading.Event()
+        self._closed = False
+        self._serial = itertools.count()
+        for old in jobs_dir.glob(self.PREFIX + "*"):
+            shutil.rmtree(old, ignore_errors=True)
+        self._wanted.set()
+        self._thread = threading.Thread(target=self._run, name="stock", daemon=True)
+        self._thread.start()
+
+    def take(self, directory: Path) -> int | None:
+        """A descriptor of ``directory``'s empty output file, or None when none
+        is ready (the caller makes its own)."""
+        try:
+            path, fd = self._ready.popleft()
+        except IndexError:
+            self._wanted.set()
+            return None
+        self._wanted.set()
+        try:
+            os.rename(path, directory)
+        except OSError:
+            os.close(fd)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        return fd
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            while not self._closed and len(self._ready) < self.size:
+                name = f"{self.PREFIX}{os.getpid()}-{next(self._serial)}"
+                path = self.jobs_dir / name
+                try:
+                    fd = _make_job_directory(path)
+                except OSError as exc:  # a full disk: starts make their own
+                    log.warning("could not make a job directory ahead: %s", exc)
+                    break
+                self._ready.append((path, fd))
+            if self._closed:
+                return
+
+    def close(self) -> None:
+        self._closed = True
+        self._wanted.set()
+        self._thread.join(5)
+        while self._ready:
+            path, fd = self._ready.popleft()
+            os.close(fd)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _pread_ring(fd: int, start: int, n: int, ring: int) -> bytes:

@@ -219,9 +219,11 @@ class Spawner:
         worker_name: str,
         switches_user: bool,
         setpriv: str | None = None,
+        stock=None,
     ):
         self.cfg = cfg
         self.ops = ops
+        self.stock = stock  # output.Stock: kept jobs' directories, made ahead
         self.worker_name = worker_name
         self.cwd = str(cfg.scripts_dir.resolve())
         # Without the one-exec spawner, drop privileges with setpriv rather
@@ -243,6 +245,22 @@ class Spawner:
             log.info(
                 "jobs start through /bin/sh and setpriv: %s",
                 one_exec.available() or "the one-exec spawner is turned off",
+            )
+        # Whether jobs outlive the worker hangs on one file of the package:
+        # say which it is, so that a build without the keeper does not go
+        # unnoticed until the first restart stops every job.
+        if ops.kept:
+            log.info(
+                "jobs start through their keeper (%s): they go on running "
+                "while the worker restarts",
+                one_exec.keeper_path(),
+            )
+        else:
+            log.warning(
+                "jobs start as the worker's own children and end with it: %s",
+                one_exec.keeper_available()
+                if ops.native
+                else "they start without the one-exec spawner",
             )
 
     def environment(self, job_id: str, account: Account) -> dict[str, str]:
@@ -298,7 +316,7 @@ class Spawner:
             "cgroup_procs": procs or None,
         }
         if kept is not None:
-            out_fd = kept.create()
+            out_fd = kept.create(self.stock)
             try:
                 started = self.ops.spawn_kept(
                     argv,

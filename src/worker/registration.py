@@ -6,6 +6,14 @@ heartbeat thread reports in on the interval the scheduler handed out, and
 adopts the new interval each heartbeat's answer carries (the scheduler
 lengthens it as the fleet grows); if the scheduler answers that it no longer
 knows this worker, the worker registers again.
+
+Several schedulers may share one database (``[scheduler].addresses``). The
+worker talks to one at a time: when it does not answer (its process is gone,
+the network is cut), the next one is asked at once, so a heartbeat reaches a
+scheduler within one interval. Each heartbeat's deadline is then at most
+half the interval, leaving the other half for the next scheduler. Any of
+them knows the worker (its row is in the shared database); one that does not
+asks it to register again, and it does, there.
 """
 
 from __future__ import annotations
@@ -23,6 +31,13 @@ from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from worker.config import WorkerConfig
 
 log = logging.getLogger(__name__)
+
+# A scheduler that fails a call with these did not answer it: the next one
+# is asked (several schedulers). Others are answers (a refusal, a bug) that
+# another scheduler would give too.
+UNANSWERED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# The shortest deadline of a heartbeat, however short the interval.
+MIN_RPC_S = 0.5
 
 
 class Registrar:
@@ -53,15 +68,55 @@ class Registrar:
         # Set to heartbeat before the interval is over (see nudge()).
         self._nudged = threading.Event()
         self._thread: threading.Thread | None = None
-        self._channel = secure_channel(
-            cfg.scheduler.address,
-            creds,
-            identity.dns_name(cfg.worker.cluster, identity.SCHEDULER),
+        self.addresses = cfg.scheduler.all
+        self._current = 0  # the scheduler talked to
+        server_name = identity.dns_name(cfg.worker.cluster, identity.SCHEDULER)
+        self._channels = [secure_channel(a, creds, server_name) for a in self.addresses]
+        self._stubs = [scheduler_pb2_grpc.SchedulerStub(c) for c in self._channels]
+
+    @property
+    def address_in_use(self) -> str:
+        """The scheduler the worker talks to now."""
+        return self.addresses[self._current]
+
+    @property
+    def _stub(self):
+        return self._stubs[self._current]
+
+    def _fail_over(self, exc: grpc.RpcError) -> bool:
+        """Move on to the next scheduler if this one did not answer; True if so."""
+        if len(self.addresses) == 1 or exc.code() not in UNANSWERED:
+            return False
+        failed = self.address_in_use
+        self._current = (self._current + 1) % len(self.addresses)
+        log.warning(
+            "the scheduler at %s does not answer (%s); trying the one at %s",
+            failed,
+            exc.code().name,
+            self.address_in_use,
         )
-        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        return True
+
+    def _call(self, method: str, request, timeout: float):
+        """Call ``method`` on the scheduler in use, failing over to each other
+        one in turn while they do not answer."""
+        for attempt in range(len(self.addresses)):
+            try:
+                return getattr(self._stub, method)(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                if attempt == len(self.addresses) - 1 or not self._fail_over(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _heartbeat_timeout(self) -> float:
+        timeout = self.cfg.scheduler.rpc_timeout_s
+        if len(self.addresses) > 1:
+            timeout = min(timeout, max(self.heartbeat_interval / 2, MIN_RPC_S))
+        return timeout
 
     def _register_once(self) -> None:
-        resp = self._stub.Register(
+        resp = self._call(
+            "Register",
             scheduler_pb2.RegisterRequest(
                 name=self.cfg.worker.name,
                 address=self.address,
@@ -72,14 +127,15 @@ class Registrar:
                 enforceable_limits=self.enforceable_limits,
                 degraded=self.degraded(),
                 draining=self.draining(),
+                running_jobs=self.running_jobs(),
             ),
-            timeout=self.cfg.scheduler.rpc_timeout_s,
+            self.cfg.scheduler.rpc_timeout_s,
         )
         self.worker_id = resp.worker_id
         self.heartbeat_interval = resp.heartbeat_interval_s or self.heartbeat_interval
         log.info(
             "registered with the scheduler at %s as %s (%s)",
-            self.cfg.scheduler.address,
+            self.address_in_use,
             self.cfg.worker.name,
             self.worker_id,
             extra={"WORKER_ID": self.worker_id},
@@ -132,14 +188,15 @@ class Registrar:
             if self._stop.is_set():
                 return
             try:
-                resp = self._stub.Heartbeat(
+                resp = self._call(
+                    "Heartbeat",
                     scheduler_pb2.HeartbeatRequest(
                         worker_id=self.worker_id,
                         running_jobs=self.running_jobs(),
                         degraded=self.degraded(),
                         draining=self.draining(),
                     ),
-                    timeout=self.cfg.scheduler.rpc_timeout_s,
+                    self._heartbeat_timeout(),
                 )
             except grpc.RpcError as exc:
                 log.warning("heartbeat failed: %s: %s", exc.code().name, exc.details())
@@ -171,9 +228,10 @@ class Registrar:
             self._thread.join(self.cfg.scheduler.rpc_timeout_s + 1)
         if self._registered.is_set():
             try:
-                self._stub.Deregister(
+                self._call(
+                    "Deregister",
                     scheduler_pb2.DeregisterRequest(worker_id=self.worker_id),
-                    timeout=self.cfg.scheduler.rpc_timeout_s,
+                    self.cfg.scheduler.rpc_timeout_s,
                 )
                 log.info(
                     "deregistered from the scheduler",
@@ -183,7 +241,8 @@ class Registrar:
                 log.warning(
                     "deregistration failed: %s: %s", exc.code().name, exc.details()
                 )
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     @property
     def registered(self) -> bool:

@@ -43,7 +43,7 @@ from worker.health import Health
 from worker.job import Job, JobRecord, Phase
 from worker.limits import NAMES as LIMIT_NAMES
 from worker.limits import Enforcer, Limits
-from worker.output import DATA_NAME, KeptOutput, OutputLog, read_chunks
+from worker.output import DATA_NAME, KeptOutput, OutputLog, Stock, read_chunks
 from worker.process import (
     SAFE_PATH,
     KeptProcess,
@@ -104,15 +104,20 @@ class JobRunner:
         self._check_limit_settings()
         log.info("%s", self.enforcer.describe())
         self.accounts = Accounts(
-            cfg, instance, contained=self.isolation.name == "cgroup"
+            cfg,
+            instance,
+            contained=self.isolation.name == "cgroup",
+            keep={j.record.job_id for j in adopt + ended_away},
         )
         for job in adopt + ended_away:
             job.account = self.accounts.adopt(job.extra.get("account") or {})
+        self.stock = Stock(self.jobs_dir) if self.ops.kept else None
         self.spawner = Spawner(
             cfg,
             self.ops,
             worker_name,
             switches_user=self.accounts.mode != "worker",
+            stock=self.stock,
         )
         self._boot = linux.boot_id()
         self._lock = threading.Lock()
@@ -606,6 +611,8 @@ class JobRunner:
         for j in running:
             j.done.wait()
         self._closed.set()
+        if self.stock is not None:
+            self.stock.close()
         self._reactor.close()
         self.enforcer.close()
         self.isolation.close()

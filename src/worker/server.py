@@ -78,7 +78,7 @@ class WorkerService(Service):
         runner.health.on_change(lambda reason: self.registrar.nudge())
         runner.drain.on_change(lambda state: self.registrar.nudge())
         self.notifier.status(
-            f"registering with the scheduler at {cfg.scheduler.address}"
+            f"registering with the scheduler at {', '.join(cfg.scheduler.all)}"
         )
 
     def wait_ready(self) -> dict | None:
@@ -99,7 +99,8 @@ class WorkerService(Service):
         if self.runner.degraded():
             jobs += f"; degraded: {self.runner.degraded()}"
         if not self.registrar.registered:
-            return f"not registered with {self.cfg.scheduler.address}; {jobs}"
+            where = ", ".join(self.cfg.scheduler.all)
+            return f"not registered with {where}; {jobs}"
         name, worker_id = self.cfg.worker.name, self.registrar.worker_id
         return f"registered as {name} ({worker_id}), {jobs}"
 

@@ -81,8 +81,8 @@ def deployment(request: pytest.FixtureRequest):
     workdir = Path(tempfile.mkdtemp(prefix="jobgate-appliance-"))
     scripts = workdir / "scripts"
     shutil.copytree(REPO / "examples" / "scripts", scripts)
-    for name in ("identity.sh", "hog.sh"):
-        shutil.copy(Path(__file__).parent / "scripts" / name, scripts)
+    for script in sorted((Path(__file__).parent / "scripts").glob("*.sh")):
+        shutil.copy(script, scripts)
     cluster = lab_cluster.Cluster(workdir / "lab")
     t0 = time.monotonic()
     up = lab_command(

@@ -15,6 +15,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ LAB_TOKEN = lab_cluster.LAB_TOKEN
 SCHEDULER, WORKERS, PKGTEST = lab_cluster.SCHEDULER, lab_cluster.WORKERS, "pkgtest"
 HTTP_PORT = lab_cluster.HTTP_PORT
 tools_env = lab_cluster.tools_env
+# The user ids the lab's jobs run under (worker_job_uid_min/max in
+# ansible/inventories/lab/group_vars/all.yml), apart from the default range
+# that jobs of workers on the machine itself use.
+LAB_JOB_UIDS = range(70000, 71000)
 
 
 def need(ok: bool, reason: str) -> None:
@@ -209,3 +214,55 @@ class LabApi:
                 return body
             time.sleep(0.5)
         raise AssertionError(f"GET {path} never matched; last answer: {body!r}")
+
+
+class OutputFollower:
+    """A client that follows a job's output (``?follow=true``) in a thread.
+
+    ``data`` grows as the bytes come. Once the stream is over (:meth:`join`),
+    ``complete`` says whether it ended as a whole answer (the job ended and
+    every byte was sent) or was cut; ``error`` is what cut it.
+    """
+
+    def __init__(self, api: LabApi, path: str, timeout: float = 120):
+        self.data = bytearray()
+        self.status: int | None = None
+        self.complete = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._follow, args=(api, path, timeout), daemon=True
+        )
+        self._thread.start()
+
+    def _follow(self, api: LabApi, path: str, timeout: float) -> None:
+        conn = _LabHTTPSConnection(api.lab, api.host, api.port, api.context, timeout)
+        try:
+            conn.request("GET", path, headers={"Authorization": f"Bearer {api.token}"})
+            resp = conn.getresponse()
+            self.status = resp.status
+            if resp.status != 200:
+                self.error = AssertionError(f"{resp.status}: {resp.read()[:500]!r}")
+                return
+            while True:
+                # A chunk at a time, as it comes (read() would wait for more).
+                chunk = resp.read1(65536)
+                if not chunk:
+                    break
+                self.data += chunk
+            self.complete = True
+        except Exception as exc:  # noqa: BLE001 - a cut stream is an outcome
+            self.error = exc
+        finally:
+            conn.close()
+
+    def wait_for_bytes(self, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.data) < count and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(self.data) >= count, (self.status, bytes(self.data), self.error)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the follower still reads"

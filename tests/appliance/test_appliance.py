@@ -5,8 +5,10 @@ One session builds the packages and brings the lab up as ``make lab`` does
 worker-1, worker-2 and a spare node for the package test; ``ansible-playbook
 ansible/site.yml`` with the lab inventory; the API forwarded to a port of
 127.0.0.1), and checks from outside what an operator would see: the API over
-HTTPS, ``systemctl``, ``journalctl``, a second ``make lab`` that changes
-nothing, ``make lab-status``, and ``make lab-down`` leaving nothing behind.
+HTTPS, ``systemctl``, ``journalctl``, jobs that go on while their worker is
+restarted, killed or upgraded (and stop when it is stopped), a second ``make
+lab`` that changes nothing, ``make lab-status``, and ``make lab-down``
+leaving nothing behind.
 The tests run in file order and build on each other's state.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -28,12 +31,14 @@ from lab.nodes import Lab
 
 from .support import (
     HTTP_PORT,
+    LAB_JOB_UIDS,
     LAB_TOKEN,
     PKGTEST,
     SCHEDULER,
     WORKERS,
     Deployment,
     LabApi,
+    OutputFollower,
     lab_command,
     package_files,
     recap,
@@ -166,10 +171,11 @@ def test_jobs_run_unprivileged_and_cannot_read_the_worker_key(deployed: Deployme
         f"/v1/workers/{name}/jobs/{body['job_id']}/output?follow=true", timeout=60
     )
     lines = set(out.decode().split())
-    # A user id of its own, from the range systemd's DynamicUser= uses, with
+    # A user id of its own, from the range the lab inventory gives the
+    # workers (not the default, which jobs on the machine itself use), with
     # its own group only and a temporary directory only it may enter.
     [uid] = [int(x[4:]) for x in lines if x.startswith("uid=")]
-    assert 61184 <= uid <= 65519, out
+    assert uid in LAB_JOB_UIDS, out
     assert f"user=jobgate-{uid}" in lines, out
     assert f"groups={uid}" in lines, out
     assert f"{uid} 700" in out.decode(), out
@@ -190,6 +196,82 @@ def test_jobs_run_unprivileged_and_cannot_read_the_worker_key(deployed: Deployme
     # the unit's system-call filter and capabilities let it work.
     journal = node.journal("-u", "jobgate-worker.service")
     assert "jobs start with a single exec" in journal, journal
+    first, last = LAB_JOB_UIDS[0], LAB_JOB_UIDS[-1]
+    assert f"each under a user id of its own from {first}-{last}" in journal
+
+
+UNIT = "jobgate-worker.service"
+
+
+def lines(count: int) -> bytes:
+    """What lines.sh COUNT writes."""
+    return "".join(f"{i}\n" for i in range(1, count + 1)).encode()
+
+
+def start_job(api: LabApi, worker: str, path: str, *args: str) -> str:
+    status, body = api.post(
+        f"/v1/workers/{worker}/jobs",
+        {"command": "bash", "path": path, "args": list(args)},
+    )
+    assert status == 201, body
+    return body["job_id"]
+
+
+def follow_to_the_end(api: LabApi, worker: str, job_id: str) -> tuple[bytes, dict]:
+    """All of a job's output, once it has ended, and its final record."""
+    job = f"/v1/workers/{worker}/jobs/{job_id}"
+    status, out = api.get(f"{job}/output?follow=true", timeout=120)
+    assert status == 200, out
+    status, record = api.get(job)
+    assert status == 200 and record["state"] != "running", record
+    status, again = api.get(f"{job}/output")
+    assert status == 200 and again == out, (out, again)
+    return out, record
+
+
+def assert_adopted(node, job_id: str) -> None:
+    """The worker that came back took the job over, still running."""
+    journal = node.journal("-u", UNIT, f"JOB_ID={job_id}")
+    assert (
+        f"job {job_id} adopted from the worker's earlier run: it is still running"
+        in journal
+    ), journal
+
+
+def test_jobs_run_under_the_keeper_the_package_carries(
+    deployed: Deployment, debs: Path
+):
+    """Jobs outlive the worker only through jobgate-keeper, a program built
+    with the package: without it (missing, or not executable) the worker runs
+    them as its own children, and every restart would end them."""
+    listing = subprocess.run(
+        ["dpkg-deb", "--contents", str(package_files(debs)["jobgate"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    [entry] = [
+        line for line in listing.splitlines() if line.endswith("/worker/jobgate-keeper")
+    ]
+    assert entry.startswith("-rwxr-xr-x root/root "), entry
+    api = deployed.api()
+    name = WORKERS[0]
+    node = deployed.node(name)
+    journal = node.journal("-u", UNIT)
+    assert "jobs start through their keeper (/opt/venvs/jobgate/" in journal, journal
+    assert "end with it" not in journal, journal
+    # The job's parent is its keeper, not the worker.
+    job_id = start_job(api, name, "lines.sh", "30", "0.1", "0")
+    job = api.wait_for(
+        f"/v1/workers/{name}/jobs/{job_id}", lambda b: b["output_bytes"] > 0
+    )
+    ppid = node.run("ps", "-o", "ppid=", "-p", str(job["pid"])).stdout.strip()
+    parent = node.run("ps", "-o", "comm=", "-p", ppid).stdout.strip()
+    assert parent == "jobgate-keeper", parent
+    assert ppid != node.unit_property(UNIT, "MainPID")
+    out, job = follow_to_the_end(api, name, job_id)
+    assert out == lines(30) and job["state"] == "succeeded", job
 
 
 def test_memory_limits_are_enforced_where_the_host_allows(deployed: Deployment):
@@ -224,6 +306,125 @@ def test_journal_finds_a_jobs_lines_by_its_id(deployed: Deployment):
         assert not any(j in lines for j in others)
 
 
+def test_a_restart_of_the_worker_leaves_its_jobs_running(deployed: Deployment):
+    """systemctl restart (an Ansible roll-out does the same): the job goes
+    on, the worker that comes back adopts it, its output is whole and in
+    order, and a follower the restart cut resumes where it stopped."""
+    api = deployed.api()
+    name = WORKERS[0]
+    node = deployed.node(name)
+    count = 150  # a line each 0.1 s: 15 s
+    job_id = start_job(api, name, "lines.sh", str(count), "0.1", "0")
+    job_path = f"/v1/workers/{name}/jobs/{job_id}"
+    follower = OutputFollower(api, f"{job_path}/output?follow=true")
+    follower.wait_for_bytes(len(lines(3)))
+    main_pid = node.unit_property(UNIT, "MainPID")
+
+    t0 = time.monotonic()
+    # Returns once the new worker is ready: registered with the scheduler.
+    node.systemctl("restart", UNIT)
+    print(f"systemctl restart: {time.monotonic() - t0:.1f}s")
+    assert node.unit_property(UNIT, "MainPID") != main_pid
+    worker = api.wait_for(f"/v1/workers/{name}", lambda b: b["state"] == "online")
+    # It registered with the job it took over.
+    assert worker["running_jobs"] >= 1, worker
+    status, job = api.get(job_path)
+    assert status == 200 and job["state"] == "running", job
+    assert_adopted(node, job_id)
+
+    follower.join(60)
+    got = bytes(follower.data)
+    print(
+        f"the follower got {len(got)} bytes; "
+        + ("whole" if follower.complete else f"cut: {follower.error!r}")
+    )
+    if not follower.complete:
+        status, rest = api.get(f"{job_path}/output?follow=true&offset={len(got)}")
+        assert status == 200, rest
+        got += rest
+    assert got == lines(count)
+    out, job = follow_to_the_end(api, name, job_id)
+    assert out == lines(count)
+    assert (job["state"], job["exit_code"]) == ("succeeded", 0), job
+    # Also from the middle of a line, as a reader resuming anywhere would.
+    status, tail = api.get(f"{job_path}/output?offset=100")
+    assert status == 200 and tail == lines(count)[100:]
+
+
+def test_a_jobs_tmpdir_outlives_a_restart_of_the_worker(deployed: Deployment):
+    """The unit's private /tmp is removed by systemd when the unit restarts:
+    the jobs' directories are elsewhere ([jobs].tmp_dir), and stay theirs."""
+    api = deployed.api()
+    name = WORKERS[0]
+    node = deployed.node(name)
+    job_id = start_job(api, name, "tmpdir.sh", "6")
+    job_path = f"/v1/workers/{name}/jobs/{job_id}"
+    api.wait_for(f"{job_path}/output", lambda b: b"written\n" in b)
+    status, out = api.get(f"{job_path}/output")
+    [tmpdir] = re.findall(r"^tmpdir=(/\S+)$", out.decode(), re.M)
+    # Under the unit's CacheDirectory=, outside its mount namespace's /tmp.
+    assert tmpdir.startswith("/var/cache/jobgate/tmp/"), tmpdir
+    on_node = node.root / tmpdir.lstrip("/")
+    assert on_node.is_dir()
+
+    node.systemctl("restart", UNIT)
+    status, job = api.get(job_path)
+    assert status == 200 and job["state"] == "running", job
+    assert on_node.is_dir()
+
+    out, job = follow_to_the_end(api, name, job_id)
+    assert job["state"] == "succeeded", job
+    assert b"before=kept\n" in out and b"after=written\n" in out, out
+    assert_adopted(node, job_id)
+    # Given back once the job ended, by the worker that adopted it.
+    deadline = time.monotonic() + 15
+    while on_node.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not on_node.exists()
+
+
+def test_a_killed_worker_comes_back_and_its_jobs_go_on(deployed: Deployment):
+    """kill -9 of the worker: systemd starts it again (Restart=on-failure,
+    RestartSec=5s), the job keeps running and ends with its own exit status."""
+    api = deployed.api()
+    name = WORKERS[0]
+    node = deployed.node(name)
+    registered = api.get(f"/v1/workers/{name}")[1]["registered_at"]
+    restarts = int(node.unit_property(UNIT, "NRestarts"))
+    count = 150
+    job_id = start_job(api, name, "lines.sh", str(count), "0.1", "7")
+    job_path = f"/v1/workers/{name}/jobs/{job_id}"
+    api.wait_for(job_path, lambda b: b["output_bytes"] > 0)
+    main_pid = node.unit_property(UNIT, "MainPID")
+
+    t0 = time.monotonic()
+    node.run("kill", "-9", main_pid)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        props = node.systemctl(
+            "show", "-p", "ActiveState,MainPID,NRestarts", UNIT
+        ).stdout
+        state = dict(line.split("=", 1) for line in props.split())
+        if state["ActiveState"] == "active" and state["MainPID"] not in ("0", main_pid):
+            break
+        time.sleep(0.2)
+    print(f"kill -9 to active again: {time.monotonic() - t0:.1f}s")
+    assert state["ActiveState"] == "active", state
+    assert int(state["NRestarts"]) == restarts + 1, state
+    worker = api.wait_for(
+        f"/v1/workers/{name}",
+        lambda b: b["state"] == "online" and b["registered_at"] != registered,
+    )
+    assert worker["running_jobs"] >= 1, worker
+    status, job = api.get(job_path)
+    assert status == 200 and job["state"] == "running", job
+    assert_adopted(node, job_id)
+
+    out, job = follow_to_the_end(api, name, job_id)
+    assert out == lines(count)
+    assert (job["state"], job["exit_code"], job["signal"]) == ("failed", 7, None), job
+
+
 def test_stopping_a_worker_takes_it_offline_and_stops_its_jobs(deployed: Deployment):
     api = deployed.api()
     name = WORKERS[1]
@@ -242,8 +443,10 @@ def test_stopping_a_worker_takes_it_offline_and_stops_its_jobs(deployed: Deploym
     # It deregistered on its way out: offline, not merely unreachable.
     status, body = api.get(f"/v1/workers/{name}")
     assert status == 200 and body["state"] == "offline", body
-    # No job outlives the service.
+    # No job outlives the service: a stop is no restart.
     left = node.run("pgrep", "-f", "count.sh", check=False)
+    assert left.returncode == 1, left.stdout
+    left = node.run("pgrep", "-x", "jobgate-keeper", check=False)
     assert left.returncode == 1, left.stdout
     status, body = api.post(
         f"/v1/workers/{name}/jobs", {"command": "bash", "path": "count.sh"}
@@ -381,6 +584,73 @@ def test_make_lab_status_shows_every_node_and_worker(deployed: Deployment):
         assert "jobgate-worker active" in lines[name], res.stdout
         assert f"{name} online" in lines["API"], res.stdout
     assert "system running" in lines[PKGTEST], res.stdout
+
+
+def newer_package(deb: Path, directory: Path) -> tuple[Path, str]:
+    """``deb`` again, as the next version: the same files, its version with
+    ``+1`` (which dpkg orders after it). Its file and the new version."""
+    tree = directory / deb.stem
+    subprocess.run(["dpkg-deb", "--raw-extract", str(deb), str(tree)], check=True)
+    control = tree / "DEBIAN" / "control"
+    text = control.read_text()
+    version = re.search(r"^Version: (\S+)$", text, re.M).group(1)
+    control.write_text(
+        text.replace(f"\nVersion: {version}\n", f"\nVersion: {version}+1\n")
+    )
+    name, _, arch = deb.stem.split("_")
+    out = directory / f"{name}_{version}+1_{arch}.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Zgzip", "-z1", "--build"]
+        + [str(tree), str(out)],
+        capture_output=True,
+        check=True,
+    )
+    shutil.rmtree(tree)
+    return out, f"{version}+1"
+
+
+def test_a_package_upgrade_leaves_the_jobs_running(
+    deployed: Deployment, debs: Path, tmp_path: Path
+):
+    """dpkg -i of newer packages while a job runs: debhelper restarts the
+    worker, which adopts the job; it ends with its own exit status. Last of
+    the cluster's tests: site.yml would put the version it names back."""
+    files = package_files(debs)
+    api = deployed.api()
+    name = WORKERS[1]
+    node = deployed.node(name)
+    newer = {}
+    for package in ("jobgate", "jobgate-worker"):
+        deb, version = newer_package(files[package], tmp_path)
+        shutil.copy(deb, node.root / "root" / deb.name)
+        newer[package] = (f"/root/{deb.name}", version)
+    count = 150
+    job_id = start_job(api, name, "lines.sh", str(count), "0.1", "5")
+    job_path = f"/v1/workers/{name}/jobs/{job_id}"
+    api.wait_for(job_path, lambda b: b["output_bytes"] > 0)
+    main_pid = node.unit_property(UNIT, "MainPID")
+
+    t0 = time.monotonic()
+    node.run("dpkg", "-i", *[path for path, _ in newer.values()], timeout=300)
+    print(f"dpkg -i of the newer packages: {time.monotonic() - t0:.1f}s")
+    installed = node.run(
+        "dpkg-query", "-W", "-f=${Package} ${Version}\n", *newer
+    ).stdout.split("\n")
+    assert sorted(filter(None, installed)) == sorted(
+        f"{package} {version}" for package, (_, version) in newer.items()
+    ), installed
+    # The package's postinst restarted the worker, which came back.
+    assert node.unit_property(UNIT, "MainPID") not in ("0", main_pid)
+    assert node.unit_property(UNIT, "ActiveState") == "active"
+    worker = api.wait_for(f"/v1/workers/{name}", lambda b: b["state"] == "online")
+    assert worker["running_jobs"] >= 1, worker
+    status, job = api.get(job_path)
+    assert status == 200 and job["state"] == "running", job
+    assert_adopted(node, job_id)
+
+    out, job = follow_to_the_end(api, name, job_id)
+    assert out == lines(count)
+    assert (job["state"], job["exit_code"]) == ("failed", 5), job
 
 
 # -- the packages on their own ---------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from jobgate import config as jobgate_config
 from scheduler.config import SchedulerConfig
-from worker.config import WorkerConfig
+from worker.config import JobsSection, WorkerConfig
 
 from .support import ANSIBLE_DIR, REPO, need, need_ansible, need_programs, tools_env
 
@@ -114,6 +114,8 @@ def test_units_keep_the_promised_settings():
     # Jobs outlive a restart of the worker: its keepers are left alone.
     assert "\nKillMode=process\n" in worker
     assert "\nRuntimeDirectoryPreserve=restart\n" in worker
+    # ... and so do their temporary directories (test_worker_role_...).
+    assert "\nCacheDirectory=jobgate/tmp\nCacheDirectoryMode=0711\n" in worker
     scheduler_unit = (UNITS / "jobgate-scheduler.service").read_text()
     assert "\nKillMode=mixed\n" in scheduler_unit
     assert (
@@ -147,6 +149,32 @@ def test_packaged_default_configs_follow_the_schema(name: str, schema: type):
     # The files they name (certificates, tokens) exist only on a configured
     # host; everything else is checked as check-config checks it.
     jobgate_config.load(DEB / "etc" / "jobgate" / name, schema, check_files=False)
+
+
+def test_worker_role_and_package_give_jobs_what_outlives_a_restart():
+    """The jobs' $TMPDIR in the unit's CacheDirectory= (systemd removes the
+    unit's private /tmp when it restarts, while kept jobs go on); the role's
+    user id range defaults to the worker's own."""
+    packaged = jobgate_config.load(
+        DEB / "etc" / "jobgate" / "worker.toml", WorkerConfig, check_files=False
+    )
+    assert packaged.jobs.tmp_dir == "/var/cache/jobgate/tmp"
+    role = ANSIBLE_DIR / "roles" / "worker"
+    defaults = (role / "defaults" / "main.yml").read_text()
+    assert "\nworker_job_tmp_dir: /var/cache/jobgate/tmp\n" in defaults
+    fields = JobsSection.__dataclass_fields__
+    for var, key in (
+        ("worker_job_uid_min", "uid_min"),
+        ("worker_job_uid_max", "uid_max"),
+    ):
+        assert f"\n{var}: {fields[key].default}\n" in defaults, var
+    template = (role / "templates" / "worker.toml.j2").read_text()
+    for line in (
+        "uid_min = {{ worker_job_uid_min | int }}",
+        "uid_max = {{ worker_job_uid_max | int }}",
+        "tmp_dir = {{ worker_job_tmp_dir | to_json }}",
+    ):
+        assert f"\n{line}\n" in template, line
 
 
 def test_package_versions_agree():

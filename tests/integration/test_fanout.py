@@ -126,12 +126,15 @@ def test_group_status_running_then_stale_when_worker_dies(fleet):
     assert "stale" in headers["Warning"]
     api.post(f"/v1/workers/fan-3/jobs/{by_worker['fan-3']['job_id']}/stop")
 
-    # Back again, the worker ends what its killed predecessor left running
-    # and reports the job lost.
+    # Back again, the worker adopts the job its killed predecessor left
+    # running: the group is fresh, and done once that job is stopped too.
     fleet.start_worker("fan-4")
     _, _, group = api.get(group_url)
-    states = {j["state"] for j in group["jobs"]}
-    assert states == {"stopped", "lost"}
+    assert {j["state"] for j in group["jobs"]} == {"stopped", "running"}
+    assert group["summary"]["stale"] == 0
+    api.post(f"/v1/workers/fan-4/jobs/{by_worker['fan-4']['job_id']}/stop")
+    _, _, group = api.get(group_url)
+    assert {j["state"] for j in group["jobs"]} == {"stopped"}
     assert group["summary"]["done"] is True
 
 

@@ -12,7 +12,6 @@ cluster of their own; the others share the session's ``cluster``.
 from __future__ import annotations
 
 import concurrent.futures
-import datetime as dt
 import hashlib
 import http.client
 import json
@@ -512,28 +511,29 @@ def test_exit_reason_timed_out_after_timeout_s(shared):
     assert 1.0 <= elapsed < 10
 
 
-def test_worker_killed_mid_job_reports_it_lost_and_leaves_no_process(restarts):
+def test_worker_killed_mid_job_adopts_it_and_a_stop_leaves_no_process(restarts):
     api, w = restarts.api, restarts.worker
     job, procs = start_tree(restarts, timeout_s=60)
     try:
         before = status_of(api, w, job["job_id"])
-        killed_at = time.time()
         restart_worker(restarts, signal.SIGKILL)
-        final = status_of(api, w, job["job_id"])
-        assert (final["state"], final["exit_reason"]) == ("lost", "lost")
-        # It keeps its pid, and it ended, as far as anyone knows, while the
-        # worker still watched it: never at the restart.
-        assert final["pid"] == before["pid"] != 0
-        ended = dt.datetime.fromisoformat(final["ended_at"]).timestamp()
-        started = dt.datetime.fromisoformat(final["started_at"]).timestamp()
-        assert started - 0.001 <= ended <= killed_at
-        assert "last time the worker knew it running" in final["reason"]
+        # The job outlived the worker: the next one adopted it, same pid.
+        adopted = status_of(api, w, job["job_id"])
+        assert adopted["state"] == "running", adopted
+        assert adopted["pid"] == before["pid"] != 0
+        assert [n for n, p in procs.items() if not alive(p)] == []
         # What the job wrote before the worker died is still served.
-        assert b"escapee " in api.output(w, job["job_id"])
+        assert b"escapee " in api.output(w, job["job_id"], "follow=false")
+        status, _, stopped = api.post(jobs_path(w, job["job_id"], "/stop"))
+        assert status == 200
+        assert (stopped["state"], stopped["exit_reason"]) == ("stopped", "stopped")
         if cgroup2_mounted():
-            # The restarted worker ended what was left of the job in its
-            # cgroup, the escapee included.
-            assert [n for n, p in procs.items() if alive(p)] == []
+            # Its cgroup was kept for it: the stop ended every process in it,
+            # the escapee included.
+            deadline = time.monotonic() + 5
+            while [n for n, p in procs.items() if alive(p)]:
+                assert time.monotonic() < deadline, procs
+                time.sleep(0.05)
     finally:
         for p in procs.values():
             kill_if_alive(p)
@@ -736,9 +736,9 @@ def job_dir(c: DevCluster, job_id: str) -> Path:
 
 
 def disk_usage(directory: Path) -> int:
-    return sum(
-        max(f.stat().st_size, f.stat().st_blocks * 512) for f in directory.iterdir()
-    )
+    """What the files in ``directory`` take on the disk (a kept job's output
+    file is sparse: its size is all the job wrote, its blocks what is kept)."""
+    return sum(f.stat().st_blocks * 512 for f in directory.iterdir())
 
 
 def test_output_past_the_cap_keeps_head_and_tail_and_costs_no_disk_or_memory(limits):

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import skip_unless_required
@@ -158,3 +162,68 @@ def test_an_id_whose_job_may_have_left_processes_goes_back_only_swept(
         time.sleep(0.01)
     assert acc.held == 0
     assert swept == [left.uid]
+
+
+def test_a_lasting_tmp_dir_is_swept_of_lost_jobs_but_not_of_kept_ones(
+    make_accounts, tmp_path
+):
+    acc = make_accounts()
+    lost, kept = acc.acquire("lost"), acc.acquire("kept")
+    root = acc.tmp_root
+    # What a job leaves: its own files and directories, locked against
+    # everyone else (the worker has no CAP_DAC_OVERRIDE under systemd), a
+    # link out of its directory, which is never followed.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "file").write_text("not the job's")
+    for account in (lost, kept):
+        deep = Path(account.tmp) / "a" / "b"
+        deep.mkdir(parents=True)
+        (deep / "file").write_text("x")
+        (Path(account.tmp) / "link").symlink_to(outside)
+        for path in (deep / "file", deep, deep.parent, Path(account.tmp)):
+            os.lchown(path, account.uid, account.gid)
+        os.chmod(deep, 0)
+    (root / "stray-file").write_text("")
+    # The worker goes away with both jobs running; only "kept" is taken over
+    # by its next run ("lost" is lost).
+    acc.close()
+    again = accounts.Accounts(acc.cfg, "test-0", keep={"kept"})
+    try:
+        assert sorted(os.listdir(root)) == ["kept"]
+        assert (outside / "file").read_text() == "not the job's"
+        assert os.stat(kept.tmp).st_uid == kept.uid  # untouched
+    finally:
+        again.close()
+
+
+def test_a_lost_jobs_directory_is_removed_with_cap_chown_alone(tmp_path):
+    """As under the packaged unit: root, but with no CAP_DAC_OVERRIDE (nor
+    CAP_DAC_READ_SEARCH, CAP_FOWNER) to enter a job's 0700 directories."""
+    if os.geteuid() != 0:
+        skip_unless_required("needs root", "JOBGATE_REQUIRE_ROOT")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        skip_unless_required("needs setpriv (util-linux)", "JOBGATE_REQUIRE_ROOT")
+    top = tmp_path / "job"
+    deep = top / "a" / "b"
+    deep.mkdir(parents=True)
+    (deep / "file").write_text("x")
+    for path in (deep / "file", deep, deep.parent, top):
+        os.chown(path, 64150, 64150)
+    os.chmod(deep, 0)
+    os.chmod(top, 0o700)
+    code = (
+        "import sys; from pathlib import Path; from worker import accounts; "
+        "accounts._remove_tree(Path(sys.argv[1]))"
+    )
+    res = subprocess.run(
+        [setpriv, "--bounding-set=-all,+chown,+setuid,+setgid,+kill"]
+        + [sys.executable, "-c", code, str(top)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert not top.exists()

@@ -378,7 +378,28 @@ def test_worker_config_reports_missing_section_by_its_first_key(confdir):
     doc = worker_doc()
     del doc["scheduler"]
     path, message = worker_error(confdir, doc)
-    assert message == f"{path}: [scheduler].address: required key is missing"
+    assert message == (
+        f"{path}: [scheduler].address: set either address (one scheduler) or "
+        "addresses (several), not both and not neither"
+    )
+
+
+def test_worker_config_takes_one_scheduler_address_or_several(confdir):
+    doc = worker_doc()
+    address = doc["scheduler"].pop("address")
+    doc["scheduler"]["addresses"] = [address, "scheduler-2.example:7443"]
+    cfg = worker_config.load(write(confdir, doc, "worker.toml"))
+    assert cfg.scheduler.all == (address, "scheduler-2.example:7443")
+    doc["scheduler"]["address"] = address
+    path, message = worker_error(confdir, doc)
+    assert "set either address (one scheduler) or addresses (several)" in message
+    del doc["scheduler"]["address"]
+    doc["scheduler"]["addresses"] = [address, address]
+    path, message = worker_error(confdir, doc)
+    assert message == f"{path}: [scheduler].addresses: lists an address twice"
+    doc["scheduler"]["addresses"] = [address, "no-port"]
+    path, message = worker_error(confdir, doc)
+    assert message.startswith(f"{path}: [scheduler].addresses[1]: ")
 
 
 def test_worker_config_reports_missing_tls_file(confdir):

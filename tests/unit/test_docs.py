@@ -71,6 +71,8 @@ def _toml(value) -> str:
         return repr(value)
     if isinstance(value, str | Path):
         return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, typing.Mapping):
         if not value:
             return "{}"

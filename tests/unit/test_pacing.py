@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from jobgate.tls import TLSConfig
@@ -305,8 +306,59 @@ def bare_registrar(stop: threading.Event, intervals, interval: float) -> Registr
     registrar.heartbeat_interval = interval
     registrar._stop = stop
     registrar._nudged = threading.Event()
-    registrar._stub = FakeStub(intervals, stop)
+    registrar.addresses = ("scheduler-1:7443",)
+    registrar._current = 0
+    registrar._stubs = [FakeStub(intervals, stop)]
     return registrar
+
+
+class Unanswered(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "connection refused"
+
+
+class DeadStub:
+    """A scheduler that does not answer (its process is gone)."""
+
+    def __init__(self):
+        self.timeouts: list[float] = []
+
+    def Heartbeat(self, request, timeout):  # noqa: N802 - the gRPC method name
+        self.timeouts.append(timeout)
+        raise Unanswered()
+
+
+def test_a_heartbeat_goes_to_the_next_scheduler_when_one_does_not_answer():
+    stop = threading.Event()
+    registrar = bare_registrar(stop, [0.05, 0.05], 2.0)
+    alive = registrar._stubs[0]
+    dead = DeadStub()
+    registrar.addresses = ("scheduler-1:7443", "scheduler-2:7443")
+    registrar._stubs = [dead, alive]
+    started = time.monotonic()
+    registrar._heartbeat_loop()
+    # The first heartbeat failed over at once, within its interval, and the
+    # worker stays with the scheduler that answers.
+    assert len(dead.timeouts) == 1
+    assert dead.timeouts[0] <= 2.0 / 2  # half the interval, for the next one
+    assert len(alive.times) == 3
+    assert alive.times[0] - started < 2.0 + 0.5
+    assert registrar.address_in_use == "scheduler-2:7443"
+
+
+def test_a_refusal_is_not_a_reason_to_fail_over():
+    registrar = bare_registrar(threading.Event(), [], 1.0)
+    registrar.addresses = ("scheduler-1:7443", "scheduler-2:7443")
+
+    class Refused(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.PERMISSION_DENIED
+
+    assert not registrar._fail_over(Refused())
+    assert registrar.address_in_use == "scheduler-1:7443"
 
 
 def test_the_worker_adopts_the_interval_each_heartbeat_answer_gives():

@@ -406,3 +406,15 @@ def test_a_worker_and_its_jobs_ended_status_are_read_together(index):
     )
     assert store.find_worker_and_ended_job("b", "j2") == (store.get_worker(b), None)
     assert store.find_worker_and_ended_job("nobody", "j2") == (None, None)
+
+
+def test_a_worker_registers_with_the_jobs_it_took_over_from_its_earlier_run(store):
+    worker = store.register_worker("w1", "127.0.0.1:1", {}, 4, "test")
+    assert worker.running_jobs == 0
+    assert store.heartbeat(worker.id, 3)
+    # Restarted, it says what still runs; a heartbeat need not come first.
+    again = store.register_worker("w1", "127.0.0.1:1", {}, 4, "test", running_jobs=2)
+    assert (again.id, again.running_jobs) == (worker.id, 2)
+    # A worker that says nothing (an older one) runs nothing it knows of.
+    again = store.register_worker("w1", "127.0.0.1:1", {}, 4, "test")
+    assert again.running_jobs == 0

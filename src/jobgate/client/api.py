@@ -21,6 +21,7 @@ import os
 import socket
 import ssl
 import tomllib
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 DEFAULT_TIMEOUT_S = 30.0
+# The idempotency keys the client makes for starts it may have to repeat.
+OWN_KEY_PREFIX = "jobgate-client-"
 CONNECT_TIMEOUT_S = 10.0
 CHUNK_BYTES = 65536
 
@@ -45,7 +48,15 @@ class SettingsError(ClientError):
 
 
 class ConnectionFailed(ClientError):
-    """The scheduler could not be reached, or a response ended early."""
+    """The scheduler could not be reached, or a response ended early.
+
+    ``sent``: the request may have reached the scheduler (it broke after it
+    was sent), so repeating it is safe only if it is idempotent.
+    """
+
+    def __init__(self, message: str, sent: bool = False):
+        super().__init__(message)
+        self.sent = sent
 
 
 class StreamBroken(ConnectionFailed):
@@ -255,11 +266,54 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One scheduler's URL, taken apart."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int | None
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(
+                f"url: {url!r} is not an http:// or https:// URL "
+                "(e.g. http://127.0.0.1:8080)"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            raise SettingsError(f"url: {url!r} has an invalid port") from None
+        return cls(
+            url.rstrip("/"), parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+        )
+
+
+def split_urls(url: str) -> list[str]:
+    """The URLs of ``url``: one, or several separated by commas."""
+    urls = [u.strip() for u in url.split(",")]
+    if not all(urls):
+        raise SettingsError(f"url: {url!r} has an empty URL between its commas")
+    return urls
+
+
 class Client:
     """The scheduler's HTTP API; one connection per request.
 
     ``token`` may be None when ``cert_file`` is a client certificate that the
     scheduler accepts instead.
+
+    ``url`` may name several schedulers (on one database), separated by
+    commas. Requests go to one; when it cannot be reached, to the next. A
+    request that broke after it was sent is repeated on the next scheduler
+    only if repeating it is safe: reads, stops and drains, and starts that
+    carry an idempotency key (with several schedulers, :meth:`start_job` and
+    :meth:`fanout` add one of their own when the caller gave none, so that
+    the retry cannot start the job twice).
 
     ``timeout`` bounds each ordinary request. Requests that wait for jobs
     (``wait=True``, following output) have no read timeout: the scheduler
@@ -276,20 +330,10 @@ class Client:
         key_file: str | Path | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
     ):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SettingsError(
-                f"url: {url!r} is not an http:// or https:// URL "
-                "(e.g. http://127.0.0.1:8080)"
-            )
-        try:
-            self.port = parts.port
-        except ValueError:
-            raise SettingsError(f"url: {url!r} has an invalid port") from None
-        self.url = url.rstrip("/")
-        self.scheme = parts.scheme
-        self.host = parts.hostname
-        self.prefix = parts.path.rstrip("/")
+        self.endpoints = [Endpoint.parse(u) for u in split_urls(url)]
+        if len({e.scheme for e in self.endpoints}) > 1:
+            raise SettingsError(f"url: {url!r} mixes http:// and https:// URLs")
+        self._current = 0
         self.token = token
         self.timeout = timeout
         self.ssl_context: ssl.SSLContext | None = None
@@ -300,6 +344,38 @@ class Client:
             raise SettingsError("cert_file and key_file need an https:// URL")
 
     # -- plumbing -----------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The scheduler requests go to now."""
+        return self.endpoints[self._current]
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    @property
+    def scheme(self) -> str:
+        return self.endpoint.scheme
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.host
+
+    @property
+    def port(self) -> int | None:
+        return self.endpoint.port
+
+    @property
+    def prefix(self) -> str:
+        return self.endpoint.prefix
+
+    def fail_over(self) -> bool:
+        """Move on to the next scheduler; False if there is only one."""
+        if len(self.endpoints) == 1:
+            return False
+        self._current = (self._current + 1) % len(self.endpoints)
+        return True
 
     def _connect(self, read_timeout: float | None) -> http.client.HTTPConnection:
         timeout = min(CONNECT_TIMEOUT_S, self.timeout)
@@ -350,11 +426,39 @@ class Client:
         query: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         long: bool = False,
+        idempotent: bool = False,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send a request; return the connection and the response (2xx only).
 
-        ``long`` requests (waits, streams) have no read timeout.
+        ``long`` requests (waits, streams) have no read timeout. With several
+        schedulers, one that cannot be reached is passed over for the next;
+        a request that broke once sent is sent again to the next only if it
+        is a GET or ``idempotent``.
         """
+        failures: list[str] = []
+        for _ in self.endpoints:
+            try:
+                return self._open_once(method, path, body, query, headers, long)
+            except ConnectionFailed as exc:
+                repeatable = not exc.sent or method == "GET" or idempotent
+                if not repeatable or not self.fail_over():
+                    if failures:
+                        raise ConnectionFailed(
+                            "; ".join([*failures, str(exc)]), exc.sent
+                        ) from None
+                    raise
+                failures.append(str(exc))
+        raise ConnectionFailed("no scheduler answered: " + "; ".join(failures))
+
+    def _open_once(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        query: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        long: bool,
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         target = self.prefix + path
         if query:
             target += "?" + urlencode(
@@ -379,7 +483,7 @@ class Client:
                 raise _api_error(resp.status, resp.reason, resp.headers, resp.read())
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise ConnectionFailed(self._describe(exc)) from None
+            raise ConnectionFailed(self._describe(exc), sent=True) from None
         except BaseException:
             conn.close()
             raise
@@ -392,13 +496,20 @@ class Client:
         body: Any = None,
         query: Mapping[str, Any] | None = None,
         long: bool = False,
+        idempotent: bool = False,
     ) -> tuple[int, Any]:
-        """One JSON request; returns (status, decoded body). Raises ApiError."""
-        conn, resp = self._open(method, path, body, query, long=long)
+        """One JSON request; returns (status, decoded body). Raises ApiError.
+
+        ``idempotent``: sending it twice does what sending it once does (see
+        :meth:`_open`).
+        """
+        conn, resp = self._open(
+            method, path, body, query, long=long, idempotent=idempotent
+        )
         try:
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise ConnectionFailed(self._describe(exc)) from None
+            raise ConnectionFailed(self._describe(exc), sent=True) from None
         finally:
             conn.close()
         try:
@@ -429,6 +540,7 @@ class Client:
             {"enable": enable},
             query={"wait": True} if wait else None,
             long=wait,
+            idempotent=True,
         )
 
     def start_job(
@@ -451,6 +563,7 @@ class Client:
         body: dict[str, Any] = {"command": command, "path": path, "args": list(args)}
         if timeout_s:
             body["timeout_s"] = timeout_s
+        idempotency_key = idempotency_key or self._own_key()
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
         if limits:
@@ -461,7 +574,15 @@ class Client:
             body,
             query={"wait": True} if wait else None,
             long=wait,
+            idempotent=bool(idempotency_key),
         )
+
+    def _own_key(self) -> str | None:
+        """With several schedulers, a key for a start the caller gave none,
+        so that it may be sent again to the next scheduler."""
+        if len(self.endpoints) == 1:
+            return None
+        return f"{OWN_KEY_PREFIX}{uuid.uuid4()}"
 
     def jobs(self, worker: str) -> tuple[list[dict], bool]:
         """The worker's jobs, newest first, and whether they may be stale."""
@@ -475,7 +596,7 @@ class Client:
     def stop_job(self, worker: str, job_id: str) -> dict:
         path = f"/v1/workers/{_segment(worker)}/jobs/{_segment(job_id)}/stop"
         # The answer comes once the job has ended: after its grace period at most.
-        return self.request("POST", path, long=True)[1]
+        return self.request("POST", path, long=True, idempotent=True)[1]
 
     def output(
         self, worker: str, job_id: str, offset: int = 0, follow: bool = False
@@ -535,11 +656,14 @@ class Client:
         }
         if timeout_s:
             body["timeout_s"] = timeout_s
+        idempotency_key = idempotency_key or self._own_key()
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
         if limits:
             body["limits"] = limits
-        return self.request("POST", "/v1/jobs", body, long=True)[1]
+        return self.request(
+            "POST", "/v1/jobs", body, long=True, idempotent=bool(idempotency_key)
+        )[1]
 
     def group(self, group_id: str, wait: bool = False) -> dict:
         return self.request(

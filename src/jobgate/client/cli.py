@@ -68,7 +68,9 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     g = parser.add_argument_group(title)
     added = [
         g.add_argument(
-            "--url", help="scheduler URL, http(s)://host:port [JOBGATE_URL]"
+            "--url",
+            help="scheduler URL, http(s)://host:port; several schedulers: "
+            "their URLs separated by commas [JOBGATE_URL]",
         ),
         g.add_argument(
             "--token",

@@ -53,17 +53,28 @@ def _write_output(
 ) -> None:
     out = sys.stdout.buffer
     received = 0
-    try:
-        for chunk in client.output(worker, job_id, offset=offset, follow=follow):
-            out.write(chunk)
+    # With several schedulers, a broken stream resumes on the next one where
+    # it broke; giving up once each was tried without a byte coming.
+    tries = 0
+    while True:
+        try:
+            for chunk in client.output(
+                worker, job_id, offset=offset + received, follow=follow
+            ):
+                out.write(chunk)
+                out.flush()
+                received += len(chunk)
+                tries = 0
+            return
+        except StreamBroken as exc:
             out.flush()
-            received += len(chunk)
-    except StreamBroken as exc:
-        out.flush()
-        hint = f"{PROG} logs {worker} {job_id} --offset {offset + exc.received}"
-        raise ConnectionFailed(
-            f"{exc}; the rest is still there: {hint}{' --follow' if follow else ''}"
-        ) from None
+            tries += 1
+            if tries < len(client.endpoints) and client.fail_over():
+                continue
+            hint = f"{PROG} logs {worker} {job_id} --offset {offset + received}"
+            raise ConnectionFailed(
+                f"{exc}; the rest is still there: {hint}{' --follow' if follow else ''}"
+            ) from None
 
 
 def cmd_workers(client: Client, args: argparse.Namespace, o: Output) -> int:

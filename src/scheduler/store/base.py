@@ -198,8 +198,12 @@ class Store(abc.ABC):
         previous_id: str = "",
         degraded: str = "",
         draining: bool = False,
+        running_jobs: int = 0,
     ) -> WorkerRow:
         """Insert or refresh the worker named ``name``; its id never changes.
+
+        ``running_jobs``: the jobs it runs as it registers (those it took over
+        from its earlier run).
 
         A name this database does not know (a new worker, or a database lost
         and started anew) gets ``previous_id``, the id the worker says it had,
@@ -237,6 +241,7 @@ class Store(abc.ABC):
                     "enforceable_limits": json.dumps(sorted(enforceable_limits)),
                     "degraded": degraded,
                     "draining": bool(draining),
+                    "running_jobs": running_jobs,
                 },
             )
         return self.get_worker(worker_id)  # type: ignore[return-value]

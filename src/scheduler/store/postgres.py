@@ -106,14 +106,15 @@ STATEMENTS = Statements(
                              heartbeat_timeout_s, enforceable_limits, degraded,
                              draining)
         VALUES (%(id)s, %(name)s, %(address)s, %(labels)s, %(capacity)s,
-                %(version)s, 'online', %(now)s, %(now)s, 0,
+                %(version)s, 'online', %(now)s, %(now)s, %(running_jobs)s,
                 %(heartbeat_timeout_s)s, %(enforceable_limits)s, %(degraded)s,
                 %(draining)s)
         ON CONFLICT (id) DO UPDATE SET
             address = excluded.address, labels = excluded.labels,
             capacity = excluded.capacity, version = excluded.version,
             state = 'online', registered_at = excluded.registered_at,
-            last_seen_at = excluded.last_seen_at, running_jobs = 0,
+            last_seen_at = excluded.last_seen_at,
+            running_jobs = excluded.running_jobs,
             heartbeat_timeout_s = excluded.heartbeat_timeout_s,
             degraded = excluded.degraded,
             enforceable_limits = excluded.enforceable_limits,

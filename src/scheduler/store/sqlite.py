@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -90,13 +91,14 @@ STATEMENTS = Statements(
                              heartbeat_timeout_s, enforceable_limits, degraded,
                              draining)
         VALUES (:id, :name, :address, :labels, :capacity, :version, 'online',
-                :now, :now, 0, :heartbeat_timeout_s, :enforceable_limits,
+                :now, :now, :running_jobs, :heartbeat_timeout_s, :enforceable_limits,
                 :degraded, :draining)
         ON CONFLICT(id) DO UPDATE SET
             address = excluded.address, labels = excluded.labels,
             capacity = excluded.capacity, version = excluded.version,
             state = 'online', registered_at = excluded.registered_at,
-            last_seen_at = excluded.last_seen_at, running_jobs = 0,
+            last_seen_at = excluded.last_seen_at,
+            running_jobs = excluded.running_jobs,
             heartbeat_timeout_s = excluded.heartbeat_timeout_s,
             degraded = excluded.degraded,
             enforceable_limits = excluded.enforceable_limits,
@@ -176,7 +178,7 @@ class SqliteStore(Store):
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
-        conn.execute("PRAGMA journal_mode=WAL")
+        self._use_wal(conn)
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -194,6 +196,23 @@ class SqliteStore(Store):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the database to WAL mode (once; it stays so).
+
+        The switch needs the database to itself, and SQLite refuses it at
+        once, without waiting, while another process starting meanwhile holds
+        a lock: it is tried again for up to ``busy_timeout_s``.
+        """
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
