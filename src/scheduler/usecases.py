@@ -331,8 +331,10 @@ class UseCases:
         it, whatever the state of its worker now. That is one lookup instead
         of a call to the worker: ``GET`` of a finished job (bench scenario 2)
         went from 562 / 650 to 1,508 / 1,392 req/s with 8 / 32 clients when
-        it came in. The worker and the job are read in one query, one round
-        trip to PostgreSQL instead of two (get_c8 1,xxx against 2,128 req/s).
+        it came in. The worker and the job are read in one query: one round
+        trip to PostgreSQL instead of two (172 against 143 + 118 µs on a
+        local server), which brought that GET with 8 clients from 2,128 to
+        3,135 req/s on PostgreSQL (back to back with SQLite's 3,910).
         """
         worker, ended = self.store.find_worker_and_ended_job(ref, job_id)
         if worker is None:
