@@ -224,6 +224,7 @@ def test_a_url_that_is_encrypted_or_stays_on_this_host_is_accepted(url):
             "no sslmode could send the connection to 10.1.1.1 unencrypted",
         ),
         ("host=db.example password=s3cret", "not a PostgreSQL URL"),
+        ("postgresql:///jobgate?service=prod", "service= is not supported"),
         ("postgresql://jobgate@db.example/jobgate?nonsense=1", "not a valid"),
     ],
 )

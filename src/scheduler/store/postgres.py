@@ -189,6 +189,12 @@ def check_url(url: str) -> None:
             "the URL holds a password, which the config file must not: remove it "
             "and put it in a file named by [state].password_file"
         )
+    if params.get("service"):
+        # A service file could name hosts and TLS settings checked nowhere.
+        raise ValueError(
+            "service= is not supported: name the host, port, database and TLS "
+            "settings in the URL itself"
+        )
     remote = [h for h in _hosts(params) if not _is_local(h)]
     sslmode = params.get("sslmode")
     if remote and sslmode not in SECURE_SSLMODES:
