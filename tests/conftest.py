@@ -64,7 +64,8 @@ def skip_unless_required(reason: str, variable: str) -> None:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[devpg.PostgresServer]:
     """One PostgreSQL server for the test session (Debian's package binaries),
-    on a unix socket and 127.0.0.1; stopped and removed at the end.
+    on a unix socket and 127.0.0.1 (TLS optional there); stopped and removed
+    at the end.
 
     Skips when the binaries are missing, unless JOBGATE_REQUIRE_POSTGRES=1.
     """
@@ -74,7 +75,19 @@ def postgres() -> Iterator[devpg.PostgresServer]:
             "JOBGATE_REQUIRE_POSTGRES",
         )
     directory = make_public_dir("jobgate-test-postgres-")
-    server = devpg.PostgresServer(directory, tcp=True)
+    # TLS over TCP, with a certificate for 127.0.0.1 from a CA of its own.
+    devca("init", "--dir", str(directory / "pki"), "--cluster", "postgres")
+    devca(
+        *("issue", "--dir", str(directory / "pki"), "--role", "scheduler"),
+        *("--ip", "127.0.0.1", "--out", str(directory / "tls")),
+    )
+    server = devpg.PostgresServer(
+        directory,
+        tcp=True,
+        tls_cert=directory / "tls" / "scheduler.pem",
+        tls_key=directory / "tls" / "scheduler.key",
+        tls_ca=directory / "pki" / "ca.pem",
+    )
     try:
         server.start()
         yield server

@@ -233,3 +233,31 @@ def test_a_url_with_a_password_or_that_may_go_unencrypted_is_refused(url, messag
         backend.check_url(url)
     assert message in str(exc.value)
     assert "s3cret" not in str(exc.value)
+
+
+def test_tls_to_the_database_is_set_in_the_url(postgres, database, tmp_path, stores):
+    name = database.rsplit("/", 1)[1]
+    secret = tmp_path / "password"
+    secret.write_text(postgres.password + "\n")
+    url = postgres.url(name, tls=True)  # sslmode=verify-full&sslrootcert=...
+    store = open_store(StateSection(url=url, password_file=secret))
+    stores.append(store)
+    store.initialize()
+    with store.pool.connection() as conn:
+        row = conn.execute(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        ).fetchone()
+    assert row["ssl"] is True, row
+
+    # A certificate from another CA is refused, and the error says so.
+    other_ca = tmp_path / "other-ca.pem"
+    other_ca.write_text((postgres.dir / "tls" / "scheduler.pem").read_text())
+    wrong = open_store(
+        StateSection(
+            url=url.split("&sslrootcert=")[0] + f"&sslrootcert={other_ca}",
+            password_file=secret,
+        )
+    )
+    stores.append(wrong)
+    with pytest.raises(OSError, match="certificate verify failed"):
+        wrong.initialize()

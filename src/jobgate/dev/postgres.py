@@ -86,7 +86,10 @@ class PostgresServer:
 
     ``directory`` is created if missing; ``data/`` holds the cluster,
     ``socket/`` its unix socket, ``postgres.log`` its log. A server already
-    initialised there is started again with its data.
+    initialised there is started again with its data. With ``tls_cert`` and
+    ``tls_key`` (PEM files; the certificate naming 127.0.0.1), connections
+    over TCP may use TLS; ``tls_ca``, the CA that signed it, goes into the
+    URLs of :meth:`url` with ``tls=True``.
     """
 
     def __init__(
@@ -97,6 +100,9 @@ class PostgresServer:
         durable: bool = False,
         settings: dict[str, str] | None = None,
         bindir: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls_ca: Path | None = None,
     ):
         self.dir = Path(directory).resolve()
         self.data = self.dir / "data"
@@ -115,6 +121,9 @@ class PostgresServer:
             )
         self.user = _server_user()
         self.started = False
+        # TLS on TCP (a unix socket never has it): a PEM certificate and key.
+        self.tls = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
+        self.tls_ca = Path(tls_ca) if tls_ca else None  # for url(tls=True)
 
     # -- running the binaries ---------------------------------------------------
 
@@ -191,6 +200,20 @@ class PostgresServer:
             raise PostgresError(f"a server already runs on {self.data}")
         self.log.touch()
         self._own(self.log)
+        if self.tls is not None:
+            # The server reads them as its user, the key private to it.
+            names = ("server.crt", "server.key")
+            for name, source in zip(names, self.tls, strict=True):
+                target = self.data / name
+                shutil.copyfile(source, target)
+                os.chmod(target, 0o600)
+                self._own(target)
+            self.settings = {
+                "ssl": "on",
+                "ssl_cert_file": "'server.crt'",
+                "ssl_key_file": "'server.key'",
+                **self.settings,
+            }
         for attempt in range(5):
             self.port = _free_port() if self.tcp else 0
             options = {
@@ -259,13 +282,21 @@ class PostgresServer:
     def socket_port(self) -> int:
         return self.port or SOCKET_PORT
 
-    def url(self, dbname: str = "postgres", *, tcp: bool = False) -> str:
-        """A URL of database ``dbname``: over the socket, or over TCP
-        (then the password is needed: ``password_file``)."""
-        if tcp:
+    def url(
+        self, dbname: str = "postgres", *, tcp: bool = False, tls: bool = False
+    ) -> str:
+        """A URL of database ``dbname``: over the socket, or over TCP (then
+        the password is needed: ``password_file``), with TLS if ``tls``."""
+        if tcp or tls:
             if not self.port:
                 raise PostgresError("this server does not listen on TCP")
-            return f"postgresql://{ROLE}@127.0.0.1:{self.port}/{dbname}"
+            url = f"postgresql://{ROLE}@127.0.0.1:{self.port}/{dbname}"
+            if tls:
+                if self.tls is None or self.tls_ca is None:
+                    raise PostgresError("this server was given no TLS certificate")
+                ca = urllib.parse.quote(str(self.tls_ca), safe="/")
+                url += f"?sslmode=verify-full&sslrootcert={ca}"
+            return url
         host = urllib.parse.quote(str(self.socket_dir), safe="")
         return f"postgresql://{ROLE}@{host}:{self.socket_port}/{dbname}"
 
