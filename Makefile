@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STUBS  := src/jobgate/v1
 PROTOS := $(wildcard proto/jobgate/v1/*.proto)
 
-.PHONY: all venv proto run test lint clean
+.PHONY: all venv proto run run-ha test lint clean
 
 all: proto
 
@@ -33,6 +33,11 @@ proto: $(STUBS)/.generated
 
 run: proto
 	$(PY) -m jobgate.dev.cluster --dir run
+
+# Two schedulers on one PostgreSQL server (Debian's binaries, no service:
+# its data under run/postgres), two workers; run/local.env names both URLs.
+run-ha: proto postgres-deps
+	$(PY) -m jobgate.dev.cluster --dir run --schedulers 2 --postgres
 
 test: proto
 	$(PY) -m pytest tests

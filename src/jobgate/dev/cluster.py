@@ -146,6 +146,7 @@ class DevCluster:
         http_tls_extra: str = "",
         store_url: str = "",
         store_password_file: Path | None = None,
+        schedulers: int = 1,
     ):
         """``https``: the API on HTTPS, with a certificate from the
         development CA for 127.0.0.1 and localhost; ``http_tls_extra`` adds
@@ -153,7 +154,9 @@ class DevCluster:
         its state in this PostgreSQL database (``[state].url``, e.g. from
         :meth:`jobgate.dev.postgres.PostgresServer.create_database`), with
         the password in ``store_password_file`` if it needs one; empty:
-        SQLite under ``directory``."""
+        SQLite under ``directory``. ``schedulers``: how many schedulers
+        share that state (each with ports of its own; workers are given every
+        one's gRPC address, and :attr:`urls` their HTTP URLs)."""
         self.dir = directory.resolve()
         self.use_https = https
         self.http_tls_extra = http_tls_extra
@@ -162,9 +165,7 @@ class DevCluster:
         self.http_key = "http/scheduler.key"
         self.cluster = cluster
         self.http_processes = http_processes
-        self.http_port = http_port
         self.grpc_host = grpc_host
-        self.grpc_port = grpc_port
         self.scheduler_extra = scheduler_extra
         self.http_extra = http_extra
         self.worker_extra = worker_extra
@@ -175,8 +176,14 @@ class DevCluster:
         self.scripts_dir = scripts_dir or EXAMPLE_SCRIPTS
         self._tmp_scripts: Path | None = None
         self.token = ""
-        self.scheduler: Process | None = None
-        self.scheduler_info: dict = {}
+        if schedulers < 1:
+            raise ValueError("schedulers: at least 1")
+        # Per scheduler: its process, what it said when ready, its ports
+        # (grpc, http; 0 until it first started). The first one is also
+        # ``scheduler``, ``scheduler_info``, ``grpc_port`` and ``http_port``.
+        self.schedulers: list[Process | None] = [None] * schedulers
+        self.scheduler_infos: list[dict] = [{} for _ in range(schedulers)]
+        self._ports = [(grpc_port, http_port)] + [(0, 0)] * (schedulers - 1)
         self.workers: dict[str, Process] = {}
         self.worker_info: dict[str, dict] = {}
         self._started: list[Process] = []  # every process, restarted ones too
@@ -215,21 +222,59 @@ class DevCluster:
         (self.dir / "tokens").write_text(f"{hash_token(self.token)} dev run\n")
         os.chmod(self.dir / "tokens", 0o600)
 
-    def scheduler_config(self) -> Path:
-        path = self.dir / "scheduler.toml"
+    # The first scheduler, as with one.
+    @property
+    def scheduler(self) -> Process | None:
+        return self.schedulers[0]
+
+    @scheduler.setter
+    def scheduler(self, proc: Process | None) -> None:
+        self.schedulers[0] = proc
+
+    @property
+    def scheduler_info(self) -> dict:
+        return self.scheduler_infos[0]
+
+    @scheduler_info.setter
+    def scheduler_info(self, info: dict) -> None:
+        self.scheduler_infos[0] = info
+
+    @property
+    def grpc_port(self) -> int:
+        return self._ports[0][0]
+
+    @grpc_port.setter
+    def grpc_port(self, port: int) -> None:
+        self._ports[0] = (port, self._ports[0][1])
+
+    @property
+    def http_port(self) -> int:
+        return self._ports[0][1]
+
+    @http_port.setter
+    def http_port(self, port: int) -> None:
+        self._ports[0] = (self._ports[0][0], port)
+
+    @staticmethod
+    def _scheduler_name(index: int) -> str:
+        return "scheduler" if index == 0 else f"scheduler-{index + 1}"
+
+    def scheduler_config(self, index: int = 0) -> Path:
+        grpc_port, http_port = self._ports[index]
+        path = self.dir / f"{self._scheduler_name(index)}.toml"
         path.write_text(
             f"""# Written by jobgate.dev.cluster (see examples/scheduler.toml).
 [cluster]
 name = "{self.cluster}"
 
 [http]
-bind = "127.0.0.1:{self.http_port}"
+bind = "127.0.0.1:{http_port}"
 processes = {self.http_processes}
 scheme = "{"https" if self.use_https else "http"}"
 {self.http_extra}
 {self._http_tls()}
 [grpc]
-bind = "{_hostport(self.grpc_host, self.grpc_port)}"
+bind = "{_hostport(self.grpc_host, grpc_port)}"
 
 [tls]
 ca_file = "pki/ca.pem"
@@ -274,6 +319,16 @@ rpc_timeout_s = 5.0
         port = self.grpc_port or self.scheduler_info["grpc_port"]
         return _hostport(self.grpc_host, port)
 
+    @property
+    def scheduler_addresses(self) -> list[str]:
+        """Every scheduler's gRPC address (each started once at least)."""
+        return [_hostport(self.grpc_host, grpc) for grpc, _ in self._ports]
+
+    def _scheduler_lines(self) -> str:
+        if len(self.schedulers) == 1:
+            return f'address = "{self.scheduler_address}"'
+        return f"addresses = {json.dumps(self.scheduler_addresses)}"
+
     def worker_config(
         self, name: str, labels: dict[str, str] | None = None, host: str = "127.0.0.1"
     ) -> Path:
@@ -296,7 +351,7 @@ labels = {{ {label_text} }}
 bind = "{_hostport(host, 0)}"
 
 [scheduler]
-address = "{self.scheduler_address}"
+{self._scheduler_lines()}
 retry_initial_s = 0.2
 retry_max_s = 2.0
 
@@ -321,6 +376,12 @@ stop_grace_s = 2.0
         scheme = "https" if self.use_https else "http"
         return f"{scheme}://127.0.0.1:{self.scheduler_info['http_port']}"
 
+    @property
+    def urls(self) -> list[str]:
+        """Every scheduler's HTTP URL."""
+        scheme = "https" if self.use_https else "http"
+        return [f"{scheme}://127.0.0.1:{http}" for _, http in self._ports]
+
     def connection(self, timeout: float = 30.0) -> http.client.HTTPConnection:
         """A connection to the HTTP API (over HTTPS trusting only the
         development CA, where the API serves HTTPS)."""
@@ -332,32 +393,38 @@ stop_grace_s = 2.0
             "127.0.0.1", port, context=context, timeout=timeout
         )
 
-    def start_scheduler(self) -> dict:
-        self.scheduler = Process(
-            "scheduler",
+    def start_scheduler(self, index: int = 0) -> dict:
+        name = self._scheduler_name(index)
+        proc = Process(
+            name,
             [
                 sys.executable,
                 "-m",
                 "scheduler.cli",
                 "serve",
-                str(self.scheduler_config()),
+                str(self.scheduler_config(index)),
             ],
-            self.logs / "scheduler.log",
-            self.dir / "scheduler.ready",
+            self.logs / f"{name}.log",
+            self.dir / f"{name}.ready",
         )
-        self._started.append(self.scheduler)
-        self.scheduler.start()
-        self.scheduler_info = self.scheduler.wait_ready()
+        self.schedulers[index] = proc
+        self._started.append(proc)
+        proc.start()
+        info = self.scheduler_infos[index] = proc.wait_ready()
         # Later starts reuse the ports: workers and clients keep finding it.
-        self.grpc_port = self.scheduler_info["grpc_port"]
-        self.http_port = self.scheduler_info["http_port"]
-        return self.scheduler_info
+        self._ports[index] = (info["grpc_port"], info["http_port"])
+        return info
 
-    def restart_scheduler(self) -> dict:
-        """Stop the scheduler and start it again on the same ports and state."""
-        if self.scheduler is not None:
-            self.scheduler.stop()
-        return self.start_scheduler()
+    def start_schedulers(self) -> None:
+        for index in range(len(self.schedulers)):
+            self.start_scheduler(index)
+
+    def restart_scheduler(self, index: int = 0) -> dict:
+        """Stop a scheduler and start it again on the same ports and state."""
+        proc = self.schedulers[index]
+        if proc is not None:
+            proc.stop()
+        return self.start_scheduler(index)
 
     def start_worker(
         self,
@@ -395,16 +462,16 @@ stop_grace_s = 2.0
 
     def start(self, workers: tuple[str, ...] = ("worker-1", "worker-2")) -> None:
         self.prepare()
-        self.start_scheduler()
+        self.start_schedulers()
         for name in workers:
             self.start_worker(name, wait=False)
         for name in workers:
             self.worker_info[name] = self.workers[name].wait_ready()
 
     def stop(self) -> None:
-        current = [*self.workers.values(), self.scheduler]
+        current = [*self.workers.values(), *self.schedulers]
         # Workers first (they deregister), then earlier incarnations still
-        # running, then the scheduler.
+        # running, then the schedulers.
         workers = [
             *self.workers.values(),
             *(p for p in self._started if p not in current),
@@ -413,8 +480,9 @@ stop_grace_s = 2.0
             proc.signal(signal.SIGTERM)
         for proc in workers:
             proc.stop()
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        for proc in self.schedulers:
+            if proc is not None:
+                proc.stop()
         # A worker that was killed cannot clean up after its jobs; do it here.
         for name in self.workers:
             remove_leftovers(instance_name(name, self.dir / "state" / name))
@@ -436,7 +504,7 @@ stop_grace_s = 2.0
     def write_env(self) -> Path:
         path = self.dir / "local.env"
         path.write_text(
-            f"export JOBGATE_URL={self.url}\n"
+            f"export JOBGATE_URL={','.join(self.urls)}\n"
             f"export JOBGATE_TOKEN={self.token}\n"
             f"export JOBGATE_WORKERS={','.join(self.workers)}\n"
         )
@@ -490,6 +558,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="worker-1,worker-2")
     parser.add_argument("--http-port", type=int, default=0)
     parser.add_argument(
+        "--schedulers",
+        type=int,
+        default=1,
+        help="schedulers sharing one state (several: workers and clients are "
+        "given each one's address)",
+    )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="keep the schedulers' state in a PostgreSQL server of its own "
+        "under DIR/postgres (Debian's postgresql package binaries)",
+    )
+    parser.add_argument(
         "--once",
         action="store_true",
         help="stop after the sample job instead of waiting for Ctrl-C",
@@ -504,18 +585,47 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
-    cluster = DevCluster(args.dir, http_port=args.http_port)
+    server = None
+    if args.schedulers < 1:
+        parser.error("--schedulers: at least 1")
+    try:
+        store_url = ""
+        if args.postgres:
+            from jobgate.dev.postgres import PostgresError, PostgresServer
+
+            try:
+                server = PostgresServer(args.dir / "postgres")
+                server.start()
+                store_url = server.create_database()
+            except PostgresError as exc:
+                print(f"jobgate: {exc}", file=sys.stderr)
+                return 1
+            print(f"jobgate: PostgreSQL at {store_url}", flush=True)
+        cluster = DevCluster(
+            args.dir,
+            http_port=args.http_port,
+            schedulers=args.schedulers,
+            store_url=store_url,
+        )
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     try:
         print(f"jobgate: starting a local cluster in {args.dir}/ ...", flush=True)
         cluster.start(names)
         env = cluster.write_env()
+        schedulers = "\n".join(
+            f"jobgate: scheduler at {url} (pid {proc.pid})"
+            for url, proc in zip(cluster.urls, cluster.schedulers, strict=True)
+        )
         print(
             f"""
-jobgate: scheduler at {cluster.url} (pid {cluster.scheduler.pid})
+{schedulers}
 jobgate: workers: {", ".join(names)}
 jobgate: logs in {cluster.logs}/, settings in {env}:
     source {env}
-    curl -sH "Authorization: Bearer $JOBGATE_TOKEN" $JOBGATE_URL/v1/workers
+    curl -sH "Authorization: Bearer $JOBGATE_TOKEN" ${{JOBGATE_URL%%,*}}/v1/workers
 jobgate: web console at {cluster.url}/ui/ (sign in with $JOBGATE_TOKEN)
 """,
             flush=True,
@@ -560,6 +670,8 @@ jobgate: web console at {cluster.url}/ui/ (sign in with $JOBGATE_TOKEN)
     finally:
         print("\njobgate: stopping the cluster ...", flush=True)
         cluster.stop()
+        if server is not None:
+            server.stop()
         print("jobgate: stopped.", flush=True)
     return 0
 
