@@ -165,8 +165,8 @@ class BenchCluster(DevCluster):
         path.write_text(text)
         return path
 
-    def scheduler_config(self) -> Path:
-        return self._apply(super().scheduler_config(), self.scheduler_settings)
+    def scheduler_config(self, index: int = 0) -> Path:
+        return self._apply(super().scheduler_config(index), self.scheduler_settings)
 
     def worker_config(self, name, labels=None, host="127.0.0.1") -> Path:
         return self._apply(
