@@ -105,6 +105,22 @@ def children() -> list[int]:
     return found
 
 
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before():
+    """What children the test process had before the test (other tests of the
+    session may leave some running, e.g. a session's database server)."""
+    _BEFORE.clear()
+    _BEFORE.update(children())
+
+
+def new_children() -> list[int]:
+    """This process's children that the test made, zombies included."""
+    return [pid for pid in children() if pid not in _BEFORE]
+
+
 def wait_until(check, timeout: float = 10, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -149,7 +165,7 @@ def test_the_output_is_copied_exactly_and_the_exit_file_tells_the_end(
     )
     # The keeper reaped the job: the worker has only the keeper to reap.
     assert not alive(job.kept.pid)
-    assert children() == []
+    assert new_children() == []
 
 
 def test_the_job_is_the_keepers_child_with_a_session_of_its_own(tmp_path):
@@ -312,7 +328,7 @@ def test_a_program_that_cannot_be_executed_is_told_in_the_exit_file(tmp_path):
         assert error.filename == os.fsencode(path)
         assert same_error(error, spawn_error([str(path)]))
     # The keepers were reaped, and they reaped their children: nothing is left.
-    assert children() == []
+    assert new_children() == []
 
 
 def test_a_step_before_exec_is_told_as_spawn_tells_it(tmp_path):
@@ -325,7 +341,7 @@ def test_a_step_before_exec_is_told_as_spawn_tells_it(tmp_path):
         "changing to the working directory: No such file or directory"
     )
     assert same_error(error, spawn_error(["/bin/true"], cwd=str(tmp_path / "gone")))
-    assert children() == []
+    assert new_children() == []
 
 
 def test_an_unknown_step_is_an_error_of_its_own():
@@ -360,7 +376,7 @@ def kept_error(tmp_path: Path, **kw) -> OSError:
     finally:
         os.close(fd)
     assert os.listdir(job_dir) == ["output"]  # no exit file
-    assert children() == []  # nothing left, not even a zombie
+    assert new_children() == []  # nothing left, not even a zombie
     return caught.value
 
 
@@ -641,7 +657,7 @@ def test_a_cgroup_that_cannot_be_joined_is_told_and_runs_nothing(
     error = spawn.start_failure(*ended.start_error, "/bin/sh")
     assert error.strerror.startswith("joining the job's cgroup: ")
     assert not marker.exists()
-    assert children() == []
+    assert new_children() == []
 
 
 def test_an_output_that_cannot_be_written_is_named_and_the_job_runs_on(tmp_path):
