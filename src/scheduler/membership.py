@@ -173,13 +173,28 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         return ident.name
 
     def active_workers(self) -> int:
-        """Online workers heard from within their timeout (recounted each second)."""
+        """Online workers heard from within their timeout (recounted each second).
+
+        Counted in the database: with several schedulers sharing it, each
+        paces for the whole fleet, not for its share of the heartbeats. The
+        count is never below the workers heard from here (heartbeats reach
+        the database only with the next flush); a database that cannot be
+        read leaves those alone counted.
+        """
         now = time.monotonic()
         if now >= self._recount_at and self._lock.acquire(blocking=False):
             try:
-                deadlines = list(self._deadlines.values())
-                self._active = sum(1 for d in deadlines if d > now)
                 self._recount_at = now + RECOUNT_S
+                deadlines = list(self._deadlines.values())
+                here = sum(1 for d in deadlines if d > now)
+                try:
+                    fleet = self.store.heard_from(
+                        time.time(), self.cfg.workers.heartbeat_timeout_s
+                    )
+                except Exception:  # noqa: BLE001 - pace on what is known here
+                    log.warning("counting the workers in the database failed")
+                    fleet = 0
+                self._active = max(here, fleet)
             finally:
                 self._lock.release()
         return self._active

@@ -197,12 +197,30 @@ def test_silent_workers_stop_counting(membership):
     # w2 and w3 went silent: their timeouts have passed.
     for name in ("w2", "w3"):
         membership._deadlines[ids[name]] = time.monotonic() - 1.0
+        membership.store.heartbeats({ids[name]: (time.time() - 100.0, 0, 4.0)})
     membership._recount_at = 0.0
     assert membership.active_workers() == 1
     assert heartbeat(membership, "w1", ids["w1"]).heartbeat_interval_s == 1.0
     # An overdue worker that is heard from again counts again.
     heartbeat(membership, "w2", ids["w2"])
     assert membership.active_workers() == 2
+
+
+def test_each_of_several_schedulers_paces_for_the_whole_fleet(tmp_path):
+    cfg = scheduler_cfg(tmp_path)
+    store = SqliteStore(tmp_path / "state.db")
+    store.initialize()
+    a = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
+    b = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
+    try:
+        for name in ("w1", "w2", "w3"):
+            register(a, name)
+        # None of them heartbeats to b; b counts them all the same.
+        b._recount_at = 0.0
+        assert b.active_workers() == 3
+    finally:
+        a.heartbeats.close()
+        b.heartbeats.close()
 
 
 def test_a_restarted_scheduler_keeps_the_timeouts_it_gave(tmp_path):

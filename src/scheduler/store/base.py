@@ -93,6 +93,7 @@ class Statements:
     find_worker: str  # :ref
     find_worker_ended_job: str  # :ref, :job_id; the worker's columns and ended
     list_workers: str
+    heard_from: str  # :now, :timeout; -> n: online workers within their timeout
     # job index
     record_job: str  # :job_id, :worker_id, :group_id, :now, :state, :status
     update_job: str  # :state, :status, :now, :job_id
@@ -320,6 +321,13 @@ class Store(abc.ABC):
 
     def list_workers(self) -> list[WorkerRow]:
         return [_worker(r) for r in self._all(self.sql.list_workers)]
+
+    def heard_from(self, now: float, timeout: float) -> int:
+        """Online workers heard from within their timeout (``timeout`` or
+        their own, the longer): the whole fleet, whichever scheduler they
+        heartbeat to."""
+        row = self._one(self.sql.heard_from, {"now": now, "timeout": timeout})
+        return int(row["n"]) if row is not None else 0
 
     # -- job index --------------------------------------------------------------
 

@@ -141,6 +141,8 @@ STATEMENTS = Statements(
     "AND j.state <> 'running' "
     "WHERE w.id = %(ref)s OR w.name = %(ref)s ORDER BY w.id = %(ref)s DESC LIMIT 1",
     list_workers="SELECT * FROM workers ORDER BY name",
+    heard_from="SELECT COUNT(*) AS n FROM workers WHERE state = 'online' "
+    "AND last_seen_at + GREATEST(heartbeat_timeout_s, %(timeout)s) > %(now)s",
     record_job="INSERT INTO jobs (job_id, worker_id, group_id, created_at, state, "
     "status, updated_at) VALUES (%(job_id)s, %(worker_id)s, %(group_id)s, "
     "%(now)s, %(state)s, %(status)s, %(now)s) ON CONFLICT (job_id) DO NOTHING",

@@ -123,6 +123,8 @@ STATEMENTS = Statements(
     "AND j.state != 'running' "
     "WHERE w.id = :ref OR w.name = :ref ORDER BY w.id = :ref DESC LIMIT 1",
     list_workers="SELECT * FROM workers ORDER BY name",
+    heard_from="SELECT COUNT(*) AS n FROM workers WHERE state = 'online' "
+    "AND last_seen_at + MAX(heartbeat_timeout_s, :timeout) > :now",
     record_job="INSERT OR IGNORE INTO jobs (job_id, worker_id, group_id, "
     "created_at, state, status, updated_at) "
     "VALUES (:job_id, :worker_id, :group_id, :now, :state, :status, :now)",
