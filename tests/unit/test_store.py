@@ -289,6 +289,21 @@ def test_heartbeats_count_for_online_workers_only(index):
     assert store.get_worker(a).state == "online"
 
 
+def test_the_workers_heard_from_are_counted_within_their_timeouts(store):
+    now = time.time()
+    ids = [store.register_worker(n, "127.0.0.1:1", {}, 1, "t").id for n in "abcd"]
+    store.heartbeats(
+        {
+            ids[0]: (now - 1.0, 0, 15.0),  # heard from lately
+            ids[1]: (now - 20.0, 0, 15.0),  # silent past its timeout
+            ids[2]: (now - 20.0, 0, 60.0),  # within a longer timeout of its own
+        }
+    )
+    store.deregister(ids[3])  # offline: never counted
+    assert store.heard_from(now, 15.0) == 2
+    assert store.heard_from(now, 30.0) == 3  # the configured timeout if longer
+
+
 def test_the_job_index_lists_a_workers_jobs_newest_first(index):
     store, (a, b) = index
     for n in range(5):
