@@ -28,6 +28,7 @@ import stat
 import subprocess
 import time
 
+from worker import linux
 from worker import spawn as one_exec
 from worker.accounts import Account
 from worker.config import JobsSection
@@ -158,6 +159,35 @@ class KeptProcess:
         self.returncode: int | None = None
         self.exit: one_exec.KeeperExit | None = None
         self.ended = False
+
+    @classmethod
+    def find(
+        cls, pid: int, keeper: dict, job_dir: str, boot: str
+    ) -> KeptProcess | None:
+        """The kept job an earlier run of the worker recorded, if it can be had.
+
+        ``keeper`` is what the record names: the keeper's pid, start time and
+        boot. A keeper that still runs is known by all three (a pid alone may
+        name another process by now) and comes back watchable; one that ended
+        since comes back ``ended``, with the job's ``exit`` if it recorded
+        one. None: no keeper of this boot, or it ended without a word.
+        """
+        if not keeper or keeper.get("boot") != boot:
+            return None
+        try:
+            keeper_pid = int(keeper["pid"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        try:
+            pidfd = os.pidfd_open(keeper_pid)
+        except OSError:
+            pidfd = None
+        if pidfd is not None:
+            if linux.start_time(keeper_pid) == keeper.get("start"):
+                return cls(pid, keeper_pid, None, job_dir, pidfd)
+            os.close(pidfd)  # its pid names another process now
+        gone = cls.gone(pid, keeper_pid, job_dir)
+        return gone if gone.exit is not None else None
 
     @classmethod
     def gone(cls, pid: int, keeper_pid: int, job_dir: str) -> KeptProcess:

@@ -85,6 +85,7 @@ class JobRunner:
         self._records = RecordLog(self.jobs_dir)
         self._alive = history.AliveStamp(cfg.state_dir)
         adoption_began = time.monotonic()
+        self._boot = linux.boot_id()
         loaded = history.load(
             self._records, self.jobs_dir, self._output, self._alive.last()
         )
@@ -119,7 +120,6 @@ class JobRunner:
             switches_user=self.accounts.mode != "worker",
             stock=self.stock,
         )
-        self._boot = linux.boot_id()
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._by_key: dict[str, str] = {}
@@ -169,41 +169,20 @@ class JobRunner:
 
         Returns the kept jobs whose keeper still runs (to adopt) and those
         whose keeper ended meanwhile and recorded the job's end; every other
-        one is lost. A keeper is known by its pid, its start time and the
-        boot: a pid alone may name another process by now.
+        one is lost (:meth:`KeptProcess.find`).
         """
         adopt, ended_away = [], []
-        boot = linux.boot_id()
         for job in loaded:
             if job.phase is not Phase.STARTING:
                 continue  # ended before the restart
-            keeper = job.extra.get("keeper") or {}
-            pidfd, proc = None, None
-            if keeper and keeper.get("boot") == boot:
-                try:
-                    pidfd = os.pidfd_open(int(keeper["pid"]))
-                except (OSError, KeyError, TypeError, ValueError):
-                    pidfd = None
-                if pidfd is not None and linux.start_time(keeper["pid"]) != keeper.get(
-                    "start"
-                ):
-                    os.close(pidfd)  # its pid names another process now
-                    pidfd = None
-            if pidfd is not None:
-                proc = KeptProcess(
-                    job.record.pid, keeper["pid"], None, str(job.dir), pidfd
-                )
-                adopt.append(job)
-            elif keeper and keeper.get("boot") == boot:
-                proc = KeptProcess.gone(job.record.pid, keeper["pid"], str(job.dir))
-                if proc.exit is not None:
-                    ended_away.append(job)
-                else:
-                    proc = None
+            proc = KeptProcess.find(
+                job.record.pid, job.extra.get("keeper") or {}, str(job.dir), self._boot
+            )
             if proc is None:
                 history.lose(job, self._alive.last(), self._records)
                 continue
             job.proc = proc
+            (ended_away if proc.ended else adopt).append(job)
         return adopt, ended_away
 
     def _adopt(self, job: Job) -> None:
@@ -255,13 +234,20 @@ class JobRunner:
                     )
 
     def _output(self, directory, total: int = 0) -> OutputLog | KeptOutput:
-        """A job's output: kept (a file its keeper writes) or the worker's own."""
+        """The output of a job of an earlier run, by the files it left."""
         head, tail = self.cfg.output_head_bytes, self.cfg.output_tail_bytes
-        if total == -1 and self.ops.kept or (directory / DATA_NAME).exists():
+        if (directory / DATA_NAME).exists():
             output = KeptOutput(directory, head, tail)
-            output.total = max(total, 0)
+            output.total = total
             return output
-        return OutputLog(directory, head, tail, max(total, 0))
+        return OutputLog(directory, head, tail, total)
+
+    def _new_output(self, directory) -> OutputLog | KeptOutput:
+        """A new job's output: its keeper's file, or the worker's own log."""
+        head, tail = self.cfg.output_head_bytes, self.cfg.output_tail_bytes
+        if self.ops.kept:
+            return KeptOutput(directory, head, tail)
+        return OutputLog(directory, head, tail)
 
     # -- requests ---------------------------------------------------------------
 
@@ -334,7 +320,7 @@ class JobRunner:
             # The output log is opened when the first output arrives.
             directory = self.jobs_dir / job_id
             job = Job(
-                record, directory, self._output(directory, -1), clock=self.ops.now
+                record, directory, self._new_output(directory), clock=self.ops.now
             )
             job.account = account
             self._jobs[job_id] = job
