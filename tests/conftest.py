@@ -50,6 +50,21 @@ def cluster_of_its_own(
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def children() -> dict[int, str]:
+    """This process's children, zombies included: pid -> state letter."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rpartition(")")[2].split()
+            if int(fields[1]) == os.getpid():
+                found[int(entry)] = fields[0]
+    return found
+
+
 def skip_unless_required(reason: str, variable: str) -> None:
     """Skip for ``reason``, or fail where ``variable`` is "1".
 

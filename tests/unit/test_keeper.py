@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import skip_unless_required
+from conftest import children, skip_unless_required
 
 from worker import isolation, spawn
 
@@ -89,20 +89,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def children() -> list[int]:
-    """This process's children, zombies included."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == os.getpid():
-                found.append(int(entry))
-    return found
 
 
 _BEFORE: set[int] = set()

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import skip_unless_required
+from conftest import children, skip_unless_required
 
 from worker import isolation, spawn
 
@@ -174,17 +174,7 @@ def test_a_program_that_cannot_be_executed_raises_what_exec_met(tmp_path):
 
 
 def zombie_children() -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rpartition(")")[2].split()
-            if fields[0] == "Z" and int(fields[1]) == os.getpid():
-                found.append(int(entry))
-    return found
+    return [pid for pid, state in children().items() if state == "Z"]
 
 
 def test_a_working_directory_that_is_missing_fails_the_start(tmp_path):
