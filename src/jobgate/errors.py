@@ -105,6 +105,19 @@ class Unavailable(JobgateError):
         self.retry_after_s = retry_after_s
 
 
+class SchedulerUnavailable(Unavailable):
+    """The scheduler that answered cannot serve now (its state database does
+    not answer it); another scheduler of the cluster may. HTTP answers it
+    503 with :data:`SCHEDULER_UNAVAILABLE` as the title, which clients given
+    several schedulers take as a reason to try the next one."""
+
+    title = "Scheduler unavailable"
+
+
+# The title of an HTTP 503 that another scheduler may not give.
+SCHEDULER_UNAVAILABLE = SchedulerUnavailable.title
+
+
 class DeadlineExceeded(JobgateError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -216,6 +216,13 @@ class StateSection:
     statement_timeout_s: float = setting(
         10.0, min=0.1, max=86400, help="longest a PostgreSQL statement may run"
     )
+    network_timeout_s: float = setting(
+        10.0,
+        min=2,
+        max=3600,
+        help="silence after which a PostgreSQL connection counts as lost (TCP "
+        "keepalives and user timeout)",
+    )
 
     def __post_init__(self) -> None:
         if self.pool_max < self.pool_min:

@@ -16,7 +16,12 @@ from collections.abc import Callable
 
 from jobgate import grpc_guard, identity
 from jobgate.config import parse_hostport
-from jobgate.errors import InvalidArgument, NotFound, PermissionDenied
+from jobgate.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    SchedulerUnavailable,
+)
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.config import SchedulerConfig, WorkersSection
 from scheduler.store import MAX_DEGRADED_CHARS, ONLINE, Store
@@ -31,6 +36,9 @@ MAX_LABEL_CHARS = 256
 # How often the workers that count towards the heartbeat rate (those heard
 # from within their timeout) are counted again.
 RECOUNT_S = 1.0
+# Heartbeats are refused (UNAVAILABLE, so that workers fail over) once the
+# flushes have failed for this many flush intervals.
+UNWRITTEN_FLUSHES = 3
 
 
 class Pacing:
@@ -84,10 +92,21 @@ class Heartbeats:
     all at once. Readers see a heartbeat at most that much later.
     """
 
-    def __init__(self, store: Store, interval: float):
+    def __init__(
+        self,
+        store: Store,
+        interval: float,
+        offline: Callable[[set[str]], None] = lambda ids: None,
+    ):
         self.store = store
         self.interval = interval
+        # Told the workers whose beats found them not online in the database
+        # (another scheduler took their deregistration).
+        self._offline = offline
         self._pending: dict[str, tuple[float, int, float, str, bool]] = {}
+        # time.monotonic() of the first of the flushes failing since the last
+        # that worked, or None
+        self.failing_since: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -113,9 +132,26 @@ class Heartbeats:
             )
 
     def flush(self) -> None:
+        """Write the beats gathered; those it could not write are kept for
+        the next flush, unless a newer beat of the same worker came meanwhile."""
         with self._lock:
             beats, self._pending = self._pending, {}
-        self.store.heartbeats(beats)
+        try:
+            gone = self.store.heartbeats(beats)
+        except Exception:
+            with self._lock:
+                self._pending = beats | self._pending
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+            raise
+        self.failing_since = None
+        if gone:
+            self._offline(gone)
+
+    def failing_for(self) -> float:
+        """How long the flushes have been failing (0 while they work)."""
+        since = self.failing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -146,7 +182,9 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.cfg = cfg
         self.store = store
         self.pacing = pacing or Pacing(cfg.workers)
-        self.heartbeats = Heartbeats(store, cfg.workers.heartbeat_flush_s)
+        self.heartbeats = Heartbeats(
+            store, cfg.workers.heartbeat_flush_s, self._went_offline
+        )
         self._lock = threading.Lock()
         self._workers: dict[str, tuple[str, bool]] = {}
         # worker id -> the base interval it was last paced at
@@ -166,6 +204,26 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
             )
         self._active = sum(1 for d in self._deadlines.values() if d > mono)
         self._recount_at = mono + RECOUNT_S
+
+    def _went_offline(self, ids: set[str]) -> None:
+        """Forget as online the workers the database has offline: their next
+        heartbeat here is answered with ``reregister``."""
+        mono = time.monotonic()
+        with self._lock:
+            for worker_id in ids:
+                name, online = self._workers.get(worker_id, ("", False))
+                if not online:
+                    continue
+                self._workers[worker_id] = (name, False)
+                self._paced.pop(worker_id, None)
+                if self._deadlines.pop(worker_id, 0.0) > mono:
+                    self._active -= 1
+                log.warning(
+                    "worker %s is offline in the state database (deregistered "
+                    "through another scheduler?); it must register again",
+                    name or worker_id,
+                    extra={"WORKER_ID": worker_id},
+                )
 
     def _caller(self, context) -> str:
         ident = grpc_guard.caller(context, self.cfg.cluster.name)
@@ -297,6 +355,15 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         if known[0] != name:
             raise PermissionDenied(
                 f"worker {name!r} may not heartbeat for worker {known[0]!r}"
+            )
+        failing = self.heartbeats.failing_for()
+        if failing > UNWRITTEN_FLUSHES * self.heartbeats.interval:
+            # Accepted, the beats would be lost with this process, and the
+            # worker would be offline for every other scheduler: it had
+            # better heartbeat to one that can write them.
+            raise SchedulerUnavailable(
+                f"this scheduler has not written heartbeats to its state "
+                f"database for {failing:.1f}s"
             )
         base, interval, timeout = self._pace(
             self._paced.get(request.worker_id, self.pacing.min_interval)

@@ -15,7 +15,15 @@ import threading
 
 import pytest
 
-from jobgate.client.api import OWN_KEY_PREFIX, Client, ConnectionFailed, SettingsError
+from jobgate.client.api import (
+    OWN_KEY_PREFIX,
+    SCHEDULER_UNAVAILABLE,
+    ApiError,
+    Client,
+    ConnectionFailed,
+    SettingsError,
+)
+from jobgate.errors import SchedulerUnavailable
 
 
 class Scheduler(http.server.ThreadingHTTPServer):
@@ -47,6 +55,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if server.behaviour == "die":
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if server.behaviour in ("cut off", "worker down"):
+            # Cut off from its database, or the worker asked for is down.
+            title = {
+                "cut off": SCHEDULER_UNAVAILABLE,
+                "worker down": "Worker unavailable",
+            }[server.behaviour]
+            data = json.dumps({"title": title, "description": "not now"})
+            self.send_response(503)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data.encode())
             return
         data = json.dumps({"job_id": "j-1", "state": "running", "workers": []})
         self.send_response(201 if self.command == "POST" else 200)
@@ -121,6 +143,32 @@ def test_with_one_scheduler_a_start_is_neither_keyed_nor_repeated(schedulers):
     assert exc.value.sent
     assert len(dying.requests) == 1
     assert "idempotency_key" not in dying.requests[0][2]
+
+
+def test_a_scheduler_cut_off_from_its_database_is_passed_over(schedulers):
+    assert SCHEDULER_UNAVAILABLE == SchedulerUnavailable.title  # the one title
+    cut, alive = schedulers("cut off"), schedulers()
+    client = Client(f"{cut.url},{alive.url}", "t")
+    assert client.job("worker-1", "j-1")["job_id"] == "j-1"
+    status, _ = client.start_job("worker-1", "count.sh")  # keyed: repeatable
+    assert status == 201
+    assert len(cut.requests) == 1 and len(alive.requests) == 2
+
+
+def test_a_503_of_the_worker_or_of_the_only_scheduler_is_the_callers(schedulers):
+    down, alive = schedulers("worker down"), schedulers()
+    with pytest.raises(ApiError) as exc:
+        Client(f"{down.url},{alive.url}", "t").job("worker-1", "j-1")
+    assert exc.value.title == "Worker unavailable"  # another would say the same
+    assert alive.requests == []
+    cut = schedulers("cut off")
+    with pytest.raises(ApiError) as exc:
+        Client(cut.url, "t").job("worker-1", "j-1")
+    assert (exc.value.status, exc.value.retry_after) == (503, "1")
+    a, b = schedulers("cut off"), schedulers("cut off")
+    with pytest.raises(ApiError):  # every one cut off: the last answer
+        Client(f"{a.url},{b.url}", "t").job("worker-1", "j-1")
+    assert len(a.requests) == len(b.requests) == 1
 
 
 def test_every_scheduler_unreachable_names_each(schedulers):

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from jobgate.errors import SchedulerUnavailable
 from jobgate.tls import TLSConfig
 from jobgate.v1 import scheduler_pb2
 from scheduler.config import (
@@ -221,6 +222,76 @@ def test_each_of_several_schedulers_paces_for_the_whole_fleet(tmp_path):
     finally:
         a.heartbeats.close()
         b.heartbeats.close()
+
+
+def test_a_worker_deregistered_through_another_scheduler_registers_again(tmp_path):
+    cfg = scheduler_cfg(tmp_path)
+    store = SqliteStore(tmp_path / "state.db")
+    store.initialize()
+    a = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
+    b = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
+    try:
+        worker_id = register(a, "w1").worker_id
+        b.Deregister(
+            scheduler_pb2.DeregisterRequest(worker_id=worker_id), FakeContext("w1")
+        )
+        # a still has it online in memory: it takes the beat, and its flush
+        # finds the row offline, so a forgets it as online.
+        assert not heartbeat(a, "w1", worker_id).reregister
+        a.heartbeats.flush()
+        assert heartbeat(a, "w1", worker_id).reregister
+        assert a.active_workers() == 0
+        assert store.get_worker(worker_id).state == "offline"
+    finally:
+        a.heartbeats.close()
+        b.heartbeats.close()
+
+
+class FailingStore:
+    """A store whose heartbeat writes fail while ``down`` is set."""
+
+    def __init__(self, store):
+        self.store = store
+        self.down = False
+
+    def heartbeats(self, beats):
+        if self.down:
+            raise SchedulerUnavailable("the state database does not answer")
+        return self.store.heartbeats(beats)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_heartbeats_that_cannot_be_written_are_kept_and_then_refused(tmp_path):
+    cfg = scheduler_cfg(tmp_path, heartbeat_flush_s=3600.0)
+    store = SqliteStore(tmp_path / "state.db")
+    store.initialize()
+    failing = FailingStore(store)
+    servicer = MembershipServicer(cfg, failing, Pacing(cfg.workers, highest))
+    try:
+        worker_id = register(servicer, "w1").worker_id
+        registered = store.get_worker(worker_id).last_seen_at
+        time.sleep(0.01)
+        heartbeat(servicer, "w1", worker_id)
+        failing.down = True
+        with pytest.raises(SchedulerUnavailable):
+            servicer.heartbeats.flush()
+        # A failing flush for less than three intervals: beats still taken.
+        heartbeat(servicer, "w1", worker_id)
+        # For longer, refused: the worker had better fail over.
+        servicer.heartbeats.failing_since -= 3 * 3600.0 + 1
+        with pytest.raises(SchedulerUnavailable, match="has not written heartbeats"):
+            heartbeat(servicer, "w1", worker_id)
+        # Back: the beats kept are written, and beats are taken again.
+        failing.down = False
+        servicer.heartbeats.flush()
+        assert servicer.heartbeats.failing_for() == 0.0
+        assert store.get_worker(worker_id).last_seen_at > registered
+        assert not heartbeat(servicer, "w1", worker_id).reregister
+    finally:
+        failing.down = False
+        servicer.heartbeats.close()
 
 
 def test_a_restarted_scheduler_keeps_the_timeouts_it_gave(tmp_path):

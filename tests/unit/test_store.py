@@ -275,7 +275,9 @@ def test_heartbeats_count_for_online_workers_only(index):
     assert (row.state, row.running_jobs) == ("offline", 0)
     assert store.heartbeat(a, 1) is False
     assert store.heartbeat("unknown", 1) is False
-    store.heartbeats({a: (500.0, 2, 15.0), b: (600.0, 4, 30.0, "why", False)})
+    # The beat of a worker that is offline changes nothing, and says so.
+    gone = store.heartbeats({a: (500.0, 2, 15.0), b: (600.0, 4, 30.0, "why", False)})
+    assert gone == {a}
     assert store.get_worker(a).last_seen_at != 500.0  # offline: not written
     row = store.get_worker(b)
     assert (row.last_seen_at, row.running_jobs, row.heartbeat_timeout_s) == (

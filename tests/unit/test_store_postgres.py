@@ -8,6 +8,7 @@ is tested on both in ``test_store.py``.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -15,7 +16,9 @@ import uuid
 import psycopg
 import pytest
 
+from jobgate.errors import SchedulerUnavailable
 from scheduler.config import StateSection
+from scheduler.http import errors as http_errors
 from scheduler.store import Busy, open_store
 from scheduler.store import postgres as backend
 from scheduler.store.postgres import PostgresStore
@@ -261,3 +264,86 @@ def test_tls_to_the_database_is_set_in_the_url(postgres, database, tmp_path, sto
     stores.append(wrong)
     with pytest.raises(OSError, match="certificate verify failed"):
         wrong.initialize()
+
+
+def _terminate_backends(url: str, application_name: str) -> int:
+    """End the server processes of every connection of ``application_name``,
+    as a restart of the database does (SQLSTATE 57P01 on their next use)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            (application_name,),
+        ).fetchall()
+    return len(rows)
+
+
+def test_connections_the_database_dropped_are_replaced_without_a_failed_call(
+    database, stores
+):
+    store = PostgresStore(database, pool_min=4, pool_max=4, application_name="drop")
+    stores.append(store)
+    store.initialize()
+    store.pool.wait(timeout=10)
+    worker = store.register_worker("w1", "127.0.0.1:9", {}, 1, "test")
+    assert _terminate_backends(database, "drop") == 4
+    # Every pooled connection is broken now; no call fails for it.
+    for n in range(12):
+        assert store.find_worker("w1").id == worker.id
+        assert store.heartbeats({worker.id: (time.time(), n, 15.0)}) == set()
+    assert store.writable()
+
+
+def test_a_write_on_the_loop_whose_connection_was_dropped_goes_to_a_thread(
+    database, stores
+):
+    store = PostgresStore(database, pool_min=1, pool_max=1, application_name="loop")
+    stores.append(store)
+    store.initialize()
+    store.pool.wait(timeout=10)
+    worker = store.register_worker("w1", "127.0.0.1:9", {}, 1, "test")
+    _terminate_backends(database, "loop")
+    with pytest.raises(Busy, match="connection lost"):
+        store.without_waiting(store.heartbeat, worker.id, 3)
+    # Done again as the caller does on a thread: on a new connection.
+    assert store.heartbeat(worker.id, 3) is True
+    assert store.get_worker(worker.id).running_jobs == 3
+
+
+def test_a_database_that_does_not_answer_is_a_503_not_a_hang(stores):
+    # Nothing listens on this port (it was free a moment ago).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = PostgresStore(
+        f"postgresql://jobgate@127.0.0.1:{port}/jobgate",
+        pool_min=0,
+        pool_timeout_s=0.5,
+        connect_timeout_s=2,
+    )
+    stores.append(store)
+    t0 = time.monotonic()
+    with pytest.raises(SchedulerUnavailable, match="does not answer this scheduler"):
+        store.find_worker("w1")
+    assert time.monotonic() - t0 < 3.0
+    assert store.writable() is False
+    assert store.healthy() is True  # no reason to restart the scheduler
+    problem = http_errors.problem(SchedulerUnavailable("x", retry_after_s=1))
+    assert (problem.status, problem.title, problem.retry_after_s) == (
+        503,
+        "Scheduler unavailable",
+        1,
+    )
+
+
+def test_connections_are_given_keepalives_and_a_user_timeout(stores):
+    store = PostgresStore(
+        "postgresql://jobgate@127.0.0.1:1/jobgate?keepalives_idle=7",
+        pool_min=0,
+        network_timeout_s=12,
+    )
+    stores.append(store)
+    kwargs = store._kwargs
+    assert (kwargs["keepalives"], kwargs["tcp_user_timeout"]) == (1, 12000)
+    assert "keepalives_idle" not in kwargs  # the URL's own stays
+    assert kwargs["keepalives_interval"] * kwargs["keepalives_count"] <= 12

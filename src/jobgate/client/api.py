@@ -37,6 +37,12 @@ CHUNK_BYTES = 65536
 # -- errors ---------------------------------------------------------------------
 
 
+# The title of a 503 from a scheduler that cannot serve now (its state
+# database does not answer it) while another may: jobgate.errors'
+# SchedulerUnavailable (this module does without gRPC; a test ties the two).
+SCHEDULER_UNAVAILABLE = "Scheduler unavailable"
+
+
 class ClientError(Exception):
     """Base of the errors this module raises."""
 
@@ -432,13 +438,29 @@ class Client:
 
         ``long`` requests (waits, streams) have no read timeout. With several
         schedulers, one that cannot be reached is passed over for the next;
-        a request that broke once sent is sent again to the next only if it
-        is a GET or ``idempotent``.
+        a request that broke once sent, or that a scheduler answered 503
+        :data:`SCHEDULER_UNAVAILABLE` (cut off from the database), is sent
+        again to the next only if it is a GET or ``idempotent``.
         """
         failures: list[str] = []
-        for _ in self.endpoints:
+        for attempt in range(len(self.endpoints)):
             try:
                 return self._open_once(method, path, body, query, headers, long)
+            except ApiError as exc:
+                # A scheduler cut off from the database: another may serve.
+                # It may have done part of the request (started the job but
+                # not indexed it), so the rules of a broken request apply.
+                repeatable = method == "GET" or idempotent
+                where = self.url
+                if (
+                    exc.status != 503
+                    or exc.title != SCHEDULER_UNAVAILABLE
+                    or not repeatable
+                    or attempt == len(self.endpoints) - 1
+                    or not self.fail_over()
+                ):
+                    raise
+                failures.append(f"{where}: {exc}")
             except ConnectionFailed as exc:
                 repeatable = not exc.sent or method == "GET" or idempotent
                 if not repeatable or not self.fail_over():

@@ -110,7 +110,8 @@ def problem(exc: BaseException, retry_after_s: int = 5, doing: str = "") -> Prob
         log.error("answering %d: %s: %s", status, exc.code.name, exc.message)
     description = INTERNAL_DESCRIPTION if status == 500 else exc.message
     challenge = getattr(exc, "challenge", None) if status == 401 else None
-    return Problem(status, TITLES.get(status, "Error"), description, retry, challenge)
+    title = getattr(exc, "title", None) or TITLES.get(status, "Error")
+    return Problem(status, title, description, retry, challenge)
 
 
 def make_handlers(retry_after_s: int):

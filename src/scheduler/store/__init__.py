@@ -57,6 +57,7 @@ def open_store(state, application_name: str = "jobgate-scheduler") -> Store:
         pool_timeout_s=state.pool_timeout_s,
         connect_timeout_s=state.connect_timeout_s,
         statement_timeout_s=state.statement_timeout_s,
+        network_timeout_s=state.network_timeout_s,
         application_name=application_name,
     )
 

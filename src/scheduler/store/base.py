@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 ONLINE, OFFLINE, UNREACHABLE = "online", "offline", "unreachable"
 # A worker's word on why it starts no jobs now is kept up to this long.
@@ -62,6 +62,9 @@ class WorkerRow:
         if self.state == ONLINE and now - self.last_seen_at > timeout:
             return UNREACHABLE
         return self.state
+
+
+T = TypeVar("T")
 
 
 class Busy(Exception):
@@ -158,6 +161,14 @@ class Store(abc.ABC):
         being away for a while."""
         return self.writable()
 
+    def _retrying(self, fn: Callable[[Any], T], transaction: bool = False) -> T:
+        """``fn(conn)`` on a connection (in a write transaction if
+        ``transaction``). Every use of a connection goes through here, so a
+        backend whose connections can be lost may run ``fn`` again on
+        another: every statement of the store may run twice."""
+        with self._transaction() if transaction else self._connection() as conn:
+            return fn(conn)
+
     def without_waiting(self, fn: Callable, *args):
         """``fn(*args)``, or :class:`Busy` at once where it would have to
         wait for another writer (or another caller's connection) first.
@@ -174,16 +185,20 @@ class Store(abc.ABC):
 
     def _run(self, sql: str, params: Mapping[str, Any]) -> int:
         """Run one write; the number of rows it changed."""
-        with self._connection() as conn:
-            return conn.execute(sql, params).rowcount
+        return self._retrying(lambda conn: conn.execute(sql, params).rowcount)
 
     def _one(self, sql: str, params: Mapping[str, Any]) -> Row | None:
-        with self._connection() as conn:
-            return conn.execute(sql, params).fetchone()
+        return self._retrying(lambda conn: conn.execute(sql, params).fetchone())
 
     def _all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
-        with self._connection() as conn:
-            return conn.execute(sql, params or {}).fetchall()
+        return self._retrying(lambda conn: conn.execute(sql, params or {}).fetchall())
+
+    def _beat(self, conn, params: list[dict]) -> set[str]:
+        """Run the heartbeats statement for each of ``params``; the ids whose
+        row it changed."""
+        return {
+            p["id"] for p in params if conn.execute(self.sql.heartbeats, p).rowcount
+        }
 
     # -- workers --------------------------------------------------------------
 
@@ -213,7 +228,8 @@ class Store(abc.ABC):
         """
         now = time.time()
         sql = self.sql
-        with self._transaction() as conn:
+
+        def register(conn) -> str:
             if sql.lock_registrations:
                 conn.execute(sql.lock_registrations)
             row = conn.execute(sql.worker_id_by_name, {"name": name}).fetchone()
@@ -245,6 +261,9 @@ class Store(abc.ABC):
                     "running_jobs": running_jobs,
                 },
             )
+            return worker_id
+
+        worker_id = self._retrying(register, transaction=True)
         return self.get_worker(worker_id)  # type: ignore[return-value]
 
     def heartbeat(self, worker_id: str, running_jobs: int) -> bool:
@@ -255,8 +274,10 @@ class Store(abc.ABC):
         )
         return changed == 1
 
-    def heartbeats(self, beats: dict[str, tuple]) -> None:
-        """Record many heartbeats in one transaction.
+    def heartbeats(self, beats: dict[str, tuple]) -> set[str]:
+        """Record many heartbeats in one transaction; the ids of the workers
+        that are not online here (deregistered, perhaps through another
+        scheduler), whose beats changed nothing.
 
         ``beats`` maps a worker id to (time, running jobs, the worker's
         heartbeat timeout from then on[, why it is degraded or empty[,
@@ -264,7 +285,7 @@ class Store(abc.ABC):
         not written over a drain answer recorded after the beat's time.
         """
         if not beats:
-            return
+            return set()
         params = [
             {
                 "now": beat[0],
@@ -276,8 +297,8 @@ class Store(abc.ABC):
             }
             for worker_id, beat in beats.items()
         ]
-        with self._transaction() as conn:
-            conn.cursor().executemany(self.sql.heartbeats, params)
+        changed = self._retrying(lambda conn: self._beat(conn, params), True)
+        return set(beats) - changed
 
     def set_drain(
         self, worker_id: str, draining: bool, degraded: str, running_jobs: int
@@ -400,11 +421,18 @@ class Store(abc.ABC):
 
     def get_group(self, group_id: str) -> tuple[dict, list[dict], list[dict]] | None:
         """The group's request, its errors and its jobs' last known statuses."""
-        with self._connection() as conn:
+
+        def read(conn):
             row = conn.execute(self.sql.get_group, {"group_id": group_id}).fetchone()
             if row is None:
-                return None
-            jobs = conn.execute(self.sql.group_jobs, {"group_id": group_id}).fetchall()
+                return None, []
+            return row, conn.execute(
+                self.sql.group_jobs, {"group_id": group_id}
+            ).fetchall()
+
+        row, jobs = self._retrying(read)
+        if row is None:
+            return None
         request = json.loads(row["request"])
         request["created_at"] = row["created_at"]
         return request, json.loads(row["errors"]), [_status(r) for r in jobs]

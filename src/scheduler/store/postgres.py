@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,7 +24,10 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from scheduler.store.base import Busy, Statements, Store, newer_schema
+from jobgate.errors import SchedulerUnavailable
+from scheduler.store.base import Busy, Statements, Store, T, newer_schema
+
+log = logging.getLogger(__name__)
 
 # What each version of the schema changes, in order: the first entry makes
 # version 1. A migration is appended, never edited once released; each runs
@@ -127,7 +131,7 @@ STATEMENTS = Statements(
     "ELSE %(degraded)s END, "
     "draining = CASE WHEN drain_set_at > %(now)s THEN draining "
     "ELSE %(draining)s END "
-    "WHERE id = %(id)s AND state = 'online'",
+    "WHERE id = %(id)s AND state = 'online' RETURNING id",
     set_drain="UPDATE workers SET draining = %(draining)s, degraded = %(degraded)s, "
     "running_jobs = %(running_jobs)s, drain_set_at = %(now)s "
     "WHERE id = %(id)s AND state = 'online'",
@@ -153,8 +157,11 @@ STATEMENTS = Statements(
     worker_jobs="SELECT status, updated_at FROM jobs "
     "WHERE worker_id = %(worker_id)s ORDER BY created_at DESC LIMIT %(limit)s",
     job_counts="SELECT state, COUNT(*) AS n FROM jobs GROUP BY state",
+    # The group id is new: a conflict is this very insert, done before a lost
+    # connection could say so, and repeated (PostgresStore._retrying).
     create_group="INSERT INTO groups (group_id, created_at, request, errors) "
-    "VALUES (%(group_id)s, %(now)s, %(request)s, %(errors)s)",
+    "VALUES (%(group_id)s, %(now)s, %(request)s, %(errors)s) "
+    "ON CONFLICT (group_id) DO NOTHING",
     set_group_errors="UPDATE groups SET errors = %(errors)s "
     "WHERE group_id = %(group_id)s",
     get_group="SELECT request, errors, created_at FROM groups "
@@ -162,6 +169,11 @@ STATEMENTS = Statements(
     group_jobs="SELECT status, updated_at FROM jobs WHERE group_id = %(group_id)s "
     "ORDER BY created_at",
 )
+
+# SQLSTATEs of a connection that is gone: class 08 (connection exceptions),
+# and the server shutting down or starting (57P01-57P03). Errors raised by
+# the client itself (a broken socket, a timeout) have none.
+LOST_STATES = ("57P01", "57P02", "57P03")
 
 # sslmode values that never send anything unencrypted.
 SECURE_SSLMODES = ("require", "verify-ca", "verify-full")
@@ -247,6 +259,7 @@ class PostgresStore(Store):
         pool_timeout_s: float = 5.0,
         connect_timeout_s: int = 5,
         statement_timeout_s: float = 10.0,
+        network_timeout_s: float = 10.0,
         application_name: str = "jobgate-scheduler",
     ):
         check_url(url)
@@ -262,6 +275,21 @@ class PostgresStore(Store):
         }
         if password is not None:
             self._kwargs["password"] = password
+        # A connection whose peer stopped answering (a network cut, a host
+        # gone) fails after network_timeout_s instead of waiting for ever:
+        # in flight by the TCP user timeout, idle by keepalives probing a
+        # third of the way in. What the URL sets itself stays.
+        given = conninfo_to_dict(url)
+        probe = max(1, round(network_timeout_s / 3))
+        for key, value in (
+            ("keepalives", 1),
+            ("keepalives_idle", probe),
+            ("keepalives_interval", max(1, round(network_timeout_s / 6))),
+            ("keepalives_count", 2),
+            ("tcp_user_timeout", int(network_timeout_s * 1000)),
+        ):
+            if key not in given:
+                self._kwargs[key] = value
         self._local = threading.local()
         self.pool = ConnectionPool(
             url,
@@ -322,6 +350,62 @@ class PostgresStore(Store):
         with self._connection() as conn, conn.transaction():
             yield conn
 
+    def _retrying(self, fn: Callable[[Any], T], transaction: bool = False) -> T:
+        """``fn(conn)``, again on another connection while the ones it gets
+        turn out lost at once (up to ``pool_timeout_s`` in all).
+
+        After the database restarted, every connection of the pool is
+        broken, and only a statement finds out; each is discarded by the pool
+        when it comes back. Every statement of the store may run twice (a
+        commit whose answer was lost may have happened), so repeating it is
+        safe. A database that cannot be reached, or does not answer, is
+        :class:`~jobgate.errors.SchedulerUnavailable` (503 over HTTP).
+        """
+        if getattr(self._local, "conn", None) is not None:
+            # In without_waiting: lost, the call is done again on a thread.
+            try:
+                return super()._retrying(fn, transaction)
+            except psycopg.OperationalError as exc:
+                if _lost(exc):
+                    raise Busy(f"connection lost: {_first_line(exc)}") from None
+                raise self._unavailable(exc) from None
+        deadline = time.monotonic() + self.pool_timeout_s
+        while True:
+            try:
+                with self.pool.connection(
+                    timeout=max(0.001, deadline - time.monotonic())
+                ) as conn:
+                    if not transaction:
+                        return fn(conn)
+                    with conn.transaction():
+                        return fn(conn)
+            except PoolTimeout as exc:
+                raise self._unavailable(exc) from None
+            except psycopg.OperationalError as exc:
+                if not _lost(exc) or time.monotonic() >= deadline:
+                    raise self._unavailable(exc) from None
+                log.warning(
+                    "a connection to the state database was lost (%s); trying another",
+                    _first_line(exc),
+                )
+
+    def _unavailable(self, exc: Exception) -> SchedulerUnavailable:
+        return SchedulerUnavailable(
+            f"the state database does not answer this scheduler: {_first_line(exc)}",
+            retry_after_s=1,
+        )
+
+    def _beat(self, conn, params: list[dict]) -> set[str]:
+        """The heartbeats in one round trip (a pipeline), with the ids of the
+        rows they changed."""
+        cur = conn.cursor()
+        cur.executemany(self.sql.heartbeats, params, returning=True)
+        changed: set[str] = set()
+        while True:
+            changed.update(row["id"] for row in cur.fetchall())
+            if not cur.nextset():
+                return changed
+
     def without_waiting(self, fn: Callable, *args):
         """``fn(*args)`` on a connection that is free now, else :class:`Busy`.
 
@@ -350,9 +434,8 @@ class PostgresStore(Store):
     def writable(self) -> bool:
         """True if the database answers and takes writes (not a standby)."""
         try:
-            with self.pool.connection(timeout=self.pool_timeout_s) as conn:
-                return bool(conn.execute(WRITABLE).fetchone()["writable"])
-        except psycopg.Error:
+            return bool(self._one(WRITABLE, {})["writable"])  # type: ignore[index]
+        except (psycopg.Error, SchedulerUnavailable):
             return False
 
     def healthy(self) -> bool:
@@ -366,3 +449,15 @@ class PostgresStore(Store):
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _lost(exc: psycopg.OperationalError) -> bool:
+    """True if ``exc`` says the connection is gone (not that a statement
+    failed on a working one, such as a statement timeout)."""
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in LOST_STATES
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
