@@ -133,13 +133,15 @@ browser-deps: venv
 # Debian's postgresql package binaries (src/jobgate/dev/postgres.py: initdb
 # and pg_ctl into a temporary directory, no system service). As root; apt is
 # asked only when the package is missing.
-POSTGRES_APT := postgresql
+# iptables: the HA fault test cuts one scheduler off from the database
+# inside a network namespace of its own (its rules never reach the host's).
+POSTGRES_APT := postgresql iptables
 
 .PHONY: postgres-deps
 
 postgres-deps:
-	if dpkg-query -W -f='$${Status}\n' $(POSTGRES_APT) 2>/dev/null \
-			| grep -qx 'install ok installed'; then \
+	if [ "$$(dpkg-query -W -f='$${Status}\n' $(POSTGRES_APT) 2>/dev/null \
+			| grep -cx 'install ok installed')" = "$(words $(POSTGRES_APT))" ]; then \
 		echo "postgres-deps: $(POSTGRES_APT) already installed"; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \

@@ -39,6 +39,8 @@ RECOUNT_S = 1.0
 # Heartbeats are refused (UNAVAILABLE, so that workers fail over) once the
 # flushes have failed for this many flush intervals.
 UNWRITTEN_FLUSHES = 3
+# While heartbeats cannot be written, a warning this often.
+WARN_EVERY_S = 30.0
 
 
 class Pacing:
@@ -105,8 +107,9 @@ class Heartbeats:
         self._offline = offline
         self._pending: dict[str, tuple[float, int, float, str, bool]] = {}
         # time.monotonic() of the first of the flushes failing since the last
-        # that worked, or None
+        # that worked, or None; and of the start of the flush under way
         self.failing_since: float | None = None
+        self._flushing_since: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -136,29 +139,46 @@ class Heartbeats:
         the next flush, unless a newer beat of the same worker came meanwhile."""
         with self._lock:
             beats, self._pending = self._pending, {}
+        self._flushing_since = time.monotonic()
         try:
             gone = self.store.heartbeats(beats)
         except Exception:
             with self._lock:
                 self._pending = beats | self._pending
                 if self.failing_since is None:
-                    self.failing_since = time.monotonic()
+                    self.failing_since = self._flushing_since
             raise
+        finally:
+            self._flushing_since = None
         self.failing_since = None
         if gone:
             self._offline(gone)
 
     def failing_for(self) -> float:
-        """How long the flushes have been failing (0 while they work)."""
-        since = self.failing_since
-        return 0.0 if since is None else time.monotonic() - since
+        """How long the flushes have been failing, or the one under way
+        taking (a database that stopped answering holds it until the
+        connection counts as lost); 0 while they work."""
+        since = [t for t in (self.failing_since, self._flushing_since) if t]
+        return time.monotonic() - min(since) if since else 0.0
 
     def _run(self) -> None:
+        warned = 0.0
         while not self._stop.wait(self.interval):
             try:
                 self.flush()
+            except SchedulerUnavailable as exc:
+                # Once when it starts, then every WARN_EVERY_S while it lasts.
+                if time.monotonic() - warned >= WARN_EVERY_S:
+                    warned = time.monotonic()
+                    log.warning(
+                        "writing heartbeats failed for %.1fs: %s",
+                        self.failing_for(),
+                        exc.message,
+                    )
             except Exception:  # noqa: BLE001 - keep flushing; the next may work
                 log.exception("writing heartbeats failed")
+            else:
+                warned = 0.0
 
     def close(self) -> None:
         self._stop.set()

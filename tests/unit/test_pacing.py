@@ -198,7 +198,10 @@ def test_silent_workers_stop_counting(membership):
     # w2 and w3 went silent: their timeouts have passed.
     for name in ("w2", "w3"):
         membership._deadlines[ids[name]] = time.monotonic() - 1.0
-        membership.store.heartbeats({ids[name]: (time.time() - 100.0, 0, 4.0)})
+        membership.store._run(
+            "UPDATE workers SET last_seen_at = :t WHERE id = :id",
+            {"t": time.time() - 100.0, "id": ids[name]},
+        )
     membership._recount_at = 0.0
     assert membership.active_workers() == 1
     assert heartbeat(membership, "w1", ids["w1"]).heartbeat_interval_s == 1.0

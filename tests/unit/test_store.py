@@ -72,6 +72,17 @@ def status(job_id: str, worker_id: str, state: str, output_bytes: int = 0) -> di
     }
 
 
+def set_last_seen(store, worker_id: str, t: float) -> None:
+    """Make a worker's last heartbeat older than a heartbeat can (the store
+    never moves it back)."""
+    param = ":{}" if isinstance(store, SqliteStore) else "%({})s"
+    store._run(
+        f"UPDATE workers SET last_seen_at = {param.format('t')} "
+        f"WHERE id = {param.format('id')}",
+        {"t": t, "id": worker_id},
+    )
+
+
 def test_a_running_job_has_no_ended_status(index):
     store, (a, _) = index
     store.record_job(status("j1", a, "running"))
@@ -163,7 +174,10 @@ def test_a_workers_drain_is_kept_from_registration_heartbeats_and_drain_answers(
         "draining: asked by token ops at T",
         2,
     )
-    store.heartbeats({a: (300.0, 1, 15.0, "draining: asked by token ops at T", True)})
+    t0 = time.time()
+    store.heartbeats(
+        {a: (t0 + 300, 1, 15.0, "draining: asked by token ops at T", True)}
+    )
     assert store.get_worker(a).draining is True
     # Gone, it is still known drained; back drained, it says so at registration.
     store.deregister(a)
@@ -173,14 +187,15 @@ def test_a_workers_drain_is_kept_from_registration_heartbeats_and_drain_answers(
     )
     row = store.get_worker(a)
     assert (row.state, row.draining, row.degraded) == ("online", True, "draining: x")
-    store.heartbeats({a: (400.0, 0, 15.0, "", False)})
+    store.heartbeats({a: (t0 + 400, 0, 15.0, "", False)})
     assert (store.get_worker(a).draining, store.get_worker(a).degraded) == (False, "")
 
 
 def test_a_heartbeat_received_before_a_drain_answer_does_not_undo_it(index):
     # Heartbeats are buffered and written later; a drain answer at once.
     store, (a, _) = index
-    before = time.time() - 1
+    before = time.time()
+    time.sleep(0.01)
     store.set_drain(a, True, "draining: asked by token ops at T", 0)
     store.heartbeats({a: (before, 0, 15.0, "", False)})
     row = store.get_worker(a)
@@ -276,16 +291,24 @@ def test_heartbeats_count_for_online_workers_only(index):
     assert store.heartbeat(a, 1) is False
     assert store.heartbeat("unknown", 1) is False
     # The beat of a worker that is offline changes nothing, and says so.
-    gone = store.heartbeats({a: (500.0, 2, 15.0), b: (600.0, 4, 30.0, "why", False)})
+    t0 = time.time()
+    gone = store.heartbeats({a: (t0 + 5, 2, 15.0), b: (t0 + 6, 4, 30.0, "why", False)})
     assert gone == {a}
-    assert store.get_worker(a).last_seen_at != 500.0  # offline: not written
+    assert store.get_worker(a).last_seen_at != t0 + 5  # offline: not written
     row = store.get_worker(b)
     assert (row.last_seen_at, row.running_jobs, row.heartbeat_timeout_s) == (
-        600.0,
+        t0 + 6,
         4,
         30.0,
     )
     assert row.degraded == "why"
+    # A beat older than the last (written late by a scheduler the worker has
+    # left) changes nothing, and the worker is not taken for gone.
+    assert store.heartbeats({b: (t0 + 5.5, 9, 30.0)}) == set()
+    assert (store.get_worker(b).last_seen_at, store.get_worker(b).running_jobs) == (
+        t0 + 6,
+        4,
+    )
     # Registering again brings it back online, with the same id.
     assert store.register_worker("a", "127.0.0.1:9", {}, 1, "test").id == a
     assert store.get_worker(a).state == "online"
@@ -294,13 +317,10 @@ def test_heartbeats_count_for_online_workers_only(index):
 def test_the_workers_heard_from_are_counted_within_their_timeouts(store):
     now = time.time()
     ids = [store.register_worker(n, "127.0.0.1:1", {}, 1, "t").id for n in "abcd"]
-    store.heartbeats(
-        {
-            ids[0]: (now - 1.0, 0, 15.0),  # heard from lately
-            ids[1]: (now - 20.0, 0, 15.0),  # silent past its timeout
-            ids[2]: (now - 20.0, 0, 60.0),  # within a longer timeout of its own
-        }
-    )
+    store.heartbeats({ids[2]: (time.time(), 0, 60.0)})  # a longer timeout
+    set_last_seen(store, ids[0], now - 1.0)  # heard from lately
+    set_last_seen(store, ids[1], now - 20.0)  # silent past its timeout
+    set_last_seen(store, ids[2], now - 20.0)  # within its own timeout
     store.deregister(ids[3])  # offline: never counted
     assert store.heard_from(now, 15.0) == 2
     assert store.heard_from(now, 30.0) == 3  # the configured timeout if longer

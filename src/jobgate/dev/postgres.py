@@ -23,6 +23,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,7 +216,8 @@ class PostgresServer:
                 **self.settings,
             }
         for attempt in range(5):
-            self.port = _free_port() if self.tcp else 0
+            if self.tcp and not (attempt == 0 and self.port):
+                self.port = _free_port()  # a start again keeps its port
             options = {
                 "unix_socket_directories": f"'{self.socket_dir}'",
                 "listen_addresses": "'127.0.0.1'" if self.tcp else "''",
@@ -237,6 +239,12 @@ class PostgresServer:
             raise PostgresError(
                 f"pg_ctl start failed: {proc.stderr.strip()}\n{self._log_tail()}"
             )
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server, wait ``down_s``, and start it again on its port."""
+        self.stop()
+        time.sleep(down_s)
+        self.start()
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: open connections are closed)."""

@@ -276,13 +276,15 @@ class Store(abc.ABC):
 
     def heartbeats(self, beats: dict[str, tuple]) -> set[str]:
         """Record many heartbeats in one transaction; the ids of the workers
-        that are not online here (deregistered, perhaps through another
-        scheduler), whose beats changed nothing.
+        that are not online in the database (deregistered, perhaps through
+        another scheduler), whose beats changed nothing.
 
         ``beats`` maps a worker id to (time, running jobs, the worker's
         heartbeat timeout from then on[, why it is degraded or empty[,
         whether it is drained]]). What a beat says of the worker's drain is
-        not written over a drain answer recorded after the beat's time.
+        not written over a drain answer recorded after the beat's time, and
+        a beat older than the worker's last (written late, by a scheduler
+        the worker has since left for another) changes nothing.
         """
         if not beats:
             return set()
@@ -298,7 +300,10 @@ class Store(abc.ABC):
             for worker_id, beat in beats.items()
         ]
         changed = self._retrying(lambda conn: self._beat(conn, params), True)
-        return set(beats) - changed
+        unmatched = set(beats) - changed
+        # Rare: look again at those, online but heard from later.
+        rows = (self.get_worker(worker_id) for worker_id in unmatched)
+        return unmatched - {w.id for w in rows if w is not None and w.state == ONLINE}
 
     def set_drain(
         self, worker_id: str, draining: bool, degraded: str, running_jobs: int

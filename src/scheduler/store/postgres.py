@@ -131,7 +131,7 @@ STATEMENTS = Statements(
     "ELSE %(degraded)s END, "
     "draining = CASE WHEN drain_set_at > %(now)s THEN draining "
     "ELSE %(draining)s END "
-    "WHERE id = %(id)s AND state = 'online' RETURNING id",
+    "WHERE id = %(id)s AND state = 'online' AND last_seen_at <= %(now)s RETURNING id",
     set_drain="UPDATE workers SET draining = %(draining)s, degraded = %(degraded)s, "
     "running_jobs = %(running_jobs)s, drain_set_at = %(now)s "
     "WHERE id = %(id)s AND state = 'online'",
@@ -379,8 +379,10 @@ class PostgresStore(Store):
                         return fn(conn)
                     with conn.transaction():
                         return fn(conn)
-            except PoolTimeout as exc:
-                raise self._unavailable(exc) from None
+            except PoolTimeout:
+                raise self._unavailable(
+                    f"no connection within {self.pool_timeout_s:g}s"
+                ) from None
             except psycopg.OperationalError as exc:
                 if not _lost(exc) or time.monotonic() >= deadline:
                     raise self._unavailable(exc) from None
@@ -389,9 +391,11 @@ class PostgresStore(Store):
                     _first_line(exc),
                 )
 
-    def _unavailable(self, exc: Exception) -> SchedulerUnavailable:
+    def _unavailable(self, why: Exception | str) -> SchedulerUnavailable:
+        if isinstance(why, Exception):
+            why = _first_line(why)
         return SchedulerUnavailable(
-            f"the state database does not answer this scheduler: {_first_line(exc)}",
+            f"the state database does not answer this scheduler: {why}",
             retry_after_s=1,
         )
 

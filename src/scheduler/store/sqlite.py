@@ -109,7 +109,7 @@ STATEMENTS = Statements(
     "running_jobs = :running_jobs, heartbeat_timeout_s = :timeout, "
     "degraded = CASE WHEN drain_set_at > :now THEN degraded ELSE :degraded END, "
     "draining = CASE WHEN drain_set_at > :now THEN draining ELSE :draining END "
-    "WHERE id = :id AND state = 'online'",
+    "WHERE id = :id AND state = 'online' AND last_seen_at <= :now",
     set_drain="UPDATE workers SET draining = :draining, degraded = :degraded, "
     "running_jobs = :running_jobs, drain_set_at = :now "
     "WHERE id = :id AND state = 'online'",
