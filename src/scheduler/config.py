@@ -216,6 +216,13 @@ class StateSection:
     statement_timeout_s: float = setting(
         10.0, min=0.1, max=86400, help="longest a PostgreSQL statement may run"
     )
+    cached_ended_jobs: int = setting(
+        10_000,
+        min=0,
+        max=10_000_000,
+        help="final statuses of ended jobs each HTTP process keeps in memory "
+        "(answered without a database read); 0: none",
+    )
     network_timeout_s: float = setting(
         10.0,
         min=2,
