@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from jobgate.errors import SchedulerUnavailable
 from scheduler.store import Busy, SqliteStore, open_store
 from scheduler.store import sqlite as sqlite_backend
 
@@ -133,6 +134,25 @@ def test_a_write_without_waiting_is_refused_at_once_while_another_writes(tmp_pat
     # The connection waits for locks again afterwards.
     timeout = store._conn().execute("PRAGMA busy_timeout").fetchone()[0]
     assert timeout == 5000
+
+
+def test_a_database_locked_past_the_busy_timeout_is_a_503(tmp_path):
+    import sqlite3
+
+    store = SqliteStore(tmp_path / "state.db", busy_timeout_s=0.1)
+    store.initialize()
+    a = store.register_worker("a", "127.0.0.1:1", {}, 1, "test").id
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(SchedulerUnavailable, match="cannot be used now") as exc:
+            store.record_job(status("j1", a, "running"))
+        assert exc.value.retry_after_s == 1
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.record_job(status("j1", a, "running"))  # and fine again
+    assert store.worker_jobs(a)[0]["job_id"] == "j1"
 
 
 def test_a_worker_gets_back_its_id_from_a_scheduler_that_lost_its_state(new_store):

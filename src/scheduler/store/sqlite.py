@@ -12,8 +12,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from scheduler.store.base import Busy, Statements, Store, newer_schema
+from jobgate.errors import SchedulerUnavailable
+from scheduler.store.base import Busy, Statements, Store, T, newer_schema
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS workers (
@@ -252,14 +254,27 @@ class SqliteStore(Store):
         """
         conn = self._conn()
         conn.execute("PRAGMA busy_timeout = 0")
+        self._local.no_wait = True
         try:
             return fn(*args)
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise Busy(str(exc)) from None
-            raise
         finally:
+            self._local.no_wait = False
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+
+    def _retrying(self, fn: Callable[[Any], T], transaction: bool = False) -> T:
+        """``fn(conn)``; a database that stays locked past ``busy_timeout_s``
+        (or cannot be written: a full disk) is
+        :class:`~jobgate.errors.SchedulerUnavailable`, 503 over HTTP, and
+        :class:`Busy` at once in :meth:`without_waiting`."""
+        try:
+            return super()._retrying(fn, transaction)
+        except sqlite3.OperationalError as exc:
+            if getattr(self._local, "no_wait", False) and _locked(exc):
+                raise Busy(str(exc)) from None
+            raise SchedulerUnavailable(
+                f"the state database {self.path} cannot be used now: {exc}",
+                retry_after_s=1,
+            ) from None
 
     def writable(self) -> bool:
         """True if a write transaction can be taken now (for readiness)."""
@@ -325,3 +340,7 @@ def _statements(script: str) -> Iterator[str]:
             if pending.strip(" \n;"):
                 yield pending
             pending = ""
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
