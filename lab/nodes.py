@@ -241,6 +241,11 @@ def base_tarball(log=print, extra: tuple[str, ...] = ()) -> Path:
     return tarball
 
 
+def node_address(index: int) -> str:
+    """The address of a lab's node ``index`` (0: the first), 198.18.0.11 on."""
+    return str(SUBNET.network_address + 11 + index)
+
+
 def cgroup_roots() -> list[Path]:
     """The cgroup hierarchies a node must get its own cgroup in."""
     base = Path("/sys/fs/cgroup")
@@ -324,11 +329,10 @@ class Lab:
         self._cgroup_parents: list[Path] = []
         # Other processes of the lab (the port forwarder): name -> PID.
         self.helpers: dict[str, int] = {}
-        hosts = list(SUBNET.hosts())
         for i, name in enumerate(names):
             self.nodes[name] = Node(
                 name=name,
-                address=str(hosts[10 + i]),
+                address=node_address(i),
                 root=self.dir / "nodes" / name / "merged",
                 netns=f"jglab-{self.id}-{i}",
             )
