@@ -46,6 +46,9 @@ HTTP_PORT = 8080
 # What the database node's root has beyond the others': the server, and the
 # driver Ansible's community.postgresql modules use on the node.
 DATABASE_PACKAGES = ("postgresql", "python3-psycopg2")
+# What the schedulers' roots have for the keepalived role (its health check
+# runs curl), where the topology has a virtual address.
+KEEPALIVED_PACKAGES = ("curl", "keepalived")
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,28 @@ class Topology:
     schedulers: tuple[str, ...]
     workers: tuple[str, ...]
     databases: tuple[str, ...] = ()
+    # The schedulers' virtual address (keepalived_virtual_ip in the
+    # inventory, without the prefix); the API is forwarded to it.
+    virtual_address: str = ""
 
     @property
     def nodes(self) -> tuple[str, ...]:
         """Every node, in the order that gives each its inventory address."""
         return (*self.schedulers, *self.databases, *self.workers)
+
+    def capabilities(self) -> dict[str, tuple[str, ...]]:
+        """Node name -> capabilities beyond nspawn's default set it needs."""
+        if not self.virtual_address:
+            return {}
+        # keepalived adds and removes the address on the node's interface.
+        return dict.fromkeys(self.schedulers, ("CAP_NET_ADMIN",))
+
+    def packages(self) -> dict[str, tuple[str, ...]]:
+        """Node name -> what its root has beyond the lab's base packages."""
+        packages = dict.fromkeys(self.databases, DATABASE_PACKAGES)
+        if self.virtual_address:
+            packages.update(dict.fromkeys(self.schedulers, KEEPALIVED_PACKAGES))
+        return packages
 
     def units(self) -> dict[str, str]:
         """Node name -> the service that node is there to run."""
@@ -80,6 +100,7 @@ TOPOLOGIES = {
         ("scheduler-1", "scheduler-2"),
         WORKERS,
         databases=("database",),
+        virtual_address="198.18.0.10",
     ),
 }
 HOST_PROGRAMS = (
@@ -187,8 +208,12 @@ class Cluster:
 
     @property
     def scheduler(self) -> str:
-        """The node the API is forwarded to (the first scheduler)."""
+        """The first scheduler's node."""
         return self.topology.schedulers[0]
+
+    def api_address(self, lab: Lab) -> str:
+        """Where the API is forwarded to: the virtual address, or the scheduler."""
+        return self.topology.virtual_address or lab.nodes[self.scheduler].address
 
     # -- set-up ----------------------------------------------------------------
 
@@ -232,7 +257,8 @@ class Cluster:
             ssh_public_key=Path(f"{self.key}.pub").read_text(),
             log=self.log,
             directory=self.nodes_dir,
-            packages=dict.fromkeys(self.topology.databases, DATABASE_PACKAGES),
+            packages=self.topology.packages(),
+            capabilities=self.topology.capabilities(),
         )
         t0 = time.monotonic()
         try:
@@ -332,7 +358,7 @@ class Cluster:
                 "--listen-fd",
                 str(fd),
                 "--to",
-                f"{lab.nodes[self.scheduler].address}:{HTTP_PORT}",
+                f"{self.api_address(lab)}:{HTTP_PORT}",
             ]
             lab.start_helper(
                 "forward", cmd, self.dir / "forward.log", pass_fds=(fd,), cwd=REPO
@@ -384,7 +410,7 @@ class Cluster:
             url = f"https://127.0.0.1:{port}"
             out += [
                 "",
-                f"API    {url}  (forwarded to {lab.nodes[self.scheduler].address}:"
+                f"API    {url}  (forwarded to {self.api_address(lab)}:"
                 f"{HTTP_PORT} in the lab)",
                 f"token  {LAB_TOKEN}",
                 f"CA     {ca}",
@@ -396,9 +422,14 @@ class Cluster:
                 "  .venv/bin/jobgate workers",
                 "  .venv/bin/jobgate run worker-1 count.sh --follow",
             ]
-            for other in self.topology.schedulers[1:]:
+            if self.topology.virtual_address:
                 out.append(
-                    f"  the scheduler {other} serves the same API at "
+                    f"  {self.topology.virtual_address} is the schedulers' virtual "
+                    "address (keepalived): it moves to another when one stops"
+                )
+            for other in self.topology.schedulers:
+                out.append(
+                    f"  the scheduler {other} serves the API at "
                     f"https://{lab.nodes[other].address}:{HTTP_PORT} in the lab"
                 )
         else:

@@ -303,6 +303,7 @@ class Lab:
         log=print,
         directory: Path | None = None,
         packages: dict[str, tuple[str, ...]] | None = None,
+        capabilities: dict[str, tuple[str, ...]] | None = None,
     ):
         """Nodes ``names`` (not booted yet), in ``directory`` or a new temporary one.
 
@@ -312,6 +313,10 @@ class Lab:
         """
         self.names = names
         self.packages = {n: tuple(p) for n, p in (packages or {}).items() if p}
+        # Node name -> capabilities its root keeps beyond nspawn's default
+        # set, e.g. CAP_NET_ADMIN for keepalived to add an address to its
+        # interface (each node has a network namespace of its own).
+        self.capabilities = {n: tuple(c) for n, c in (capabilities or {}).items()}
         self.ssh_public_key = ssh_public_key
         self.log = log
         self.id = secrets.token_hex(3)
@@ -469,6 +474,7 @@ class Lab:
                 "--register=no",
                 "--keep-unit",
                 f"--network-namespace-path=/run/netns/{node.netns}",
+                *(f"--capability={c}" for c in self.capabilities.get(node.name, ())),
             ]
         )
         node.console = self.dir / f"{node.name}.console"
@@ -599,6 +605,7 @@ class Lab:
         lab.names = list(state["nodes"])
         lab.ssh_public_key = ""
         lab.packages = {}
+        lab.capabilities = {}
         lab.log = log
         lab.id = state["id"]
         lab.dir = Path(state["dir"])

@@ -101,7 +101,7 @@ class Deployment:
 
     @property
     def scheduler(self) -> lab_nodes.Node:
-        """The (first) scheduler's node, the one the API is forwarded to."""
+        """The (first) scheduler's node."""
         return self.lab.nodes[self.cluster.scheduler]
 
     def node(self, name: str) -> lab_nodes.Node:

@@ -4,9 +4,11 @@ The module boots the lab's HA topology as ``make lab-ha`` does (``python -m
 lab up --ha``: scheduler-1, scheduler-2, a database node and two workers, with
 ``ansible/inventories/lab/ha.ini``), and checks what an operator would see:
 both schedulers serve the same API, the workers are online on both and know
-both, the schedulers reach the database over TLS only, a second run changes
-nothing, and with one scheduler killed the other goes on starting jobs,
-serving their output and taking the workers' heartbeats.
+both, the schedulers reach the database over TLS only, the virtual address
+(keepalived) is on one ready scheduler, a second run changes nothing, and
+with one scheduler killed the other goes on starting jobs, serving their
+output and taking the workers' heartbeats, and the virtual address moves to
+it.
 The tests run in file order and build on each other's state.
 """
 
@@ -23,6 +25,7 @@ import pytest
 from lab import cluster as lab_cluster
 
 from .support import (
+    HTTP_PORT,
     REPO,
     WORKERS,
     Deployment,
@@ -36,6 +39,7 @@ from .support import (
 
 SCHEDULERS = lab_cluster.TOPOLOGIES["ha"].schedulers
 DATABASE = lab_cluster.TOPOLOGIES["ha"].databases[0]
+VIRTUAL_ADDRESS = lab_cluster.TOPOLOGIES["ha"].virtual_address
 SCHEDULER_UNIT = "jobgate-scheduler.service"
 
 # Booting five nodes and two playbook runs take a few minutes.
@@ -215,6 +219,39 @@ def test_the_schedulers_reach_the_database_over_tls_only(ha: Deployment):
     assert res.stdout.strip() == "connected", res.stdout + res.stderr
 
 
+def holders(ha: Deployment) -> list[str]:
+    """The schedulers that have the virtual address on their interface."""
+    return [
+        name
+        for name in SCHEDULERS
+        if f" {VIRTUAL_ADDRESS}/"
+        in ha.node(name).run("ip", "-o", "-4", "addr", "show", "dev", "eth0").stdout
+    ]
+
+
+def wait_for_holder(ha: Deployment, among: tuple[str, ...], timeout: float = 30):
+    """The one scheduler of ``among`` holding the virtual address, once it does."""
+    deadline = time.monotonic() + timeout
+    held = holders(ha)
+    while not (len(held) == 1 and held[0] in among) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        held = holders(ha)
+    assert len(held) == 1 and held[0] in among, (held, among)
+    return held[0]
+
+
+def vip_api(ha: Deployment) -> LabApi:
+    return LabApi(ha.lab, VIRTUAL_ADDRESS, HTTP_PORT, ha.pki / "ca.pem")
+
+
+def test_the_virtual_address_is_on_one_ready_scheduler(ha: Deployment):
+    wait_for_holder(ha, SCHEDULERS)
+    # Its HTTPS certificate names the address: verified like any other.
+    vip_api(ha).wait_for("/v1/workers", both_online)
+    config = ha.node(SCHEDULERS[0]).run("cat", "/etc/keepalived/keepalived.conf")
+    assert f"{VIRTUAL_ADDRESS}/24 dev eth0" in config.stdout
+
+
 def test_a_second_run_changes_nothing(ha: Deployment):
     res = ha.playbook()
     print(f"second run of site.yml: {res.duration:.0f}s")
@@ -228,7 +265,10 @@ def test_a_second_run_changes_nothing(ha: Deployment):
 def test_with_one_scheduler_killed_the_other_serves_and_takes_heartbeats(
     ha: Deployment,
 ):
-    killed, other = ha.node(SCHEDULERS[0]), SCHEDULERS[1]
+    # The one holding the virtual address, so that the address moves too.
+    held = wait_for_holder(ha, SCHEDULERS)
+    other = next(name for name in SCHEDULERS if name != held)
+    killed = ha.node(held)
     api = ha.api(other)
     killed.systemctl("kill", "-s", "KILL", SCHEDULER_UNIT)
     # Kept down (no automatic restart) for as long as the test looks.
@@ -248,6 +288,9 @@ def test_with_one_scheduler_killed_the_other_serves_and_takes_heartbeats(
         assert read_output(api, WORKERS[1], job_id) == counted(4)
         status, job = api.get(f"/v1/workers/{WORKERS[1]}/jobs/{job_id}")
         assert status == 200 and job["state"] == "succeeded", job
+        # The virtual address went to the scheduler that is still ready.
+        assert wait_for_holder(ha, (other,), timeout=10) == other
+        assert read_output(vip_api(ha), WORKERS[1], job_id) == counted(4)
     finally:
         killed.systemctl("start", SCHEDULER_UNIT)
     # Back, it serves what the other recorded meanwhile.

@@ -466,3 +466,7 @@ def test_lab_inventories_give_the_nodes_the_lab_addresses(name: str):
     topology = lab_cluster.TOPOLOGIES[name]
     expected = [(n, lab_nodes.node_address(i)) for i, n in enumerate(topology.nodes)]
     assert inventory_hosts(topology.inventory) == expected
+    vip = re.findall(
+        r"^keepalived_virtual_ip=(\S+)/\d+$", topology.inventory.read_text(), re.M
+    )
+    assert vip == ([topology.virtual_address] if topology.virtual_address else [])
