@@ -289,6 +289,12 @@ RENDER_PLAYBOOK = """\
         dest: "{{ out }}/{{ inventory_hostname }}.toml"
         mode: "0600"
       when: inventory_hostname in groups.workers
+    - name: Render keepalived.conf
+      ansible.builtin.copy:
+        content: "{{ lookup('ansible.builtin.template', keepalived_template) }}"
+        dest: "{{ out }}/{{ inventory_hostname }}.keepalived.conf"
+        mode: "0600"
+      when: inventory_hostname in groups.schedulers and keepalived_virtual_ip | length > 0
 """
 
 
@@ -307,6 +313,7 @@ def render_configs(tmp_path: Path, inventory: str, **extra) -> dict[str, dict]:
             ("scheduler", "defaults"),
             ("scheduler", "vars"),
             ("worker", "defaults"),
+            ("keepalived", "defaults"),
         )
     ]
     variables = {
@@ -316,6 +323,7 @@ def render_configs(tmp_path: Path, inventory: str, **extra) -> dict[str, dict]:
         "role_files": role_files,
         "scheduler_template": str(ROLES / "scheduler/templates/scheduler.toml.j2"),
         "worker_template": str(ROLES / "worker/templates/worker.toml.j2"),
+        "keepalived_template": str(ROLES / "keepalived/templates/keepalived.conf.j2"),
         **extra,
     }
     (tmp_path / "vars.json").write_text(json.dumps(variables))
@@ -336,7 +344,11 @@ def render_configs(tmp_path: Path, inventory: str, **extra) -> dict[str, dict]:
         check=False,
     )
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    return {p.stem: tomllib.loads(p.read_text()) for p in out.glob("*.toml")}
+    configs: dict[str, dict | str] = {
+        p.stem: tomllib.loads(p.read_text()) for p in out.glob("*.toml")
+    }
+    configs.update({p.name: p.read_text() for p in out.glob("*.keepalived.conf")})
+    return configs
 
 
 def check_schema(tmp_path: Path, config: dict, schema: type) -> None:
@@ -380,8 +392,12 @@ def test_one_scheduler_without_a_database_keeps_sqlite_and_one_address(
 def test_several_schedulers_get_the_database_and_workers_every_address(
     tmp_path: Path,
 ):
+    # (Role defaults are loaded above the inventory here: its virtual
+    # address is given again.)
     configs = render_configs(
-        tmp_path, (ANSIBLE_DIR / "inventories/lab/ha.ini").read_text()
+        tmp_path,
+        (ANSIBLE_DIR / "inventories/lab/ha.ini").read_text(),
+        keepalived_virtual_ip="198.18.0.10/24",
     )
     for name in ("scheduler-1", "scheduler-2"):
         state = configs[name]["state"]
@@ -396,6 +412,17 @@ def test_several_schedulers_get_the_database_and_workers_every_address(
             "addresses": ["198.18.0.11:7443", "198.18.0.12:7443"]
         }
         check_schema(tmp_path, configs[name], WorkerConfig)
+    # One VRRP instance over both, each with a priority of its own, the
+    # address held only while GET /readyz answers.
+    priorities = set()
+    for name in ("scheduler-1", "scheduler-2"):
+        conf = configs[f"{name}.keepalived.conf"]
+        assert "198.18.0.10/24 dev eth0" in conf
+        assert "virtual_router_id 51" in conf
+        assert "track_script {\n        jobgate_scheduler_ready\n" in conf
+        assert conf.count("{") == conf.count("}")
+        priorities.update(re.findall(r"^\s*priority (\d+)$", conf, re.M))
+    assert len(priorities) == 2
     # The password was made on the control node, readable by its owner only.
     made = list((tmp_path / "pki").rglob("database-jobgate.password"))
     assert len(made) == 1 and made[0].stat().st_mode & 0o777 == 0o600
