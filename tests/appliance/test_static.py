@@ -294,7 +294,9 @@ RENDER_PLAYBOOK = """\
         content: "{{ lookup('ansible.builtin.template', keepalived_template) }}"
         dest: "{{ out }}/{{ inventory_hostname }}.keepalived.conf"
         mode: "0600"
-      when: inventory_hostname in groups.schedulers and keepalived_virtual_ip | length > 0
+      when:
+        - inventory_hostname in groups.schedulers
+        - keepalived_virtual_ip | length > 0
 """
 
 
