@@ -53,6 +53,7 @@ bench: proto
 
 clean:
 	if [ -f $(LAB_DIR)/state.json ]; then $(PYTHON) -m lab --dir $(LAB_DIR) down; fi
+	if [ -f $(LAB_HA_DIR)/state.json ]; then $(PYTHON) -m lab --dir $(LAB_HA_DIR) down; fi
 	rm -rf $(VENV) $(STUBS) run build dist src/*.egg-info
 
 # --- appliance: Debian packages, the lab test and its tools ----------------
@@ -173,6 +174,22 @@ lab-down:
 
 lab-status:
 	$(PYTHON) -m lab --dir $(LAB_DIR) status
+
+# The same with two schedulers on a PostgreSQL node (inventories/lab/ha.ini),
+# beside `make lab`: a directory and a port of its own.
+LAB_HA_DIR  ?= build/lab-ha
+LAB_HA_PORT ?= 8444
+
+.PHONY: lab-ha lab-ha-down lab-ha-status
+
+lab-ha: proto $(TOOLS_VENV)/.apt-installed deb
+	$(PYTHON) -m lab --dir $(LAB_HA_DIR) up --ha --port $(LAB_HA_PORT) --debs $(DEB_DIST)
+
+lab-ha-down:
+	$(PYTHON) -m lab --dir $(LAB_HA_DIR) down
+
+lab-ha-status:
+	$(PYTHON) -m lab --dir $(LAB_HA_DIR) status
 
 # --- the Vagrant lab, proven under software emulation -------------------------
 

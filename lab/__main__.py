@@ -1,6 +1,7 @@
 """``python -m lab``: the development lab for people (``make lab`` and friends).
 
     python -m lab up       # boot (or re-provision) the lab, forward the API
+    python -m lab up --ha  # the same with two schedulers on a PostgreSQL node
     python -m lab status   # the nodes, their units, the workers the API sees
     python -m lab down     # stop and remove everything
     python -m lab shell worker-1
@@ -25,9 +26,7 @@ from lab.cluster import (
     DEBS,
     LAB_TOKEN,
     REPO,
-    SCHEDULER,
     SCRIPTS,
-    WORKERS,
     Cluster,
     missing_requirements,
 )
@@ -42,7 +41,7 @@ def say(msg: str) -> None:
 
 
 def up(args: argparse.Namespace) -> int:
-    cluster = Cluster(args.dir, log=say)
+    cluster = Cluster(args.dir, log=say, topology="ha" if args.ha else None)
     lab = cluster.load()
     if lab is not None and not all(lab.running().values()):
         say(f"the lab in {cluster.dir} is partly down; taking it down first")
@@ -100,9 +99,6 @@ def api_workers(port: int, ca_file: Path) -> list[dict]:
         conn.close()
 
 
-UNITS = {SCHEDULER: "jobgate-scheduler", **dict.fromkeys(WORKERS, "jobgate-worker")}
-
-
 def status(args: argparse.Namespace) -> int:
     cluster = Cluster(args.dir, log=say)
     lab = cluster.load()
@@ -111,21 +107,22 @@ def status(args: argparse.Namespace) -> int:
         return 3
     running = lab.running()
     healthy = all(running.values())
+    units = cluster.topology.units()
     for node in lab.nodes.values():
         if not running[node.name]:
-            print(f"{node.name:10} {node.address:14} not running")
+            print(f"{node.name:11} {node.address:14} not running")
             continue
         system = node.run("systemctl", "is-system-running", check=False).stdout.strip()
-        units = []
-        if node.name in UNITS:
+        shown = []
+        if node.name in units:
             state = node.run(
-                "systemctl", "is-active", UNITS[node.name], check=False
+                "systemctl", "is-active", units[node.name], check=False
             ).stdout.strip()
-            units.append(f"{UNITS[node.name]} {state}")
+            shown.append(f"{units[node.name]} {state}")
             healthy = healthy and state == "active"
         print(
-            f"{node.name:10} {node.address:14} pid {node.leader:<8} system {system:10} "
-            + " ".join(units)
+            f"{node.name:11} {node.address:14} pid {node.leader:<8} system {system:10} "
+            + " ".join(shown)
         )
     port = cluster.forwarded_port(lab)
     if port is None:
@@ -187,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME",
         help="one more node that site.yml leaves alone (repeatable)",
+    )
+    p.add_argument(
+        "--ha",
+        action="store_true",
+        help="two schedulers on one PostgreSQL node, and two workers "
+        "(inventories/lab/ha.ini); a lab that is up keeps the topology it has",
     )
     p.add_argument("--quiet", action="store_true", help="no playbook output")
     p.set_defaults(func=up)

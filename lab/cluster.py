@@ -11,9 +11,12 @@ temporary one for the tests)::
     api.port          the port of 127.0.0.1 forwarded to the scheduler's API
     nodes/            the nodes' root file systems and consoles
 
-The nodes are those of ``ansible/inventories/lab/hosts.ini``, in its order
-(their addresses follow from it), and optionally spare nodes after them that
-no play touches.
+    topology          which inventory the lab was booted for ("default", "ha")
+
+The nodes are those of the topology's inventory (``ansible/inventories/lab/
+hosts.ini``: one scheduler and two workers; ``ha.ini``: two schedulers on one
+PostgreSQL database node, and two workers), in its order (their addresses
+follow from it), and optionally spare nodes after them that no play touches.
 """
 
 from __future__ import annotations
@@ -40,6 +43,66 @@ LAB_TOKEN = "lab-token-0123456789abcdef"  # noqa: S105
 SCHEDULER, WORKERS = "scheduler", ("worker-1", "worker-2")
 NODES = (SCHEDULER, *WORKERS)
 HTTP_PORT = 8080
+# What the database node's root has beyond the others': the server, and the
+# driver Ansible's community.postgresql modules use on the node.
+DATABASE_PACKAGES = ("postgresql", "python3-psycopg2")
+# What the schedulers' roots have for the keepalived role (its health check
+# runs curl), where the topology has a virtual address.
+KEEPALIVED_PACKAGES = ("curl", "keepalived")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The hosts of one lab inventory, by role, in the inventory's order."""
+
+    name: str
+    inventory: Path
+    schedulers: tuple[str, ...]
+    workers: tuple[str, ...]
+    databases: tuple[str, ...] = ()
+    # The schedulers' virtual address (keepalived_virtual_ip in the
+    # inventory, without the prefix); the API is forwarded to it.
+    virtual_address: str = ""
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node, in the order that gives each its inventory address."""
+        return (*self.schedulers, *self.databases, *self.workers)
+
+    def capabilities(self) -> dict[str, tuple[str, ...]]:
+        """Node name -> capabilities beyond nspawn's default set it needs."""
+        if not self.virtual_address:
+            return {}
+        # keepalived adds and removes the address on the node's interface.
+        return dict.fromkeys(self.schedulers, ("CAP_NET_ADMIN",))
+
+    def packages(self) -> dict[str, tuple[str, ...]]:
+        """Node name -> what its root has beyond the lab's base packages."""
+        packages = dict.fromkeys(self.databases, DATABASE_PACKAGES)
+        if self.virtual_address:
+            packages.update(dict.fromkeys(self.schedulers, KEEPALIVED_PACKAGES))
+        return packages
+
+    def units(self) -> dict[str, str]:
+        """Node name -> the service that node is there to run."""
+        units = dict.fromkeys(self.schedulers, "jobgate-scheduler")
+        units.update(dict.fromkeys(self.databases, "postgresql"))
+        units.update(dict.fromkeys(self.workers, "jobgate-worker"))
+        return units
+
+
+TOPOLOGIES = {
+    "default": Topology("default", INVENTORY, (SCHEDULER,), WORKERS),
+    # Several schedulers on one database (high availability).
+    "ha": Topology(
+        "ha",
+        INVENTORY.with_name("ha.ini"),
+        ("scheduler-1", "scheduler-2"),
+        WORKERS,
+        databases=("database",),
+        virtual_address="198.18.0.10",
+    ),
+}
 HOST_PROGRAMS = (
     "systemd-nspawn",
     "debootstrap",
@@ -111,7 +174,12 @@ class PlaybookRun:
 class Cluster:
     """The working directory of one lab, and what is done with it."""
 
-    def __init__(self, directory: Path, log=print):
+    def __init__(self, directory: Path, log=print, topology: str | None = None):
+        """The lab of ``directory``.
+
+        ``topology`` (a key of TOPOLOGIES): the one to boot; None, the one
+        the directory's lab was booted for (``default`` if none was).
+        """
         self.dir = Path(directory).resolve()
         self.log = log
         self.state_file = self.dir / "state.json"
@@ -120,6 +188,32 @@ class Cluster:
         self.vars_file = self.dir / "extra-vars.json"
         self.port_file = self.dir / "api.port"
         self.nodes_dir = self.dir / "nodes"
+        self.topology_file = self.dir / "topology"
+        booted = None
+        if self.topology_file.exists():
+            booted = self.topology_file.read_text().strip()
+        if topology is None:
+            topology = booted or "default"
+        elif booted and booted != topology and self.state_file.exists():
+            raise LabError(
+                f"the lab in {self.dir} is up as the {booted!r} topology, not "
+                f"{topology!r}: take it down first (python -m lab --dir "
+                f"{self.dir} down), or use another --dir"
+            )
+        if topology not in TOPOLOGIES:
+            raise LabError(
+                f"no lab topology {topology!r}; there are {', '.join(TOPOLOGIES)}"
+            )
+        self.topology = TOPOLOGIES[topology]
+
+    @property
+    def scheduler(self) -> str:
+        """The first scheduler's node."""
+        return self.topology.schedulers[0]
+
+    def api_address(self, lab: Lab) -> str:
+        """Where the API is forwarded to: the virtual address, or the scheduler."""
+        return self.topology.virtual_address or lab.nodes[self.scheduler].address
 
     # -- set-up ----------------------------------------------------------------
 
@@ -149,6 +243,7 @@ class Cluster:
             "worker_scripts_src": str(scripts.resolve()),
         }
         self.vars_file.write_text(json.dumps(extra_vars, indent=2) + "\n")
+        self.topology_file.write_text(self.topology.name + "\n")
 
     def boot(self, spare: tuple[str, ...] = ()) -> Lab:
         """Boot the inventory's nodes (and ``spare`` ones); the state is saved."""
@@ -158,10 +253,12 @@ class Cluster:
             # What a lab taken down with JOBGATE_APPLIANCE_KEEP=1 left behind.
             shutil.rmtree(self.nodes_dir)
         lab = Lab(
-            [*NODES, *spare],
+            [*self.topology.nodes, *spare],
             ssh_public_key=Path(f"{self.key}.pub").read_text(),
             log=self.log,
             directory=self.nodes_dir,
+            packages=self.topology.packages(),
+            capabilities=self.topology.capabilities(),
         )
         t0 = time.monotonic()
         try:
@@ -198,7 +295,7 @@ class Cluster:
         cmd = lab.in_netns(
             str(tools / "ansible-playbook"),
             "-i",
-            str(INVENTORY),
+            str(self.topology.inventory),
             "--private-key",
             str(self.key),
             "-e",
@@ -261,7 +358,7 @@ class Cluster:
                 "--listen-fd",
                 str(fd),
                 "--to",
-                f"{lab.nodes[SCHEDULER].address}:{HTTP_PORT}",
+                f"{self.api_address(lab)}:{HTTP_PORT}",
             ]
             lab.start_helper(
                 "forward", cmd, self.dir / "forward.log", pass_fds=(fd,), cwd=REPO
@@ -313,7 +410,7 @@ class Cluster:
             url = f"https://127.0.0.1:{port}"
             out += [
                 "",
-                f"API    {url}  (forwarded to {lab.nodes[SCHEDULER].address}:"
+                f"API    {url}  (forwarded to {self.api_address(lab)}:"
                 f"{HTTP_PORT} in the lab)",
                 f"token  {LAB_TOKEN}",
                 f"CA     {ca}",
@@ -325,9 +422,19 @@ class Cluster:
                 "  .venv/bin/jobgate workers",
                 "  .venv/bin/jobgate run worker-1 count.sh --follow",
             ]
+            if self.topology.virtual_address:
+                out.append(
+                    f"  {self.topology.virtual_address} is the schedulers' virtual "
+                    "address (keepalived): it moves to another when one stops"
+                )
+            for other in self.topology.schedulers:
+                out.append(
+                    f"  the scheduler {other} serves the API at "
+                    f"https://{lab.nodes[other].address}:{HTTP_PORT} in the lab"
+                )
         else:
             out += ["", "The API is not forwarded (the forwarder is not running)."]
-        example = lab.nodes[WORKERS[0]]
+        example = lab.nodes[self.topology.workers[0]]
         unit = "jobgate-worker"
         out += [
             "",
@@ -339,9 +446,12 @@ class Cluster:
             f"  ip netns exec {lab.netns} ssh -i {rel(self.key)} "
             f"root@{example.address}",
             "",
-            "make lab         provisions again (site.yml)",
-            "make lab-status  what runs",
-            "make lab-down    stops and removes it all",
+        ]
+        make = "lab" if self.topology.name == "default" else f"lab-{self.topology.name}"
+        out += [
+            f"make {make:{len(make) + 8}} provisions again (site.yml)",
+            f"make {make + '-status':{len(make) + 8}} what runs",
+            f"make {make + '-down':{len(make) + 8}} stops and removes it all",
         ]
         return "\n".join(out)
 

@@ -175,8 +175,27 @@ def customise_base(root: Path) -> None:
         deb.unlink()
 
 
-def base_tarball(log=print) -> Path:
+def image_key(extra: tuple[str, ...] = ()) -> str:
+    """The cache key of a root with BASE_PACKAGES and ``extra`` packages.
+
+    The root of BASE_PACKAGES alone keeps the key it always had, so that a
+    cached tarball stays valid when images with more packages are added.
+    """
+    packages = sorted(set(BASE_PACKAGES) | set(extra))
+    return hashlib.sha256(
+        repr((SUITE, "minbase", packages, IMAGE_REVISION)).encode()
+    ).hexdigest()[:12]
+
+
+def base_tarball(log=print, extra: tuple[str, ...] = ()) -> Path:
     """The cached Debian root tarball, made with debootstrap if missing.
+
+    ``extra``: packages some nodes need beyond BASE_PACKAGES (the database
+    node's PostgreSQL server); they make a tarball of their own, so that the
+    other nodes' root stays as it was. They are installed as apt installs
+    them on any host (the server's cluster made and enabled), and Ansible
+    finds them there, as it would on a second run: the nodes have no network
+    to install from.
 
     The tarball's name carries a hash of everything that goes into it, and it
     is only ever read, so one made by an earlier run is safe to reuse. A lock
@@ -185,9 +204,7 @@ def base_tarball(log=print) -> Path:
     """
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(
-        repr((SUITE, "minbase", sorted(BASE_PACKAGES), IMAGE_REVISION)).encode()
-    ).hexdigest()[:12]
+    key = image_key(extra)
     tarball = directory / f"rootfs-{SUITE}-{key}.tar"
     if tarball.exists():
         return tarball
@@ -205,7 +222,7 @@ def base_tarball(log=print) -> Path:
                 [
                     "debootstrap",
                     "--variant=minbase",
-                    "--include=" + ",".join(BASE_PACKAGES),
+                    "--include=" + ",".join(sorted(set(BASE_PACKAGES) | set(extra))),
                     SUITE,
                     root,
                     mirror,
@@ -222,6 +239,11 @@ def base_tarball(log=print) -> Path:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return tarball
+
+
+def node_address(index: int) -> str:
+    """The address of a lab's node ``index`` (0: the first), 198.18.0.11 on."""
+    return str(SUBNET.network_address + 11 + index)
 
 
 def cgroup_roots() -> list[Path]:
@@ -280,12 +302,21 @@ class Lab:
         ssh_public_key: str,
         log=print,
         directory: Path | None = None,
+        packages: dict[str, tuple[str, ...]] | None = None,
+        capabilities: dict[str, tuple[str, ...]] | None = None,
     ):
         """Nodes ``names`` (not booted yet), in ``directory`` or a new temporary one.
 
         ``directory`` must not exist or be empty: it gets the nodes' roots.
+        ``packages``: node name -> Debian packages its root has beyond
+        BASE_PACKAGES (see :func:`base_tarball`).
         """
         self.names = names
+        self.packages = {n: tuple(p) for n, p in (packages or {}).items() if p}
+        # Node name -> capabilities its root keeps beyond nspawn's default
+        # set, e.g. CAP_NET_ADMIN for keepalived to add an address to its
+        # interface (each node has a network namespace of its own).
+        self.capabilities = {n: tuple(c) for n, c in (capabilities or {}).items()}
         self.ssh_public_key = ssh_public_key
         self.log = log
         self.id = secrets.token_hex(3)
@@ -303,11 +334,10 @@ class Lab:
         self._cgroup_parents: list[Path] = []
         # Other processes of the lab (the port forwarder): name -> PID.
         self.helpers: dict[str, int] = {}
-        hosts = list(SUBNET.hosts())
         for i, name in enumerate(names):
             self.nodes[name] = Node(
                 name=name,
-                address=str(hosts[10 + i]),
+                address=node_address(i),
                 root=self.dir / "nodes" / name / "merged",
                 netns=f"jglab-{self.id}-{i}",
             )
@@ -328,13 +358,20 @@ class Lab:
     # -- set-up ----------------------------------------------------------------
 
     def start(self) -> None:
-        tarball = base_tarball(self.log)
-        lower = self.dir / "rootfs"
-        lower.mkdir()
-        run(["tar", "-C", lower, "--numeric-owner", "-xf", tarball], timeout=300)
+        lowers: dict[tuple[str, ...], Path] = {}
+        for node in self.nodes.values():
+            extra = self.packages.get(node.name, ())
+            if extra in lowers:
+                continue
+            tarball = base_tarball(self.log, extra)
+            # The root of BASE_PACKAGES alone is "rootfs", as it always was.
+            lower = self.dir / ("rootfs-" + image_key(extra) if extra else "rootfs")
+            lower.mkdir()
+            run(["tar", "-C", lower, "--numeric-owner", "-xf", tarball], timeout=300)
+            lowers[extra] = lower
         self._make_network()
         for node in self.nodes.values():
-            self._prepare_root(node, lower)
+            self._prepare_root(node, lowers[self.packages.get(node.name, ())])
         for node in self.nodes.values():
             self._boot(node)
         for node in self.nodes.values():
@@ -437,6 +474,7 @@ class Lab:
                 "--register=no",
                 "--keep-unit",
                 f"--network-namespace-path=/run/netns/{node.netns}",
+                *(f"--capability={c}" for c in self.capabilities.get(node.name, ())),
             ]
         )
         node.console = self.dir / f"{node.name}.console"
@@ -566,6 +604,8 @@ class Lab:
         lab = cls.__new__(cls)
         lab.names = list(state["nodes"])
         lab.ssh_public_key = ""
+        lab.packages = {}
+        lab.capabilities = {}
         lab.log = log
         lab.id = state["id"]
         lab.dir = Path(state["dir"])

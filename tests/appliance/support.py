@@ -101,7 +101,8 @@ class Deployment:
 
     @property
     def scheduler(self) -> lab_nodes.Node:
-        return self.lab.nodes[SCHEDULER]
+        """The (first) scheduler's node."""
+        return self.lab.nodes[self.cluster.scheduler]
 
     def node(self, name: str) -> lab_nodes.Node:
         return self.lab.nodes[name]
@@ -110,8 +111,10 @@ class Deployment:
         """Run ``ansible-playbook site.yml`` against the lab, from its network."""
         return self.cluster.playbook(self.lab, *extra)
 
-    def api(self) -> LabApi:
-        return LabApi(self.lab, self.scheduler.address, HTTP_PORT, self.pki / "ca.pem")
+    def api(self, scheduler: str | None = None) -> LabApi:
+        """A client of the API of ``scheduler`` (a node name; the first one)."""
+        node = self.lab.nodes[scheduler] if scheduler else self.scheduler
+        return LabApi(self.lab, node.address, HTTP_PORT, self.pki / "ca.pem")
 
     def diagnostics(self) -> str:
         """The services' journals on every node, for a failure message."""
@@ -128,6 +131,8 @@ class Deployment:
                 "jobgate-scheduler",
                 "-u",
                 "jobgate-worker",
+                "-u",
+                "postgresql@*",
                 check=False,
             ).stdout
             out.append(f"--- journal of {node.name}\n{text}")

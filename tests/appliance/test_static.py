@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from jobgate import config as jobgate_config
+from lab import cluster as lab_cluster
+from lab import nodes as lab_nodes
 from scheduler.config import SchedulerConfig
 from worker.config import JobsSection, WorkerConfig
 
@@ -256,3 +259,243 @@ def test_vagrantfile_passes_vagrant_validate(tmp_path: Path):
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "validated successfully" in res.stdout, res.stdout
+
+
+# -- several schedulers: the inventory's check and the rendered configs --------
+
+ROLES = ANSIBLE_DIR / "roles"
+# Renders the roles' config templates on the control node for every host of
+# an inventory, with the roles' defaults and internal variables, and writes
+# them to OUT; nothing is installed anywhere.
+RENDER_PLAYBOOK = """\
+- name: Render the configs
+  hosts: schedulers:workers
+  gather_facts: false
+  connection: local
+  tasks:
+    - name: Load the roles' settings
+      ansible.builtin.include_vars:
+        file: "{{ item }}"
+      loop: "{{ role_files }}"
+    - name: Render scheduler.toml
+      ansible.builtin.copy:
+        content: "{{ lookup('ansible.builtin.template', scheduler_template) }}"
+        dest: "{{ out }}/{{ inventory_hostname }}.toml"
+        mode: "0600"
+      when: inventory_hostname in groups.schedulers
+    - name: Render worker.toml
+      ansible.builtin.copy:
+        content: "{{ lookup('ansible.builtin.template', worker_template) }}"
+        dest: "{{ out }}/{{ inventory_hostname }}.toml"
+        mode: "0600"
+      when: inventory_hostname in groups.workers
+    - name: Render keepalived.conf
+      ansible.builtin.copy:
+        content: "{{ lookup('ansible.builtin.template', keepalived_template) }}"
+        dest: "{{ out }}/{{ inventory_hostname }}.keepalived.conf"
+        mode: "0600"
+      when:
+        - inventory_hostname in groups.schedulers
+        - keepalived_virtual_ip | length > 0
+"""
+
+
+def render_configs(tmp_path: Path, inventory: str, **extra) -> dict[str, dict]:
+    """Host name -> its scheduler.toml or worker.toml, rendered and parsed."""
+    tools = need_ansible()
+    (tmp_path / "hosts.ini").write_text(inventory)
+    (tmp_path / "render.yml").write_text(RENDER_PLAYBOOK)
+    out = tmp_path / "out"
+    out.mkdir()
+    role_files = [
+        str(ROLES / role / kind / "main.yml")
+        for role, kind in (
+            ("common", "defaults"),
+            ("common", "vars"),
+            ("scheduler", "defaults"),
+            ("scheduler", "vars"),
+            ("worker", "defaults"),
+            ("keepalived", "defaults"),
+        )
+    ]
+    variables = {
+        # Modules run on this machine, with Ansible's own interpreter.
+        "ansible_python_interpreter": str(tools / "python"),
+        "out": str(out),
+        "role_files": role_files,
+        "scheduler_template": str(ROLES / "scheduler/templates/scheduler.toml.j2"),
+        "worker_template": str(ROLES / "worker/templates/worker.toml.j2"),
+        "keepalived_template": str(ROLES / "keepalived/templates/keepalived.conf.j2"),
+        **extra,
+    }
+    (tmp_path / "vars.json").write_text(json.dumps(variables))
+    res = subprocess.run(
+        [
+            str(tools / "ansible-playbook"),
+            "-i",
+            str(tmp_path / "hosts.ini"),
+            "-e",
+            f"@{tmp_path / 'vars.json'}",
+            str(tmp_path / "render.yml"),
+        ],
+        cwd=ANSIBLE_DIR,
+        env=tools_env(tools),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    configs: dict[str, dict | str] = {
+        p.stem: tomllib.loads(p.read_text()) for p in out.glob("*.toml")
+    }
+    configs.update({p.name: p.read_text() for p in out.glob("*.keepalived.conf")})
+    return configs
+
+
+def check_schema(tmp_path: Path, config: dict, schema: type) -> None:
+    """The rendered config passes the program's own check (files aside)."""
+    path = tmp_path / f"{schema.__name__}.toml"
+    path.write_text(toml_text(config))
+    jobgate_config.load(path, schema, check_files=False)
+
+
+def toml_text(config: dict) -> str:
+    """``config`` (two levels of tables, as jobgate's configs) as TOML."""
+    lines = []
+    for section, table in config.items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                continue
+            lines.append(f"{key} = {json.dumps(value)}")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                lines.append(f"[{section}.{key}]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in value.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_one_scheduler_without_a_database_keeps_sqlite_and_one_address(
+    tmp_path: Path,
+):
+    configs = render_configs(
+        tmp_path, (ANSIBLE_DIR / "inventories/lab/hosts.ini").read_text()
+    )
+    assert configs["scheduler"]["state"] == {"path": "/var/lib/jobgate/scheduler.db"}
+    for name in ("worker-1", "worker-2"):
+        assert configs[name]["scheduler"] == {"address": "198.18.0.11:7443"}
+    check_schema(tmp_path, configs["scheduler"], SchedulerConfig)
+    check_schema(tmp_path, configs["worker-1"], WorkerConfig)
+    # No database password is made for a cluster without a database.
+    assert not list(tmp_path.rglob("*.password"))
+
+
+def test_several_schedulers_get_the_database_and_workers_every_address(
+    tmp_path: Path,
+):
+    # (Role defaults are loaded above the inventory here: its virtual
+    # address is given again.)
+    configs = render_configs(
+        tmp_path,
+        (ANSIBLE_DIR / "inventories/lab/ha.ini").read_text(),
+        keepalived_virtual_ip="198.18.0.10/24",
+    )
+    for name in ("scheduler-1", "scheduler-2"):
+        state = configs[name]["state"]
+        assert state["url"] == (
+            "postgresql://jobgate@198.18.0.13:5432/jobgate"
+            "?sslmode=verify-full&sslrootcert=/etc/jobgate/pki/ca.pem"
+        )
+        assert state["password_file"] == "/etc/jobgate/state-password"
+        check_schema(tmp_path, configs[name], SchedulerConfig)
+    for name in ("worker-1", "worker-2"):
+        assert configs[name]["scheduler"] == {
+            "addresses": ["198.18.0.11:7443", "198.18.0.12:7443"]
+        }
+        check_schema(tmp_path, configs[name], WorkerConfig)
+    # One VRRP instance over both, each with a priority of its own, the
+    # address held only while GET /readyz answers.
+    priorities = set()
+    for name in ("scheduler-1", "scheduler-2"):
+        conf = configs[f"{name}.keepalived.conf"]
+        assert "198.18.0.10/24 dev eth0" in conf
+        assert "virtual_router_id 51" in conf
+        assert "track_script {\n        jobgate_scheduler_ready\n" in conf
+        assert conf.count("{") == conf.count("}")
+        priorities.update(re.findall(r"^\s*priority (\d+)$", conf, re.M))
+    assert len(priorities) == 2
+    # The password was made on the control node, readable by its owner only.
+    made = list((tmp_path / "pki").rglob("database-jobgate.password"))
+    assert len(made) == 1 and made[0].stat().st_mode & 0o777 == 0o600
+
+
+def test_an_external_database_url_is_used_as_given(tmp_path: Path):
+    url = (
+        "postgresql://jobgate@db.example.net:5432/jobgate"
+        "?sslmode=verify-full&sslrootcert=/etc/jobgate/pki/database-ca.pem"
+    )
+    inventory = (
+        "[schedulers]\na ansible_host=192.0.2.1\nb ansible_host=192.0.2.2\n"
+        "[workers]\nw ansible_host=192.0.2.3\n"
+    )
+    configs = render_configs(
+        tmp_path,
+        inventory,
+        scheduler_state_url=url,
+        scheduler_state_password="a-password-in-a-vault",
+    )
+    assert configs["a"]["state"]["url"] == url
+    assert configs["w"]["scheduler"] == {
+        "addresses": ["192.0.2.1:7443", "192.0.2.2:7443"]
+    }
+    assert not list((tmp_path / "pki").rglob("*.password"))
+
+
+def test_several_schedulers_on_sqlite_are_refused_before_any_change(
+    tmp_path: Path,
+):
+    tools = need_ansible()
+    inventory = tmp_path / "hosts.ini"
+    # Addresses of a documentation network: nothing may be contacted.
+    inventory.write_text(
+        "[schedulers]\nsched-a ansible_host=192.0.2.1\n"
+        "sched-b ansible_host=192.0.2.2\n[workers]\nw ansible_host=192.0.2.3\n"
+    )
+    res = subprocess.run(
+        [str(tools / "ansible-playbook"), "-i", str(inventory), "site.yml"],
+        cwd=ANSIBLE_DIR,
+        env=tools_env(tools),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert (
+        "2 schedulers (sched-a, sched-b) must share their state in one PostgreSQL "
+        "database, and none is configured"
+    ) in " ".join(out.split()), out
+    assert "Gathering Facts" not in out and "UNREACHABLE" not in out, out
+
+
+def inventory_hosts(path: Path) -> list[tuple[str, str]]:
+    """(host, ansible_host) of an INI inventory, in its order."""
+    hosts = []
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([a-z0-9-]+)\s+ansible_host=(\S+)", line)
+        if m:
+            hosts.append((m.group(1), m.group(2)))
+    return hosts
+
+
+@pytest.mark.parametrize("name", sorted(lab_cluster.TOPOLOGIES))
+def test_lab_inventories_give_the_nodes_the_lab_addresses(name: str):
+    topology = lab_cluster.TOPOLOGIES[name]
+    expected = [(n, lab_nodes.node_address(i)) for i, n in enumerate(topology.nodes)]
+    assert inventory_hosts(topology.inventory) == expected
+    vip = re.findall(
+        r"^keepalived_virtual_ip=(\S+)/\d+$", topology.inventory.read_text(), re.M
+    )
+    assert vip == ([topology.virtual_address] if topology.virtual_address else [])
