@@ -6,11 +6,14 @@
  * A restart of the worker would lose both. The worker starts this program
  * instead (as root, in no cgroup of the job's), and it starts the job:
  *
- *   jobgate-keeper --report FD --output FD --dir FD --head BYTES --tail BYTES
- *                  --drain-ms MS [--cgroup-procs FD]... [--cgroup-kill FD]
+ *   jobgate-keeper --report FD (--output FD | --output-name NAME) --dir FD
+ *                  --head BYTES --tail BYTES --drain-ms MS
+ *                  [--cgroup-procs FD]... [--cgroup-kill FD]
  *                  [--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]
  *
- * The descriptors are open already, passed on by the worker. The keeper's
+ * The descriptors are open already, passed on by the worker. With
+ * --output-name the output file is NAME in --dir, made (0640) when the job
+ * writes its first byte: a job that writes nothing costs no file. The keeper's
  * environment is the job's; its stdin (/dev/null) is the job's stdin; its
  * stderr carries its own complaints, a line each. It may hold other
  * descriptors the worker passed on (a lock, say): it never touches them, so
@@ -102,7 +105,9 @@ struct report {
 };
 
 struct output {
-    int fd;
+    int fd;            /* -1 until the named file is made */
+    int dir;           /* where a named file is made */
+    const char *name;  /* the file's name in dir, or NULL: fd is given */
     long long head, tail;
     long long total;   /* everything the job wrote so far */
     long long punched; /* [head, punched) is freed */
@@ -135,9 +140,9 @@ static void __attribute__((noreturn))
 usage(const char *why, const char *what)
 {
     say("%s%s%s", why, what ? ": " : "", what ? what : "");
-    say("usage: jobgate-keeper --report FD --output FD --dir FD --head BYTES "
-        "--tail BYTES --drain-ms MS [--cgroup-procs FD]... [--cgroup-kill FD] "
-        "[--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]");
+    say("usage: jobgate-keeper --report FD (--output FD | --output-name NAME) "
+        "--dir FD --head BYTES --tail BYTES --drain-ms MS [--cgroup-procs FD]... "
+        "[--cgroup-kill FD] [--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]");
     exit(2);
 }
 
@@ -213,6 +218,16 @@ take(struct output *o, const char *data, size_t n)
 {
     size_t done = 0;
 
+    if (o->fd < 0 && !o->write_err) {
+        /* The first output of a job given a name: making the file is a
+           write like any other, and fails as one (a full disk). */
+        o->fd = openat(o->dir, o->name, O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
+        if (o->fd < 0) {
+            o->write_err = errno;
+            o->kept = 0;
+            say("cannot make the job's output file, dropping it: %s", strerror(errno));
+        }
+    }
     while (!o->write_err && done < n) {
         ssize_t w = pwrite(o->fd, data + done, n - done, (off_t)(o->total + (long long)done));
         if (w < 0 && errno == EINTR)
@@ -406,6 +421,12 @@ main(int argc, char **argv)
             report_fd = descriptor(opt, val);
         } else if (strcmp(opt, "--output") == 0) {
             o.fd = descriptor(opt, val);
+        } else if (strcmp(opt, "--output-name") == 0) {
+            /* A name in --dir, never a path: the file is made there. */
+            if (val == NULL || val[0] == '\0' || strchr(val, '/') != NULL ||
+                strcmp(val, ".") == 0 || strcmp(val, "..") == 0)
+                usage("not a file name", opt);
+            o.name = val;
         } else if (strcmp(opt, "--dir") == 0) {
             dir_fd = descriptor(opt, val);
         } else if (strcmp(opt, "--head") == 0) {
@@ -435,10 +456,13 @@ main(int argc, char **argv)
         }
         i++; /* every option has a value */
     }
-    if (report_fd < 0 || o.fd < 0 || dir_fd < 0 || !has_head || !has_tail || drain_ms < 0 ||
-        p.cwd == NULL)
-        usage("--report, --output, --dir, --head, --tail, --drain-ms and --cwd are needed",
+    if (report_fd < 0 || (o.fd < 0 && o.name == NULL) || dir_fd < 0 || !has_head ||
+        !has_tail || drain_ms < 0 || p.cwd == NULL)
+        usage("--report, --output (or --output-name), --dir, --head, --tail, --drain-ms "
+              "and --cwd are needed",
               NULL);
+    if (o.fd >= 0 && o.name != NULL)
+        usage("--output and --output-name exclude each other", NULL);
     if ((p.uid < 0) != (p.gid < 0))
         usage("--uid and --gid go together", NULL);
     if (argc - i < 2)
@@ -447,6 +471,7 @@ main(int argc, char **argv)
     p.argv = argv + i + 1;
     p.envp = environ;
     o.punched = o.head;
+    o.dir = dir_fd;
 
     memset(&ign, 0, sizeof ign);
     ign.sa_handler = SIG_IGN;

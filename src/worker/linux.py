@@ -4,7 +4,9 @@
   writes its output through its keeper straight into a file
   (:mod:`worker.output`), not through the worker; the worker learns of new
   bytes, to wake the job's followers, from an ``IN_MODIFY`` event on the
-  file. Events of one file coalesce while unread, so a job writing fast
+  file (the job's directory is watched: it reports the writes of the files
+  in it, the output file among them, made only once the job writes).
+  Events of one file coalesce while unread, so a job writing fast
   costs the worker one event per turn of its reactor, not one per write.
 * :func:`start_time` and :func:`boot_id`: with its pid, what names a
   process for good. A pid alone may be reused once its process is gone; a

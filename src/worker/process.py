@@ -346,21 +346,18 @@ class Spawner:
             "cgroup_procs": procs or None,
         }
         if kept is not None:
-            out_fd = kept.create(self.stock)
-            try:
-                started = self.ops.spawn_kept(
-                    argv,
-                    **common,
-                    cgroup_kill=cgroup_kill,
-                    job_dir=str(kept.directory),
-                    output_fd=out_fd,
-                    head_bytes=kept.head_bytes,
-                    tail_bytes=kept.tail_bytes,
-                    drain_s=self.cfg.drain_timeout_s,
-                    hold_fds=hold_fds,
-                )
-            finally:
-                os.close(out_fd)
+            kept.create(self.stock)
+            started = self.ops.spawn_kept(
+                argv,
+                **common,
+                cgroup_kill=cgroup_kill,
+                job_dir=str(kept.directory),
+                output_name=kept.path.name,
+                head_bytes=kept.head_bytes,
+                tail_bytes=kept.tail_bytes,
+                drain_s=self.cfg.drain_timeout_s,
+                hold_fds=hold_fds,
+            )
             keeper = started.keeper
             proc = KeptProcess(started.pid, keeper.pid, keeper, str(kept.directory))
             proc.program = argv[0]

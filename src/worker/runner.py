@@ -35,7 +35,7 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import history, isolation, linux, metrics, watcher
+from worker import history, isolation, linux, metrics, spawn, watcher
 from worker.accounts import Accounts
 from worker.config import JobsSection
 from worker.drain import Drain, DrainState
@@ -43,7 +43,14 @@ from worker.health import Health
 from worker.job import Job, JobRecord, Phase
 from worker.limits import NAMES as LIMIT_NAMES
 from worker.limits import Enforcer, Limits
-from worker.output import DATA_NAME, KeptOutput, OutputLog, Stock, read_chunks
+from worker.output import (
+    DATA_NAME,
+    EXIT_TMP_NAME,
+    KeptOutput,
+    OutputLog,
+    Stock,
+    read_chunks,
+)
 from worker.process import (
     SAFE_PATH,
     KeptProcess,
@@ -236,7 +243,12 @@ class JobRunner:
     def _output(self, directory, total: int = 0) -> OutputLog | KeptOutput:
         """The output of a job of an earlier run, by the files it left."""
         head, tail = self.cfg.output_head_bytes, self.cfg.output_tail_bytes
-        if (directory / DATA_NAME).exists():
+        # A kept job's keeper makes its output file only with the job's
+        # first byte; its exit file (or the room made for it) is always there.
+        if any(
+            (directory / name).exists()
+            for name in (DATA_NAME, EXIT_TMP_NAME, spawn.EXIT_FILE)
+        ):
             output = KeptOutput(directory, head, tail)
             output.total = total
             return output

@@ -216,7 +216,8 @@ def spawn_kept(
     cgroup_procs: list[str] | None,
     cgroup_kill: str | None,
     job_dir: str,
-    output_fd: int,
+    output_fd: int | None = None,
+    output_name: str | None = None,
     head_bytes: int,
     tail_bytes: int,
     drain_s: float,
@@ -225,16 +226,17 @@ def spawn_kept(
     """Start ``argv`` as :func:`spawn` sets it up, but as the keeper's child.
 
     The job's stdout and stderr go to the keeper, which writes them into
-    ``output_fd`` (the caller's; it stays open here) at the offsets where the
-    job wrote them, keeping the first ``head_bytes`` and the last
-    ``tail_bytes`` and freeing the space between. Once the job's main process
-    has exited, the keeper ends what the job left running (its cgroup, through
-    ``cgroup_kill``, and its process group), reads its output for at most
-    ``drain_s`` more seconds, reaps the main process and writes ``exit`` into
-    ``job_dir`` (:func:`read_exit`), then exits. The job's pid, and so its
-    process group's id, stays reserved until that reaping: while the keeper
-    runs (bar the moment it takes to write the exit file), a signal to the
-    group by that id reaches no other process.
+    ``output_fd`` (the caller's; it stays open here), or else into the file
+    ``output_name`` in ``job_dir``, which it makes (0640) with the job's
+    first byte, at the offsets where the job wrote them, keeping the first
+    ``head_bytes`` and the last ``tail_bytes`` and freeing the space between.
+    Once the job's main process has exited, the keeper ends what the job left
+    running (its cgroup, through ``cgroup_kill``, and its process group),
+    reads its output for at most ``drain_s`` more seconds, reaps the main
+    process and writes ``exit`` into ``job_dir`` (:func:`read_exit`), then
+    exits. The job's pid, and so its process group's id, stays reserved until
+    that reaping: while the keeper runs (bar the moment it takes to write the
+    exit file), a signal to the group by that id reaches no other process.
 
     ``hold_fds`` (the caller's; they stay open here) are held by the keeper,
     untouched, for as long as it runs (a lock, say, released when the keeper
@@ -257,6 +259,12 @@ def spawn_kept(
         raise ValueError(f"head_bytes and tail_bytes go from 0 to {_MAX_BYTES}")
     if not 0 <= drain_s <= _MAX_DRAIN_S:
         raise ValueError(f"drain_s goes from 0 to {_MAX_DRAIN_S}")
+    if (output_fd is None) == (output_name is None):
+        raise ValueError("either output_fd or output_name")
+    if output_name is not None and (
+        "/" in output_name or output_name in ("", ".", "..")
+    ):
+        raise ValueError(f"output_name {output_name!r} is not a file name")
     opened: list[int] = []
 
     def open_fd(path: str, flags: int) -> int:
@@ -269,17 +277,22 @@ def spawn_kept(
         report_w = opened[1] = _above_stdio(report_w)
         devnull = open_fd(os.devnull, os.O_RDWR)
         directory = open_fd(job_dir, os.O_PATH | os.O_DIRECTORY)
-        output = output_fd
-        if output < 3:  # the caller's own descriptor is never moved
-            output = fcntl.fcntl(output_fd, fcntl.F_DUPFD_CLOEXEC, 3)
-            opened.append(output)
-        passed = [report_w, output, directory]
+        passed = [report_w, directory]
+        args = ["--report", str(report_w)]
+        if output_fd is not None:
+            output = output_fd
+            if output < 3:  # the caller's own descriptor is never moved
+                output = fcntl.fcntl(output_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                opened.append(output)
+            passed.append(output)
+            args += ["--output", str(output)]
+        else:
+            args += ["--output-name", output_name]
         for held in hold_fds:
             if held < 3:  # the keeper's stdio: held under another number
                 held = fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 3)
                 opened.append(held)
             passed.append(held)
-        args = ["--report", str(report_w), "--output", str(output)]
         args += ["--dir", str(directory), "--head", str(head_bytes)]
         args += ["--tail", str(tail_bytes), "--drain-ms", str(round(drain_s * 1000))]
         for procs in cgroup_procs or ():

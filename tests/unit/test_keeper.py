@@ -9,6 +9,7 @@ import fcntl
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -152,6 +153,89 @@ def test_the_output_is_copied_exactly_and_the_exit_file_tells_the_end(
     # The keeper reaped the job: the worker has only the keeper to reap.
     assert not alive(job.kept.pid)
     assert new_children() == []
+
+
+def named_output_job(tmp_path: Path, argv: list[str]) -> tuple[Path, spawn.Kept]:
+    directory = tmp_path / f"job-{uuid.uuid4().hex[:8]}"
+    directory.mkdir()
+    kept = spawn.spawn_kept(
+        argv,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        user=None,
+        group=None,
+        cgroup_procs=None,
+        cgroup_kill=None,
+        job_dir=str(directory),
+        output_name="out.data",
+        head_bytes=MiB,
+        tail_bytes=MiB,
+        drain_s=5.0,
+    )
+    assert kept.keeper.wait(timeout=10) == 0
+    return directory, kept
+
+
+def test_a_named_output_file_is_made_with_the_first_byte(tmp_path):
+    old = os.umask(0)
+    try:
+        directory, _ = named_output_job(tmp_path, ["/bin/sh", "-c", "echo hi >&2"])
+    finally:
+        os.umask(old)
+    assert (directory / "out.data").read_bytes() == b"hi\n"
+    assert stat.S_IMODE((directory / "out.data").stat().st_mode) == 0o640
+    ended = spawn.read_exit(str(directory))
+    assert (ended.output_bytes, ended.output_error) == (3, None)
+
+
+def test_a_job_that_writes_nothing_gets_no_output_file(tmp_path):
+    directory, _ = named_output_job(tmp_path, ["/bin/true"])
+    assert sorted(os.listdir(directory)) == ["exit"]
+    ended = spawn.read_exit(str(directory))
+    assert (ended.returncode, ended.output_bytes, ended.output_error) == (0, 0, None)
+
+
+def test_an_output_file_that_cannot_be_made_is_an_output_error(tmp_path):
+    directory = tmp_path / "job"
+    directory.mkdir()
+    (directory / "out.data").mkdir()  # in the way: opening it fails (EISDIR)
+    kept = spawn.spawn_kept(
+        ["/bin/sh", "-c", "head -c 1000000 /dev/zero"],
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        user=None,
+        group=None,
+        cgroup_procs=None,
+        cgroup_kill=None,
+        job_dir=str(directory),
+        output_name="out.data",
+        head_bytes=MiB,
+        tail_bytes=MiB,
+        drain_s=5.0,
+    )
+    assert kept.keeper.wait(timeout=10) == 0
+    ended = spawn.read_exit(str(directory))
+    assert (ended.returncode, ended.output_bytes) == (0, 1000000)
+    assert ended.output_error == (errno.EISDIR, 0)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b"])
+def test_an_output_name_must_be_a_name(tmp_path, name):
+    with pytest.raises(ValueError, match="output"):
+        spawn.spawn_kept(
+            ["/bin/true"],
+            cwd="/",
+            env={},
+            user=None,
+            group=None,
+            cgroup_procs=None,
+            cgroup_kill=None,
+            job_dir=str(tmp_path),
+            output_name=name,
+            head_bytes=MiB,
+            tail_bytes=MiB,
+            drain_s=5.0,
+        )
 
 
 def test_the_job_is_the_keepers_child_with_a_session_of_its_own(tmp_path):

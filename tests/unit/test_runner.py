@@ -327,6 +327,19 @@ def test_a_kept_job_leaves_its_output_and_its_exit_in_its_directory(make_runner)
     assert record.exit_code == 4
 
 
+def test_a_kept_job_without_output_leaves_only_its_exit(make_runner):
+    # The keeper makes the output file with the first byte: a quiet job
+    # costs no inode for it (each one is dear on ext4 without a journal).
+    runner = make_runner()
+    assert runner.ops.kept, spawn.keeper_available()
+    record, output = run(runner, "hello.sh")  # no args: prints nothing
+    assert output == b""
+    assert (record.state, record.output_bytes) == (JobState.SUCCEEDED, 0)
+    directory = runner.jobs_dir / record.job_id
+    assert sorted(p.name for p in directory.iterdir()) == ["exit"]
+    assert list(runner.read_output(record.job_id)) == []
+
+
 def test_args_reach_the_script_verbatim(make_runner):
     args = ["a b", "*", "$HOME", "-n", "", "naïve"]
     record, output = run(make_runner(), "hello.sh", *args)
