@@ -26,6 +26,7 @@ import select
 import shutil
 import stat
 import subprocess
+import threading
 import time
 
 from worker import linux
@@ -97,8 +98,52 @@ class ProcessOps:
             extra_groups=[] if user is not None else None,
         )
 
+    # The keeper server (worker.spawn.KeeperServer) that forks kept jobs'
+    # keepers; None until the first kept start, or once it failed.
+    _server: one_exec.KeeperServer | None = None
+    _server_failed = False
+    _server_lock = threading.Lock()
+
     def spawn_kept(self, argv, **kwargs) -> one_exec.Kept:
+        """Start a kept job: its keeper forked by the keeper server, or
+        executed if there is none (it could not start, or it failed)."""
+        server = self.keeper_server()
+        if server is not None:
+            try:
+                return one_exec.spawn_kept(argv, server=server, **kwargs)
+            except one_exec.ServerGone as exc:
+                if exc.usable:  # this start only: its keeper is executed
+                    return one_exec.spawn_kept(argv, **kwargs)
+                log.warning(
+                    "%s; jobs' keepers are executed one by one from now on", exc
+                )
+                with self._server_lock:
+                    self._server_failed = True
+                    self._server = None
+                server.close()
         return one_exec.spawn_kept(argv, **kwargs)
+
+    def keeper_server(self) -> one_exec.KeeperServer | None:
+        """The keeper server, started on the first call (None if it cannot be)."""
+        with self._server_lock:
+            if self._server is None and not self._server_failed and self.kept:
+                try:
+                    self._server = one_exec.KeeperServer()
+                except OSError as exc:
+                    self._server_failed = True
+                    log.warning(
+                        "the keeper server could not start (%s); jobs' keepers "
+                        "are executed one by one",
+                        exc,
+                    )
+            return self._server
+
+    def close(self) -> None:
+        """Stop the keeper server; the keepers it forked run on."""
+        with self._server_lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.close()
 
     def exit_fd(self, pid: int) -> int:
         """A descriptor that becomes readable once ``pid`` has exited.
@@ -216,6 +261,13 @@ class KeptProcess:
     def exit_fd(self) -> int:
         """A descriptor readable once the keeper has ended (the caller's to close)."""
         return os.dup(self._pidfd)
+
+    def start_time(self) -> int | None:
+        """The keeper's start time (linux.start_time), None once it has ended:
+        a keeper that is not the worker's child is reaped at once, and its
+        pid may then name another process."""
+        start = linux.start_time(self.keeper_pid)
+        return None if self._gone(0) else start
 
     def poll(self) -> int | None:
         return self.wait(0) if self._gone(0) else None
@@ -358,8 +410,13 @@ class Spawner:
                 drain_s=self.cfg.drain_timeout_s,
                 hold_fds=hold_fds,
             )
-            keeper = started.keeper
-            proc = KeptProcess(started.pid, keeper.pid, keeper, str(kept.directory))
+            proc = KeptProcess(
+                started.pid,
+                started.keeper_pid,
+                started.keeper,
+                str(kept.directory),
+                started.pidfd,
+            )
             proc.program = argv[0]
             return proc, None
         if self.ops.native:  # one exec, but no keeper (jobgate-keeper missing)

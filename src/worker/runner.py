@@ -120,6 +120,8 @@ class JobRunner:
         for job in adopt + ended_away:
             job.account = self.accounts.adopt(job.extra.get("account") or {})
         self.stock = Stock(self.jobs_dir) if self.ops.kept else None
+        if self.ops.kept:
+            self.ops.keeper_server()  # started now rather than by the first job
         self.spawner = Spawner(
             cfg,
             self.ops,
@@ -398,8 +400,9 @@ class JobRunner:
             pending_stop = job.started(proc)
             stage = "watch"
             self._record_pid(job)
-            # A kept job ends with its keeper (the worker's child until then).
-            job.exit_fd = self.ops.exit_fd(proc.keeper_pid if kept else proc.pid)
+            # A kept job ends with its keeper: watched through the pidfd it
+            # came with (its pid alone may name another process by now).
+            job.exit_fd = proc.exit_fd() if kept else self.ops.exit_fd(proc.pid)
             self.watcher.watch(job, timeout)
             if pending_stop is not None:
                 self.watcher.send_stop(job, pending_stop[1], self.cfg.stop_grace_s)
@@ -425,7 +428,7 @@ class JobRunner:
         return {
             "keeper": {
                 "pid": proc.keeper_pid,
-                "start": linux.start_time(proc.keeper_pid),
+                "start": proc.start_time(),
                 "boot": self._boot,
             },
             "account": account.to_json(),
@@ -611,6 +614,7 @@ class JobRunner:
         self._closed.set()
         if self.stock is not None:
             self.stock.close()
+        self.ops.close()
         self._reactor.close()
         self.enforcer.close()
         self.isolation.close()
