@@ -11,6 +11,9 @@
  *                  [--cgroup-procs FD]... [--cgroup-kill FD]
  *                  [--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]
  *
+ * or, forked by a keeper the worker started once to serve it (see serve()
+ * below), with the same arguments sent over a socket.
+ *
  * The descriptors are open already, passed on by the worker. With
  * --output-name the output file is NAME in --dir, made (0640) when the job
  * writes its first byte: a job that writes nothing costs no file. The keeper's
@@ -635,6 +638,47 @@ keep(int argc, char **argv, char **envp)
 
 static char request[SERVE_MAX_MESSAGE + 1];
 
+/* Where the serving keeper's own arguments and environment are: a keeper
+   it forks writes its job's there (retitle()), so that /proc/PID/cmdline
+   and /proc/PID/environ show what an executed keeper's show. */
+static char *argv_room, *env_room;
+static size_t argv_room_size, env_room_size;
+
+/* The strings' span, from the first one's start to the last one's end. */
+static size_t
+span(char *const *strings)
+{
+    size_t n = 0;
+
+    while (strings[n + 1] != NULL)
+        n++;
+    return (size_t)(strings[n] + strlen(strings[n]) + 1 - strings[0]);
+}
+
+/* ``strings`` into ``room``, each with its NUL, as many as fit whole; the
+   rest of ``room`` zeroed. Returns whether all of them fit. */
+static int
+retitle(char *room, size_t size, char *const *strings)
+{
+    size_t used = 0;
+    int all = 1;
+
+    if (room == NULL)
+        return 0;
+    for (; *strings != NULL; strings++) {
+        size_t len = strlen(*strings) + 1;
+
+        if (len > size - used) {
+            all = 0;
+            break;
+        }
+        memcpy(room + used, *strings, len);
+        used += len;
+    }
+    memset(room + used, 0, size - used);
+    return all;
+}
+
 /* Whether ``opt`` takes a descriptor (keep()'s options). */
 static int
 takes_fd(const char *opt)
@@ -696,6 +740,11 @@ serve_one(char *msg, size_t len, const int *fds, int nfds)
         at = stop + 1;
     }
     env[n_env] = NULL;
+    /* The job's environment is how its processes are found (JOBGATE_JOB_ID
+       in /proc/PID/environ): the worker sends none bigger than the room. */
+    if (!retitle(env_room, env_room_size, env))
+        say("the job's environment does not fit in /proc/%d/environ", (int)getpid());
+    (void)retitle(argv_room, argv_room_size, args);
     exit(keep((int)argc + 1, args, env));
 }
 
@@ -850,8 +899,20 @@ serve(int sock)
 int
 main(int argc, char **argv)
 {
-    if (argc == 3 && strcmp(argv[1], "--serve") == 0) {
+    if (argc >= 3 && strcmp(argv[1], "--serve") == 0) {
+        /* --serve FD [ROOM]: ROOM, any text, makes argv's span longer, for
+           the forked keepers' arguments; the environment's span is theirs
+           too. */
         int sock = descriptor(argv[1], argv[2]);
+
+        if (argc > 4)
+            usage("--serve takes a descriptor and at most a room", NULL);
+        argv_room = argv[0];
+        argv_room_size = span(argv);
+        if (environ != NULL && environ[0] != NULL) {
+            env_room = environ[0];
+            env_room_size = span(environ);
+        }
         return serve(sock);
     }
     return keep(argc, argv, environ);

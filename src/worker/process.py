@@ -178,9 +178,10 @@ class ProcessOps:
 class KeptProcess:
     """A kept job: its main process, and the keeper whose end is the job's.
 
-    ``keeper`` is the worker's own child when this run of the worker started
-    the job, None when it adopted the job from an earlier run: then init is
-    the keeper's parent, and its end is known from ``pidfd`` alone. Either
+    ``keeper`` is the worker's own child when this run of the worker
+    executed the keeper, None when the keeper server forked it
+    (:class:`~worker.spawn.KeeperServer`) or when the worker adopted the job
+    from an earlier run: then the keeper's end is known from ``pidfd`` alone. Either
     way, the job's exit status is in the exit file the keeper writes.
     """
 

@@ -20,7 +20,9 @@ whether or not the worker is still there to read them (:func:`read_exit`).
 It reports the start as soon as it has forked the job's process: a step of
 that process that fails, the exec included, is in the exit file
 (``start_error``), and :func:`start_failure` makes of it the OSError
-:func:`spawn` would have raised.
+:func:`spawn` would have raised. The worker has the keeper forked by a
+:class:`KeeperServer` (a keeper it started once) rather than execute it for
+every job.
 """
 
 from __future__ import annotations
@@ -445,6 +447,14 @@ class KeeperServer:
     is called or the worker exits, however.
     """
 
+    # The server's arguments and environment are made this long: a keeper
+    # it forks writes its job's there, so that its /proc/PID/cmdline and
+    # environ read as an executed keeper's (the job's processes are found by
+    # JOBGATE_JOB_ID in their environment). A start whose environment is
+    # longer is executed instead; arguments longer are cut in cmdline only.
+    ARGV_ROOM = 4096
+    ENV_ROOM = 16384
+
     def __init__(self, answer_timeout_s: float = 10.0) -> None:
         assert keeper_available() == "", "KeeperServer without keeper_available()"
         self._lock = threading.Lock()
@@ -457,8 +467,13 @@ class KeeperServer:
             devnull = _above_stdio(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
             self.pid = _spawn.spawn(
                 os.fsencode(keeper_path()),
-                [os.fsencode(_KEEPER), b"--serve", str(theirs_fd).encode()],
-                [],
+                [
+                    os.fsencode(_KEEPER),
+                    b"--serve",
+                    str(theirs_fd).encode(),
+                    b"-" * self.ARGV_ROOM,
+                ],
+                [b"JOBGATE_KEEPER_ROOM=" + b"-" * (self.ENV_ROOM - 21)],
                 b"/",
                 devnull,
                 devnull,
@@ -482,6 +497,8 @@ class KeeperServer:
         """A keeper with arguments ``args`` (descriptors named "@I", the
         I-th of ``fds``) and environment ``env``; raises ServerGone if the
         server cannot start one, OSError if it could not fork."""
+        if sum(len(e) + 1 for e in env) > self.ENV_ROOM:
+            raise ServerGone("the job's environment is too big to be served", True)
         message = b"\0".join([str(len(args)).encode(), *args, *env]) + b"\0"
         with self._lock:
             if self.closed:

@@ -995,3 +995,36 @@ def test_a_start_too_big_for_the_server_is_refused_and_the_server_serves_on(
     kept = served_job(server, tmp_path / "job", ["/bin/sh", "-c", "echo ok"])
     ended_by_pidfd(kept)
     assert (tmp_path / "job" / "output").read_bytes() == b"ok\n"
+
+
+def test_a_served_keeper_shows_its_jobs_environment_and_arguments(tmp_path, server):
+    # The job's processes, its keeper among them, are found by the job's
+    # environment, as when the keeper is executed with it.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    kept = served_job(
+        server,
+        tmp_path / "job",
+        ["/bin/sh", "-c", f"read word < {fifo}"],
+        env={"PATH": "/usr/bin:/bin", "JOBGATE_JOB_ID": "j-1"},
+    )
+    try:
+        environ = Path(f"/proc/{kept.keeper_pid}/environ").read_bytes()
+        assert environ.rstrip(b"\0").split(b"\0") == [
+            b"PATH=/usr/bin:/bin",
+            b"JOBGATE_JOB_ID=j-1",
+        ]
+        cmdline = Path(f"/proc/{kept.keeper_pid}/cmdline").read_bytes()
+        words = cmdline.rstrip(b"\0").split(b"\0")
+        assert words[:2] == [b"jobgate-keeper", b"--report"]
+        assert words[-2:] == [b"-c", f"read word < {fifo}".encode()]
+    finally:
+        release(fifo)
+        ended_by_pidfd(kept)
+
+
+def test_a_job_environment_too_big_to_show_is_not_served(tmp_path, server):
+    env = {"PATH": "/usr/bin:/bin", "BIG": "x" * spawn.KeeperServer.ENV_ROOM}
+    with pytest.raises(spawn.ServerGone) as refused:
+        served_job(server, tmp_path / "job", ["/bin/true"], env=env)
+    assert refused.value.usable
