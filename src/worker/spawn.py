@@ -471,9 +471,9 @@ class KeeperServer:
                     os.fsencode(_KEEPER),
                     b"--serve",
                     str(theirs_fd).encode(),
-                    b"-" * self.ARGV_ROOM,
+                    b" " * self.ARGV_ROOM,  # blank where ps shows it
                 ],
-                [b"JOBGATE_KEEPER_ROOM=" + b"-" * (self.ENV_ROOM - 21)],
+                [b"JOBGATE_KEEPER_ROOM=" + b" " * (self.ENV_ROOM - 21)],
                 b"/",
                 devnull,
                 devnull,
