@@ -24,6 +24,8 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from worker import linux
+
 HEAD_NAME = "output.log"
 TAIL_NAME = "output.tail"
 # A kept job's output (KeptOutput): one sparse file.
@@ -303,6 +305,10 @@ class Stock:
         self._wanted = threading.Event()
         self._closed = False
         self._serial = itertools.count()
+        # Each job's directory in a block group of its own choosing, away
+        # from where inodes are freed (linux.spread_subdirectories says
+        # what it buys).
+        linux.spread_subdirectories(str(jobs_dir))
         for old in jobs_dir.glob(self.PREFIX + "*"):
             shutil.rmtree(old, ignore_errors=True)
         self._wanted.set()
