@@ -6,11 +6,17 @@
  * A restart of the worker would lose both. The worker starts this program
  * instead (as root, in no cgroup of the job's), and it starts the job:
  *
- *   jobgate-keeper --report FD --output FD --dir FD --head BYTES --tail BYTES
- *                  --drain-ms MS [--cgroup-procs FD]... [--cgroup-kill FD]
+ *   jobgate-keeper --report FD (--output FD | --output-name NAME) --dir FD
+ *                  --head BYTES --tail BYTES --drain-ms MS
+ *                  [--cgroup-procs FD]... [--cgroup-kill FD]
  *                  [--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]
  *
- * The descriptors are open already, passed on by the worker. The keeper's
+ * or, forked by a keeper the worker started once to serve it (see serve()
+ * below), with the same arguments sent over a socket.
+ *
+ * The descriptors are open already, passed on by the worker. With
+ * --output-name the output file is NAME in --dir, made (0640) when the job
+ * writes its first byte: a job that writes nothing costs no file. The keeper's
  * environment is the job's; its stdin (/dev/null) is the job's stdin; its
  * stderr carries its own complaints, a line each. It may hold other
  * descriptors the worker passed on (a lock, say): it never touches them, so
@@ -80,6 +86,8 @@
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
+#include <sys/signalfd.h>
+#include <sys/socket.h>
 
 /* One read of the job's output. */
 #define CHUNK (64 * 1024)
@@ -102,7 +110,9 @@ struct report {
 };
 
 struct output {
-    int fd;
+    int fd;            /* -1 until the named file is made */
+    int dir;           /* where a named file is made */
+    const char *name;  /* the file's name in dir, or NULL: fd is given */
     long long head, tail;
     long long total;   /* everything the job wrote so far */
     long long punched; /* [head, punched) is freed */
@@ -135,9 +145,9 @@ static void __attribute__((noreturn))
 usage(const char *why, const char *what)
 {
     say("%s%s%s", why, what ? ": " : "", what ? what : "");
-    say("usage: jobgate-keeper --report FD --output FD --dir FD --head BYTES "
-        "--tail BYTES --drain-ms MS [--cgroup-procs FD]... [--cgroup-kill FD] "
-        "[--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]");
+    say("usage: jobgate-keeper --report FD (--output FD | --output-name NAME) "
+        "--dir FD --head BYTES --tail BYTES --drain-ms MS [--cgroup-procs FD]... "
+        "[--cgroup-kill FD] [--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]");
     exit(2);
 }
 
@@ -213,6 +223,16 @@ take(struct output *o, const char *data, size_t n)
 {
     size_t done = 0;
 
+    if (o->fd < 0 && !o->write_err) {
+        /* The first output of a job given a name: making the file is a
+           write like any other, and fails as one (a full disk). */
+        o->fd = openat(o->dir, o->name, O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
+        if (o->fd < 0) {
+            o->write_err = errno;
+            o->kept = 0;
+            say("cannot make the job's output file, dropping it: %s", strerror(errno));
+        }
+    }
     while (!o->write_err && done < n) {
         ssize_t w = pwrite(o->fd, data + done, n - done, (off_t)(o->total + (long long)done));
         if (w < 0 && errno == EINTR)
@@ -372,10 +392,13 @@ write_exit(int dir, const char *text, size_t len)
     return 0;
 }
 
-int
-main(int argc, char **argv)
+static const int ignored[] = {SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGPIPE, SIGUSR1, SIGUSR2};
+
+/* Keeps one job: ``argv`` as described at the top, ``envp`` the job's
+   environment. Returns the keeper's exit status. */
+static int
+keep(int argc, char **argv, char **envp)
 {
-    static const int ignored[] = {SIGHUP, SIGINT, SIGTERM, SIGQUIT, SIGPIPE, SIGUSR1, SIGUSR2};
     struct plan p;
     struct output o;
     struct failure f;
@@ -406,6 +429,12 @@ main(int argc, char **argv)
             report_fd = descriptor(opt, val);
         } else if (strcmp(opt, "--output") == 0) {
             o.fd = descriptor(opt, val);
+        } else if (strcmp(opt, "--output-name") == 0) {
+            /* A name in --dir, never a path: the file is made there. */
+            if (val == NULL || val[0] == '\0' || strchr(val, '/') != NULL ||
+                strcmp(val, ".") == 0 || strcmp(val, "..") == 0)
+                usage("not a file name", opt);
+            o.name = val;
         } else if (strcmp(opt, "--dir") == 0) {
             dir_fd = descriptor(opt, val);
         } else if (strcmp(opt, "--head") == 0) {
@@ -435,18 +464,22 @@ main(int argc, char **argv)
         }
         i++; /* every option has a value */
     }
-    if (report_fd < 0 || o.fd < 0 || dir_fd < 0 || !has_head || !has_tail || drain_ms < 0 ||
-        p.cwd == NULL)
-        usage("--report, --output, --dir, --head, --tail, --drain-ms and --cwd are needed",
+    if (report_fd < 0 || (o.fd < 0 && o.name == NULL) || dir_fd < 0 || !has_head ||
+        !has_tail || drain_ms < 0 || p.cwd == NULL)
+        usage("--report, --output (or --output-name), --dir, --head, --tail, --drain-ms "
+              "and --cwd are needed",
               NULL);
+    if (o.fd >= 0 && o.name != NULL)
+        usage("--output and --output-name exclude each other", NULL);
     if ((p.uid < 0) != (p.gid < 0))
         usage("--uid and --gid go together", NULL);
     if (argc - i < 2)
         usage("the program's path and argv[0] are needed after --", NULL);
     p.path = argv[i];
     p.argv = argv + i + 1;
-    p.envp = environ;
+    p.envp = envp;
     o.punched = o.head;
+    o.dir = dir_fd;
 
     memset(&ign, 0, sizeof ign);
     ign.sa_handler = SIG_IGN;
@@ -575,4 +608,312 @@ main(int argc, char **argv)
                         f.err);
     close(start_fds[0]);
     return write_exit(dir_fd, text, (size_t)len) < 0 ? 1 : 0;
+}
+
+/*
+ * Serving: ``jobgate-keeper --serve FD``, FD a connected SOCK_SEQPACKET
+ * socket to the worker. The worker starts one such keeper when it starts,
+ * and asks it for each job's keeper instead of executing this program once
+ * per job: a fork() of this small process costs a start less than an exec
+ * and the dynamic linking that follows it (what it buys is in
+ * worker/spawn.py, KeeperServer).
+ *
+ * A request is one message: decimal argc, then argc arguments as the keeper
+ * takes them (without the program's name), then the job's environment, each
+ * string ended by a NUL; its descriptors come with it (SCM_RIGHTS), and an
+ * option that takes a descriptor names it "@I", the I-th of them. The
+ * serving keeper forks; the child leads a session of its own and keeps the
+ * job as a keeper started by the worker would, whatever becomes of the
+ * worker or of the serving keeper. The answer is one message: { int32 pid }
+ * of the job's keeper with its pidfd (SCM_RIGHTS), opened before the child
+ * could be reaped, so that it names that process and no other; or
+ * { -errno } alone if no keeper could be started. The serving keeper reaps
+ * its children as they end, and exits once the worker's end of the socket
+ * is closed (the worker exited, or was killed).
+ */
+
+#define SERVE_MAX_MESSAGE (256 * 1024)
+#define SERVE_MAX_FDS (MAX_CGROUPS + MAX_PASS_FDS + 8)
+#define SERVE_MAX_ARGS 4096
+
+static char request[SERVE_MAX_MESSAGE + 1];
+
+/* Where the serving keeper's own arguments and environment are: a keeper
+   it forks writes its job's there (retitle()), so that /proc/PID/cmdline
+   and /proc/PID/environ show what an executed keeper's show. */
+static char *argv_room, *env_room;
+static size_t argv_room_size, env_room_size;
+
+/* The strings' span, from the first one's start to the last one's end. */
+static size_t
+span(char *const *strings)
+{
+    size_t n = 0;
+
+    while (strings[n + 1] != NULL)
+        n++;
+    return (size_t)(strings[n] + strlen(strings[n]) + 1 - strings[0]);
+}
+
+/* ``strings`` into ``room``, each with its NUL, as many as fit whole; the
+   rest of ``room`` zeroed. Returns whether all of them fit. */
+static int
+retitle(char *room, size_t size, char *const *strings)
+{
+    size_t used = 0;
+    int all = 1;
+
+    if (room == NULL)
+        return 0;
+    for (; *strings != NULL; strings++) {
+        size_t len = strlen(*strings) + 1;
+
+        if (len > size - used) {
+            all = 0;
+            break;
+        }
+        memcpy(room + used, *strings, len);
+        used += len;
+    }
+    memset(room + used, 0, size - used);
+    return all;
+}
+
+/* Whether ``opt`` takes a descriptor (keep()'s options). */
+static int
+takes_fd(const char *opt)
+{
+    static const char *const options[] = {"--report", "--output", "--dir", "--cgroup-procs",
+                                           "--cgroup-kill"};
+    size_t k;
+
+    for (k = 0; k < sizeof options / sizeof options[0]; k++)
+        if (strcmp(opt, options[k]) == 0)
+            return 1;
+    return 0;
+}
+
+/* In the forked child: the request's arguments, their "@I" made the
+   descriptors' numbers, then keep(). Never returns. */
+static void __attribute__((noreturn))
+serve_one(char *msg, size_t len, const int *fds, int nfds)
+{
+    static char *args[SERVE_MAX_ARGS + 2];
+    static char *env[SERVE_MAX_ARGS + 1];
+    static char numbers[SERVE_MAX_FDS][16];
+    char *at = msg, *end = msg + len, *stop;
+    long argc, i, n_env = 0;
+    int options = 1;
+
+    if (setsid() < 0)
+        say("setsid: %s", strerror(errno));
+    stop = memchr(at, '\0', (size_t)(end - at));
+    if (stop == NULL)
+        usage("a request without its count", NULL);
+    argc = strtol(at, NULL, 10);
+    if (argc < 1 || argc > SERVE_MAX_ARGS)
+        usage("a request with a bad count", NULL);
+    at = stop + 1;
+    args[0] = "jobgate-keeper";
+    for (i = 1; i <= argc; i++) {
+        stop = at < end ? memchr(at, '\0', (size_t)(end - at)) : NULL;
+        if (stop == NULL)
+            usage("a request cut short", NULL);
+        args[i] = at;
+        if (options && strcmp(at, "--") == 0)
+            options = 0;
+        if (options && i > 1 && takes_fd(args[i - 1]) && at[0] == '@') {
+            long k = strtol(at + 1, NULL, 10);
+            if (k < 0 || k >= nfds)
+                usage("a request names a descriptor it did not bring", at);
+            snprintf(numbers[k], sizeof numbers[k], "%d", fds[k]);
+            args[i] = numbers[k];
+        }
+        at = stop + 1;
+    }
+    args[argc + 1] = NULL;
+    while (at < end && n_env < SERVE_MAX_ARGS) {
+        stop = memchr(at, '\0', (size_t)(end - at));
+        if (stop == NULL)
+            usage("a request's environment cut short", NULL);
+        env[n_env++] = at;
+        at = stop + 1;
+    }
+    env[n_env] = NULL;
+    /* The job's environment is how its processes are found (JOBGATE_JOB_ID
+       in /proc/PID/environ): the worker sends none bigger than the room. */
+    if (!retitle(env_room, env_room_size, env))
+        say("the job's environment does not fit in /proc/%d/environ", (int)getpid());
+    (void)retitle(argv_room, argv_room_size, args);
+    exit(keep((int)argc + 1, args, env));
+}
+
+/* One request: fork its keeper and answer. */
+static void
+serve_request(int sock, int sig_fd, size_t len, const int *fds, int nfds)
+{
+    int32_t answer;
+    int pidfd = -1;
+    pid_t pid;
+    struct msghdr m;
+    struct iovec iov;
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+
+    pid = fork();
+    if (pid == 0) {
+        sigset_t none;
+
+        close(sock);
+        close(sig_fd);
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        serve_one(request, len, fds, nfds);
+    }
+    answer = pid > 0 ? (int32_t)pid : -errno;
+    if (pid > 0) {
+        /* Not reaped before this: the pid is the child's. */
+        pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+        if (pidfd < 0) {
+            answer = -errno;
+            /* A keeper the worker cannot watch must not run on unseen: it
+               has not reported the job's start yet, and the worker gives
+               the start up. */
+            kill(pid, SIGKILL);
+        }
+    }
+    memset(&m, 0, sizeof m);
+    iov.iov_base = &answer;
+    iov.iov_len = sizeof answer;
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    if (pidfd >= 0) {
+        struct cmsghdr *c;
+
+        memset(&control, 0, sizeof control);
+        m.msg_control = control.buf;
+        m.msg_controllen = sizeof control.buf;
+        c = CMSG_FIRSTHDR(&m);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &pidfd, sizeof(int));
+    }
+    while (sendmsg(sock, &m, MSG_NOSIGNAL) < 0) {
+        if (errno != EINTR) {
+            /* The worker is gone: the keeper, if any, goes on; the job's
+               start is the worker's to find again (its record). */
+            break;
+        }
+    }
+    if (pidfd >= 0)
+        close(pidfd);
+}
+
+static int
+serve(int sock)
+{
+    struct sigaction ign;
+    sigset_t chld;
+    int sig_fd;
+    size_t k;
+
+    memset(&ign, 0, sizeof ign);
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    for (k = 0; k < sizeof ignored / sizeof ignored[0]; k++)
+        sigaction(ignored[k], &ign, NULL);
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, NULL);
+    sig_fd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (sig_fd < 0) {
+        say("signalfd: %s", strerror(errno));
+        return 1;
+    }
+    for (;;) {
+        struct pollfd fds[2] = {{.fd = sock, .events = POLLIN}, {.fd = sig_fd, .events = POLLIN}};
+        union {
+            struct cmsghdr align;
+            char buf[CMSG_SPACE(sizeof(int) * SERVE_MAX_FDS)];
+        } control;
+        int got[SERVE_MAX_FDS], ngot = 0;
+        struct msghdr m;
+        struct iovec iov;
+        struct cmsghdr *c;
+        ssize_t n;
+
+        if (poll(fds, 2, -1) < 0) {
+            if (errno != EINTR)
+                usleep(10 * 1000);
+            continue;
+        }
+        if (fds[1].revents) {
+            struct signalfd_siginfo info;
+
+            while (read(sig_fd, &info, sizeof info) > 0)
+                ;
+            while (waitpid(-1, NULL, WNOHANG) > 0)
+                ;
+        }
+        if (!fds[0].revents)
+            continue;
+        memset(&m, 0, sizeof m);
+        iov.iov_base = request;
+        iov.iov_len = SERVE_MAX_MESSAGE;
+        m.msg_iov = &iov;
+        m.msg_iovlen = 1;
+        m.msg_control = control.buf;
+        m.msg_controllen = sizeof control.buf;
+        n = recvmsg(sock, &m, MSG_CMSG_CLOEXEC);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n <= 0)
+            break; /* the worker closed its end, or it is gone */
+        for (c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c)) {
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                if (count > SERVE_MAX_FDS - ngot)
+                    count = SERVE_MAX_FDS - ngot;
+                memcpy(got + ngot, CMSG_DATA(c), sizeof(int) * (size_t)count);
+                ngot += count;
+            }
+        }
+        if (m.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+            int32_t answer = -EMSGSIZE;
+            (void)!send(sock, &answer, sizeof answer, MSG_NOSIGNAL);
+        } else {
+            request[n] = '\0';
+            serve_request(sock, sig_fd, (size_t)n, got, ngot);
+        }
+        while (ngot > 0)
+            close(got[--ngot]);
+    }
+    while (waitpid(-1, NULL, WNOHANG) > 0)
+        ;
+    return 0;
+}
+
+int
+main(int argc, char **argv)
+{
+    if (argc >= 3 && strcmp(argv[1], "--serve") == 0) {
+        /* --serve FD [ROOM]: ROOM, any text, makes argv's span longer, for
+           the forked keepers' arguments; the environment's span is theirs
+           too. */
+        int sock = descriptor(argv[1], argv[2]);
+
+        if (argc > 4)
+            usage("--serve takes a descriptor and at most a room", NULL);
+        argv_room = argv[0];
+        argv_room_size = span(argv);
+        if (environ != NULL && environ[0] != NULL) {
+            env_room = environ[0];
+            env_room_size = span(environ);
+        }
+        return serve(sock);
+    }
+    return keep(argc, argv, environ);
 }

@@ -4,8 +4,12 @@
   writes its output through its keeper straight into a file
   (:mod:`worker.output`), not through the worker; the worker learns of new
   bytes, to wake the job's followers, from an ``IN_MODIFY`` event on the
-  file. Events of one file coalesce while unread, so a job writing fast
+  file (the job's directory is watched: it reports the writes of the files
+  in it, the output file among them, made only once the job writes).
+  Events of one file coalesce while unread, so a job writing fast
   costs the worker one event per turn of its reactor, not one per write.
+* :func:`spread_subdirectories`: ask ext4 to place the directories made in
+  a directory as it places top-level ones (``chattr +T``).
 * :func:`start_time` and :func:`boot_id`: with its pid, what names a
   process for good. A pid alone may be reused once its process is gone; a
   process's start time (clock ticks since boot) on this boot is not.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import struct
 
@@ -74,6 +79,46 @@ class Inotify:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# linux/fs.h: the inode flags ioctls (an int through a pointer), and
+# FS_TOPDIR_FL, "top of directory hierarchies".
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_TOPDIR_FL = 0x00020000
+
+
+def spread_subdirectories(path: str) -> bool:
+    """Mark ``path`` as a top of directory hierarchies (``chattr +T``).
+
+    ext4 then makes each new directory in it in a block group of its own
+    choosing, one with more free inodes than average and few directories,
+    rather than in ``path``'s own group; the files made in such a directory
+    go into its group. Where inodes are freed often near ``path`` (a busy
+    /tmp, or a worker's own retention), ext4 without a journal scans past
+    every one freed in the last seconds before it can hand out a new one.
+    On the bench host (state in /tmp, shared with other busy programs) the
+    thread that makes kept jobs' directories ahead (output.Stock) went from
+    1.0-1.2 ms of CPU per start to 0.3-0.4 ms. False where the filesystem
+    has no such flag (it is only a hint: nothing else changes).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        flags = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
+        (current,) = struct.unpack_from("i", flags)
+        if current & FS_TOPDIR_FL:
+            return True
+        struct.pack_into("i", flags, 0, current | FS_TOPDIR_FL)
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def start_time(pid: int) -> int | None:

@@ -24,6 +24,8 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from worker import linux
+
 HEAD_NAME = "output.log"
 TAIL_NAME = "output.tail"
 # A kept job's output (KeptOutput): one sparse file.
@@ -163,10 +165,13 @@ class KeptOutput:
     job's ``total`` and an offset is a position in the file. Of what lies
     beyond the first ``head_bytes``, the keeper deallocates all but the
     newest ``tail_bytes`` (it punches holes): the file is sparse and its disk
-    use stays about ``head_bytes + tail_bytes``, whatever its size.
+    use stays about ``head_bytes + tail_bytes``, whatever its size. The
+    keeper makes the file with the job's first byte: a job that wrote
+    nothing has none.
 
     The worker never writes it: it only reads, and learns of new bytes with
-    :meth:`refresh` (on an inotify event, :mod:`worker.linux`). A read of the
+    :meth:`refresh` (on an inotify event of the job's directory,
+    :mod:`worker.linux`). A read of the
     tail checks the size again afterwards: bytes the keeper may have
     deallocated meanwhile are dropped from the answer, as the ring of
     :class:`OutputLog` would have overwritten them.
@@ -181,15 +186,16 @@ class KeptOutput:
         self.lock = threading.Lock()
         self._fd: int | None = None  # for reading, while the job runs
 
-    def create(self, stock: Stock | None = None) -> int:
-        """Make the job's directory and its empty output file (from ``stock``
-        when it has one ready); returns a descriptor for the keeper to write
-        (the caller closes it)."""
-        if stock is not None:
-            fd = stock.take(self.directory)
-            if fd is not None:
-                return fd
-        return _make_job_directory(self.directory)
+    def create(self, stock: Stock | None = None) -> None:
+        """Make the job's directory (from ``stock`` when it has one ready).
+
+        The output file is not made here: the keeper makes it with the job's
+        first byte (``--output-name``), so a job that writes nothing costs no
+        inode for it.
+        """
+        if stock is not None and stock.take(self.directory):
+            return
+        _make_job_directory(self.directory)
 
     def refresh(self) -> int:
         """Read the size again; how many bytes the output grew by."""
@@ -227,7 +233,11 @@ class KeptOutput:
 
     def read(self, pos: int, limit: int, total: int) -> tuple[int, bytes]:
         """Up to ``limit`` bytes from ``pos`` (see :meth:`OutputLog.read`)."""
-        with open(self.path, "rb", buffering=0) as f:
+        try:
+            f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed below
+        except FileNotFoundError:  # the job wrote nothing (yet)
+            return pos, b""
+        with f:
             fd = f.fileno()
             while True:
                 if pos >= self.head_bytes:
@@ -251,11 +261,15 @@ class KeptOutput:
                 pos = kept  # all of it may be gone: read from the tail now
 
 
-def _make_job_directory(directory: Path) -> int:
-    """Make ``directory`` with an empty output file; a descriptor to write it.
+def _make_job_directory(directory: Path) -> None:
+    """Make ``directory`` with the keeper's ``exit.tmp``, a block allocated
+    for it: the keeper writes the job's end into it in place, which a full
+    disk cannot refuse.
 
-    Also the keeper's ``exit.tmp``, with a block allocated: the keeper writes
-    the job's end into it in place, which a full disk cannot refuse.
+    No more: on ext4 without a journal every new inode costs a scan past the
+    inodes deleted lately (0.4-0.6 ms of CPU each on the bench host), and the
+    output file is the keeper's to make once the job writes (bench scenario
+    1, a job that writes nothing: two inodes per start instead of three).
     """
     os.mkdir(directory, 0o750)
     fd = os.open(
@@ -267,22 +281,17 @@ def _make_job_directory(directory: Path) -> int:
         os.posix_fallocate(fd, 0, EXIT_RESERVE_BYTES)
     finally:
         os.close(fd)
-    return os.open(
-        directory / DATA_NAME,
-        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-        0o640,
-    )
 
 
 class Stock:
-    """Job directories with an empty output file, made ahead of the starts.
+    """Job directories, made ahead of the starts.
 
     Making a directory and a file is the dearest thing a kept job's start
     does on the disk: on ext4 each new inode costs 0.2-0.6 ms on this
     machine, more the more files were deleted lately (see
     :mod:`worker.records`). A thread keeps ``size`` of them ready as
     ``<jobs_dir>/.stock-<n>``; a start renames one to the job's name (no new
-    inode) and takes its open descriptor. What bench scenario 1 measured is
+    inode). What bench scenario 1 measured is
     in ``bench/README.md``. A directory left from an earlier run is removed
     when the stock starts.
     """
@@ -292,32 +301,35 @@ class Stock:
     def __init__(self, jobs_dir: Path, size: int = 4):
         self.jobs_dir = jobs_dir
         self.size = size
-        self._ready: collections.deque[tuple[Path, int]] = collections.deque()
+        self._ready: collections.deque[Path] = collections.deque()
         self._wanted = threading.Event()
         self._closed = False
         self._serial = itertools.count()
+        # Each job's directory in a block group of its own choosing, away
+        # from where inodes are freed (linux.spread_subdirectories says
+        # what it buys).
+        linux.spread_subdirectories(str(jobs_dir))
         for old in jobs_dir.glob(self.PREFIX + "*"):
             shutil.rmtree(old, ignore_errors=True)
         self._wanted.set()
         self._thread = threading.Thread(target=self._run, name="stock", daemon=True)
         self._thread.start()
 
-    def take(self, directory: Path) -> int | None:
-        """A descriptor of ``directory``'s empty output file, or None when none
-        is ready (the caller makes its own)."""
+    def take(self, directory: Path) -> bool:
+        """Rename a ready directory to ``directory``; False when none is
+        ready (the caller makes its own)."""
         try:
-            path, fd = self._ready.popleft()
+            path = self._ready.popleft()
         except IndexError:
             self._wanted.set()
-            return None
+            return False
         self._wanted.set()
         try:
             os.rename(path, directory)
         except OSError:
-            os.close(fd)
             shutil.rmtree(path, ignore_errors=True)
-            return None
-        return fd
+            return False
+        return True
 
     def _run(self) -> None:
         while True:
@@ -327,11 +339,11 @@ class Stock:
                 name = f"{self.PREFIX}{os.getpid()}-{next(self._serial)}"
                 path = self.jobs_dir / name
                 try:
-                    fd = _make_job_directory(path)
+                    _make_job_directory(path)
                 except OSError as exc:  # a full disk: starts make their own
                     log.warning("could not make a job directory ahead: %s", exc)
                     break
-                self._ready.append((path, fd))
+                self._ready.append(path)
             if self._closed:
                 return
 
@@ -340,9 +352,7 @@ class Stock:
         self._wanted.set()
         self._thread.join(5)
         while self._ready:
-            path, fd = self._ready.popleft()
-            os.close(fd)
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(self._ready.popleft(), ignore_errors=True)
 
 
 def _pread_ring(fd: int, start: int, n: int, ring: int) -> bytes:

@@ -26,6 +26,7 @@ import select
 import shutil
 import stat
 import subprocess
+import threading
 import time
 
 from worker import linux
@@ -97,8 +98,52 @@ class ProcessOps:
             extra_groups=[] if user is not None else None,
         )
 
+    # The keeper server (worker.spawn.KeeperServer) that forks kept jobs'
+    # keepers; None until the first kept start, or once it failed.
+    _server: one_exec.KeeperServer | None = None
+    _server_failed = False
+    _server_lock = threading.Lock()
+
     def spawn_kept(self, argv, **kwargs) -> one_exec.Kept:
+        """Start a kept job: its keeper forked by the keeper server, or
+        executed if there is none (it could not start, or it failed)."""
+        server = self.keeper_server()
+        if server is not None:
+            try:
+                return one_exec.spawn_kept(argv, server=server, **kwargs)
+            except one_exec.ServerGone as exc:
+                if exc.usable:  # this start only: its keeper is executed
+                    return one_exec.spawn_kept(argv, **kwargs)
+                log.warning(
+                    "%s; jobs' keepers are executed one by one from now on", exc
+                )
+                with self._server_lock:
+                    self._server_failed = True
+                    self._server = None
+                server.close()
         return one_exec.spawn_kept(argv, **kwargs)
+
+    def keeper_server(self) -> one_exec.KeeperServer | None:
+        """The keeper server, started on the first call (None if it cannot be)."""
+        with self._server_lock:
+            if self._server is None and not self._server_failed and self.kept:
+                try:
+                    self._server = one_exec.KeeperServer()
+                except OSError as exc:
+                    self._server_failed = True
+                    log.warning(
+                        "the keeper server could not start (%s); jobs' keepers "
+                        "are executed one by one",
+                        exc,
+                    )
+            return self._server
+
+    def close(self) -> None:
+        """Stop the keeper server; the keepers it forked run on."""
+        with self._server_lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.close()
 
     def exit_fd(self, pid: int) -> int:
         """A descriptor that becomes readable once ``pid`` has exited.
@@ -133,9 +178,10 @@ class ProcessOps:
 class KeptProcess:
     """A kept job: its main process, and the keeper whose end is the job's.
 
-    ``keeper`` is the worker's own child when this run of the worker started
-    the job, None when it adopted the job from an earlier run: then init is
-    the keeper's parent, and its end is known from ``pidfd`` alone. Either
+    ``keeper`` is the worker's own child when this run of the worker
+    executed the keeper, None when the keeper server forked it
+    (:class:`~worker.spawn.KeeperServer`) or when the worker adopted the job
+    from an earlier run: then the keeper's end is known from ``pidfd`` alone. Either
     way, the job's exit status is in the exit file the keeper writes.
     """
 
@@ -216,6 +262,13 @@ class KeptProcess:
     def exit_fd(self) -> int:
         """A descriptor readable once the keeper has ended (the caller's to close)."""
         return os.dup(self._pidfd)
+
+    def start_time(self) -> int | None:
+        """The keeper's start time (linux.start_time), None once it has ended:
+        a keeper that is not the worker's child is reaped at once, and its
+        pid may then name another process."""
+        start = linux.start_time(self.keeper_pid)
+        return None if self._gone(0) else start
 
     def poll(self) -> int | None:
         return self.wait(0) if self._gone(0) else None
@@ -346,23 +399,25 @@ class Spawner:
             "cgroup_procs": procs or None,
         }
         if kept is not None:
-            out_fd = kept.create(self.stock)
-            try:
-                started = self.ops.spawn_kept(
-                    argv,
-                    **common,
-                    cgroup_kill=cgroup_kill,
-                    job_dir=str(kept.directory),
-                    output_fd=out_fd,
-                    head_bytes=kept.head_bytes,
-                    tail_bytes=kept.tail_bytes,
-                    drain_s=self.cfg.drain_timeout_s,
-                    hold_fds=hold_fds,
-                )
-            finally:
-                os.close(out_fd)
-            keeper = started.keeper
-            proc = KeptProcess(started.pid, keeper.pid, keeper, str(kept.directory))
+            kept.create(self.stock)
+            started = self.ops.spawn_kept(
+                argv,
+                **common,
+                cgroup_kill=cgroup_kill,
+                job_dir=str(kept.directory),
+                output_name=kept.path.name,
+                head_bytes=kept.head_bytes,
+                tail_bytes=kept.tail_bytes,
+                drain_s=self.cfg.drain_timeout_s,
+                hold_fds=hold_fds,
+            )
+            proc = KeptProcess(
+                started.pid,
+                started.keeper_pid,
+                started.keeper,
+                str(kept.directory),
+                started.pidfd,
+            )
             proc.program = argv[0]
             return proc, None
         if self.ops.native:  # one exec, but no keeper (jobgate-keeper missing)

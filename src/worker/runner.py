@@ -35,7 +35,7 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import history, isolation, linux, metrics, watcher
+from worker import history, isolation, linux, metrics, spawn, watcher
 from worker.accounts import Accounts
 from worker.config import JobsSection
 from worker.drain import Drain, DrainState
@@ -43,7 +43,14 @@ from worker.health import Health
 from worker.job import Job, JobRecord, Phase
 from worker.limits import NAMES as LIMIT_NAMES
 from worker.limits import Enforcer, Limits
-from worker.output import DATA_NAME, KeptOutput, OutputLog, Stock, read_chunks
+from worker.output import (
+    DATA_NAME,
+    EXIT_TMP_NAME,
+    KeptOutput,
+    OutputLog,
+    Stock,
+    read_chunks,
+)
 from worker.process import (
     SAFE_PATH,
     KeptProcess,
@@ -113,6 +120,8 @@ class JobRunner:
         for job in adopt + ended_away:
             job.account = self.accounts.adopt(job.extra.get("account") or {})
         self.stock = Stock(self.jobs_dir) if self.ops.kept else None
+        if self.ops.kept:
+            self.ops.keeper_server()  # started now rather than by the first job
         self.spawner = Spawner(
             cfg,
             self.ops,
@@ -236,7 +245,12 @@ class JobRunner:
     def _output(self, directory, total: int = 0) -> OutputLog | KeptOutput:
         """The output of a job of an earlier run, by the files it left."""
         head, tail = self.cfg.output_head_bytes, self.cfg.output_tail_bytes
-        if (directory / DATA_NAME).exists():
+        # A kept job's keeper makes its output file only with the job's
+        # first byte; its exit file (or the room made for it) is always there.
+        if any(
+            (directory / name).exists()
+            for name in (DATA_NAME, EXIT_TMP_NAME, spawn.EXIT_FILE)
+        ):
             output = KeptOutput(directory, head, tail)
             output.total = total
             return output
@@ -386,8 +400,9 @@ class JobRunner:
             pending_stop = job.started(proc)
             stage = "watch"
             self._record_pid(job)
-            # A kept job ends with its keeper (the worker's child until then).
-            job.exit_fd = self.ops.exit_fd(proc.keeper_pid if kept else proc.pid)
+            # A kept job ends with its keeper: watched through the pidfd it
+            # came with (its pid alone may name another process by now).
+            job.exit_fd = proc.exit_fd() if kept else self.ops.exit_fd(proc.pid)
             self.watcher.watch(job, timeout)
             if pending_stop is not None:
                 self.watcher.send_stop(job, pending_stop[1], self.cfg.stop_grace_s)
@@ -413,7 +428,7 @@ class JobRunner:
         return {
             "keeper": {
                 "pid": proc.keeper_pid,
-                "start": linux.start_time(proc.keeper_pid),
+                "start": proc.start_time(),
                 "boot": self._boot,
             },
             "account": account.to_json(),
@@ -599,6 +614,7 @@ class JobRunner:
         self._closed.set()
         if self.stock is not None:
             self.stock.close()
+        self.ops.close()
         self._reactor.close()
         self.enforcer.close()
         self.isolation.close()

@@ -63,7 +63,8 @@ class Watcher:
         self.health = health
         self.finish = finish  # records the end the machine decided
         self.give_back = give_back  # returns the job's account
-        # Kept jobs' output files, watched for growth (on the reactor's thread).
+        # Kept jobs' directories, watched for their output file's growth (on
+        # the reactor's thread).
         self._inotify: linux.Inotify | None = None
         self._watches: dict[int, Job] = {}
 
@@ -151,7 +152,10 @@ class Watcher:
             if self._inotify is None:
                 self._inotify = linux.Inotify()
                 self.reactor.add_reader(self._inotify.fd, self._on_growth)
-            job.watch = self._inotify.watch(str(job.output.path))
+            # The directory, not the file: the keeper makes the file only
+            # with the job's first byte. Its writes of the exit file come
+            # as events too, and cost a look at the size each.
+            job.watch = self._inotify.watch(str(job.output.directory))
             self._watches[job.watch] = job
             self._grown(job)  # what it wrote before the watch began
         self.reactor.add_reader(

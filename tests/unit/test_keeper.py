@@ -8,7 +8,9 @@ import errno
 import fcntl
 import os
 import random
+import select
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -152,6 +154,89 @@ def test_the_output_is_copied_exactly_and_the_exit_file_tells_the_end(
     # The keeper reaped the job: the worker has only the keeper to reap.
     assert not alive(job.kept.pid)
     assert new_children() == []
+
+
+def named_output_job(tmp_path: Path, argv: list[str]) -> tuple[Path, spawn.Kept]:
+    directory = tmp_path / f"job-{uuid.uuid4().hex[:8]}"
+    directory.mkdir()
+    kept = spawn.spawn_kept(
+        argv,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        user=None,
+        group=None,
+        cgroup_procs=None,
+        cgroup_kill=None,
+        job_dir=str(directory),
+        output_name="out.data",
+        head_bytes=MiB,
+        tail_bytes=MiB,
+        drain_s=5.0,
+    )
+    assert kept.keeper.wait(timeout=10) == 0
+    return directory, kept
+
+
+def test_a_named_output_file_is_made_with_the_first_byte(tmp_path):
+    old = os.umask(0)
+    try:
+        directory, _ = named_output_job(tmp_path, ["/bin/sh", "-c", "echo hi >&2"])
+    finally:
+        os.umask(old)
+    assert (directory / "out.data").read_bytes() == b"hi\n"
+    assert stat.S_IMODE((directory / "out.data").stat().st_mode) == 0o640
+    ended = spawn.read_exit(str(directory))
+    assert (ended.output_bytes, ended.output_error) == (3, None)
+
+
+def test_a_job_that_writes_nothing_gets_no_output_file(tmp_path):
+    directory, _ = named_output_job(tmp_path, ["/bin/true"])
+    assert sorted(os.listdir(directory)) == ["exit"]
+    ended = spawn.read_exit(str(directory))
+    assert (ended.returncode, ended.output_bytes, ended.output_error) == (0, 0, None)
+
+
+def test_an_output_file_that_cannot_be_made_is_an_output_error(tmp_path):
+    directory = tmp_path / "job"
+    directory.mkdir()
+    (directory / "out.data").mkdir()  # in the way: opening it fails (EISDIR)
+    kept = spawn.spawn_kept(
+        ["/bin/sh", "-c", "head -c 1000000 /dev/zero"],
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        user=None,
+        group=None,
+        cgroup_procs=None,
+        cgroup_kill=None,
+        job_dir=str(directory),
+        output_name="out.data",
+        head_bytes=MiB,
+        tail_bytes=MiB,
+        drain_s=5.0,
+    )
+    assert kept.keeper.wait(timeout=10) == 0
+    ended = spawn.read_exit(str(directory))
+    assert (ended.returncode, ended.output_bytes) == (0, 1000000)
+    assert ended.output_error == (errno.EISDIR, 0)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b"])
+def test_an_output_name_must_be_a_name(tmp_path, name):
+    with pytest.raises(ValueError, match="output"):
+        spawn.spawn_kept(
+            ["/bin/true"],
+            cwd="/",
+            env={},
+            user=None,
+            group=None,
+            cgroup_procs=None,
+            cgroup_kill=None,
+            job_dir=str(tmp_path),
+            output_name=name,
+            head_bytes=MiB,
+            tail_bytes=MiB,
+            drain_s=5.0,
+        )
 
 
 def test_the_job_is_the_keepers_child_with_a_session_of_its_own(tmp_path):
@@ -727,3 +812,219 @@ def test_bad_arguments_end_the_keeper_before_it_starts_anything(tmp_path):
     )
     assert run.returncode == 2
     assert run.stderr.startswith(b"jobgate-keeper: ")
+
+
+# -- the keeper server -----------------------------------------------------------
+
+
+@pytest.fixture
+def server() -> Iterator[spawn.KeeperServer]:
+    served = spawn.KeeperServer()
+    yield served
+    served.close()
+
+
+def served_job(
+    server: spawn.KeeperServer, directory: Path, argv: list[str], **kw
+) -> spawn.Kept:
+    directory.mkdir(exist_ok=True)
+    kw.setdefault("env", {"PATH": "/usr/bin:/bin"})
+    return spawn.spawn_kept(
+        argv,
+        cwd="/",
+        user=None,
+        group=None,
+        cgroup_procs=None,
+        cgroup_kill=None,
+        job_dir=str(directory),
+        output_name="output",
+        head_bytes=MiB,
+        tail_bytes=MiB,
+        drain_s=5.0,
+        server=server,
+        **kw,
+    )
+
+
+def release(fifo: Path) -> None:
+    """Let a job blocked in ``read word < fifo`` go on."""
+    with open(fifo, "w") as f:
+        f.write("go\n")
+
+
+def ended_by_pidfd(kept: spawn.Kept, timeout: float = 10) -> None:
+    try:
+        ready, _, _ = select.select([kept.pidfd], [], [], timeout)
+        assert ready, "the keeper did not end"
+    finally:
+        os.close(kept.pidfd)
+
+
+def test_a_served_keeper_keeps_the_job_as_an_executed_one_does(tmp_path, server):
+    kept = served_job(
+        server,
+        tmp_path / "job",
+        ["/bin/sh", "-c", 'printf "%s|" "$0" "$1" "$FOO"; exit 3', "", "a b"],
+        env={"PATH": "/usr/bin:/bin", "FOO": "x=y"},
+    )
+    # Forked by the server, not the worker's child: watched by its pidfd.
+    assert kept.keeper is None and kept.keeper_pid not in children()
+    assert kept.pid != kept.keeper_pid
+    ended_by_pidfd(kept)
+    ended = spawn.read_exit(str(tmp_path / "job"))
+    assert (ended.returncode, ended.start_error) == (3, None)
+    assert (tmp_path / "job" / "output").read_bytes() == b"|a b|x=y|"
+
+
+def test_a_served_keeper_tells_a_failed_exec_in_the_exit_file(tmp_path, server):
+    kept = served_job(server, tmp_path / "job", ["/nonexistent/program"])
+    ended_by_pidfd(kept)
+    ended = spawn.read_exit(str(tmp_path / "job"))
+    failure = spawn.start_failure(*ended.start_error, "/nonexistent/program")
+    assert isinstance(failure, FileNotFoundError)
+
+
+def test_a_served_keeper_holds_what_it_is_given_and_the_job_does_not(tmp_path, server):
+    lock = os.open(tmp_path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        kept = served_job(
+            server,
+            tmp_path / "job",
+            ["/bin/sh", "-c", "ls /proc/self/fd; sleep 0.3"],
+            hold_fds=(lock,),
+        )
+    finally:
+        os.close(lock)  # the keeper's copy holds the lock on
+    other = os.open(tmp_path / "lock", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ended_by_pidfd(kept)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once it ended
+    finally:
+        os.close(other)
+    # The job saw its stdio and the descriptor ls opened: nothing of the
+    # keeper's.
+    assert (tmp_path / "job" / "output").read_bytes().split() == [
+        b"0",
+        b"1",
+        b"2",
+        b"3",
+    ]
+
+
+def test_served_keepers_outlive_the_server(tmp_path):
+    served = spawn.KeeperServer()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    kept = served_job(
+        served, tmp_path / "job", ["/bin/sh", "-c", f"read word < {fifo}; echo $word"]
+    )
+    served.close()  # the server exits (close() reaps it)
+    assert alive(kept.keeper_pid) and alive(kept.pid)
+    release(fifo)
+    ended_by_pidfd(kept)
+    ended = spawn.read_exit(str(tmp_path / "job"))
+    assert (ended.returncode, ended.output_bytes) == (0, 3)
+
+
+SERVED_WORKER = """
+import os, signal, sys
+from worker import spawn
+
+job_dir, script = sys.argv[1:]
+server = spawn.KeeperServer()
+kept = spawn.spawn_kept(
+    ["/bin/sh", "-c", script], cwd="/", env={"PATH": "/usr/bin:/bin"},
+    user=None, group=None, cgroup_procs=None, cgroup_kill=None, job_dir=job_dir,
+    output_name="output", head_bytes=1 << 20, tail_bytes=1 << 20, drain_s=5,
+    server=server,
+)
+print(server.pid, kept.keeper_pid, kept.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_server_exits_with_its_worker_and_the_job_runs_on(tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    with adopting_orphans():
+        worker = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                SERVED_WORKER,
+                str(job_dir),
+                "sleep 0.5; echo after; exit 5",
+            ],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            timeout=30,
+        )
+        assert worker.returncode == -signal.SIGKILL
+        server_pid, keeper_pid, job_pid = map(int, worker.stdout.split())
+        assert alive(job_pid)  # the worker is gone, the job is not
+        # The server saw its socket close and exited; the keeper did not.
+        _, status = os.waitpid(server_pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        _, status = os.waitpid(keeper_pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    ended = spawn.read_exit(str(job_dir))
+    assert (ended.returncode, ended.output_bytes) == (5, 6)
+    assert (job_dir / "output").read_bytes() == b"after\n"
+
+
+def test_a_server_that_is_gone_starts_nothing_and_says_so(tmp_path):
+    served = spawn.KeeperServer()
+    os.kill(served.pid, signal.SIGKILL)
+    os.waitpid(served.pid, 0)
+    with pytest.raises(spawn.ServerGone):
+        served_job(served, tmp_path / "job", ["/bin/true"])
+    assert new_children() == []
+    served.closed = True  # reaped above
+
+
+def test_a_start_too_big_for_the_server_is_refused_and_the_server_serves_on(
+    tmp_path, server
+):
+    big = {"PATH": "/usr/bin:/bin", "BIG": "x" * (1 << 20)}
+    with pytest.raises(spawn.ServerGone) as refused:
+        served_job(server, tmp_path / "big", ["/bin/true"], env=big)
+    assert refused.value.usable
+    kept = served_job(server, tmp_path / "job", ["/bin/sh", "-c", "echo ok"])
+    ended_by_pidfd(kept)
+    assert (tmp_path / "job" / "output").read_bytes() == b"ok\n"
+
+
+def test_a_served_keeper_shows_its_jobs_environment_and_arguments(tmp_path, server):
+    # The job's processes, its keeper among them, are found by the job's
+    # environment, as when the keeper is executed with it.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    kept = served_job(
+        server,
+        tmp_path / "job",
+        ["/bin/sh", "-c", f"read word < {fifo}"],
+        env={"PATH": "/usr/bin:/bin", "JOBGATE_JOB_ID": "j-1"},
+    )
+    try:
+        environ = Path(f"/proc/{kept.keeper_pid}/environ").read_bytes()
+        assert environ.rstrip(b"\0").split(b"\0") == [
+            b"PATH=/usr/bin:/bin",
+            b"JOBGATE_JOB_ID=j-1",
+        ]
+        cmdline = Path(f"/proc/{kept.keeper_pid}/cmdline").read_bytes()
+        words = cmdline.rstrip(b"\0").split(b"\0")
+        assert words[:2] == [b"jobgate-keeper", b"--report"]
+        assert words[-2:] == [b"-c", f"read word < {fifo}".encode()]
+    finally:
+        release(fifo)
+        ended_by_pidfd(kept)
+
+
+def test_a_job_environment_too_big_to_show_is_not_served(tmp_path, server):
+    env = {"PATH": "/usr/bin:/bin", "BIG": "x" * spawn.KeeperServer.ENV_ROOM}
+    with pytest.raises(spawn.ServerGone) as refused:
+        served_job(server, tmp_path / "job", ["/bin/true"], env=env)
+    assert refused.value.usable

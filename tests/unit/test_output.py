@@ -6,12 +6,16 @@ written, the first ``head`` bytes and the newest ``tail`` bytes after them.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
+import struct
+import time
 
 import pytest
 
-from worker.output import HEAD_NAME, TAIL_NAME, OutputLog
+from worker import linux
+from worker.output import HEAD_NAME, TAIL_NAME, OutputLog, Stock
 
 
 def kept(data: bytes, head: int, tail: int) -> tuple[bytes, int, bytes]:
@@ -225,3 +229,40 @@ def test_reading_a_closed_log_keeps_no_descriptor_open(tmp_path):
     for _ in range(3):
         assert b"".join(d for _, d in read_all(log)) == data[:4] + data[-8:]
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def topdir_flag(path) -> bool | None:
+    """Whether ``path`` has ext4's FS_TOPDIR_FL; None where it has no flags."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = bytearray(8)
+        fcntl.ioctl(fd, linux.FS_IOC_GETFLAGS, flags)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return bool(struct.unpack_from("i", flags)[0] & linux.FS_TOPDIR_FL)
+
+
+def test_the_stock_has_job_directories_spread_where_the_filesystem_can(tmp_path):
+    stock = Stock(tmp_path, size=1)
+    try:
+        deadline = time.monotonic() + 10
+        while not stock.take(tmp_path / "job"):  # made by its thread
+            assert time.monotonic() < deadline, "the stock made no directory"
+            time.sleep(0.01)
+        assert sorted(os.listdir(tmp_path / "job")) == ["exit.tmp"]
+    finally:
+        stock.close()
+    flag = topdir_flag(tmp_path)
+    if flag is None:
+        pytest.skip("the filesystem of the test's directory has no inode flags")
+    assert flag
+    assert linux.spread_subdirectories(str(tmp_path))  # once is enough
+
+
+def test_spreading_is_only_a_hint(tmp_path):
+    assert not linux.spread_subdirectories(str(tmp_path / "missing"))
+    with open(tmp_path / "file", "w"):
+        pass
+    assert not linux.spread_subdirectories(str(tmp_path / "file"))

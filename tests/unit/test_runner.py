@@ -327,6 +327,43 @@ def test_a_kept_job_leaves_its_output_and_its_exit_in_its_directory(make_runner)
     assert record.exit_code == 4
 
 
+def test_a_kept_job_without_output_leaves_only_its_exit(make_runner):
+    # The keeper makes the output file with the first byte: a quiet job
+    # costs no inode for it (each one is dear on ext4 without a journal).
+    runner = make_runner()
+    assert runner.ops.kept, spawn.keeper_available()
+    record, output = run(runner, "hello.sh")  # no args: prints nothing
+    assert output == b""
+    assert (record.state, record.output_bytes) == (JobState.SUCCEEDED, 0)
+    directory = runner.jobs_dir / record.job_id
+    assert sorted(p.name for p in directory.iterdir()) == ["exit"]
+    assert list(runner.read_output(record.job_id)) == []
+
+
+def test_kept_jobs_start_through_the_keeper_server_and_it_ends_with_the_runner(
+    make_runner,
+):
+    runner = make_runner()
+    server = runner.ops.keeper_server()
+    assert server is not None
+    record, output = run(runner, "mixed.sh", "4")
+    assert (record.exit_code, output) == (4, b"out 1\nerr 1\nout 2\nerr 2\n")
+    runner.shutdown(grace_s=0.2)
+    assert server.closed
+    assert not Path(f"/proc/{server.pid}").exists()  # exited, and reaped
+
+
+def test_a_keeper_server_that_failed_leaves_the_starts_to_an_exec(make_runner):
+    runner = make_runner()
+    server = runner.ops.keeper_server()
+    os.kill(server.pid, signal.SIGKILL)
+    record, output = run(runner, "mixed.sh", "3")
+    assert (record.exit_code, output) == (3, b"out 1\nerr 1\nout 2\nerr 2\n")
+    assert runner.ops.keeper_server() is None  # not started again
+    record, _ = run(runner, "mixed.sh", "2")
+    assert record.exit_code == 2
+
+
 def test_args_reach_the_script_verbatim(make_runner):
     args = ["a b", "*", "$HOME", "-n", "", "naïve"]
     record, output = run(make_runner(), "hello.sh", *args)
