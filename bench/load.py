@@ -194,17 +194,16 @@ def closed_loop(
     start_at = time.time() + 0.3 + 0.01 * clients
     t_from = start_at + warmup
     t_to = t_from + duration
-    first = [sum(split[:i]) for i in range(len(split))]  # each process's first
+    # Each process's clients' ports: client k (of all) sends to port k mod n.
+    firsts = [sum(split[:i]) for i in range(len(split))]
+    process_ports = [
+        [ports[(first + i) % len(ports)] for i in range(n)]
+        for first, n in zip(firsts, split, strict=True)
+    ]
     with ctx.Pool(len(split)) as pool:
         parts = pool.starmap(
             _load_process,
-            [
-                (
-                    [ports[(f + i) % len(ports)] for i in range(n)],
-                    *(token, req, start_at, t_from, t_to),
-                )
-                for f, n in zip(first, split, strict=True)
-            ],
+            [(p, token, req, start_at, t_from, t_to) for p in process_ports],
         )
     result = LoadResult(duration=duration)
     for part in parts:

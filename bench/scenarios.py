@@ -788,6 +788,15 @@ def status_two_schedulers(s: Sizes) -> tuple[dict, dict]:
                     figures.update(load.throughput_figures(r, prefix))
                     figures.update(meter.figures(prefix))
                     rps.append(figures[f"{prefix}rps"])
+                    # CPU per request (warm-up included, as in scenario 2), in
+                    # microseconds: every HTTP process's, PostgreSQL's.
+                    done = len(r.latencies) * (s.warmup_s + s.status_s) / s.status_s
+                    http = sum(v for k, v in meter.used.items() if k.startswith("http"))
+                    for name, used in (
+                        ("http", http),
+                        ("postgres", meter.used.get("postgres", 0.0)),
+                    ):
+                        figures[f"{prefix}{name}_cpu_us"] = round(1e6 * used / done)
                 figures[f"{kind}_c{clients}_ratio"] = round(rps[1] / rps[0], 2)
     return figures, c.settings()
 
@@ -913,6 +922,13 @@ def _status_ha_show() -> tuple[str, ...]:
         for n in FULL.ha_clients
         for fig in ("one_rps", "two_rps", "ratio")
     )
+    # What a request cost the HTTP processes, one scheduler and two.
+    cost = tuple(
+        f"{kind}_c{n}_{spread}_http_cpu_us"
+        for kind in ("query", "get")
+        for n in FULL.ha_clients
+        for spread in ("one", "two")
+    )
     # Where the 2 cores went with 32 clients, one scheduler and two.
     cpu = tuple(
         f"get_c32_{spread}_{fig}"
@@ -928,7 +944,7 @@ def _status_ha_show() -> tuple[str, ...]:
         )
     )
     running_ = ("running_c8_one_rps", "running_c8_two_rps", "running_c8_ratio")
-    return rates + cpu + running_
+    return rates + cost + cpu + running_
 
 
 SCENARIOS = {
