@@ -135,12 +135,15 @@ def _commit() -> str:
 
 
 def _own_cpu() -> float:
-    """CPU time of this process and of every descendant it has waited for."""
+    """CPU time of this process, of every descendant it has waited for, of
+    the PostgreSQL server and of the processes it killed (see
+    :data:`bench.cluster.UNREAPED_CPU_S`)."""
     t = os.times()
     own = t.user + t.system + t.children_user + t.children_system
     server = cluster.SERVER
     pid = server.pid if server is not None else None
-    return own + (cluster.tree_cpu_s(pid) if pid else 0.0)
+    server_cpu = cluster.tree_cpu_s(pid) if pid else 0.0
+    return own + server_cpu + cluster.UNREAPED_CPU_S
 
 
 def wait_idle(limit_s: float, quiet_s: float = QUIET_S) -> float:
