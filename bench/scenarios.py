@@ -82,7 +82,6 @@ TINY = Sizes(
     sim_workers=50,
     sim_processes=1,
     jobs=10,
-    ha_clients=(8,),
     kills=2,
     settle_s=0.3,
 )
