@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from jobgate.dev.cluster import DEVCA, DevCluster
@@ -48,6 +48,15 @@ EXTRA_WORKER: dict[str, str] = {}
 # Set by ``bench.run --postgres``: the server whose databases keep the state of
 # every cluster's scheduler (a new database each), instead of SQLite.
 POSTGRES: PostgresServer | None = None
+# The PostgreSQL server running for this run of ``bench.run``: that of
+# ``--postgres``, or one started for the scenarios that need it (several
+# schedulers share one database), else None.
+SERVER: PostgresServer | None = None
+
+# CPU time of processes the benchmark started that none of its own processes
+# waits for: a killed scheduler's HTTP processes, which init reaps. bench.run
+# counts it as the benchmark's, not as other processes'.
+UNREAPED_CPU_S = 0.0
 
 # The product's defaults ([workers] heartbeats and call deadline), which the
 # development cluster shortens for its tests.
@@ -119,13 +128,15 @@ class BenchCluster(DevCluster):
     """A development cluster configured for one scenario.
 
     ``scheduler`` and ``worker`` map ``"section.key"`` to a TOML value (as
-    text) that is set in the generated configs.
+    text) that is set in the generated configs. Several ``schedulers`` share
+    a new database on the running PostgreSQL server (:data:`SERVER`).
     """
 
     def __init__(
         self,
         scheduler: dict[str, str] | None = None,
         worker: dict[str, str] | None = None,
+        schedulers: int = 1,
     ):
         self.scheduler_settings = {
             "workers.heartbeat_interval_s": str(HEARTBEAT_INTERVAL_S),
@@ -143,13 +154,22 @@ class BenchCluster(DevCluster):
                 os.chmod(self._scripts / f.name, 0o755)  # noqa: S103
         directory = public_dir("jobgate-bench-")
         shutil.copytree(pki_cache(), directory / "pki", ignore=lambda *_: ["sim"])
-        self._database = POSTGRES.create_database() if POSTGRES else ""
+        self._server = POSTGRES
+        if schedulers > 1:
+            if SERVER is None:
+                raise RuntimeError(
+                    "several schedulers share a PostgreSQL database: run this "
+                    "scenario through python -m bench.run (it starts a server)"
+                )
+            self._server = SERVER
+        self._database = self._server.create_database() if self._server else ""
         super().__init__(
             directory,
             cluster=CLUSTER,
             http_processes=2,
             scripts_dir=self._scripts,
             store_url=self._database,
+            schedulers=schedulers,
         )
 
     def settings(self) -> dict[str, dict[str, str]]:
@@ -194,8 +214,17 @@ class BenchCluster(DevCluster):
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
             shutil.rmtree(self._scripts, ignore_errors=True)
-            if self._database and POSTGRES is not None:
-                POSTGRES.drop_database(self._database.rsplit("/", 1)[1])
+            if self._database and self._server is not None:
+                self._server.drop_database(self._database.rsplit("/", 1)[1])
+
+    def kill_scheduler(self, index: int = 0, timeout: float = 10.0) -> None:
+        global UNREAPED_CPU_S
+        proc = self.schedulers[index]
+        if proc is not None and proc.running():
+            # The main process is ours to wait for; its children are not.
+            children = [p for p in descendants(proc.pid) if _ppid(p) == proc.pid]
+            UNREAPED_CPU_S += sum(tree_cpu_s(p) for p in children)
+        super().kill_scheduler(index, timeout)
 
     # -- helpers ----------------------------------------------------------------
 
@@ -206,6 +235,26 @@ class BenchCluster(DevCluster):
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.scheduler_info['grpc_port']}"
+
+    @property
+    def ports(self) -> list[int]:
+        """Every scheduler's HTTP port."""
+        return [info["http_port"] for info in self.scheduler_infos]
+
+    @property
+    def grpc_targets(self) -> list[str]:
+        """Every scheduler's gRPC address."""
+        return [f"127.0.0.1:{info['grpc_port']}" for info in self.scheduler_infos]
+
+    @property
+    def postgres_pid(self) -> int | None:
+        """The PostgreSQL server's main process, if the state is kept there."""
+        return self._server.pid if self._server is not None else None
+
+    @property
+    def database(self) -> str:
+        """The URL of the schedulers' PostgreSQL database ("" with SQLite)."""
+        return self._database
 
     def start_job(self, path: str, args=(), worker: str = WORKER) -> dict:
         import json
@@ -251,8 +300,10 @@ def running(cluster: BenchCluster, workers=(WORKER,)) -> Iterator[BenchCluster]:
         cluster.start(tuple(workers))
         yield cluster
     except BaseException:
-        for name, proc in [("scheduler", cluster.scheduler), *cluster.workers.items()]:
+        procs = [*cluster.schedulers, *cluster.workers.values()]
+        for proc in procs:
             if proc is not None:
+                name = proc.name
                 print(f"--- {name} log (end) ---\n{proc.log_tail(30)}", file=sys.stderr)
         raise
     finally:
@@ -270,6 +321,11 @@ def _stat(pid: int) -> list[str] | None:
         return None
     # The command name may contain spaces and parentheses: split after it.
     return data[data.rindex(")") + 2 :].split()
+
+
+def _ppid(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else 0
 
 
 def descendants(pid: int) -> list[int]:
@@ -404,3 +460,40 @@ class ProcSampler:
             "scheduler_pss_peak_mb": round(self.scheduler_pss_peak / 1e6, 1),
             "worker_rss_peak_mb": round(self.worker_peak / 1e6, 1),
         }
+
+
+class CpuMeter:
+    """CPU time of groups of processes over a span, in percent of one core.
+
+    ``groups`` maps a name to a function that returns the group's CPU
+    seconds so far (e.g. :func:`cpu_seconds` of a pid). The figures also give
+    the whole machine's busy time (200 % is both cores of a 2-core machine)
+    and what is left of it beyond the groups (``rest``: the client, other
+    processes).
+    """
+
+    def __init__(self, groups: dict[str, Callable[[], float]]):
+        self.groups = groups
+        self.used: dict[str, float] = {}
+        self.seconds = 0.0
+        self.busy_s = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._t0 = time.monotonic()
+        self._busy0 = cpu_jiffies()[0]
+        self._cpu0 = {name: f() for name, f in self.groups.items()}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.monotonic() - self._t0
+        self.busy_s = (cpu_jiffies()[0] - self._busy0) / TICKS
+        self.used = {n: f() - self._cpu0[n] for n, f in self.groups.items()}
+
+    def figures(self, prefix: str = "") -> dict[str, float]:
+        def pct(seconds: float) -> float:
+            return round(100 * seconds / max(self.seconds, 1e-9))
+
+        out = {f"{prefix}cpu_{n}_pct": pct(used) for n, used in self.used.items()}
+        out[f"{prefix}cpu_machine_pct"] = pct(self.busy_s)
+        out[f"{prefix}cpu_rest_pct"] = pct(self.busy_s - sum(self.used.values()))
+        return out

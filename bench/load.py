@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 HOST = "127.0.0.1"
@@ -142,19 +143,20 @@ def _client_thread(port, token, req, start_at, t_from, t_to, out: LoadResult):
         conn.close()
 
 
-def _load_process(port, token, req, threads, start_at, t_from, t_to) -> LoadResult:
+def _load_process(ports, token, req, start_at, t_from, t_to) -> LoadResult:
+    """One client thread per entry of ``ports`` (the port it sends to)."""
     # Short GIL switch interval: a thread whose answer arrived gets to run
     # soon, so the client adds little to the latencies it measures.
     sys.setswitchinterval(0.0005)
     cpu0 = _cpu()
-    results = [LoadResult() for _ in range(threads)]
+    results = [LoadResult() for _ in ports]
     workers = [
         threading.Thread(
             target=_client_thread,
             args=(port, token, req, start_at, t_from, t_to, r),
             daemon=True,
         )
-        for r in results
+        for port, r in zip(ports, results, strict=True)
     ]
     for w in workers:
         w.start()
@@ -173,7 +175,7 @@ def _split(clients: int) -> list[int]:
 
 
 def closed_loop(
-    port: int,
+    port: int | Sequence[int],
     token: str,
     req: Request,
     clients: int,
@@ -182,16 +184,26 @@ def closed_loop(
 ) -> LoadResult:
     """``clients`` keep-alive clients, each sending ``req`` again as soon as
     the answer is in, for ``warmup`` + ``duration`` seconds; the figures cover
-    the requests that completed within the last ``duration`` seconds."""
+    the requests that completed within the last ``duration`` seconds.
+
+    ``port`` may be several (schedulers): the clients take them in turn.
+    """
+    ports = [port] if isinstance(port, int) else list(port)
     ctx = multiprocessing.get_context("fork")
     split = _split(clients)
     start_at = time.time() + 0.3 + 0.01 * clients
     t_from = start_at + warmup
     t_to = t_from + duration
+    # Each process's clients' ports: client k (of all) sends to port k mod n.
+    firsts = [sum(split[:i]) for i in range(len(split))]
+    process_ports = [
+        [ports[(first + i) % len(ports)] for i in range(n)]
+        for first, n in zip(firsts, split, strict=True)
+    ]
     with ctx.Pool(len(split)) as pool:
         parts = pool.starmap(
             _load_process,
-            [(port, token, req, n, start_at, t_from, t_to) for n in split],
+            [(p, token, req, start_at, t_from, t_to) for p in process_ports],
         )
     result = LoadResult(duration=duration)
     for part in parts:

@@ -66,8 +66,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _state(state: dict) -> str:
+def _state(report: dict) -> str:
+    state = report.get("state", {})
     if state.get("backend") != "postgresql":
+        if any(SCENARIOS[n].postgres for n in report["scenarios"]):
+            return "SQLite (PostgreSQL where several schedulers share it)"
         return "SQLite"
     settings = ", ".join(f"{k}={v}" for k, v in state.get("settings", {}).items())
     return f"PostgreSQL ({settings or 'default settings'})"
@@ -80,7 +83,7 @@ def markdown(report: dict) -> str:
         f"`{report['command']}` at {report['commit'] or 'an unknown commit'}: "
         f"{report['runs']} run(s) per scenario, medians; "
         f"{report['machine']['cpus']} CPUs; the scheduler's state in "
-        f"{_state(report.get('state', {}))}.",
+        f"{_state(report)}.",
         "",
         "Other processes than the benchmark's kept the CPUs at most "
         f"{report['others_busy_pct']}% busy during a run.",
@@ -132,12 +135,15 @@ def _commit() -> str:
 
 
 def _own_cpu() -> float:
-    """CPU time of this process and of every descendant it has waited for."""
+    """CPU time of this process, of every descendant it has waited for, of
+    the PostgreSQL server and of the processes it killed (see
+    :data:`bench.cluster.UNREAPED_CPU_S`)."""
     t = os.times()
     own = t.user + t.system + t.children_user + t.children_system
-    server = cluster.POSTGRES
+    server = cluster.SERVER
     pid = server.pid if server is not None else None
-    return own + (cluster.tree_cpu_s(pid) if pid else 0.0)
+    server_cpu = cluster.tree_cpu_s(pid) if pid else 0.0
+    return own + server_cpu + cluster.UNREAPED_CPU_S
 
 
 def wait_idle(limit_s: float, quiet_s: float = QUIET_S) -> float:
@@ -307,14 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with _postgres(parser, args) as server:
-        cluster.POSTGRES = server
+        cluster.SERVER = server
+        cluster.POSTGRES = server if args.postgres else None
         return _run(parser, args, argv, server)
 
 
 @contextlib.contextmanager
 def _postgres(parser: argparse.ArgumentParser, args) -> Iterator[object | None]:
-    """The PostgreSQL server of ``--postgres``, stopped and removed after."""
-    if not args.postgres:
+    """The PostgreSQL server of ``--postgres``, or of the scenarios that need
+    one (several schedulers); stopped and removed after."""
+    names = args.scenario or list(SCENARIOS)
+    if not args.postgres and not any(SCENARIOS[n].postgres for n in names):
         if args.postgres_setting:
             parser.error("--postgres-setting needs --postgres")
         yield None
@@ -366,7 +375,7 @@ def _run(parser, args, argv, server) -> int:
         },
         "state": (
             {"backend": "postgresql", "settings": server.settings}
-            if server is not None
+            if args.postgres
             else {"backend": "sqlite"}
         ),
         "runs": args.runs,

@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from bench import load
@@ -26,11 +27,13 @@ from bench.cluster import (
     HEARTBEAT_INTERVAL_S,
     WORKER,
     BenchCluster,
+    CpuMeter,
     ProcSampler,
     cpu_seconds,
     descendants,
     running,
     sim_worker_certs,
+    tree_cpu_s,
 )
 from bench.load import Request
 
@@ -57,6 +60,10 @@ class Sizes:
     sim_processes: int = 2
     jobs: int = 200
     job_interval_s: float = 0.05
+    ha_clients: tuple[int, ...] = (8, 32)
+    kills: int = 20
+    kill_timeout_s: float = 10.0  # a kill after which nothing answers so long
+    settle_s: float = 1.0  # between a scheduler's restart and the next kill
 
 
 FULL = Sizes()
@@ -75,6 +82,8 @@ TINY = Sizes(
     sim_workers=50,
     sim_processes=1,
     jobs=10,
+    kills=2,
+    settle_s=0.3,
 )
 
 
@@ -396,10 +405,15 @@ def _parse_time(text: str) -> float:
 # -- 6. many workers --------------------------------------------------------------
 
 
-def _start_sims(c: BenchCluster, s: Sizes, certs: Path, tmp: Path) -> list:
-    per = -(-s.sim_workers // s.sim_processes)
+def _start_sims(
+    c: BenchCluster, s: Sizes, certs: Path, tmp: Path, processes: int = 0
+) -> list:
+    """``s.sim_workers`` simulated workers in ``processes`` processes (by
+    default ``s.sim_processes``), which take the schedulers in turn."""
+    processes = processes or s.sim_processes
+    per = -(-s.sim_workers // processes)
     procs = []
-    for i in range(s.sim_processes):
+    for i in range(processes):
         first, count = i * per, min(per, s.sim_workers - i * per)
         procs.append(
             subprocess.Popen(
@@ -408,7 +422,7 @@ def _start_sims(c: BenchCluster, s: Sizes, certs: Path, tmp: Path) -> list:
                     "-m",
                     "bench.simworkers",
                     "--target",
-                    c.grpc_target,
+                    c.grpc_targets[i % len(c.grpc_targets)],
                     "--first",
                     str(first),
                     "--count",
@@ -438,8 +452,14 @@ def _stop_sims(procs: list) -> None:
 
 
 def many_workers(s: Sizes) -> tuple[dict, dict]:
+    return _fleet(s, 1)
+
+
+def _fleet(s: Sizes, schedulers: int) -> tuple[dict, dict]:
+    """Scenario 6 with ``schedulers`` schedulers: the simulated workers'
+    processes and the status clients take them in turn."""
     certs = sim_worker_certs(s.sim_workers)
-    c = BenchCluster()
+    c = BenchCluster(schedulers=schedulers)
     figures: dict = {}
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="jobgate-bench-sim-"))
@@ -447,11 +467,11 @@ def many_workers(s: Sizes) -> tuple[dict, dict]:
         with running(c):
             job_id = finished_job(c)
             req = status_request("get", job_id)
-            idle = load.closed_loop(c.port, c.token, req, 8, s.status_s, s.warmup_s)
+            idle = load.closed_loop(c.ports, c.token, req, 8, s.status_s, s.warmup_s)
             _raise_on_errors(idle)
             figures.update(load.throughput_figures(idle, "idle_"))
             t0 = time.monotonic()
-            procs = _start_sims(c, s, certs, tmp)
+            procs = _start_sims(c, s, certs, tmp, max(s.sim_processes, schedulers))
             registered, register_errors = 0, 0
             for p in procs:
                 line = p.stdout.readline()  # type: ignore[union-attr]
@@ -469,24 +489,30 @@ def many_workers(s: Sizes) -> tuple[dict, dict]:
             # interval of registering: let the load reach its steady state.
             time.sleep(min(HEARTBEAT_INTERVAL_S, s.status_s))
             sims = [p.pid for p in procs]
-            with ProcSampler(c.scheduler.pid, c.worker_pid()) as sampler:
-                cpu0 = cpu_seconds(c.scheduler.pid)
-                sim0 = sum(cpu_seconds(p) for p in sims)
+            groups = _cluster_cpu(c)
+            groups["sim"] = lambda: sum(cpu_seconds(p) for p in sims)
+            with (
+                ProcSampler(c.scheduler.pid, c.worker_pid()) as sampler,
+                CpuMeter(groups) as meter,
+            ):
                 t_from = time.time()
                 loaded = load.closed_loop(
-                    c.port, c.token, req, 8, s.status_s, s.warmup_s
+                    c.ports, c.token, req, 8, s.status_s, s.warmup_s
                 )
                 t_to = time.time()
-                sched_cpu = cpu_seconds(c.scheduler.pid) - cpu0
-                sim_cpu = sum(cpu_seconds(p) for p in sims) - sim0
             _raise_on_errors(loaded)
             figures.update(load.throughput_figures(loaded, "loaded_"))
             mem = sampler.figures()
             for key in ("scheduler_rss_peak_mb", "scheduler_pss_peak_mb"):
                 figures[key] = mem[key]
             # The scheduler's main process serves gRPC (the heartbeats).
-            figures["scheduler_grpc_cpu_pct"] = round(100 * sched_cpu / (t_to - t_from))
-            figures["sim_cpu_pct"] = round(100 * sim_cpu / (t_to - t_from))
+            cpu = meter.figures()
+            figures["scheduler_grpc_cpu_pct"] = sum(
+                cpu[f"cpu_grpc{i}_pct"] for i in range(1, schedulers + 1)
+            )
+            figures["sim_cpu_pct"] = cpu.pop("cpu_sim_pct")
+            if schedulers > 1:
+                figures.update(cpu)
             _, _, body = c.request("GET", "/v1/workers")
             states = [w["state"] for w in json.loads(body)["workers"]]
             figures["online"] = states.count("online")
@@ -525,7 +551,7 @@ def many_workers(s: Sizes) -> tuple[dict, dict]:
     settings = c.settings()
     settings["simulated_workers"] = {
         "count": s.sim_workers,
-        "processes": s.sim_processes,
+        "processes": max(s.sim_processes, schedulers),
         "heartbeat_interval_s": HEARTBEAT_INTERVAL_S,
     }
     return figures, settings
@@ -717,6 +743,154 @@ def adoption(s: Sizes) -> tuple[dict, dict]:
     return figures, c.settings()
 
 
+# -- 12-14. several schedulers on one PostgreSQL database --------------------------
+
+
+def _cluster_cpu(c: BenchCluster) -> dict[str, Callable[[], float]]:
+    """CPU seconds so far of each part of the cluster, for :class:`CpuMeter`:
+    each scheduler's HTTP processes (``http1``, ...) and main process, which
+    serves gRPC (``grpc1``, ...); the worker; the PostgreSQL server."""
+    groups: dict[str, Callable[[], float]] = {}
+    for i, proc in enumerate(c.schedulers, 1):
+        assert proc is not None
+        groups[f"http{i}"] = partial(_cpu_of, descendants(proc.pid))
+        groups[f"grpc{i}"] = partial(cpu_seconds, proc.pid)
+    groups["worker"] = partial(cpu_seconds, c.worker_pid())
+    if c.postgres_pid is not None:
+        groups["postgres"] = partial(tree_cpu_s, c.postgres_pid)
+    return groups
+
+
+def status_two_schedulers(s: Sizes) -> tuple[dict, dict]:
+    """Scenario 2's status calls with the clients sent to one scheduler
+    (``one``), then spread over two on the same database (``two``), back to
+    back; each phase's CPU by process group (:func:`_cluster_cpu`)."""
+    c = BenchCluster(schedulers=2)
+    figures: dict = {}
+    with running(c):
+        job_id = finished_job(c)
+        running_id = c.start_job("steady.sh", [1, 600])["job_id"]
+        groups = _cluster_cpu(c)
+        for kind in ("query", "get", "running"):
+            req = status_request(kind, running_id if kind == "running" else job_id)
+            for clients in s.ha_clients:
+                if kind == "running" and clients != 8:
+                    continue
+                rps = []
+                for spread, ports in (("one", c.ports[:1]), ("two", c.ports)):
+                    with CpuMeter(groups) as meter:
+                        r = load.closed_loop(
+                            ports, c.token, req, clients, s.status_s, s.warmup_s
+                        )
+                    _raise_on_errors(r)
+                    prefix = f"{kind}_c{clients}_{spread}_"
+                    figures.update(load.throughput_figures(r, prefix))
+                    figures.update(meter.figures(prefix))
+                    rps.append(figures[f"{prefix}rps"])
+                    # CPU per request (warm-up included, as in scenario 2), in
+                    # microseconds: every HTTP process's, PostgreSQL's.
+                    done = len(r.latencies) * (s.warmup_s + s.status_s) / s.status_s
+                    http = sum(v for k, v in meter.used.items() if k.startswith("http"))
+                    for name, used in (
+                        ("http", http),
+                        ("postgres", meter.used.get("postgres", 0.0)),
+                    ):
+                        figures[f"{prefix}{name}_cpu_us"] = round(1e6 * used / done)
+                figures[f"{kind}_c{clients}_ratio"] = round(rps[1] / rps[0], 2)
+    return figures, c.settings()
+
+
+def _longest_interval(c: BenchCluster) -> float:
+    """The longest heartbeat interval the schedulers hand a small fleet: the
+    configured one, lengthened by up to ``[workers].heartbeat_jitter``."""
+    from scheduler.config import WorkersSection
+
+    settings = c.scheduler_settings
+    interval = float(settings["workers.heartbeat_interval_s"])
+    jitter = float(
+        settings.get("workers.heartbeat_jitter", WorkersSection().heartbeat_jitter)
+    )
+    return interval * (1 + jitter)
+
+
+def failover(s: Sizes) -> tuple[dict, dict]:
+    """Two schedulers; a client with both URLs asks for a finished job's
+    status in a loop while the scheduler it talks to is killed (SIGKILL to
+    its main process and HTTP processes), ``s.kills`` times, each time
+    restarted before the next kill. Per kill: the time until the client has
+    an answer from the other one, and until the worker's heartbeat reaches
+    the other one (its arrival time in the database)."""
+    import psycopg
+
+    from bench.failover import RequestLoop, last_seen, worker_scheduler
+    from jobgate.client.api import Client
+
+    c = BenchCluster(schedulers=2)
+    recovered: list[float] = []
+    heard: list[float] = []
+    restarts: list[float] = []
+    counts = {"not_recovered": 0, "heartbeats_missed": 0, "worker_elsewhere": 0}
+    figures: dict = {}
+    with running(c), psycopg.connect(c.database, autocommit=True) as db:
+        job_id = finished_job(c)
+        longest = _longest_interval(c)
+        urls, grpc = c.urls, c.scheduler_addresses
+        client = Client(",".join(urls), c.token)
+        log = c.workers[WORKER].log_path
+        loop = RequestLoop(lambda: client.job(WORKER, job_id), lambda: client.url)
+        with loop:
+            time.sleep(s.settle_s)
+            for _ in range(s.kills):
+                victim = urls.index(client.url)
+                survivor = urls[1 - victim]
+                # The worker moves only when its scheduler dies, as the client
+                # does: both should be on the one about to be killed.
+                watch = worker_scheduler(log) == grpc[victim]
+                counts["worker_elsewhere"] += not watch
+                killed_at, t_kill = time.time(), time.monotonic()
+                c.kill_scheduler(victim)
+                back = loop.answered_by(survivor, t_kill, s.kill_timeout_s)
+                if back is None:
+                    counts["not_recovered"] += 1
+                    back = t_kill + s.kill_timeout_s
+                recovered.append(back - t_kill)
+                if watch:
+                    deadline = time.monotonic() + 2 * longest + 1
+                    while (seen := last_seen(db, WORKER)) <= killed_at:
+                        if time.monotonic() > deadline:
+                            break
+                        time.sleep(0.1)  # the next flush writes it
+                    if seen > killed_at:
+                        heard.append(seen - killed_at)
+                    else:
+                        counts["heartbeats_missed"] += 1
+                t0 = time.monotonic()
+                c.start_scheduler(victim)
+                restarts.append(time.monotonic() - t0)
+                time.sleep(s.settle_s)
+        _, _, body = c.request("GET", "/v1/workers")
+        states = {w["name"]: w["state"] for w in json.loads(body)["workers"]}
+    figures["kills"] = s.kills
+    figures.update(load.latency_figures(recovered, "recover_"))
+    figures.update(counts)
+    figures["client_requests"] = len(loop.answers)
+    figures["client_errors"] = len(loop.errors)
+    if loop.errors:
+        figures["client_error_samples"] = sorted({e for _, e in loop.errors})[:3]
+    figures["heartbeat_interval_max_s"] = round(longest, 2)
+    if heard:
+        figures["heartbeat_p50_s"] = round(load.percentile(heard, 50), 2)
+        figures["heartbeat_max_s"] = round(max(heard), 2)
+        figures["heartbeat_max_ratio"] = round(max(heard) / longest, 2)
+    figures["restart_p50_s"] = round(load.percentile(restarts, 50), 2)
+    figures["worker_online"] = int(states.get(WORKER) == "online")
+    return figures, c.settings()
+
+
+def many_workers_two_schedulers(s: Sizes) -> tuple[dict, dict]:
+    return _fleet(s, 2)
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -726,6 +900,9 @@ class Scenario:
     targets: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Figures shown in the Markdown table (all are in the JSON report).
     show: tuple[str, ...] = ()
+    # Needs a PostgreSQL server (several schedulers share its database);
+    # bench.run starts one for it.
+    postgres: bool = False
 
 
 def _status_show() -> tuple[str, ...]:
@@ -735,6 +912,38 @@ def _status_show() -> tuple[str, ...]:
         for n in (1, 8, 32)
         for fig in ("rps", "p50_ms", "p99_ms")
     ) + ("running_c8_rps", "running_c8_p50_ms", "running_c8_p99_ms")
+
+
+def _status_ha_show() -> tuple[str, ...]:
+    rates = tuple(
+        f"{kind}_c{n}_{fig}"
+        for kind in ("query", "get")
+        for n in FULL.ha_clients
+        for fig in ("one_rps", "two_rps", "ratio")
+    )
+    # What a request cost the HTTP processes, one scheduler and two.
+    cost = tuple(
+        f"{kind}_c{n}_{spread}_http_cpu_us"
+        for kind in ("query", "get")
+        for n in FULL.ha_clients
+        for spread in ("one", "two")
+    )
+    # Where the 2 cores went with 32 clients, one scheduler and two.
+    cpu = tuple(
+        f"get_c32_{spread}_{fig}"
+        for spread in ("one", "two")
+        for fig in (
+            "p99_ms",
+            "cpu_http1_pct",
+            "cpu_http2_pct",
+            "cpu_postgres_pct",
+            "cpu_worker_pct",
+            "client_cpu_pct",
+            "cpu_machine_pct",
+        )
+    )
+    running_ = ("running_c8_one_rps", "running_c8_two_rps", "running_c8_ratio")
+    return rates + cost + cpu + running_
 
 
 SCENARIOS = {
@@ -926,6 +1135,75 @@ SCENARIOS = {
             adoption,
             {"adopt_s": ("<=", 2.0), "all_running_s": ("<=", 2.0)},
             ("jobs", "adopt_s", "ready_s", "all_running_s", "jobs_output_kb_per_s"),
+        ),
+        Scenario(
+            "status-ha",
+            "12. Status throughput of two schedulers on one PostgreSQL database "
+            "(`two_`: the clients spread over both) against one (`one_`)",
+            status_two_schedulers,
+            {
+                f"{kind}_c{n}_ratio": (">=", 1.6)
+                for kind in ("query", "get")
+                for n in FULL.ha_clients
+            },
+            _status_ha_show(),
+            postgres=True,
+        ),
+        Scenario(
+            "failover",
+            "13. Failover: a scheduler killed under a client's requests, "
+            "restarted, 20 times (times from each kill)",
+            failover,
+            {"recover_p99_ms": ("<=", 1000), "heartbeat_max_ratio": ("<=", 1)},
+            (
+                "kills",
+                "recover_p50_ms",
+                "recover_p99_ms",
+                "recover_max_ms",
+                "not_recovered",
+                "client_requests",
+                "client_errors",
+                "heartbeat_p50_s",
+                "heartbeat_max_s",
+                "heartbeat_interval_max_s",
+                "heartbeat_max_ratio",
+                "heartbeats_missed",
+                "worker_elsewhere",
+                "worker_online",
+                "restart_p50_s",
+            ),
+            postgres=True,
+        ),
+        Scenario(
+            "workers-ha",
+            "14. Many workers as in 6, spread over two schedulers on one "
+            "PostgreSQL database (status with 8 clients on both)",
+            many_workers_two_schedulers,
+            {"p50_ratio": ("<=", 2), "p99_ratio": ("<=", 2)},
+            (
+                "registered",
+                "register_s",
+                "online",
+                "heartbeats_per_s",
+                "heartbeat_errors",
+                "heartbeat_p99_ms",
+                "idle_rps",
+                "idle_p50_ms",
+                "idle_p99_ms",
+                "loaded_rps",
+                "loaded_p50_ms",
+                "loaded_p99_ms",
+                "p50_ratio",
+                "p99_ratio",
+                "cpu_grpc1_pct",
+                "cpu_grpc2_pct",
+                "cpu_http1_pct",
+                "cpu_http2_pct",
+                "cpu_postgres_pct",
+                "sim_cpu_pct",
+                "cpu_machine_pct",
+            ),
+            postgres=True,
         ),
     )
 }

@@ -18,12 +18,16 @@ sys.path.insert(0, str(REPO))
 
 from bench.scenarios import SCENARIOS, TINY  # noqa: E402
 from jobgate.dev import browser  # noqa: E402
+from jobgate.dev.postgres import find_bindir  # noqa: E402
 
 
 def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
     names = list(SCENARIOS)
     if browser.missing() and os.environ.get("JOBGATE_REQUIRE_BROWSER") != "1":
         names.remove("console")  # needs Chromium: make browser-deps
+    if find_bindir() is None and os.environ.get("JOBGATE_REQUIRE_POSTGRES") != "1":
+        # Several schedulers share a database: make postgres-deps
+        names = [n for n in names if not SCENARIOS[n].postgres]
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "bench.run", "--tiny", "--runs", "1"),
@@ -33,7 +37,7 @@ def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=420,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -91,6 +95,29 @@ def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
     assert a["jobs"] == TINY.jobs
     assert 0 < a["adopt_s"] and 0 < a["ready_s"] <= a["all_running_s"]
     assert a["jobs_output_kb_per_s"] > 0  # the adopted jobs write on
+
+    if "status-ha" in s:
+        for key, value in s["status-ha"].items():
+            if key.endswith("_errors"):
+                assert value == 0, key
+            elif key.endswith(("_rps", "_ratio", "_cpu_machine_pct")):
+                assert value > 0, key
+
+    if "failover" in s:
+        f = s["failover"]
+        assert f["kills"] == TINY.kills
+        assert f["not_recovered"] == f["client_errors"] == 0
+        assert 0 < f["recover_p50_ms"] <= f["recover_max_ms"]
+        assert f["worker_elsewhere"] == f["heartbeats_missed"] == 0
+        assert 0 < f["heartbeat_max_s"] <= 2 * f["heartbeat_interval_max_s"]
+        assert f["worker_online"] == 1
+
+    if "workers-ha" in s:
+        w = s["workers-ha"]
+        assert w["registered"] == TINY.sim_workers
+        assert w["online"] == TINY.sim_workers + 1
+        assert w["heartbeats_per_s"] > 0 and w["loaded_errors"] == 0
+        assert w["cpu_http1_pct"] > 0 and w["cpu_http2_pct"] > 0  # both served
 
     if "console" in s:
         c = s["console"]

@@ -10,6 +10,7 @@ tests use the same class, so what the tests exercise is what a developer runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -115,6 +116,29 @@ class Process:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``."""
+    found, todo = [], [pid]
+    while todo:
+        try:
+            tasks = list(Path(f"/proc/{todo.pop()}/task").iterdir())
+            kids = [int(k) for t in tasks for k in (t / "children").read_text().split()]
+        except OSError:  # it exited meanwhile
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _hostport(host: str, port: int) -> str:
@@ -425,6 +449,24 @@ stop_grace_s = 2.0
         if proc is not None:
             proc.stop()
         return self.start_scheduler(index)
+
+    def kill_scheduler(self, index: int = 0, timeout: float = 10.0) -> None:
+        """SIGKILL scheduler ``index`` with its HTTP processes at once, as when
+        its host dies, and wait until they are gone (its ports are free
+        again for :meth:`start_scheduler`)."""
+        proc = self.schedulers[index]
+        if proc is None or not proc.running():
+            return
+        pids = [proc.pid, *_descendants(proc.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.proc.wait(timeout)  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        while any(_alive(p) for p in pids):  # orphans: init reaps them
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{proc.name}: processes left after SIGKILL")
+            time.sleep(0.01)
 
     def start_worker(
         self,
