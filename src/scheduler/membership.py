@@ -37,8 +37,12 @@ MAX_LABEL_CHARS = 256
 # from within their timeout) are counted again.
 RECOUNT_S = 1.0
 # Heartbeats are refused (UNAVAILABLE, so that workers fail over) once the
-# flushes have failed for this many flush intervals.
+# flushes have failed, or one has hung, for this many flush intervals, and
+# for this share of the heartbeat timeout: a flush slowed down by a busy
+# machine is no reason to move a fleet, and a worker that moves then still
+# has most of its timeout to reach another scheduler.
 UNWRITTEN_FLUSHES = 3
+UNWRITTEN_TIMEOUT_SHARE = 0.25
 # While heartbeats cannot be written, a warning this often.
 WARN_EVERY_S = 30.0
 
@@ -204,6 +208,10 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.pacing = pacing or Pacing(cfg.workers)
         self.heartbeats = Heartbeats(
             store, cfg.workers.heartbeat_flush_s, self._went_offline
+        )
+        self._unwritten_limit = max(
+            UNWRITTEN_FLUSHES * cfg.workers.heartbeat_flush_s,
+            UNWRITTEN_TIMEOUT_SHARE * cfg.workers.heartbeat_timeout_s,
         )
         self._lock = threading.Lock()
         self._workers: dict[str, tuple[str, bool]] = {}
@@ -377,7 +385,7 @@ class MembershipServicer(scheduler_pb2_grpc.SchedulerServicer):
                 f"worker {name!r} may not heartbeat for worker {known[0]!r}"
             )
         failing = self.heartbeats.failing_for()
-        if failing > UNWRITTEN_FLUSHES * self.heartbeats.interval:
+        if failing > self._unwritten_limit:
             # Accepted, the beats would be lost with this process, and the
             # worker would be offline for every other scheduler: it had
             # better heartbeat to one that can write them.

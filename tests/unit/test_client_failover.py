@@ -56,6 +56,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        if server.behaviour == "die in the answer":
+            # Killed while it wrote the answer: the headers, part of the body.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"job_id": ')
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if server.behaviour in ("cut off", "worker down"):
             # Cut off from its database, or the worker asked for is down.
             title = {
@@ -116,6 +127,21 @@ def test_a_read_that_broke_once_sent_is_sent_again_to_the_next(schedulers):
     assert client.job("worker-1", "j-1")["job_id"] == "j-1"
     assert [r[0] for r in dying.requests] == ["GET"]
     assert [r[0] for r in alive.requests] == ["GET"]
+
+
+def test_a_read_whose_answer_broke_is_sent_again_to_the_next(schedulers):
+    dying, alive = schedulers("die in the answer"), schedulers()
+    client = Client(f"{dying.url},{alive.url}", "t")
+    assert client.job("worker-1", "j-1")["job_id"] == "j-1"
+    assert len(dying.requests) == len(alive.requests) == 1
+    # With one scheduler, or a request not safe to repeat, it is the caller's.
+    with pytest.raises(ConnectionFailed) as exc:
+        Client(dying.url, "t").job("worker-1", "j-1")
+    assert exc.value.sent
+    other = schedulers()
+    with pytest.raises(ConnectionFailed):
+        Client(f"{dying.url},{other.url}", "t").request("POST", "/v1/x", {})
+    assert other.requests == []
 
 
 def test_a_start_gets_a_key_of_its_own_so_that_it_may_be_sent_again(schedulers):

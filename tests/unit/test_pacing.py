@@ -297,6 +297,25 @@ def test_heartbeats_that_cannot_be_written_are_kept_and_then_refused(tmp_path):
         servicer.heartbeats.close()
 
 
+def test_a_slow_flush_is_no_reason_to_refuse_a_quarter_of_the_timeout_long(tmp_path):
+    # Flushes every 0.05 s, workers unreachable after 4 s: heartbeats are
+    # refused once flushes fail (or one hangs) for 1 s, not for 0.15 s.
+    cfg = scheduler_cfg(tmp_path, heartbeat_flush_s=0.05)
+    store = SqliteStore(tmp_path / "state.db")
+    store.initialize()
+    servicer = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
+    try:
+        worker_id = register(servicer, "w1").worker_id
+        servicer.heartbeats._flushing_since = time.monotonic() - 0.5
+        heartbeat(servicer, "w1", worker_id)  # slow, but not for long
+        servicer.heartbeats._flushing_since = time.monotonic() - 1.1
+        with pytest.raises(SchedulerUnavailable, match="for 1.1s"):
+            heartbeat(servicer, "w1", worker_id)
+    finally:
+        servicer.heartbeats._flushing_since = None
+        servicer.heartbeats.close()
+
+
 def test_a_restarted_scheduler_keeps_the_timeouts_it_gave(tmp_path):
     cfg = scheduler_cfg(tmp_path)
     store = SqliteStore(tmp_path / "state.db")

@@ -525,15 +525,25 @@ class Client:
         ``idempotent``: sending it twice does what sending it once does (see
         :meth:`_open`).
         """
-        conn, resp = self._open(
-            method, path, body, query, long=long, idempotent=idempotent
-        )
-        try:
-            raw = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise ConnectionFailed(self._describe(exc), sent=True) from None
-        finally:
-            conn.close()
+        for attempt in range(len(self.endpoints)):
+            conn, resp = self._open(
+                method, path, body, query, long=long, idempotent=idempotent
+            )
+            try:
+                raw = resp.read()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                # The answer broke after its headers (the scheduler died
+                # meanwhile): the next may answer it if it is safe to repeat.
+                broken = ConnectionFailed(self._describe(exc), sent=True)
+                if (
+                    not (method == "GET" or idempotent)
+                    or attempt == len(self.endpoints) - 1
+                    or not self.fail_over()
+                ):
+                    raise broken from None
+            finally:
+                conn.close()
         try:
             return resp.status, json.loads(raw) if raw else None
         except ValueError:
