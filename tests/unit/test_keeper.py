@@ -314,22 +314,22 @@ def adopting_orphans() -> Iterator[None]:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
+def run_dying_worker(script: str, job_dir) -> subprocess.CompletedProcess:
+    """Run ``script``, a worker that starts a kept job printing "after" and
+    exiting 5 half a second later, then kills itself with SIGKILL."""
+    return subprocess.run(
+        [sys.executable, "-c", script, str(job_dir), "sleep 0.5; echo after; exit 5"],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=30,
+    )
+
+
 def test_the_job_outlives_the_worker_killed_with_sigkill(tmp_path):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     with adopting_orphans():
-        worker = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                WORKER,
-                str(job_dir),
-                "sleep 0.5; echo after; exit 5",
-            ],
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-            timeout=30,
-        )
+        worker = run_dying_worker(WORKER, job_dir)
         assert worker.returncode == -signal.SIGKILL
         keeper_pid, job_pid = map(int, worker.stdout.split())
         assert alive(job_pid)  # the worker is gone, the job is not
@@ -950,18 +950,7 @@ def test_the_server_exits_with_its_worker_and_the_job_runs_on(tmp_path):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     with adopting_orphans():
-        worker = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                SERVED_WORKER,
-                str(job_dir),
-                "sleep 0.5; echo after; exit 5",
-            ],
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-            timeout=30,
-        )
+        worker = run_dying_worker(SERVED_WORKER, job_dir)
         assert worker.returncode == -signal.SIGKILL
         server_pid, keeper_pid, job_pid = map(int, worker.stdout.split())
         assert alive(job_pid)  # the worker is gone, the job is not
