@@ -256,7 +256,10 @@ def test_the_stock_has_job_directories_spread_where_the_filesystem_can(tmp_path)
         stock.close()
     flag = topdir_flag(tmp_path)
     if flag is None:
-        pytest.skip("the filesystem of the test's directory has no inode flags")
+        # No inode flags here (tmpfs, say): only a hint, not taken, and the
+        # stock works all the same.
+        assert not linux.spread_subdirectories(str(tmp_path))
+        return
     assert flag
     assert linux.spread_subdirectories(str(tmp_path))  # once is enough
 
