@@ -76,6 +76,16 @@ def skip_unless_required(reason: str, variable: str) -> None:
     pytest.skip(reason)
 
 
+def need_postgres() -> None:
+    """Skip where PostgreSQL's server binaries are missing, or fail where
+    JOBGATE_REQUIRE_POSTGRES=1."""
+    if devpg.find_bindir() is None:
+        skip_unless_required(
+            "PostgreSQL's server binaries are missing (make postgres-deps)",
+            "JOBGATE_REQUIRE_POSTGRES",
+        )
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[devpg.PostgresServer]:
     """One PostgreSQL server for the test session (Debian's package binaries),
@@ -84,11 +94,7 @@ def postgres() -> Iterator[devpg.PostgresServer]:
 
     Skips when the binaries are missing, unless JOBGATE_REQUIRE_POSTGRES=1.
     """
-    if devpg.find_bindir() is None:
-        skip_unless_required(
-            "PostgreSQL's server binaries are missing (make postgres-deps)",
-            "JOBGATE_REQUIRE_POSTGRES",
-        )
+    need_postgres()
     directory = make_public_dir("jobgate-test-postgres-")
     # TLS over TCP, with a certificate for 127.0.0.1 from a CA of its own.
     devca("init", "--dir", str(directory / "pki"), "--cluster", "postgres")

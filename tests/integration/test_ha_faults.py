@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_public_dir, skip_unless_required
+from conftest import make_public_dir, need_postgres, skip_unless_required
 
 from jobgate.client.api import SCHEDULER_UNAVAILABLE, ApiError, Client, ConnectionFailed
 from jobgate.dev import postgres as devpg
@@ -59,11 +59,7 @@ class FaultCluster(DevCluster):
 @pytest.fixture
 def database():
     """A PostgreSQL server of the test's own, over TCP on both addresses."""
-    if devpg.find_bindir() is None:
-        skip_unless_required(
-            "PostgreSQL's server binaries are missing (make postgres-deps)",
-            "JOBGATE_REQUIRE_POSTGRES",
-        )
+    need_postgres()
     directory = make_public_dir("jobgate-test-dbfault-")
     server = devpg.PostgresServer(
         directory,

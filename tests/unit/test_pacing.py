@@ -9,6 +9,7 @@ use a tiny rate so that three workers already stretch the interval.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -210,30 +211,32 @@ def test_silent_workers_stop_counting(membership):
     assert membership.active_workers() == 2
 
 
-def test_each_of_several_schedulers_paces_for_the_whole_fleet(tmp_path):
+@contextlib.contextmanager
+def two_schedulers(tmp_path: Path):
+    """Two schedulers' membership services on one state database."""
     cfg = scheduler_cfg(tmp_path)
     store = SqliteStore(tmp_path / "state.db")
     store.initialize()
     a = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
     b = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
     try:
-        for name in ("w1", "w2", "w3"):
-            register(a, name)
-        # None of them heartbeats to b; b counts them all the same.
-        b._recount_at = 0.0
-        assert b.active_workers() == 3
+        yield a, b, store
     finally:
         a.heartbeats.close()
         b.heartbeats.close()
 
 
+def test_each_of_several_schedulers_paces_for_the_whole_fleet(tmp_path):
+    with two_schedulers(tmp_path) as (a, b, _):
+        for name in ("w1", "w2", "w3"):
+            register(a, name)
+        # None of them heartbeats to b; b counts them all the same.
+        b._recount_at = 0.0
+        assert b.active_workers() == 3
+
+
 def test_a_worker_deregistered_through_another_scheduler_registers_again(tmp_path):
-    cfg = scheduler_cfg(tmp_path)
-    store = SqliteStore(tmp_path / "state.db")
-    store.initialize()
-    a = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
-    b = MembershipServicer(cfg, store, Pacing(cfg.workers, highest))
-    try:
+    with two_schedulers(tmp_path) as (a, b, store):
         worker_id = register(a, "w1").worker_id
         b.Deregister(
             scheduler_pb2.DeregisterRequest(worker_id=worker_id), FakeContext("w1")
@@ -245,9 +248,6 @@ def test_a_worker_deregistered_through_another_scheduler_registers_again(tmp_pat
         assert heartbeat(a, "w1", worker_id).reregister
         assert a.active_workers() == 0
         assert store.get_worker(worker_id).state == "offline"
-    finally:
-        a.heartbeats.close()
-        b.heartbeats.close()
 
 
 class FailingStore:

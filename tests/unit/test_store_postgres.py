@@ -278,14 +278,22 @@ def _terminate_backends(url: str, application_name: str) -> int:
     return len(rows)
 
 
-def test_connections_the_database_dropped_are_replaced_without_a_failed_call(
-    database, stores
-):
-    store = PostgresStore(database, pool_min=4, pool_max=4, application_name="drop")
+def _pooled_store(database: str, stores: list, connections: int, name: str):
+    """A store holding ``connections`` open connections named ``name``, and
+    a worker registered in it."""
+    store = PostgresStore(
+        database, pool_min=connections, pool_max=connections, application_name=name
+    )
     stores.append(store)
     store.initialize()
     store.pool.wait(timeout=10)
-    worker = store.register_worker("w1", "127.0.0.1:9", {}, 1, "test")
+    return store, store.register_worker("w1", "127.0.0.1:9", {}, 1, "test")
+
+
+def test_connections_the_database_dropped_are_replaced_without_a_failed_call(
+    database, stores
+):
+    store, worker = _pooled_store(database, stores, 4, "drop")
     assert _terminate_backends(database, "drop") == 4
     # Every pooled connection is broken now; no call fails for it.
     for n in range(12):
@@ -297,11 +305,7 @@ def test_connections_the_database_dropped_are_replaced_without_a_failed_call(
 def test_a_write_on_the_loop_whose_connection_was_dropped_goes_to_a_thread(
     database, stores
 ):
-    store = PostgresStore(database, pool_min=1, pool_max=1, application_name="loop")
-    stores.append(store)
-    store.initialize()
-    store.pool.wait(timeout=10)
-    worker = store.register_worker("w1", "127.0.0.1:9", {}, 1, "test")
+    store, worker = _pooled_store(database, stores, 1, "loop")
     _terminate_backends(database, "loop")
     with pytest.raises(Busy, match="connection lost"):
         store.without_waiting(store.heartbeat, worker.id, 3)
