@@ -53,6 +53,10 @@ POSTGRES: PostgresServer | None = None
 # schedulers share one database), else None.
 SERVER: PostgresServer | None = None
 
+# Set by ``bench.run --scheduler-cpus``: the CPUs each scheduler (its main and
+# HTTP processes together) may use, as on a host of its own; None: no cap.
+SCHEDULER_CPUS: float | None = None
+
 # CPU time of processes the benchmark started that none of its own processes
 # waits for: a killed scheduler's HTTP processes, which init reaps. bench.run
 # counts it as the benchmark's, not as other processes'.
@@ -147,6 +151,7 @@ class BenchCluster(DevCluster):
         }
         self.worker_settings = {**(worker or {}), **EXTRA_WORKER}
         self._recorders: list = []
+        self._caps: CpuCaps | None = None
         self._scripts = public_dir("jobgate-bench-scripts-")
         for f in SCRIPTS.iterdir():
             if f.is_file():
@@ -195,6 +200,11 @@ class BenchCluster(DevCluster):
 
     def start(self, workers: tuple[str, ...] = (WORKER,)) -> None:
         super().start(workers)
+        if SCHEDULER_CPUS is not None:
+            self._caps = CpuCaps(SCHEDULER_CPUS)
+            for i, proc in enumerate(self.schedulers, 1):
+                assert proc is not None
+                self._caps.confine(f"scheduler-{i}", [proc.pid, *descendants(proc.pid)])
         if PROFILE_DIR is not None:
             from bench.profile import Recorder
 
@@ -212,6 +222,9 @@ class BenchCluster(DevCluster):
         try:
             super().stop()
         finally:
+            if self._caps is not None:
+                self._caps.release()
+                self._caps = None
             shutil.rmtree(self.dir, ignore_errors=True)
             shutil.rmtree(self._scripts, ignore_errors=True)
             if self._database and self._server is not None:
@@ -326,6 +339,38 @@ def _stat(pid: int) -> list[str] | None:
 def _ppid(pid: int) -> int:
     fields = _stat(pid)
     return int(fields[1]) if fields else 0
+
+
+class CpuCaps:
+    """Groups of processes, each held to ``cpus`` CPUs together: a cgroup of
+    its own with a CPU quota, made as the worker makes a job's for
+    ``cpu_percent`` (:mod:`worker.limits`). Processes they start later
+    (gunicorn replacing an HTTP process) are held with them."""
+
+    def __init__(self, cpus: float):
+        from worker.limits import Enforcer, Limits
+
+        self.enforcer = Enforcer.discover(f"bench-{os.getpid()}", None)
+        if not self.enforcer.how("cpu_percent"):
+            self.enforcer.close()
+            raise RuntimeError(
+                "--scheduler-cpus needs a cgroup v1 cpu hierarchy this process "
+                f"may write: {self.enforcer.why_not('cpu_percent')}"
+            )
+        self.limits = Limits(cpu_percent=round(cpus * 100))
+        self.names: list[str] = []
+
+    def confine(self, name: str, pids: list[int]) -> None:
+        procs = self.enforcer.prepare(name, self.limits)
+        self.names.append(name)
+        for path in procs:
+            for pid in pids:
+                Path(path).write_text(str(pid))
+
+    def release(self) -> None:
+        for name in self.names:
+            self.enforcer.release(name, self.limits)
+        self.enforcer.close()
 
 
 def descendants(pid: int) -> list[int]:

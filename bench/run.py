@@ -298,6 +298,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{example}); repeatable",
         )
     parser.add_argument(
+        "--scheduler-cpus",
+        type=float,
+        metavar="CPUS",
+        help="hold each scheduler (its main and HTTP processes together) to "
+        "this many CPUs, as if each ran on a host of its own (a cgroup CPU "
+        "quota; e.g. 0.5 on 2 cores, to see two schedulers scale beside "
+        "their clients)",
+    )
+    parser.add_argument(
         "--postgres",
         action="store_true",
         help="keep each scheduler's state in PostgreSQL (a server started for "
@@ -352,6 +361,13 @@ def _run(parser, args, argv, server) -> int:
         cluster.EXTRA_SCHEDULER.update([_setting(parser, dotted)])
     for dotted in args.worker_setting:
         cluster.EXTRA_WORKER.update([_setting(parser, dotted)])
+    if args.scheduler_cpus is not None:
+        if not 0.01 <= args.scheduler_cpus <= (os.cpu_count() or 1):
+            parser.error(
+                f"--scheduler-cpus {args.scheduler_cpus}: give 0.01 to "
+                f"{os.cpu_count()} (the CPUs of this machine)"
+            )
+        cluster.SCHEDULER_CPUS = args.scheduler_cpus
     if args.profile:
         from bench.profile import py_spy
 
@@ -373,6 +389,7 @@ def _run(parser, args, argv, server) -> int:
             "scheduler": cluster.EXTRA_SCHEDULER,
             "worker": cluster.EXTRA_WORKER,
         },
+        "scheduler_cpus": cluster.SCHEDULER_CPUS,
         "state": (
             {"backend": "postgresql", "settings": server.settings}
             if args.postgres

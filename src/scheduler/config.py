@@ -223,6 +223,14 @@ class StateSection:
         help="final statuses of ended jobs each HTTP process keeps in memory "
         "(answered without a database read); 0: none",
     )
+    cached_worker_s: float = setting(
+        1.0,
+        min=0,
+        max=60,
+        help="how long each HTTP process asks a worker for its running jobs' "
+        "status without reading the worker's row again (a stale row costs "
+        "one more call, never a wrong answer); 0: read it every time",
+    )
     network_timeout_s: float = setting(
         10.0,
         min=2,

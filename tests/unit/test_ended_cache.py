@@ -8,6 +8,8 @@ import dataclasses
 import pytest
 from schedulerapp import use_cases
 
+from scheduler.usecases import RecentRows
+
 
 def status(job_id: str, worker_id: str, state: str) -> dict:
     return {"job_id": job_id, "worker_id": worker_id, "state": state, "exit_code": 0}
@@ -16,6 +18,9 @@ def status(job_id: str, worker_id: str, state: str) -> dict:
 @pytest.fixture
 def cases(tmp_path):
     cases = use_cases(tmp_path, {})
+    # Every request not answered from memory reads the index here; none asks
+    # a worker with the row it read before (test_worker_rows).
+    cases._rows = RecentRows(0)
     worker = cases.store.register_worker("w1", "127.0.0.1:9", {}, 1, "test")
     for n in range(3):
         cases.store.record_job(status(f"j{n}", worker.id, "succeeded"))

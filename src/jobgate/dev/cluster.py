@@ -162,6 +162,7 @@ class DevCluster:
         scripts_dir: Path | None = None,
         http_port: int = 0,
         scheduler_extra: str = "",
+        state_extra: str = "",
         worker_extra: str = "",
         http_extra: str = "",
         grpc_host: str = "127.0.0.1",
@@ -174,8 +175,10 @@ class DevCluster:
     ):
         """``https``: the API on HTTPS, with a certificate from the
         development CA for 127.0.0.1 and localhost; ``http_tls_extra`` adds
-        settings to its ``[http.tls]``. ``store_url``: the scheduler keeps
-        its state in this PostgreSQL database (``[state].url``, e.g. from
+        settings to its ``[http.tls]``, ``state_extra`` to its ``[state]``
+        (``scheduler_extra`` goes into ``[workers]``). ``store_url``: the
+        scheduler keeps its state in this PostgreSQL database
+        (``[state].url``, e.g. from
         :meth:`jobgate.dev.postgres.PostgresServer.create_database`), with
         the password in ``store_password_file`` if it needs one; empty:
         SQLite under ``directory``. ``schedulers``: how many schedulers
@@ -191,6 +194,7 @@ class DevCluster:
         self.http_processes = http_processes
         self.grpc_host = grpc_host
         self.scheduler_extra = scheduler_extra
+        self.state_extra = state_extra
         self.http_extra = http_extra
         self.worker_extra = worker_extra
         self.store_url = store_url
@@ -311,6 +315,7 @@ tokens_file = "tokens"
 [state]
 path = "state/scheduler.db"
 {self._store()}
+{self.state_extra}
 
 [workers]
 heartbeat_interval_s = 1.0

@@ -56,6 +56,15 @@ class WorkerRow:
         """
         return max(configured, self.heartbeat_timeout_s)
 
+    def same_registration(self, other: WorkerRow) -> bool:
+        """Both rows are of one registration: the same worker process, at the
+        same address (a worker that restarted or moved registered anew)."""
+        return (self.id, self.address, self.registered_at) == (
+            other.id,
+            other.address,
+            other.registered_at,
+        )
+
     def effective_state(self, now: float, heartbeat_timeout_s: float) -> str:
         """online, offline, or unreachable when an online worker went silent."""
         timeout = self.timeout_s(heartbeat_timeout_s)
