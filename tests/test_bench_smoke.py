@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -132,3 +134,44 @@ def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
     assert table.count("| yes |") + table.count("| **no** |") == sum(
         len(SCENARIOS[name].targets) for name in names
     )
+
+
+def test_scheduler_cpus_hold_each_scheduler_to_its_share(tmp_path: Path):
+    """``--scheduler-cpus`` caps each scheduler's processes together, and
+    leaves no cgroup behind."""
+    if os.geteuid() != 0:
+        pytest.skip("CPU quotas are set in cgroups, which only root may make")
+    if find_bindir() is None and os.environ.get("JOBGATE_REQUIRE_POSTGRES") != "1":
+        pytest.skip("two schedulers share a database: make postgres-deps")
+    cpu = Path("/sys/fs/cgroup/cpu")
+    before = set(cpu.rglob("jobgate-bench-*")) if cpu.is_dir() else set()
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.run", "--tiny", "--runs", "1"),
+            *("--idle-wait", "0", "--out", tmp_path, "--scenario", "status-ha"),
+            *("--scheduler-cpus", "0.25"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["scheduler_cpus"] == 0.25
+    figures = report["scenarios"]["status-ha"]["median"]
+    phases = {
+        k.removesuffix("_rps") for k in figures if k.endswith(("_one_rps", "_two_rps"))
+    }
+    assert phases
+    for phase in phases:
+        for i in (1, 2):
+            used = (
+                figures[f"{phase}_cpu_http{i}_pct"]
+                + figures[f"{phase}_cpu_grpc{i}_pct"]
+            )
+            # Percent of one CPU; the quota is counted per 100 ms period.
+            assert used <= 25 + 10, (phase, i, used)
+        if phase.endswith("_two"):
+            assert figures[f"{phase}_cpu_http2_pct"] > 0  # both served
+    assert (set(cpu.rglob("jobgate-bench-*")) if cpu.is_dir() else set()) == before
