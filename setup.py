@@ -105,7 +105,7 @@ class BuildWithKeeper(build_ext):
             )
         except (CCompilerError, CompileError, ExecError, LinkError) as exc:
             # Like the optional extension: the worker then runs its jobs as
-            # its own children (worker.spawn.keeper_available() says why).
+            # its own children (worker.kept.keeper_available() says why).
             self.warn(f"building {KEEPER} failed: {exc}")
             return None
         # Whatever the builder's umask: it runs from the installed package.

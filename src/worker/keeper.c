@@ -616,7 +616,7 @@ keep(int argc, char **argv, char **envp)
  * and asks it for each job's keeper instead of executing this program once
  * per job: a fork() of this small process costs a start less than an exec
  * and the dynamic linking that follows it (what it buys is in
- * worker/spawn.py, KeeperServer).
+ * worker/kept.py, KeeperServer).
  *
  * A request is one message: decimal argc, then argc arguments as the keeper
  * takes them (without the program's name), then the job's environment, each

@@ -30,7 +30,7 @@ HEAD_NAME = "output.log"
 TAIL_NAME = "output.tail"
 # A kept job's output (KeptOutput): one sparse file.
 DATA_NAME = "output.data"
-# The keeper's exit file before it is renamed "exit" (worker.spawn), and the
+# The keeper's exit file before it is renamed "exit" (worker.kept), and the
 # room kept for it.
 EXIT_TMP_NAME = "exit.tmp"
 EXIT_RESERVE_BYTES = 4096
@@ -160,7 +160,7 @@ class OutputLog:
 class KeptOutput:
     """A kept job's output: one file its keeper writes, capped in place.
 
-    The keeper (``jobgate-keeper``, :mod:`worker.spawn`) writes everything
+    The keeper (``jobgate-keeper``, :mod:`worker.kept`) writes everything
     the job writes at its position in the file, so the file's size is the
     job's ``total`` and an offset is a position in the file. Of what lies
     beyond the first ``head_bytes``, the keeper deallocates all but the

@@ -29,6 +29,7 @@ import subprocess
 import threading
 import time
 
+from worker import kept as through_keeper
 from worker import linux
 from worker import spawn as one_exec
 from worker.accounts import Account
@@ -60,9 +61,9 @@ class ProcessOps:
 
     @property
     def kept(self) -> bool:
-        """Jobs start through their keeper (worker.spawn, ``jobgate-keeper``),
+        """Jobs start through their keeper (worker.kept, ``jobgate-keeper``),
         and so outlive the worker: where both C parts are built."""
-        return self.native and not one_exec.keeper_available()
+        return self.native and not through_keeper.keeper_available()
 
     def spawn(
         self,
@@ -98,22 +99,22 @@ class ProcessOps:
             extra_groups=[] if user is not None else None,
         )
 
-    # The keeper server (worker.spawn.KeeperServer) that forks kept jobs'
+    # The keeper server (worker.kept.KeeperServer) that forks kept jobs'
     # keepers; None until the first kept start, or once it failed.
-    _server: one_exec.KeeperServer | None = None
+    _server: through_keeper.KeeperServer | None = None
     _server_failed = False
     _server_lock = threading.Lock()
 
-    def spawn_kept(self, argv, **kwargs) -> one_exec.Kept:
+    def spawn_kept(self, argv, **kwargs) -> through_keeper.Kept:
         """Start a kept job: its keeper forked by the keeper server, or
         executed if there is none (it could not start, or it failed)."""
         server = self.keeper_server()
         if server is not None:
             try:
-                return one_exec.spawn_kept(argv, server=server, **kwargs)
-            except one_exec.ServerGone as exc:
+                return through_keeper.spawn_kept(argv, server=server, **kwargs)
+            except through_keeper.ServerGone as exc:
                 if exc.usable:  # this start only: its keeper is executed
-                    return one_exec.spawn_kept(argv, **kwargs)
+                    return through_keeper.spawn_kept(argv, **kwargs)
                 log.warning(
                     "%s; jobs' keepers are executed one by one from now on", exc
                 )
@@ -121,14 +122,14 @@ class ProcessOps:
                     self._server_failed = True
                     self._server = None
                 server.close()
-        return one_exec.spawn_kept(argv, **kwargs)
+        return through_keeper.spawn_kept(argv, **kwargs)
 
-    def keeper_server(self) -> one_exec.KeeperServer | None:
+    def keeper_server(self) -> through_keeper.KeeperServer | None:
         """The keeper server, started on the first call (None if it cannot be)."""
         with self._server_lock:
             if self._server is None and not self._server_failed and self.kept:
                 try:
-                    self._server = one_exec.KeeperServer()
+                    self._server = through_keeper.KeeperServer()
                 except OSError as exc:
                     self._server_failed = True
                     log.warning(
@@ -180,7 +181,7 @@ class KeptProcess:
 
     ``keeper`` is the worker's own child when this run of the worker
     executed the keeper, None when the keeper server forked it
-    (:class:`~worker.spawn.KeeperServer`) or when the worker adopted the job
+    (:class:`~worker.kept.KeeperServer`) or when the worker adopted the job
     from an earlier run: then the keeper's end is known from ``pidfd`` alone. Either
     way, the job's exit status is in the exit file the keeper writes.
     """
@@ -203,7 +204,7 @@ class KeptProcess:
         self.job_dir = job_dir
         self._pidfd = pidfd if pidfd is not None else os.pidfd_open(keeper_pid)
         self.returncode: int | None = None
-        self.exit: one_exec.KeeperExit | None = None
+        self.exit: through_keeper.KeeperExit | None = None
         self.ended = False
 
     @classmethod
@@ -253,7 +254,7 @@ class KeptProcess:
 
     def _read_exit(self) -> None:
         try:
-            self.exit = one_exec.read_exit(self.job_dir)
+            self.exit = through_keeper.read_exit(self.job_dir)
         except (OSError, ValueError) as exc:
             log.error("%s: unreadable exit record: %s", self.job_dir, exc)
         if self.exit is not None:
@@ -336,12 +337,12 @@ class Spawner:
             log.info(
                 "jobs start through their keeper (%s): they go on running "
                 "while the worker restarts",
-                one_exec.keeper_path(),
+                through_keeper.keeper_path(),
             )
         else:
             log.warning(
                 "jobs start as the worker's own children and end with it: %s",
-                one_exec.keeper_available()
+                through_keeper.keeper_available()
                 if ops.native
                 else "they start without the one-exec spawner",
             )

@@ -35,12 +35,13 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import history, isolation, linux, metrics, spawn, watcher
+from worker import history, isolation, linux, metrics, watcher
 from worker.accounts import Accounts
 from worker.config import JobsSection
 from worker.drain import Drain, DrainState
 from worker.health import Health
 from worker.job import Job, JobRecord, Phase
+from worker.kept import EXIT_FILE
 from worker.limits import NAMES as LIMIT_NAMES
 from worker.limits import Enforcer, Limits
 from worker.output import (
@@ -249,7 +250,7 @@ class JobRunner:
         # first byte; its exit file (or the room made for it) is always there.
         if any(
             (directory / name).exists()
-            for name in (DATA_NAME, EXIT_TMP_NAME, spawn.EXIT_FILE)
+            for name in (DATA_NAME, EXIT_TMP_NAME, EXIT_FILE)
         ):
             output = KeptOutput(directory, head, tail)
             output.total = total

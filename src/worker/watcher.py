@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable
 
 from jobgate.jobstate import ExitReason
-from worker import linux, metrics, spawn
+from worker import linux, metrics
 from worker.config import JobsSection
 from worker.health import Health
 from worker.job import Job, Phase
+from worker.kept import start_failure
 from worker.limits import Enforcer, Limits
 from worker.process import KeptProcess, read_start_error, start_error_text
 from worker.reactor import Reactor
@@ -342,7 +343,7 @@ class Watcher:
             elif done.start_error is not None:
                 step, err = done.start_error
                 program = proc.program or job.record.command
-                failure = spawn.start_failure(step, err, program)
+                failure = start_failure(step, err, program)
                 job.start_error = start_error_text(failure, program)
             elif done.output_error is not None:
                 err, kept = done.output_error

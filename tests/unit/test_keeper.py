@@ -1,4 +1,4 @@
-"""worker.spawn.spawn_kept: a job whose parent is jobgate-keeper, not the worker."""
+"""worker.kept.spawn_kept: a job whose parent is jobgate-keeper, not the worker."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import pytest
 from conftest import children, skip_unless_required
 
 from worker import isolation, spawn
+from worker import kept as through_keeper
 
 MiB = 1024 * 1024
 # A user and group id no account has: the job's ids come from the keeper's
@@ -61,15 +62,15 @@ class Job:
         kw.setdefault("tail_bytes", MiB)
         kw.setdefault("drain_s", 5.0)
         try:
-            self.kept = spawn.spawn_kept(
+            self.kept = through_keeper.spawn_kept(
                 argv, job_dir=str(self.dir), output_fd=fd, **kw
             )
         finally:
             os.close(fd)  # the keeper has its own
 
-    def finish(self, timeout: float = 10) -> spawn.KeeperExit:
+    def finish(self, timeout: float = 10) -> through_keeper.KeeperExit:
         assert self.kept.keeper.wait(timeout=timeout) == 0
-        ended = spawn.read_exit(str(self.dir))
+        ended = through_keeper.read_exit(str(self.dir))
         assert ended is not None
         assert "exit.tmp" not in os.listdir(self.dir)
         return ended
@@ -119,8 +120,8 @@ def wait_until(check, timeout: float = 10, what: str = "") -> None:
 def test_the_keeper_is_built_and_usable_here():
     # The package build compiles it (setup.py); without it jobs would die
     # with every restart of the worker.
-    assert spawn.keeper_available() == ""
-    assert os.access(spawn.keeper_path(), os.X_OK)
+    assert through_keeper.keeper_available() == ""
+    assert os.access(through_keeper.keeper_path(), os.X_OK)
 
 
 @pytest.mark.parametrize(
@@ -156,10 +157,12 @@ def test_the_output_is_copied_exactly_and_the_exit_file_tells_the_end(
     assert new_children() == []
 
 
-def named_output_job(tmp_path: Path, argv: list[str]) -> tuple[Path, spawn.Kept]:
+def named_output_job(
+    tmp_path: Path, argv: list[str]
+) -> tuple[Path, through_keeper.Kept]:
     directory = tmp_path / f"job-{uuid.uuid4().hex[:8]}"
     directory.mkdir()
-    kept = spawn.spawn_kept(
+    kept = through_keeper.spawn_kept(
         argv,
         cwd="/",
         env={"PATH": "/usr/bin:/bin"},
@@ -185,14 +188,14 @@ def test_a_named_output_file_is_made_with_the_first_byte(tmp_path):
         os.umask(old)
     assert (directory / "out.data").read_bytes() == b"hi\n"
     assert stat.S_IMODE((directory / "out.data").stat().st_mode) == 0o640
-    ended = spawn.read_exit(str(directory))
+    ended = through_keeper.read_exit(str(directory))
     assert (ended.output_bytes, ended.output_error) == (3, None)
 
 
 def test_a_job_that_writes_nothing_gets_no_output_file(tmp_path):
     directory, _ = named_output_job(tmp_path, ["/bin/true"])
     assert sorted(os.listdir(directory)) == ["exit"]
-    ended = spawn.read_exit(str(directory))
+    ended = through_keeper.read_exit(str(directory))
     assert (ended.returncode, ended.output_bytes, ended.output_error) == (0, 0, None)
 
 
@@ -200,7 +203,7 @@ def test_an_output_file_that_cannot_be_made_is_an_output_error(tmp_path):
     directory = tmp_path / "job"
     directory.mkdir()
     (directory / "out.data").mkdir()  # in the way: opening it fails (EISDIR)
-    kept = spawn.spawn_kept(
+    kept = through_keeper.spawn_kept(
         ["/bin/sh", "-c", "head -c 1000000 /dev/zero"],
         cwd="/",
         env={"PATH": "/usr/bin:/bin"},
@@ -215,7 +218,7 @@ def test_an_output_file_that_cannot_be_made_is_an_output_error(tmp_path):
         drain_s=5.0,
     )
     assert kept.keeper.wait(timeout=10) == 0
-    ended = spawn.read_exit(str(directory))
+    ended = through_keeper.read_exit(str(directory))
     assert (ended.returncode, ended.output_bytes) == (0, 1000000)
     assert ended.output_error == (errno.EISDIR, 0)
 
@@ -223,7 +226,7 @@ def test_an_output_file_that_cannot_be_made_is_an_output_error(tmp_path):
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b"])
 def test_an_output_name_must_be_a_name(tmp_path, name):
     with pytest.raises(ValueError, match="output"):
-        spawn.spawn_kept(
+        through_keeper.spawn_kept(
             ["/bin/true"],
             cwd="/",
             env={},
@@ -287,11 +290,11 @@ def test_a_signal_sent_as_soon_as_the_job_has_a_pid_is_not_lost(tmp_path):
 
 WORKER = """
 import os, signal, sys
-from worker import spawn
+from worker import kept as through_keeper
 
 job_dir, script = sys.argv[1:]
 fd = os.open(os.path.join(job_dir, "output"), os.O_WRONLY | os.O_CREAT, 0o600)
-kept = spawn.spawn_kept(
+kept = through_keeper.spawn_kept(
     ["/bin/sh", "-c", script], cwd="/", env={"PATH": "/usr/bin:/bin"},
     user=None, group=None, cgroup_procs=None, cgroup_kill=None, job_dir=job_dir,
     output_fd=fd, head_bytes=1 << 20, tail_bytes=1 << 20, drain_s=5,
@@ -335,7 +338,7 @@ def test_the_job_outlives_the_worker_killed_with_sigkill(tmp_path):
         assert alive(job_pid)  # the worker is gone, the job is not
         _, status = os.waitpid(keeper_pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    ended = spawn.read_exit(str(job_dir))
+    ended = through_keeper.read_exit(str(job_dir))
     assert (ended.returncode, ended.output_bytes) == (5, 6)
     assert (job_dir / "output").read_bytes() == b"after\n"
 
@@ -394,7 +397,7 @@ def test_a_program_that_cannot_be_executed_is_told_in_the_exit_file(tmp_path):
         ended = job.finish()
         assert (ended.returncode, ended.output_bytes, job.read()) == (127, 0, b"")
         assert ended.start_error is not None and ended.start_error[1] == code
-        error = spawn.start_failure(*ended.start_error, str(path))
+        error = through_keeper.start_failure(*ended.start_error, str(path))
         assert error.errno == code
         assert error.filename == os.fsencode(path)
         assert same_error(error, spawn_error([str(path)]))
@@ -406,7 +409,7 @@ def test_a_step_before_exec_is_told_as_spawn_tells_it(tmp_path):
     job = Job(tmp_path, ["/bin/true"], cwd=str(tmp_path / "gone"))
     ended = job.finish()
     assert ended.returncode == 127 and ended.start_error is not None
-    error = spawn.start_failure(*ended.start_error, "/bin/true")
+    error = through_keeper.start_failure(*ended.start_error, "/bin/true")
     assert isinstance(error, FileNotFoundError)
     assert error.strerror == (
         "changing to the working directory: No such file or directory"
@@ -416,7 +419,7 @@ def test_a_step_before_exec_is_told_as_spawn_tells_it(tmp_path):
 
 
 def test_an_unknown_step_is_an_error_of_its_own():
-    error = spawn.start_failure(99, errno.EPERM, "/bin/true")
+    error = through_keeper.start_failure(99, errno.EPERM, "/bin/true")
     assert error.errno == errno.EIO
     assert "unknown step 99" in str(error)
 
@@ -429,7 +432,7 @@ def kept_error(tmp_path: Path, **kw) -> OSError:
     kw.setdefault("cwd", "/")
     try:
         with pytest.raises(OSError) as caught:
-            spawn.spawn_kept(
+            through_keeper.spawn_kept(
                 ["/bin/true"],
                 env={},
                 user=None,
@@ -458,7 +461,7 @@ def test_a_keeper_that_cannot_be_executed_fails_the_start(tmp_path, monkeypatch)
         (tmp_path / "missing", errno.ENOENT),
         (not_executable, errno.EACCES),
     ]:
-        monkeypatch.setattr(spawn, "keeper_path", lambda path=path: str(path))
+        monkeypatch.setattr(through_keeper, "keeper_path", lambda path=path: str(path))
         error = kept_error(tmp_path)
         assert (error.errno, error.filename) == (code, os.fsencode(path))
 
@@ -481,7 +484,7 @@ def test_a_keeper_that_cannot_start_the_jobs_process_reports_why(tmp_path):
             "-c",
             'ulimit -n 7; exec "$0" --report 3 --output 4 --dir 5 --head 0 --tail 0 '
             '--drain-ms 0 --cwd / -- /bin/true true 3>"$1" 4>"$2" 5<"$3"',
-            spawn.keeper_path(),
+            through_keeper.keeper_path(),
             str(tmp_path / "report"),
             str(job_dir / "output"),
             str(job_dir),
@@ -491,9 +494,9 @@ def test_a_keeper_that_cannot_start_the_jobs_process_reports_why(tmp_path):
         timeout=10,
     )
     assert run.returncode == 127, run.stderr
-    step, err = spawn._REPORT.unpack((tmp_path / "report").read_bytes())
+    step, err = through_keeper._REPORT.unpack((tmp_path / "report").read_bytes())
     assert err == errno.EMFILE
-    error = spawn.start_failure(step, err, "/bin/true")
+    error = through_keeper.start_failure(step, err, "/bin/true")
     assert error.strerror == f"starting the job's process: {os.strerror(errno.EMFILE)}"
     assert os.listdir(job_dir) == ["output"]
 
@@ -725,7 +728,7 @@ def test_a_cgroup_that_cannot_be_joined_is_told_and_runs_nothing(
     )
     ended = job.finish()
     assert ended.returncode == 127 and ended.start_error is not None
-    error = spawn.start_failure(*ended.start_error, "/bin/sh")
+    error = through_keeper.start_failure(*ended.start_error, "/bin/sh")
     assert error.strerror.startswith("joining the job's cgroup: ")
     assert not marker.exists()
     assert new_children() == []
@@ -774,14 +777,14 @@ def test_a_full_disk_keeps_what_fit_and_the_job_runs_on(tmp_path):
 
 
 def test_read_exit_refuses_what_the_keeper_does_not_write(tmp_path):
-    assert spawn.read_exit(str(tmp_path)) is None
+    assert through_keeper.read_exit(str(tmp_path)) is None
     exit_file = tmp_path / "exit"
     exit_file.write_text("status 0\noutput_bytes 12\noutput_error 28 4\ndrain_cut 1\n")
-    assert spawn.read_exit(str(tmp_path)) == spawn.KeeperExit(
+    assert through_keeper.read_exit(str(tmp_path)) == through_keeper.KeeperExit(
         status=0, returncode=0, output_bytes=12, output_error=(28, 4), drain_cut=True
     )
     exit_file.write_text("status 32512\noutput_bytes 0\nstart_error 10 2\n")
-    assert spawn.read_exit(str(tmp_path)) == spawn.KeeperExit(
+    assert through_keeper.read_exit(str(tmp_path)) == through_keeper.KeeperExit(
         status=32512,
         returncode=127,
         output_bytes=0,
@@ -801,12 +804,12 @@ def test_read_exit_refuses_what_the_keeper_does_not_write(tmp_path):
     ]:
         exit_file.write_text(bad)
         with pytest.raises(ValueError):
-            spawn.read_exit(str(tmp_path))
+            through_keeper.read_exit(str(tmp_path))
 
 
 def test_bad_arguments_end_the_keeper_before_it_starts_anything(tmp_path):
     run = subprocess.run(
-        [spawn.keeper_path(), "--report", "1", "--", "/bin/true", "true"],
+        [through_keeper.keeper_path(), "--report", "1", "--", "/bin/true", "true"],
         capture_output=True,
         timeout=10,
     )
@@ -818,18 +821,18 @@ def test_bad_arguments_end_the_keeper_before_it_starts_anything(tmp_path):
 
 
 @pytest.fixture
-def server() -> Iterator[spawn.KeeperServer]:
-    served = spawn.KeeperServer()
+def server() -> Iterator[through_keeper.KeeperServer]:
+    served = through_keeper.KeeperServer()
     yield served
     served.close()
 
 
 def served_job(
-    server: spawn.KeeperServer, directory: Path, argv: list[str], **kw
-) -> spawn.Kept:
+    server: through_keeper.KeeperServer, directory: Path, argv: list[str], **kw
+) -> through_keeper.Kept:
     directory.mkdir(exist_ok=True)
     kw.setdefault("env", {"PATH": "/usr/bin:/bin"})
-    return spawn.spawn_kept(
+    return through_keeper.spawn_kept(
         argv,
         cwd="/",
         user=None,
@@ -852,7 +855,7 @@ def release(fifo: Path) -> None:
         f.write("go\n")
 
 
-def ended_by_pidfd(kept: spawn.Kept, timeout: float = 10) -> None:
+def ended_by_pidfd(kept: through_keeper.Kept, timeout: float = 10) -> None:
     try:
         ready, _, _ = select.select([kept.pidfd], [], [], timeout)
         assert ready, "the keeper did not end"
@@ -871,7 +874,7 @@ def test_a_served_keeper_keeps_the_job_as_an_executed_one_does(tmp_path, server)
     assert kept.keeper is None and kept.keeper_pid not in children()
     assert kept.pid != kept.keeper_pid
     ended_by_pidfd(kept)
-    ended = spawn.read_exit(str(tmp_path / "job"))
+    ended = through_keeper.read_exit(str(tmp_path / "job"))
     assert (ended.returncode, ended.start_error) == (3, None)
     assert (tmp_path / "job" / "output").read_bytes() == b"|a b|x=y|"
 
@@ -879,8 +882,8 @@ def test_a_served_keeper_keeps_the_job_as_an_executed_one_does(tmp_path, server)
 def test_a_served_keeper_tells_a_failed_exec_in_the_exit_file(tmp_path, server):
     kept = served_job(server, tmp_path / "job", ["/nonexistent/program"])
     ended_by_pidfd(kept)
-    ended = spawn.read_exit(str(tmp_path / "job"))
-    failure = spawn.start_failure(*ended.start_error, "/nonexistent/program")
+    ended = through_keeper.read_exit(str(tmp_path / "job"))
+    failure = through_keeper.start_failure(*ended.start_error, "/nonexistent/program")
     assert isinstance(failure, FileNotFoundError)
 
 
@@ -915,7 +918,7 @@ def test_a_served_keeper_holds_what_it_is_given_and_the_job_does_not(tmp_path, s
 
 
 def test_served_keepers_outlive_the_server(tmp_path):
-    served = spawn.KeeperServer()
+    served = through_keeper.KeeperServer()
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     kept = served_job(
@@ -925,17 +928,17 @@ def test_served_keepers_outlive_the_server(tmp_path):
     assert alive(kept.keeper_pid) and alive(kept.pid)
     release(fifo)
     ended_by_pidfd(kept)
-    ended = spawn.read_exit(str(tmp_path / "job"))
+    ended = through_keeper.read_exit(str(tmp_path / "job"))
     assert (ended.returncode, ended.output_bytes) == (0, 3)
 
 
 SERVED_WORKER = """
 import os, signal, sys
-from worker import spawn
+from worker import kept as through_keeper
 
 job_dir, script = sys.argv[1:]
-server = spawn.KeeperServer()
-kept = spawn.spawn_kept(
+server = through_keeper.KeeperServer()
+kept = through_keeper.spawn_kept(
     ["/bin/sh", "-c", script], cwd="/", env={"PATH": "/usr/bin:/bin"},
     user=None, group=None, cgroup_procs=None, cgroup_kill=None, job_dir=job_dir,
     output_name="output", head_bytes=1 << 20, tail_bytes=1 << 20, drain_s=5,
@@ -959,16 +962,16 @@ def test_the_server_exits_with_its_worker_and_the_job_runs_on(tmp_path):
         assert os.waitstatus_to_exitcode(status) == 0
         _, status = os.waitpid(keeper_pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    ended = spawn.read_exit(str(job_dir))
+    ended = through_keeper.read_exit(str(job_dir))
     assert (ended.returncode, ended.output_bytes) == (5, 6)
     assert (job_dir / "output").read_bytes() == b"after\n"
 
 
 def test_a_server_that_is_gone_starts_nothing_and_says_so(tmp_path):
-    served = spawn.KeeperServer()
+    served = through_keeper.KeeperServer()
     os.kill(served.pid, signal.SIGKILL)
     os.waitpid(served.pid, 0)
-    with pytest.raises(spawn.ServerGone):
+    with pytest.raises(through_keeper.ServerGone):
         served_job(served, tmp_path / "job", ["/bin/true"])
     assert new_children() == []
     served.closed = True  # reaped above
@@ -978,7 +981,7 @@ def test_a_start_too_big_for_the_server_is_refused_and_the_server_serves_on(
     tmp_path, server
 ):
     big = {"PATH": "/usr/bin:/bin", "BIG": "x" * (1 << 20)}
-    with pytest.raises(spawn.ServerGone) as refused:
+    with pytest.raises(through_keeper.ServerGone) as refused:
         served_job(server, tmp_path / "big", ["/bin/true"], env=big)
     assert refused.value.usable
     kept = served_job(server, tmp_path / "job", ["/bin/sh", "-c", "echo ok"])
@@ -1013,7 +1016,7 @@ def test_a_served_keeper_shows_its_jobs_environment_and_arguments(tmp_path, serv
 
 
 def test_a_job_environment_too_big_to_show_is_not_served(tmp_path, server):
-    env = {"PATH": "/usr/bin:/bin", "BIG": "x" * spawn.KeeperServer.ENV_ROOM}
-    with pytest.raises(spawn.ServerGone) as refused:
+    env = {"PATH": "/usr/bin:/bin", "BIG": "x" * through_keeper.KeeperServer.ENV_ROOM}
+    with pytest.raises(through_keeper.ServerGone) as refused:
         served_job(server, tmp_path / "job", ["/bin/true"], env=env)
     assert refused.value.usable

@@ -30,8 +30,9 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import accounts, process, spawn
+from worker import accounts, process
 from worker.config import JobsSection
+from worker.kept import keeper_available
 from worker.limits import Enforcer
 from worker.output import OutputLog
 from worker.reactor import Reactor
@@ -318,7 +319,7 @@ def test_a_kept_job_leaves_its_output_and_its_exit_in_its_directory(make_runner)
     runner = make_runner()
     # The build makes the keeper (setup.py, make): a worker without it is a
     # broken build here, not a host to skip.
-    assert runner.ops.kept, spawn.keeper_available()
+    assert runner.ops.kept, keeper_available()
     record, output = run(runner, "mixed.sh", "4")
     directory = runner.jobs_dir / record.job_id
     assert sorted(p.name for p in directory.iterdir()) == ["exit", "output.data"]
@@ -331,7 +332,7 @@ def test_a_kept_job_without_output_leaves_only_its_exit(make_runner):
     # The keeper makes the output file with the first byte: a quiet job
     # costs no inode for it (each one is dear on ext4 without a journal).
     runner = make_runner()
-    assert runner.ops.kept, spawn.keeper_available()
+    assert runner.ops.kept, keeper_available()
     record, output = run(runner, "hello.sh")  # no args: prints nothing
     assert output == b""
     assert (record.state, record.output_bytes) == (JobState.SUCCEEDED, 0)
