@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jobgate.client.api import ClientError
+from jobgate.client.errors import ClientError
 
 # The worker's log lines naming the scheduler it talks to from then on
 # (worker/registration.py).

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import make_public_dir
 
-from jobgate.client.api import ApiError, Client, ConnectionFailed
+from jobgate.client.api import Client
+from jobgate.client.errors import ApiError, ConnectionFailed
 from jobgate.dev.cluster import DevCluster
 
 pytestmark = pytest.mark.timeout(180)

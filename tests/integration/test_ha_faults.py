@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 from conftest import make_public_dir, need_postgres, skip_unless_required
 
-from jobgate.client.api import SCHEDULER_UNAVAILABLE, ApiError, Client, ConnectionFailed
+from jobgate.client.api import SCHEDULER_UNAVAILABLE, Client
+from jobgate.client.errors import ApiError, ConnectionFailed
 from jobgate.dev import postgres as devpg
 from jobgate.dev.cluster import DevCluster
 

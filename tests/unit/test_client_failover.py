@@ -15,14 +15,8 @@ import threading
 
 import pytest
 
-from jobgate.client.api import (
-    OWN_KEY_PREFIX,
-    SCHEDULER_UNAVAILABLE,
-    ApiError,
-    Client,
-    ConnectionFailed,
-    SettingsError,
-)
+from jobgate.client.api import OWN_KEY_PREFIX, SCHEDULER_UNAVAILABLE, Client
+from jobgate.client.errors import ApiError, ConnectionFailed, SettingsError
 from jobgate.errors import SchedulerUnavailable
 
 

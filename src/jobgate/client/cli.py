@@ -17,15 +17,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 from jobgate import __version__
-from jobgate.client.api import (
-    ENV_CONFIG,
-    ApiError,
-    ConnectionFailed,
-    Settings,
-    SettingsError,
-    default_config_path,
-    resolve_settings,
-)
 from jobgate.client.commands import (
     cmd_drain,
     cmd_fanout,
@@ -39,6 +30,7 @@ from jobgate.client.commands import (
     cmd_worker,
     cmd_workers,
 )
+from jobgate.client.errors import ApiError, ConnectionFailed, SettingsError
 from jobgate.client.exits import (
     EXIT_API,
     EXIT_BROKEN_PIPE,
@@ -52,6 +44,12 @@ from jobgate.client.exits import (
     UsageError,
 )
 from jobgate.client.output import Output
+from jobgate.client.settings import (
+    ENV_CONFIG,
+    Settings,
+    default_config_path,
+    resolve_settings,
+)
 
 # Options every command takes, before or after the command's name.
 SETTING_FLAGS = ("url", "token", "token_file", "ca_file", "cert_file", "key_file")

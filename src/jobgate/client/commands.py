@@ -8,12 +8,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jobgate.client.api import (
-    ApiError,
-    Client,
-    ConnectionFailed,
-    StreamBroken,
-)
+from jobgate.client.api import Client
+from jobgate.client.errors import ApiError, ConnectionFailed, StreamBroken
 from jobgate.client.exits import (
     EXIT_API,
     EXIT_NOT_ALL_SUCCEEDED,
