@@ -26,7 +26,8 @@ import pytest
 from conftest import Api, make_public_dir, skip_unless_required
 from test_lifecycle import pid_alive, wait_for
 
-from jobgate.dev.cluster import DevCluster, Process
+from jobgate.dev.cluster import DevCluster
+from jobgate.dev.process import Process
 from scheduler import config as scheduler_config
 from worker import config as worker_config
 

@@ -25,16 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobgate.dev.process import ClusterError, Process, alive, descendants
 from jobgate.tokens import hash_token
 from worker.isolation import instance_name, remove_leftovers
 
 REPO = Path(__file__).resolve().parents[3]
 DEVCA = REPO / "certs" / "devca.py"
 EXAMPLE_SCRIPTS = REPO / "examples" / "scripts"
-
-
-class ClusterError(Exception):
-    pass
 
 
 def _reachable_by_others(path: Path) -> bool:
@@ -44,101 +41,6 @@ def _reachable_by_others(path: Path) -> bool:
         if not mode & stat.S_IXOTH:
             return False
     return bool(path.stat().st_mode & stat.S_IROTH)
-
-
-class Process:
-    def __init__(self, name: str, argv: list[str], log_path: Path, ready_file: Path):
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.ready_file = ready_file
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, env: dict | None = None) -> None:
-        self.ready_file.unlink(missing_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self.argv + ["--ready-file", str(self.ready_file)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-        log.close()
-
-    def wait_ready(self, timeout: float = 30.0) -> dict:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready_file.exists():
-                return json.loads(self.ready_file.read_text())
-            if self.proc.poll() is not None:
-                raise ClusterError(
-                    f"{self.name} exited with code {self.proc.returncode}; "
-                    f"log:\n{self.log_tail()}"
-                )
-            time.sleep(0.05)  # waiting on another process's file: nothing to block on
-        raise ClusterError(
-            f"{self.name} was not ready after {timeout}s; log:\n{self.log_tail()}"
-        )
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(
-                self.log_path.read_text(errors="replace").splitlines()[-lines:]
-            )
-        except OSError:
-            return "(no log)"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.running():
-            self.proc.send_signal(sig)  # type: ignore[union-attr]
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            # A stopped (SIGSTOP) process would never act on the SIGTERM.
-            self.proc.send_signal(signal.SIGCONT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``."""
-    found, todo = [], [pid]
-    while todo:
-        try:
-            tasks = list(Path(f"/proc/{todo.pop()}/task").iterdir())
-            kids = [int(k) for t in tasks for k in (t / "children").read_text().split()]
-        except OSError:  # it exited meanwhile
-            continue
-        found += kids
-        todo += kids
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie has ended)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _hostport(host: str, port: int) -> str:
@@ -462,13 +364,13 @@ stop_grace_s = 2.0
         proc = self.schedulers[index]
         if proc is None or not proc.running():
             return
-        pids = [proc.pid, *_descendants(proc.pid)]
+        pids = [proc.pid, *descendants(proc.pid)]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.proc.wait(timeout)  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout
-        while any(_alive(p) for p in pids):  # orphans: init reaps them
+        while any(alive(p) for p in pids):  # orphans: init reaps them
             if time.monotonic() > deadline:
                 raise ClusterError(f"{proc.name}: processes left after SIGKILL")
             time.sleep(0.01)
