@@ -23,6 +23,23 @@ from jobgate.dev import browser  # noqa: E402
 from jobgate.dev.postgres import find_bindir  # noqa: E402
 
 
+def run_tiny(out: Path, *args: str, timeout: float) -> dict:
+    """``bench.run`` once at the tiny size with ``args``, writing into
+    ``out``; its report."""
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.run", "--tiny", "--runs", "1"),
+            *("--idle-wait", "0", "--out", out, *args),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((out / "report.json").read_text())
+
+
 def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
     names = list(SCENARIOS)
     if browser.missing() and os.environ.get("JOBGATE_REQUIRE_BROWSER") != "1":
@@ -30,19 +47,8 @@ def test_every_scenario_runs_at_tiny_size(tmp_path: Path):
     if find_bindir() is None and os.environ.get("JOBGATE_REQUIRE_POSTGRES") != "1":
         # Several schedulers share a database: make postgres-deps
         names = [n for n in names if not SCENARIOS[n].postgres]
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.run", "--tiny", "--runs", "1"),
-            *("--idle-wait", "0", "--out", tmp_path),
-            *(arg for name in names for arg in ("--scenario", name)),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    scenarios = (arg for name in names for arg in ("--scenario", name))
+    report = run_tiny(tmp_path, *scenarios, timeout=420)
     assert report["tiny"] is True and report["runs"] == 1
     assert list(report["scenarios"]) == names
     for name, entry in report["scenarios"].items():
@@ -145,19 +151,9 @@ def test_scheduler_cpus_hold_each_scheduler_to_its_share(tmp_path: Path):
         pytest.skip("two schedulers share a database: make postgres-deps")
     cpu = Path("/sys/fs/cgroup/cpu")
     before = set(cpu.rglob("jobgate-bench-*")) if cpu.is_dir() else set()
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.run", "--tiny", "--runs", "1"),
-            *("--idle-wait", "0", "--out", tmp_path, "--scenario", "status-ha"),
-            *("--scheduler-cpus", "0.25"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    report = run_tiny(
+        tmp_path, "--scenario", "status-ha", "--scheduler-cpus", "0.25", timeout=300
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads((tmp_path / "report.json").read_text())
     assert report["scheduler_cpus"] == 0.25
     figures = report["scenarios"]["status-ha"]["median"]
     phases = {
