@@ -13,10 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from conftest import need_postgres, skip_unless_required  # noqa: E402
 
 from bench.scenarios import SCENARIOS, TINY  # noqa: E402
 from jobgate.dev import browser  # noqa: E402
@@ -146,9 +146,11 @@ def test_scheduler_cpus_hold_each_scheduler_to_its_share(tmp_path: Path):
     """``--scheduler-cpus`` caps each scheduler's processes together, and
     leaves no cgroup behind."""
     if os.geteuid() != 0:
-        pytest.skip("CPU quotas are set in cgroups, which only root may make")
-    if find_bindir() is None and os.environ.get("JOBGATE_REQUIRE_POSTGRES") != "1":
-        pytest.skip("two schedulers share a database: make postgres-deps")
+        skip_unless_required(
+            "CPU quotas are set in cgroups, which only root may make",
+            "JOBGATE_REQUIRE_ROOT",
+        )
+    need_postgres()  # two schedulers share a database
     cpu = Path("/sys/fs/cgroup/cpu")
     before = set(cpu.rglob("jobgate-bench-*")) if cpu.is_dir() else set()
     report = run_tiny(
