@@ -373,10 +373,10 @@ class UseCases:
         a running job on PostgreSQL. That ``GET`` (bench scenario 2's, 8
         clients, 4 back-to-back pairs of 6 s runs) went from 1,500-1,840 to
         2,500-2,750 req/s on PostgreSQL, and from 1,860-2,720 to 2,410-2,830
-        on SQLite. A row
-        gone stale costs one more call: when the worker cannot be reached or
-        does not know the job, the row and the index are read again, and the
-        worker asked again only if it moved or registered anew since.
+        on SQLite. A row gone stale costs one more call: when the worker
+        cannot be reached or does not know the job, the row and the index are
+        read again, and the worker asked again only if it moved or registered
+        anew since.
         """
         key = (ref, job_id)
         ended = self._ended_jobs.get(key)
