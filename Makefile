@@ -32,12 +32,12 @@ $(STUBS)/.generated: $(VENV)/.installed $(PROTOS)
 proto: $(STUBS)/.generated
 
 run: proto
-	$(PY) -m jobgate.dev.cluster --dir run
+	$(PY) -m jobgate.dev.run --dir run
 
 # Two schedulers on one PostgreSQL server (Debian's binaries, no service:
 # its data under run/postgres), two workers; run/local.env names both URLs.
 run-ha: proto postgres-deps
-	$(PY) -m jobgate.dev.cluster --dir run --schedulers 2 --postgres
+	$(PY) -m jobgate.dev.run --dir run --schedulers 2 --postgres
 
 test: proto
 	$(PY) -m pytest tests

@@ -138,7 +138,7 @@ def test_stopping_a_cluster_leaves_no_process(scripts_dir):
 def test_make_run_flow_runs_sample_job_and_cleans_up(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "jobgate.dev.cluster", "--dir", str(run_dir), "--once"],
+        [sys.executable, "-m", "jobgate.dev.run", "--dir", str(run_dir), "--once"],
         cwd=REPO,
         capture_output=True,
         timeout=120,
