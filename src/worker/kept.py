@@ -27,13 +27,15 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 from worker.spawn import WAIT_MAX_DELAY_S, Child, _spawn, above_stdio, available
 
 _KEEPER = "jobgate-keeper"
 # The keeper's report of the start: the step that failed (0: none) and errno,
-# or 0 and the job's pid. Native byte order: the keeper runs on this host.
-_REPORT = struct.Struct("=ii")
+# or 0 and the job's pid; then the keeper's own start time (clock ticks since
+# boot, 0 if unknown). Native byte order: the keeper runs on this host.
+_REPORT = struct.Struct("=iiq")
 # A KeeperServer's answer: the keeper's pid (its pidfd along), or -errno.
 _ANSWER = struct.Struct("=i")
 # The file the keeper writes once the job has ended, in the job's directory.
@@ -76,6 +78,9 @@ class Kept:
     pid: int  # the job's main process
     keeper_pid: int = 0
     pidfd: int | None = None  # the caller's to close
+    # The keeper's start time as it read it (linux.start_time), None if it
+    # could not: with its pid, what names the keeper after a restart.
+    keeper_start: int | None = None
 
     def __post_init__(self) -> None:
         if self.keeper is not None:
@@ -92,6 +97,7 @@ def spawn_kept(
     cgroup_procs: list[str] | None,
     cgroup_kill: str | None,
     job_dir: str,
+    make_dir: Callable[[str], None] | None = None,
     output_fd: int | None = None,
     output_name: str | None = None,
     head_bytes: int,
@@ -115,6 +121,12 @@ def spawn_kept(
     exits. The job's pid, and so its process group's id, stays reserved until
     that reaping: while the keeper runs (bar the moment it takes to write the
     exit file), a signal to the group by that id reaches no other process.
+
+    ``job_dir`` is there already, unless ``make_dir`` is given: then it
+    must not be, and the keeper makes it (or takes the one its server made
+    ahead) when ``server`` makes directories where ``job_dir`` is
+    (``KeeperServer(jobs_dir=...)``), else ``make_dir(job_dir)`` makes it
+    here first. Either way it is there once this returns.
 
     The keeper is executed, as the worker's child, unless ``server`` is
     given: then ``server`` forks it, and the Kept that comes back has no
@@ -165,10 +177,19 @@ def spawn_kept(
         report_r, report_w = os.pipe()  # both close-on-exec
         opened += [report_r, report_w]
         report_w = opened[1] = above_stdio(report_w)
-        devnull = open_fd(os.devnull, os.O_RDWR)
-        directory = open_fd(job_dir, os.O_PATH | os.O_DIRECTORY)
-        passed += [report_w, directory]
+        passed.append(report_w)
         args = ["--report", ref(report_w)]
+        if (
+            make_dir is not None
+            and server is not None
+            and server.jobs_dir == os.path.dirname(job_dir)
+        ):
+            args += ["--dir-name", os.path.basename(job_dir)]
+        else:
+            if make_dir is not None:
+                make_dir(job_dir)
+            passed.append(open_fd(job_dir, os.O_PATH | os.O_DIRECTORY))
+            args += ["--dir", ref(passed[-1])]
         if output_fd is not None:
             output = output_fd
             if output < 3:  # the caller's own descriptor is never moved
@@ -183,7 +204,7 @@ def spawn_kept(
                 held = fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 3)
                 opened.append(held)
             passed.append(held)
-        args += ["--dir", ref(directory), "--head", str(head_bytes)]
+        args += ["--head", str(head_bytes)]
         args += ["--tail", str(tail_bytes), "--drain-ms", str(round(drain_s * 1000))]
         for procs in cgroup_procs or ():
             passed.append(open_fd(procs, os.O_WRONLY))
@@ -213,6 +234,7 @@ def spawn_kept(
                     ) from None
                 raise
         else:
+            devnull = open_fd(os.devnull, os.O_RDWR)
             keeper = Child(
                 _spawn.spawn(
                     os.fsencode(keeper_path()),
@@ -250,7 +272,7 @@ def spawn_kept(
                 f"{_KEEPER} ended ({_ended(keeper.returncode)}) before it "
                 "reported the job's start",
             )
-        step, value = _REPORT.unpack(report)
+        step, value, start = _REPORT.unpack(report)
         if step != 0:
             keeper.wait()  # it started no process, and exits
             raise start_failure(step, value, argv[0])
@@ -258,9 +280,16 @@ def spawn_kept(
         if isinstance(keeper, _Forked):
             keeper.close()
         raise
+    started = start or None
     if isinstance(keeper, _Forked):
-        return Kept(keeper=None, pid=value, keeper_pid=keeper.pid, pidfd=keeper.pidfd)
-    return Kept(keeper=keeper, pid=value)
+        return Kept(
+            keeper=None,
+            pid=value,
+            keeper_pid=keeper.pid,
+            pidfd=keeper.pidfd,
+            keeper_start=started,
+        )
+    return Kept(keeper=keeper, pid=value, keeper_start=started)
 
 
 class ServerGone(Exception):
@@ -317,22 +346,31 @@ class KeeperServer:
     ARGV_ROOM = 4096
     ENV_ROOM = 16384
 
-    def __init__(self, answer_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, answer_timeout_s: float = 10.0, jobs_dir: str | None = None
+    ) -> None:
         assert keeper_available() == "", "KeeperServer without keeper_available()"
+        # Where the server's spares make jobs' directories ahead (spawn_kept's
+        # make_dir), None if they make none.
+        self.jobs_dir = jobs_dir
         self._lock = threading.Lock()
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # A server that does not answer in time is killed and given up.
         self._sock.settimeout(answer_timeout_s)
-        devnull = -1
+        devnull = jobs_fd = -1
         try:
             theirs_fd = above_stdio(os.dup(theirs.fileno()))
             devnull = above_stdio(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+            args = [b"--serve", str(theirs_fd).encode()]
+            if jobs_dir is not None:
+                flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+                jobs_fd = above_stdio(os.open(jobs_dir, flags))
+                args += [b"--jobs-dir", str(jobs_fd).encode()]
             self.pid = _spawn.spawn(
                 os.fsencode(keeper_path()),
                 [
                     os.fsencode(_KEEPER),
-                    b"--serve",
-                    str(theirs_fd).encode(),
+                    *args,
                     b" " * self.ARGV_ROOM,  # blank where ps shows it
                 ],
                 [b"JOBGATE_KEEPER_ROOM=" + b" " * (self.ENV_ROOM - 21)],
@@ -342,7 +380,7 @@ class KeeperServer:
                 (),
                 -1,
                 -1,
-                (theirs_fd,),
+                (theirs_fd,) if jobs_fd < 0 else (theirs_fd, jobs_fd),
                 _worker_stderr(),
             )
             os.close(theirs_fd)
@@ -351,8 +389,9 @@ class KeeperServer:
             raise
         finally:
             theirs.close()
-            if devnull >= 0:
-                os.close(devnull)
+            for fd in (devnull, jobs_fd):
+                if fd >= 0:
+                    os.close(fd)
         self.closed = False
 
     def fork(self, args: list[bytes], env: list[bytes], fds: list[int]) -> _Forked:

@@ -15,9 +15,6 @@ the head need none, since the head never changes once written.
 
 from __future__ import annotations
 
-import collections
-import itertools
-import logging
 import os
 import shutil
 import threading
@@ -35,7 +32,6 @@ DATA_NAME = "output.data"
 EXIT_TMP_NAME = "exit.tmp"
 EXIT_RESERVE_BYTES = 4096
 
-log = logging.getLogger(__name__)
 
 
 class OutputLog:
@@ -186,17 +182,6 @@ class KeptOutput:
         self.lock = threading.Lock()
         self._fd: int | None = None  # for reading, while the job runs
 
-    def create(self, stock: Stock | None = None) -> None:
-        """Make the job's directory (from ``stock`` when it has one ready).
-
-        The output file is not made here: the keeper makes it with the job's
-        first byte (``--output-name``), so a job that writes nothing costs no
-        inode for it.
-        """
-        if stock is not None and stock.take(self.directory):
-            return
-        _make_job_directory(self.directory)
-
     def refresh(self) -> int:
         """Read the size again; how many bytes the output grew by."""
         try:
@@ -261,7 +246,7 @@ class KeptOutput:
                 pos = kept  # all of it may be gone: read from the tail now
 
 
-def _make_job_directory(directory: Path) -> None:
+def make_job_directory(directory: Path | str) -> None:
     """Make ``directory`` with the keeper's ``exit.tmp``, a block allocated
     for it: the keeper writes the job's end into it in place, which a full
     disk cannot refuse.
@@ -270,10 +255,12 @@ def _make_job_directory(directory: Path) -> None:
     inodes deleted lately (0.4-0.6 ms of CPU each on the bench host), and the
     output file is the keeper's to make once the job writes (bench scenario
     1, a job that writes nothing: two inodes per start instead of three).
+    A keeper server's spare makes it the same way (``make_job_dir()`` in
+    ``keeper.c``), ahead of the start.
     """
     os.mkdir(directory, 0o750)
     fd = os.open(
-        directory / EXIT_TMP_NAME,
+        os.path.join(directory, EXIT_TMP_NAME),
         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
         0o640,
     )
@@ -283,76 +270,21 @@ def _make_job_directory(directory: Path) -> None:
         os.close(fd)
 
 
-class Stock:
-    """Job directories, made ahead of the starts.
+def prepare_jobs_dir(jobs_dir: Path) -> None:
+    """Ready ``jobs_dir`` for kept jobs' directories, before the keeper
+    server starts.
 
-    Making a directory and a file is the dearest thing a kept job's start
-    does on the disk: on ext4 each new inode costs 0.2-0.6 ms on this
-    machine, more the more files were deleted lately (see
-    :mod:`worker.records`). A thread keeps ``size`` of them ready as
-    ``<jobs_dir>/.stock-<n>``; a start renames one to the job's name (no new
-    inode). What bench scenario 1 measured is
-    in ``bench/README.md``. A directory left from an earlier run is removed
-    when the stock starts.
+    The server's spares make each job's directory ahead of its start
+    (``keeper.c``), in a block group of ext4's choosing, away from where
+    inodes are freed (:func:`linux.spread_subdirectories` says what it
+    buys). One that a spare made but no job took is left when the spare was
+    killed; an earlier version of the worker left its own (``.stock-``):
+    both are removed here.
     """
-
-    PREFIX = ".stock-"
-
-    def __init__(self, jobs_dir: Path, size: int = 4):
-        self.jobs_dir = jobs_dir
-        self.size = size
-        self._ready: collections.deque[Path] = collections.deque()
-        self._wanted = threading.Event()
-        self._closed = False
-        self._serial = itertools.count()
-        # Each job's directory in a block group of its own choosing, away
-        # from where inodes are freed (linux.spread_subdirectories says
-        # what it buys).
-        linux.spread_subdirectories(str(jobs_dir))
-        for old in jobs_dir.glob(self.PREFIX + "*"):
+    linux.spread_subdirectories(str(jobs_dir))
+    for prefix in (".spare-", ".stock-"):
+        for old in jobs_dir.glob(prefix + "*"):
             shutil.rmtree(old, ignore_errors=True)
-        self._wanted.set()
-        self._thread = threading.Thread(target=self._run, name="stock", daemon=True)
-        self._thread.start()
-
-    def take(self, directory: Path) -> bool:
-        """Rename a ready directory to ``directory``; False when none is
-        ready (the caller makes its own)."""
-        try:
-            path = self._ready.popleft()
-        except IndexError:
-            self._wanted.set()
-            return False
-        self._wanted.set()
-        try:
-            os.rename(path, directory)
-        except OSError:
-            shutil.rmtree(path, ignore_errors=True)
-            return False
-        return True
-
-    def _run(self) -> None:
-        while True:
-            self._wanted.wait()
-            self._wanted.clear()
-            while not self._closed and len(self._ready) < self.size:
-                name = f"{self.PREFIX}{os.getpid()}-{next(self._serial)}"
-                path = self.jobs_dir / name
-                try:
-                    _make_job_directory(path)
-                except OSError as exc:  # a full disk: starts make their own
-                    log.warning("could not make a job directory ahead: %s", exc)
-                    break
-                self._ready.append(path)
-            if self._closed:
-                return
-
-    def close(self) -> None:
-        self._closed = True
-        self._wanted.set()
-        self._thread.join(5)
-        while self._ready:
-            shutil.rmtree(self._ready.popleft(), ignore_errors=True)
 
 
 def _pread_ring(fd: int, start: int, n: int, ring: int) -> bytes:

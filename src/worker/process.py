@@ -34,6 +34,7 @@ from worker import linux
 from worker import spawn as one_exec
 from worker.accounts import Account
 from worker.config import JobsSection
+from worker.output import make_job_directory
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,10 @@ class ProcessOps:
         )
 
     # The keeper server (worker.kept.KeeperServer) that forks kept jobs'
-    # keepers; None until the first kept start, or once it failed.
+    # keepers; None until the first kept start, or once it failed. Its
+    # spares make jobs' directories ahead in ``jobs_dir`` (if set before).
     _server: through_keeper.KeeperServer | None = None
+    jobs_dir: str | None = None
     _server_failed = False
     _server_lock = threading.Lock()
 
@@ -113,6 +116,8 @@ class ProcessOps:
             try:
                 return through_keeper.spawn_kept(argv, server=server, **kwargs)
             except through_keeper.ServerGone as exc:
+                if kwargs.get("make_dir") and os.path.isdir(kwargs["job_dir"]):
+                    kwargs["make_dir"] = None  # a spare made it, then failed
                 if exc.usable:  # this start only: its keeper is executed
                     return through_keeper.spawn_kept(argv, **kwargs)
                 log.warning(
@@ -129,7 +134,7 @@ class ProcessOps:
         with self._server_lock:
             if self._server is None and not self._server_failed and self.kept:
                 try:
-                    self._server = through_keeper.KeeperServer()
+                    self._server = through_keeper.KeeperServer(jobs_dir=self.jobs_dir)
                 except OSError as exc:
                     self._server_failed = True
                     log.warning(
@@ -197,9 +202,12 @@ class KeptProcess:
         keeper: one_exec.Child | None,
         job_dir: str,
         pidfd: int | None = None,
+        keeper_start: int | None = None,
     ):
         self.pid = pid
         self.keeper_pid = keeper_pid
+        # The keeper's start time (linux.start_time): recorded with its pid.
+        self.keeper_start = keeper_start
         self.keeper = keeper
         self.job_dir = job_dir
         self._pidfd = pidfd if pidfd is not None else os.pidfd_open(keeper_pid)
@@ -231,7 +239,7 @@ class KeptProcess:
             pidfd = None
         if pidfd is not None:
             if linux.start_time(keeper_pid) == keeper.get("start"):
-                return cls(pid, keeper_pid, None, job_dir, pidfd)
+                return cls(pid, keeper_pid, None, job_dir, pidfd, keeper.get("start"))
             os.close(pidfd)  # its pid names another process now
         gone = cls.gone(pid, keeper_pid, job_dir)
         return gone if gone.exit is not None else None
@@ -248,6 +256,7 @@ class KeptProcess:
             job_dir,
         )
         proc._pidfd = -1
+        proc.keeper_start = None
         proc.returncode, proc.exit, proc.ended = None, None, True
         proc._read_exit()
         return proc
@@ -263,13 +272,6 @@ class KeptProcess:
     def exit_fd(self) -> int:
         """A descriptor readable once the keeper has ended (the caller's to close)."""
         return os.dup(self._pidfd)
-
-    def start_time(self) -> int | None:
-        """The keeper's start time (linux.start_time), None once it has ended:
-        a keeper that is not the worker's child is reaped at once, and its
-        pid may then name another process."""
-        start = linux.start_time(self.keeper_pid)
-        return None if self._gone(0) else start
 
     def poll(self) -> int | None:
         return self.wait(0) if self._gone(0) else None
@@ -303,11 +305,9 @@ class Spawner:
         worker_name: str,
         switches_user: bool,
         setpriv: str | None = None,
-        stock=None,
     ):
         self.cfg = cfg
         self.ops = ops
-        self.stock = stock  # output.Stock: kept jobs' directories, made ahead
         self.worker_name = worker_name
         self.cwd = str(cfg.scripts_dir.resolve())
         # Without the one-exec spawner, drop privileges with setpriv rather
@@ -400,12 +400,12 @@ class Spawner:
             "cgroup_procs": procs or None,
         }
         if kept is not None:
-            kept.create(self.stock)
             started = self.ops.spawn_kept(
                 argv,
                 **common,
                 cgroup_kill=cgroup_kill,
                 job_dir=str(kept.directory),
+                make_dir=make_job_directory,
                 output_name=kept.path.name,
                 head_bytes=kept.head_bytes,
                 tail_bytes=kept.tail_bytes,
@@ -418,6 +418,7 @@ class Spawner:
                 started.keeper,
                 str(kept.directory),
                 started.pidfd,
+                started.keeper_start,
             )
             proc.program = argv[0]
             return proc, None

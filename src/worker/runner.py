@@ -49,7 +49,7 @@ from worker.output import (
     EXIT_TMP_NAME,
     KeptOutput,
     OutputLog,
-    Stock,
+    prepare_jobs_dir,
     read_chunks,
 )
 from worker.process import (
@@ -120,15 +120,17 @@ class JobRunner:
         )
         for job in adopt + ended_away:
             job.account = self.accounts.adopt(job.extra.get("account") or {})
-        self.stock = Stock(self.jobs_dir) if self.ops.kept else None
         if self.ops.kept:
-            self.ops.keeper_server()  # started now rather than by the first job
+            prepare_jobs_dir(self.jobs_dir)
+            # Started now rather than by the first job; its spares make the
+            # jobs' directories.
+            self.ops.jobs_dir = str(self.jobs_dir)
+            self.ops.keeper_server()
         self.spawner = Spawner(
             cfg,
             self.ops,
             worker_name,
             switches_user=self.accounts.mode != "worker",
-            stock=self.stock,
         )
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
@@ -429,7 +431,7 @@ class JobRunner:
         return {
             "keeper": {
                 "pid": proc.keeper_pid,
-                "start": proc.start_time(),
+                "start": proc.keeper_start,
                 "boot": self._boot,
             },
             "account": account.to_json(),
@@ -613,8 +615,6 @@ class JobRunner:
         for j in running:
             j.done.wait()
         self._closed.set()
-        if self.stock is not None:
-            self.stock.close()
         self.ops.close()
         self._reactor.close()
         self.enforcer.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import children, skip_unless_required
 
-from worker import isolation, spawn
+from worker import isolation, linux, spawn
 from worker import kept as through_keeper
 
 MiB = 1024 * 1024
@@ -494,7 +494,9 @@ def test_a_keeper_that_cannot_start_the_jobs_process_reports_why(tmp_path):
         timeout=10,
     )
     assert run.returncode == 127, run.stderr
-    step, err = through_keeper._REPORT.unpack((tmp_path / "report").read_bytes())
+    report = (tmp_path / "report").read_bytes()
+    step, err, start = through_keeper._REPORT.unpack(report)
+    assert start > 0  # the keeper's, read before it could not go on
     assert err == errno.EMFILE
     error = through_keeper.start_failure(step, err, "/bin/true")
     assert error.strerror == f"starting the job's process: {os.strerror(errno.EMFILE)}"
@@ -1020,3 +1022,116 @@ def test_a_job_environment_too_big_to_show_is_not_served(tmp_path, server):
     with pytest.raises(through_keeper.ServerGone) as refused:
         served_job(server, tmp_path / "job", ["/bin/true"], env=env)
     assert refused.value.usable
+
+
+# -- spares: keepers forked ahead, with their job's directory --------------------
+
+
+def spare_dirs(jobs: Path) -> list[str]:
+    return sorted(p.name for p in jobs.iterdir() if p.name.startswith(".spare-"))
+
+
+def spare_pid(jobs: Path, *but: int) -> int:
+    """The pid of the spare waiting in ``jobs`` (none of ``but``), from the
+    directory it made ahead."""
+
+    def waiting() -> list[int]:
+        pids = [int(name.split("-")[1]) for name in spare_dirs(jobs)]
+        return [pid for pid in pids if pid not in but]
+
+    wait_until(waiting, what="a spare's directory")
+    (pid,) = waiting()
+    return pid
+
+
+def test_a_spare_makes_its_jobs_directory_ahead_and_names_it_at_the_start(tmp_path):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    served = through_keeper.KeeperServer(jobs_dir=str(jobs))
+    made_here: list[str] = []
+    try:
+        first = spare_pid(jobs)
+        assert sorted(os.listdir(jobs / f".spare-{first}")) == ["exit.tmp"]
+        assert os.stat(jobs / f".spare-{first}" / "exit.tmp").st_blocks > 0
+        kept = through_keeper.spawn_kept(
+            ["/bin/sh", "-c", "echo ok"],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin"},
+            user=None,
+            group=None,
+            cgroup_procs=None,
+            cgroup_kill=None,
+            job_dir=str(jobs / "job-1"),
+            make_dir=made_here.append,
+            output_name="output",
+            head_bytes=MiB,
+            tail_bytes=MiB,
+            drain_s=5.0,
+            server=served,
+        )
+        # The spare that took the start is the job's keeper, and its
+        # directory the job's: none made by the caller.
+        assert kept.keeper_pid == first and made_here == []
+        assert kept.keeper_start == linux.start_time(first)
+        ended_by_pidfd(kept)
+        assert (jobs / "job-1" / "output").read_bytes() == b"ok\n"
+        assert through_keeper.read_exit(str(jobs / "job-1")).returncode == 0
+        # The next spare has a directory of its own ready.
+        spare_pid(jobs, first)
+    finally:
+        served.close()
+    # A spare no job took removes its directory as the server ends.
+    assert spare_dirs(jobs) == []
+    assert sorted(os.listdir(jobs)) == ["job-1"]
+
+
+def test_a_directory_elsewhere_is_made_by_the_caller(tmp_path, server):
+    made: list[str] = []
+
+    def make(path: str) -> None:
+        made.append(path)
+        os.mkdir(path)
+
+    kept = through_keeper.spawn_kept(
+        ["/bin/true"],
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        user=None,
+        group=None,
+        cgroup_procs=None,
+        cgroup_kill=None,
+        job_dir=str(tmp_path / "job"),
+        make_dir=make,
+        output_name="output",
+        head_bytes=MiB,
+        tail_bytes=MiB,
+        drain_s=5.0,
+        server=server,  # started without jobs_dir: its spares make none
+    )
+    ended_by_pidfd(kept)
+    assert made == [str(tmp_path / "job")]
+    assert through_keeper.read_exit(str(tmp_path / "job")).returncode == 0
+
+
+def test_a_killed_spare_is_replaced_and_a_killed_server_takes_its_spare_along(
+    tmp_path,
+):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    served = through_keeper.KeeperServer(jobs_dir=str(jobs))
+    try:
+        first = spare_pid(jobs)
+        os.kill(first, signal.SIGKILL)  # out of memory, say
+        spare_pid(jobs, first)  # its successor
+        kept = served_job(served, tmp_path / "job", ["/bin/sh", "-c", "exit 4"])
+        ended_by_pidfd(kept)
+        assert through_keeper.read_exit(str(tmp_path / "job")).returncode == 4
+        waiting = spare_pid(jobs, kept.keeper_pid, first)
+        os.kill(served.pid, signal.SIGKILL)
+        os.waitpid(served.pid, 0)
+        served.closed = True  # reaped above
+        # The spare dies with its server (it has no job yet): nothing takes
+        # a start any more.
+        wait_until(lambda: not alive(waiting), what="the spare's end")
+    finally:
+        served.close()

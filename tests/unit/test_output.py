@@ -10,12 +10,17 @@ import fcntl
 import os
 import random
 import struct
-import time
 
 import pytest
 
 from worker import linux
-from worker.output import HEAD_NAME, TAIL_NAME, OutputLog, Stock
+from worker.output import (
+    HEAD_NAME,
+    TAIL_NAME,
+    OutputLog,
+    make_job_directory,
+    prepare_jobs_dir,
+)
 
 
 def kept(data: bytes, head: int, tail: int) -> tuple[bytes, int, bytes]:
@@ -244,20 +249,18 @@ def topdir_flag(path) -> bool | None:
     return bool(struct.unpack_from("i", flags)[0] & linux.FS_TOPDIR_FL)
 
 
-def test_the_stock_has_job_directories_spread_where_the_filesystem_can(tmp_path):
-    stock = Stock(tmp_path, size=1)
-    try:
-        deadline = time.monotonic() + 10
-        while not stock.take(tmp_path / "job"):  # made by its thread
-            assert time.monotonic() < deadline, "the stock made no directory"
-            time.sleep(0.01)
-        assert sorted(os.listdir(tmp_path / "job")) == ["exit.tmp"]
-    finally:
-        stock.close()
+def test_the_jobs_directory_is_spread_and_cleared_of_unused_spares(tmp_path):
+    # Directories spares made but no job took (a killed spare), and an
+    # earlier version's stock: removed; the jobs' own directories stay.
+    for name in (".spare-12", ".stock-3-1", "job-1"):
+        make_job_directory(tmp_path / name)
+    prepare_jobs_dir(tmp_path)
+    assert os.listdir(tmp_path) == ["job-1"]
+    assert sorted(os.listdir(tmp_path / "job-1")) == ["exit.tmp"]
+    assert os.stat(tmp_path / "job-1" / "exit.tmp").st_blocks > 0  # reserved
     flag = topdir_flag(tmp_path)
     if flag is None:
-        # No inode flags here (tmpfs, say): only a hint, not taken, and the
-        # stock works all the same.
+        # No inode flags here (tmpfs, say): only a hint, not taken.
         assert not linux.spread_subdirectories(str(tmp_path))
         return
     assert flag
