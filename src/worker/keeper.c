@@ -745,25 +745,30 @@ keep(int argc, char **argv, char **envp)
 }
 
 /*
- * Serving: ``jobgate-keeper --serve FD``, FD a connected SOCK_SEQPACKET
- * socket to the worker. The worker starts one such keeper when it starts,
- * and asks it for each job's keeper instead of executing this program once
- * per job: a fork() of this small process costs a start less than an exec
- * and the dynamic linking that follows it (what it buys is in
- * worker/kept.py, KeeperServer).
+ * Serving: ``jobgate-keeper --serve FD [--jobs-dir DIRFD]``, FD a connected
+ * SOCK_SEQPACKET socket to the worker. The worker starts one such keeper
+ * when it starts, and asks it for each job's keeper instead of executing
+ * this program once per job: a fork() of this small process costs a start
+ * less than an exec and the dynamic linking that follows it (what it buys
+ * is in worker/kept.py, KeeperServer).
  *
- * A request is one message: decimal argc, then argc arguments as the keeper
- * takes them (without the program's name), then the job's environment, each
- * string ended by a NUL; its descriptors come with it (SCM_RIGHTS), and an
- * option that takes a descriptor names it "@I", the I-th of them. The
- * serving keeper forks; the child leads a session of its own and keeps the
- * job as a keeper started by the worker would, whatever becomes of the
- * worker or of the serving keeper. The answer is one message: { int32 pid }
- * of the job's keeper with its pidfd (SCM_RIGHTS), opened before the child
- * could be reaped, so that it names that process and no other; or
- * { -errno } alone if no keeper could be started. The serving keeper reaps
- * its children as they end, and exits once the worker's end of the socket
- * is closed (the worker exited, or was killed).
+ * The serving keeper forks each job's keeper ahead, as a spare (spare()
+ * below): the spare leads a session of its own, makes its job's directory
+ * in DIRFD (the jobs' directory) if given one, and waits on the socket. A
+ * request is one message: decimal argc, then argc arguments as the keeper
+ * takes them (without the program's name), then the job's environment,
+ * each string ended by a NUL; its descriptors come with it (SCM_RIGHTS),
+ * and an option that takes a descriptor names it "@I", the I-th of them.
+ * "--dir-name NAME" instead of "--dir" names the job's directory in DIRFD:
+ * the spare's own, renamed, or made at the start if the spare has none.
+ * The spare that reads a request answers at once: one message, { int32 pid
+ * } of itself with a pidfd of itself (SCM_RIGHTS), or { -errno } alone if
+ * it cannot be watched. It then keeps the job as a keeper started by the
+ * worker would, whatever becomes of the worker or of the serving keeper,
+ * and the serving keeper forks the next spare once the job's start is
+ * reported. The serving keeper reaps its children as they end, and exits
+ * once the worker's end of the socket is closed (the worker exited, or was
+ * killed): the spare waiting then removes its directory and exits.
  */
 
 #define SERVE_MAX_MESSAGE (256 * 1024)

@@ -327,12 +327,19 @@ class KeeperServer:
     Started once, with the worker, as its child; asked for each kept job's
     keeper over a unix socket, with the job's descriptors passed along. Each
     start then costs a fork() of a small process instead of an exec of the
-    keeper and its dynamic linking, which the start no longer waits for. On
-    the bench host (300 sequential starts of a script that exits at once,
-    in-process) the CPU of the keeper and the job went from 2.36-2.43 ms per
-    job to 2.03-2.23 ms. The keepers it forks are no child of
-    the worker's: they run on whether the worker or this server exits, and
-    are watched through the pidfd each start gets back.
+    keeper and its dynamic linking. On the bench host (300 sequential starts
+    of a script that exits at once, in-process) the CPU of the keeper and
+    the job went from 2.36-2.43 ms per job to 2.03-2.23 ms.
+
+    The server forks each keeper ahead, as a spare that waits on the socket
+    (``keeper.c``), so that the start does not wait for the fork either;
+    given ``jobs_dir``, the spare also makes its job's directory there while
+    it waits (spawn_kept's ``make_dir``). ``JobRunner.start`` went from
+    1.60-1.78 ms to 1.27-1.30 ms (p50, ``bench.worker_micro start``), the
+    worker's CPU per start from 3.1-3.9 ms to 2.1-3.5 ms (bench scenario 1's
+    starts, the two alternating). The keepers it forks are no child of the
+    worker's: they run on whether the worker or this server exits, and are
+    watched through the pidfd each start gets back.
 
     The server exits once the socket's other end closes: when :meth:`close`
     is called or the worker exits, however.

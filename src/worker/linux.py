@@ -97,9 +97,10 @@ def spread_subdirectories(path: str) -> bool:
     go into its group. Where inodes are freed often near ``path`` (a busy
     /tmp, or a worker's own retention), ext4 without a journal scans past
     every one freed in the last seconds before it can hand out a new one.
-    On the bench host (state in /tmp, shared with other busy programs) the
-    thread that makes kept jobs' directories ahead (output.Stock) went from
-    1.0-1.2 ms of CPU per start to 0.3-0.4 ms. False where the filesystem
+    On the bench host (state in /tmp, shared with other busy programs) making
+    kept jobs' directories ahead (then a thread of the worker's; now the
+    keeper server's spares, ``keeper.c``) went from 1.0-1.2 ms of CPU per
+    start to 0.3-0.4 ms. False where the filesystem
     has no such flag (it is only a hint: nothing else changes).
     """
     try:
