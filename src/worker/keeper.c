@@ -924,11 +924,11 @@ spare(int sock, int took, pid_t server)
         _exit(1); /* the server is gone already, or cannot be followed */
     if (setsid() < 0)
         say("setsid: %s", strerror(errno));
-    /* Shown by ps while it waits; the pages it will write now are its own
-       (copied from the server's now rather than at the request). */
+    /* Shown by ps while it waits; the pages the request's arguments and
+       environment go to (retitle()) are copied from the server's now rather
+       than at the request. */
     (void)retitle(argv_room, argv_room_size, title);
     (void)retitle(env_room, env_room_size, none);
-    memset(request, 0, 64 * 1024);
     /* The job's directory, made now rather than at the request: on ext4 a
        new directory and file cost 0.2-0.6 ms, which no start waits for. */
     if (jobs_fd >= 0) {
@@ -1004,6 +1004,7 @@ spare(int sock, int took, pid_t server)
     if (self_fd < 0) {
         /* A keeper the worker cannot watch must not run on unseen: it has
            not reported the job's start yet, and the worker gives it up. */
+        tell_took();
         _exit(1);
     }
     close(self_fd);
