@@ -400,7 +400,8 @@ class Accounts:
         """The private directory of a stocked id, made before a start takes
         it: a new directory costs a start 0.2-0.6 ms on ext4 (which is why
         a keeper server's spare makes its job's directory ahead too), the
-        rename that names it after the job a fraction of that. Empty if it could not be made (the start makes it)."""
+        rename that names it after the job a fraction of that. Empty if it
+        could not be made (the start makes it)."""
         if not self.private_tmp:
             return ""
         path = self.tmp_root / f"{READY_PREFIX}{uid}"

@@ -335,11 +335,12 @@ class KeeperServer:
     (``keeper.c``), so that the start does not wait for the fork either;
     given ``jobs_dir``, the spare also makes its job's directory there while
     it waits (spawn_kept's ``make_dir``). ``JobRunner.start`` went from
-    1.60-1.78 ms to 1.27-1.30 ms (p50, ``bench.worker_micro start``), the
-    worker's CPU per start from 3.1-3.9 ms to 2.1-3.5 ms (bench scenario 1's
-    starts, the two alternating). The keepers it forks are no child of the
-    worker's: they run on whether the worker or this server exits, and are
-    watched through the pidfd each start gets back.
+    1.79-1.96 ms to 1.44-1.48 ms (p50 of ``bench.worker_micro start``, three
+    pairs of runs back to back), the worker's CPU per start from 3.1-3.9 ms
+    to 2.1-3.5 ms (1,000 sequential starts through HTTP, three pairs). The
+    keepers it forks are no child of the worker's: they run on whether the
+    worker or this server exits, and are watched through the pidfd each
+    start gets back.
 
     The server exits once the socket's other end closes: when :meth:`close`
     is called or the worker exits, however.

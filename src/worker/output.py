@@ -33,7 +33,6 @@ EXIT_TMP_NAME = "exit.tmp"
 EXIT_RESERVE_BYTES = 4096
 
 
-
 class OutputLog:
     def __init__(
         self, directory: Path, head_bytes: int, tail_bytes: int, total: int = 0
