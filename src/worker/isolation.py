@@ -28,6 +28,8 @@ import signal
 import time
 from pathlib import Path
 
+from worker.limits import Enforcer
+
 log = logging.getLogger(__name__)
 
 
@@ -230,6 +232,9 @@ def remove_leftovers(instance: str) -> None:
     For tools that ran a worker on this host (a dev cluster, tests) and
     must not leave a killed worker's jobs or empty cgroups behind.
     """
+    # The limits' cgroup v1 hierarchies (cpu, pids...) first: the job's
+    # processes are in those too.
+    Enforcer.discover(instance, None).close()
     mount, own = _cgroup2_mount(), _own_cgroup()
     if mount is None or own is None:
         return

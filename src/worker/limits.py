@@ -37,6 +37,7 @@ import errno
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 NAMES = ("memory_mb", "cpu_percent", "tasks")
 CONTROLLER = {"memory_mb": "memory", "cpu_percent": "cpu", "tasks": "pids"}
 CPU_PERIOD_US = 100_000
+# How long the processes a gone worker's job left have to exit once killed,
+# before their cgroup is left behind (and said so).
+LEFTOVER_REMOVE_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +271,7 @@ class Enforcer:
                 if d.is_dir() and d.name not in keep:
                     _kill_members(str(d))
                     try:
-                        d.rmdir()
+                        _remove_once_empty(str(d), LEFTOVER_REMOVE_S)
                     except OSError as exc:
                         log.warning("could not remove %s left over: %s", d, exc)
 
@@ -308,3 +312,22 @@ def _kill_members(directory: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _remove_once_empty(directory: str, timeout: float) -> None:
+    """Remove a v1 cgroup whose members were just sent SIGKILL, once they
+    have exited (v1 has no event for it): raises the last OSError if they
+    have not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            os.rmdir(directory)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)

@@ -19,6 +19,7 @@ the worker can take jobs at all from :mod:`worker.health` and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -87,88 +88,100 @@ class JobRunner:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.validator = Validator(cfg)
         self.scripts_dir = self.validator.scripts_dir
-        # The jobs of the worker's earlier run first: the kept ones still
-        # running keep their cgroups and user ids (everything else an
-        # earlier run left is swept away below).
-        self._records = RecordLog(self.jobs_dir)
-        self._alive = history.AliveStamp(cfg.state_dir)
-        adoption_began = time.monotonic()
-        self._boot = linux.boot_id()
-        loaded = history.load(
-            self._records, self.jobs_dir, self._output, self._alive.last()
-        )
-        adopt, ended_away = self._survivors(loaded)
-        keep = {j.record.job_id for j in adopt}
-        instance = isolation.instance_name(worker_name, cfg.state_dir)
-        self.isolation = isolation.choose(
-            isolation_mode or cfg.isolation, instance, keep
-        )
-        v2_base = getattr(self.isolation, "base", None)
-        self.enforcer = Enforcer.discover(
-            instance,
-            v2_base,
-            (lambda job_id: f"{v2_base}/{job_id}") if v2_base is not None else None,
-            keep,
-        )
-        self._check_limit_settings()
-        log.info("%s", self.enforcer.describe())
-        self.accounts = Accounts(
-            cfg,
-            instance,
-            contained=self.isolation.name == "cgroup",
-            keep={j.record.job_id for j in adopt + ended_away},
-        )
-        for job in adopt + ended_away:
-            job.account = self.accounts.adopt(job.extra.get("account") or {})
-        if self.ops.kept:
-            prepare_jobs_dir(self.jobs_dir)
-            # Started now rather than by the first job; its spares make the
-            # jobs' directories.
-            self.ops.jobs_dir = str(self.jobs_dir)
-            self.ops.keeper_server()
-        self.spawner = Spawner(
-            cfg,
-            self.ops,
-            worker_name,
-            switches_user=self.accounts.mode != "worker",
-        )
-        self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
-        self._by_key: dict[str, str] = {}
-        self._active: set[Job] = set()  # jobs not ended yet
-        self._closing = False  # shutdown() began: start() refuses (under _lock)
-        self._closed = threading.Event()
-        # Jobs whose end could not be written (a full disk): written again
-        # once the worker has recovered, so a restart does not call them lost.
-        self._unrecorded: dict[str, Job] = {}
-        self.health = Health(cfg.state_dir, cfg.min_free_bytes)
-        self.health.check()
-        self.drain = Drain(cfg.state_dir)
-        for job in loaded:
-            self._jobs[job.record.job_id] = job
-            if job.record.idempotency_key:
-                self._by_key[job.record.idempotency_key] = job.record.job_id
-        self._stamp_alive()
-        self._reactor = Reactor(name="job-reactor")
-        self.watcher = Watcher(
-            cfg,
-            self._reactor,
-            self.isolation,
-            self.enforcer,
-            self.health,
-            self._finish,
-            self._give_back,
-        )
-        for job in adopt + ended_away:
-            self._adopt(job)
-        if adopt or ended_away:
-            log.info(
-                "adopted %d running job(s) of the worker's earlier run, and the "
-                "end of %d that ended meanwhile, in %.3fs",
-                len(adopt),
-                len(ended_away),
-                time.monotonic() - adoption_began,
+        # What is made from here on is undone if a later step fails (a
+        # setting the host cannot honour, say): a worker that refuses to
+        # start leaves no cgroup, thread or keeper server behind.
+        with contextlib.ExitStack() as undo:
+            # The jobs of the worker's earlier run first: the kept ones still
+            # running keep their cgroups and user ids (everything else an
+            # earlier run left is swept away below).
+            self._records = RecordLog(self.jobs_dir)
+            undo.callback(self._records.close)
+            self._alive = history.AliveStamp(cfg.state_dir)
+            adoption_began = time.monotonic()
+            self._boot = linux.boot_id()
+            loaded = history.load(
+                self._records, self.jobs_dir, self._output, self._alive.last()
             )
+            adopt, ended_away = self._survivors(loaded)
+            keep = {j.record.job_id for j in adopt}
+            instance = isolation.instance_name(worker_name, cfg.state_dir)
+            self.isolation = isolation.choose(
+                isolation_mode or cfg.isolation, instance, keep
+            )
+            undo.callback(self.isolation.close)
+            v2_base = getattr(self.isolation, "base", None)
+            self.enforcer = Enforcer.discover(
+                instance,
+                v2_base,
+                (lambda job_id: f"{v2_base}/{job_id}") if v2_base is not None else None,
+                keep,
+            )
+            undo.callback(self.enforcer.close)
+            self._check_limit_settings()
+            log.info("%s", self.enforcer.describe())
+            self.accounts = Accounts(
+                cfg,
+                instance,
+                contained=self.isolation.name == "cgroup",
+                keep={j.record.job_id for j in adopt + ended_away},
+            )
+            undo.callback(self.accounts.close)
+            for job in adopt + ended_away:
+                job.account = self.accounts.adopt(job.extra.get("account") or {})
+            undo.callback(self.ops.close)  # the keeper server, once started
+            if self.ops.kept:
+                prepare_jobs_dir(self.jobs_dir)
+                # Started now rather than by the first job; its spares make the
+                # jobs' directories.
+                self.ops.jobs_dir = str(self.jobs_dir)
+                self.ops.keeper_server()
+            self.spawner = Spawner(
+                cfg,
+                self.ops,
+                worker_name,
+                switches_user=self.accounts.mode != "worker",
+            )
+            self._lock = threading.Lock()
+            self._jobs: dict[str, Job] = {}
+            self._by_key: dict[str, str] = {}
+            self._active: set[Job] = set()  # jobs not ended yet
+            self._closing = False  # shutdown() began: start() refuses (under _lock)
+            self._closed = threading.Event()
+            # Jobs whose end could not be written (a full disk): written again
+            # once the worker has recovered, so a restart does not call them lost.
+            self._unrecorded: dict[str, Job] = {}
+            self.health = Health(cfg.state_dir, cfg.min_free_bytes)
+            self.health.check()
+            self.drain = Drain(cfg.state_dir)
+            for job in loaded:
+                self._jobs[job.record.job_id] = job
+                if job.record.idempotency_key:
+                    self._by_key[job.record.idempotency_key] = job.record.job_id
+            self._stamp_alive()
+            self._reactor = Reactor(name="job-reactor")
+            undo.callback(self._reactor.close)
+            self.watcher = Watcher(
+                cfg,
+                self._reactor,
+                self.isolation,
+                self.enforcer,
+                self.health,
+                self._finish,
+                self._give_back,
+            )
+            for job in adopt + ended_away:
+                self._adopt(job)
+            if adopt or ended_away:
+                log.info(
+                    "adopted %d running job(s) of the worker's earlier run, and the "
+                    "end of %d that ended meanwhile, in %.3fs",
+                    len(adopt),
+                    len(ended_away),
+                    time.monotonic() - adoption_began,
+                )
+            undo.pop_all()  # shutdown() closes them from now on
+
         self._housekeeping = threading.Thread(
             target=self._housekeeping_loop, name="housekeeping", daemon=True
         )

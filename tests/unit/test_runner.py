@@ -12,6 +12,7 @@ import os
 import pwd
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -30,10 +31,10 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import accounts, process
+from worker import accounts, isolation, process
 from worker.config import JobsSection
 from worker.kept import keeper_available
-from worker.limits import Enforcer
+from worker.limits import Enforcer, Limits
 from worker.output import OutputLog
 from worker.reactor import Reactor
 from worker.records import RecordLog
@@ -1490,10 +1491,13 @@ def test_limits_above_the_maxima_are_refused(make_runner, limits, message):
     assert runner.list() == []
 
 
-def test_a_limit_the_host_cannot_enforce_is_refused_not_ignored(make_runner):
+def test_a_limit_the_host_cannot_enforce_is_refused_not_ignored(
+    make_runner, monkeypatch
+):
     runner = make_runner()
-    runner.enforcer.v1.pop("cpu", None)
-    runner.enforcer.v2.discard("cpu")
+    # Given back before the runner shuts down, which removes what it made.
+    monkeypatch.delitem(runner.enforcer.v1, "cpu", raising=False)
+    monkeypatch.setattr(runner.enforcer, "v2", runner.enforcer.v2 - {"cpu"})
     with pytest.raises(
         FailedPrecondition,
         match="limits.cpu_percent: this worker cannot enforce it on its host",
@@ -1502,12 +1506,16 @@ def test_a_limit_the_host_cannot_enforce_is_refused_not_ignored(make_runner):
     assert runner.list() == []
 
 
-def test_a_worker_refuses_defaults_its_host_cannot_enforce(make_runner, monkeypatch):
+def test_a_worker_refuses_defaults_its_host_cannot_enforce(
+    make_runner, monkeypatch, tmp_path
+):
     real = Enforcer.discover
 
     def without_cpu(*args, **kw):
         enforcer = real(*args, **kw)
-        enforcer.v1.pop("cpu", None)
+        base = enforcer.v1.pop("cpu", None)
+        if base is not None:
+            base.rmdir()  # as on a host without the controller: never made
         enforcer.v2.discard("cpu")
         return enforcer
 
@@ -1518,6 +1526,45 @@ def test_a_worker_refuses_defaults_its_host_cannot_enforce(make_runner, monkeypa
         "host cannot enforce cpu_percent",
     ):
         make_runner(default_cpu_percent=50)
+    # A worker that refuses to start leaves none of its cgroups behind.
+    instance = isolation.instance_name("worker-1", tmp_path / "state")
+    assert cgroups_named(f"jobgate-{instance}") == []
+
+
+def test_what_a_worker_that_is_gone_left_in_its_limits_cgroups_is_removed(
+    tmp_path,
+):
+    # A worker killed with its jobs in their cgroups (a dev cluster's, a
+    # test's) cannot clean up; isolation.remove_leftovers does it for them,
+    # in the limits' cgroup v1 hierarchies too.
+    instance = isolation.instance_name("gone", tmp_path)
+    enforcer = Enforcer.discover(instance, None)
+    if "pids" not in enforcer.v1:
+        skip_unless_required("no cgroup v1 pids hierarchy", "JOBGATE_REQUIRE_CGROUP")
+    job = subprocess.Popen(["sleep", "60"])
+    try:
+        for procs in enforcer.prepare("job-1", Limits(tasks=10)):
+            with open(procs, "w") as f:
+                f.write(str(job.pid))
+        assert len(cgroups_named(f"jobgate-{instance}")) == len(enforcer.v1)
+        isolation.remove_leftovers(instance)  # the worker is gone: no close()
+        assert job.wait(10) == -signal.SIGKILL
+        assert cgroups_named(f"jobgate-{instance}") == []
+    finally:
+        job.kill()
+        job.wait()
+
+
+def cgroups_named(name: str) -> list[str]:
+    """Directories called ``name`` in the host's cgroup hierarchies (v1 and
+    v2), a few levels down."""
+    found = []
+    for top, dirs, _ in os.walk("/sys/fs/cgroup"):
+        if top.count("/") > 6:
+            dirs.clear()
+        elif name in dirs:
+            found.append(os.path.join(top, name))
+    return found
 
 
 # -- a full disk --------------------------------------------------------------------
