@@ -12,7 +12,9 @@
  *                  [--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]
  *
  * or, forked by a keeper the worker started once to serve it (see serve()
- * below), with the same arguments sent over a socket.
+ * below), with the same arguments sent over a socket; there --dir-name NAME
+ * may stand for --dir: the job's directory NAME, which the keeper makes (or
+ * renames the one it made ahead to) in the server's --jobs-dir.
  *
  * The descriptors are open already, passed on by the worker. With
  * --output-name the output file is NAME in --dir, made (0640) when the job
@@ -30,7 +32,9 @@
  *      session, has its stdout and stderr on a pipe to the keeper and drops
  *      to the job's ids before it executes the program.
  *   3. It tells the worker on --report, as soon as fork() has returned: one
- *      record { int32 step, int32 value }, step 0 and the job's pid. The
+ *      record { int32 step, int32 value, int64 start }, step 0 and the
+ *      job's pid, then the keeper's own start time in clock ticks since
+ *      boot (what, with its pid, names the keeper after a restart). The
  *      worker does not wait for the job's exec: a step of the child that
  *      fails (the exec included) goes to the keeper alone, through a pipe of
  *      its own, and ends up in the exit file (start_error). Only a keeper
@@ -154,7 +158,8 @@ usage(const char *why, const char *what)
 {
     say("%s%s%s", why, what ? ": " : "", what ? what : "");
     say("usage: jobgate-keeper --report FD (--output FD | --output-name NAME) "
-        "--dir FD --head BYTES --tail BYTES --drain-ms MS [--cgroup-procs FD]... "
+        "(--dir FD | --dir-name NAME) --head BYTES --tail BYTES --drain-ms MS "
+        "[--cgroup-procs FD]... "
         "[--cgroup-kill FD] [--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]");
     exit(2);
 }
@@ -445,7 +450,7 @@ take_job_dir(const char *name)
         renameat2(jobs_fd, spare_dir, jobs_fd, name, RENAME_NOREPLACE) < 0) {
         if (spare_dir[0] != '\0') {
             say("cannot rename %s to %s: %s", spare_dir, name, strerror(errno));
-            (void)unlinkat(jobs_fd, spare_dir, AT_REMOVEDIR);
+            drop_spare_dir();
         }
         if (make_job_dir(jobs_fd, name) < 0)
             return -1;
@@ -587,9 +592,9 @@ keep(int argc, char **argv, char **envp)
         }
         i++; /* every option has a value */
     }
-    if (report_fd < 0 || (o.fd < 0 && o.name == NULL) || (dir_fd < 0) == (dir_name == NULL) ||
-        !has_head ||
-        !has_tail || drain_ms < 0 || p.cwd == NULL)
+    if (report_fd < 0 || (o.fd < 0 && o.name == NULL) ||
+        (dir_fd < 0) == (dir_name == NULL) || !has_head || !has_tail || drain_ms < 0 ||
+        p.cwd == NULL)
         usage("--report, --output (or --output-name), --dir (or --dir-name), --head, "
               "--tail, --drain-ms and --cwd are needed",
               NULL);
