@@ -832,7 +832,10 @@ def server() -> Iterator[through_keeper.KeeperServer]:
 def served_job(
     server: through_keeper.KeeperServer, directory: Path, argv: list[str], **kw
 ) -> through_keeper.Kept:
-    directory.mkdir(exist_ok=True)
+    """A job the server's keeper keeps; ``directory`` is made here first,
+    unless ``make_dir`` is given (spawn_kept's)."""
+    if kw.get("make_dir") is None:
+        directory.mkdir(exist_ok=True)
     kw.setdefault("env", {"PATH": "/usr/bin:/bin"})
     return through_keeper.spawn_kept(
         argv,
@@ -1053,22 +1056,8 @@ def test_a_spare_makes_its_jobs_directory_ahead_and_names_it_at_the_start(tmp_pa
         first = spare_pid(jobs)
         assert sorted(os.listdir(jobs / f".spare-{first}")) == ["exit.tmp"]
         assert os.stat(jobs / f".spare-{first}" / "exit.tmp").st_blocks > 0
-        kept = through_keeper.spawn_kept(
-            ["/bin/sh", "-c", "echo ok"],
-            cwd="/",
-            env={"PATH": "/usr/bin:/bin"},
-            user=None,
-            group=None,
-            cgroup_procs=None,
-            cgroup_kill=None,
-            job_dir=str(jobs / "job-1"),
-            make_dir=made_here.append,
-            output_name="output",
-            head_bytes=MiB,
-            tail_bytes=MiB,
-            drain_s=5.0,
-            server=served,
-        )
+        argv = ["/bin/sh", "-c", "echo ok"]
+        kept = served_job(served, jobs / "job-1", argv, make_dir=made_here.append)
         # The spare that took the start is the job's keeper, and its
         # directory the job's: none made by the caller.
         assert kept.keeper_pid == first and made_here == []
@@ -1092,22 +1081,8 @@ def test_a_directory_elsewhere_is_made_by_the_caller(tmp_path, server):
         made.append(path)
         os.mkdir(path)
 
-    kept = through_keeper.spawn_kept(
-        ["/bin/true"],
-        cwd="/",
-        env={"PATH": "/usr/bin:/bin"},
-        user=None,
-        group=None,
-        cgroup_procs=None,
-        cgroup_kill=None,
-        job_dir=str(tmp_path / "job"),
-        make_dir=make,
-        output_name="output",
-        head_bytes=MiB,
-        tail_bytes=MiB,
-        drain_s=5.0,
-        server=server,  # started without jobs_dir: its spares make none
-    )
+    # The server was started without jobs_dir: its spares make none.
+    kept = served_job(server, tmp_path / "job", ["/bin/true"], make_dir=make)
     ended_by_pidfd(kept)
     assert made == [str(tmp_path / "job")]
     assert through_keeper.read_exit(str(tmp_path / "job")).returncode == 0
