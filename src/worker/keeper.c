@@ -981,8 +981,12 @@ spare(int sock, int took, pid_t server)
             close(got[--ngot]);
     }
     /* Taken: from here on it outlives the server, and the server forks the
-       next spare. */
+       next spare. A server that died meanwhile (its SIGKILL for this spare
+       may not have landed yet) starts nothing more: the request is dropped
+       unanswered, and the worker starts the job without it. */
     prctl(PR_SET_PDEATHSIG, 0);
+    if (getppid() != server)
+        _exit(1);
     took_fd = took;
     atexit(tell_took);
     request[n] = '\0';

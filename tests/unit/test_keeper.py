@@ -1056,12 +1056,15 @@ def test_a_spare_makes_its_jobs_directory_ahead_and_names_it_at_the_start(tmp_pa
         first = spare_pid(jobs)
         assert sorted(os.listdir(jobs / f".spare-{first}")) == ["exit.tmp"]
         assert os.stat(jobs / f".spare-{first}" / "exit.tmp").st_blocks > 0
-        argv = ["/bin/sh", "-c", "echo ok"]
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        argv = ["/bin/sh", "-c", f"read word < {fifo}; echo ok"]
         kept = served_job(served, jobs / "job-1", argv, make_dir=made_here.append)
         # The spare that took the start is the job's keeper, and its
         # directory the job's: none made by the caller.
         assert kept.keeper_pid == first and made_here == []
-        assert kept.keeper_start == linux.start_time(first)
+        assert kept.keeper_start == linux.start_time(first)  # it still runs
+        release(fifo)
         ended_by_pidfd(kept)
         assert (jobs / "job-1" / "output").read_bytes() == b"ok\n"
         assert through_keeper.read_exit(str(jobs / "job-1")).returncode == 0

@@ -31,7 +31,7 @@ from jobgate.errors import (
     Unavailable,
 )
 from jobgate.jobstate import ExitReason, JobState
-from worker import accounts, isolation, process
+from worker import accounts, isolation, linux, process
 from worker.config import JobsSection
 from worker.kept import keeper_available
 from worker.limits import Enforcer, Limits
@@ -359,6 +359,11 @@ def test_a_keeper_server_that_failed_leaves_the_starts_to_an_exec(make_runner):
     runner = make_runner()
     server = runner.ops.keeper_server()
     os.kill(server.pid, signal.SIGKILL)
+    # Dead (a zombie, the runner's to reap), so its spare is too.
+    deadline = time.monotonic() + 10
+    while linux.process_state(server.pid) != "Z":
+        assert time.monotonic() < deadline, "the keeper server did not die"
+        time.sleep(0.01)
     record, output = run(runner, "mixed.sh", "3")
     assert (record.exit_code, output) == (3, b"out 1\nerr 1\nout 2\nerr 2\n")
     assert runner.ops.keeper_server() is None  # not started again
