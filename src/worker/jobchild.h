@@ -7,10 +7,10 @@
  * up the same way whichever starts it. Everything here is static: each of
  * them gets its own copy, and nothing is linked between them.
  *
- * The worker vfork()s (launch(): the worker is big, and it waits for the
- * exec); the keeper fork()s (it is small, and it reports the start before
- * the child has done any of this). Either way the child, before it executes
- * the program:
+ * Both vfork(). The worker waits for the exec (launch()); the keeper's child
+ * reports its start to the worker before it does any of this, and the
+ * keeper learns of a failed step only once the job has ended. Either way the
+ * child, before it executes the program:
  *
  *   1. every signal back to its default action, then no signal blocked
  *      (raw system calls: glibc's wrappers skip the signals it reserves);
@@ -259,7 +259,7 @@ start_child(const struct plan *p, int *err)
  * telling why: step 0 when no child could be started at all (the report
  * pipe or vfork() failed: errno in f->err), else the step the child failed
  * at (the child has been reaped). The worker's way (_spawn.c); the keeper
- * does not wait for the exec, and forks on its own.
+ * does not wait for the exec, and starts its child on its own.
  */
 static pid_t __attribute__((unused))
 launch(struct plan *p, struct failure *f)

@@ -809,6 +809,54 @@ def test_read_exit_refuses_what_the_keeper_does_not_write(tmp_path):
             through_keeper.read_exit(str(tmp_path))
 
 
+def test_a_start_no_worker_hears_of_runs_the_job_to_its_end(tmp_path):
+    """The job's process reports its own start: a worker gone by then (the
+    report's pipe has no reader) costs the job nothing, not even SIGPIPE."""
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    output = job_dir / "output"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    dir_fd = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY)
+    out_fd = os.open(output, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        run = subprocess.run(
+            [
+                through_keeper.keeper_path(),
+                "--report",
+                str(write_end),
+                "--output",
+                str(out_fd),
+                "--dir",
+                str(dir_fd),
+                "--head",
+                "4096",
+                "--tail",
+                "4096",
+                "--drain-ms",
+                "1000",
+                "--cwd",
+                "/",
+                "--",
+                "/bin/sh",
+                "sh",
+                "-c",
+                "sleep 0.2; echo done; exit 3",
+            ],
+            pass_fds=(write_end, dir_fd, out_fd),
+            capture_output=True,
+            timeout=10,
+        )
+    finally:
+        for fd in (write_end, dir_fd, out_fd):
+            os.close(fd)
+    assert run.returncode == 0, run.stderr
+    assert b"cannot report" not in run.stderr  # the job's process reported
+    ended = through_keeper.read_exit(str(job_dir))
+    assert (ended.returncode, ended.output_bytes) == (3, 5)
+    assert output.read_bytes() == b"done\n"
+
+
 def test_bad_arguments_end_the_keeper_before_it_starts_anything(tmp_path):
     run = subprocess.run(
         [through_keeper.keeper_path(), "--report", "1", "--", "/bin/true", "true"],
