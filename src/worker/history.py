@@ -58,7 +58,7 @@ class AliveStamp:
 def load(
     records: RecordLog,
     jobs_dir: Path,
-    make_output: Callable[[Path, int], OutputLog],
+    make_output: Callable[[Path, int, bool], OutputLog],
     last_alive: float | None,
 ) -> list[Job]:
     """Read the records a previous run left; jobs it was running are lost.
@@ -90,9 +90,10 @@ def load(
             log.warning("ignoring job record %r: %s", d.get("job_id"), exc)
             continue
         directory = jobs_dir / record.job_id
-        output = make_output(directory, record.output_bytes)
+        kept_job = record.state is JobState.RUNNING and "keeper" in d
+        output = make_output(directory, record.output_bytes, kept_job)
         job = Job(record, directory, output)
-        if record.state is JobState.RUNNING and "keeper" in d:
+        if kept_job:
             # Kept: it may still run. The runner adopts it, or calls it lost.
             job.extra = {k: d[k] for k in ADOPTION_KEYS if k in d}
             kept.append(record.to_json() | job.extra)

@@ -119,14 +119,14 @@ struct report {
 /* Serving (see serve() below): the directory jobs' directories are made in,
    and the one a spare made ahead for its job ("" if none). */
 static int jobs_fd = -1;
-static char spare_dir[32];
 /* A spare's own start time (own_start_time()), read while it waits; 0 if not
    read yet. */
 static int64_t own_start;
 
 struct output {
     int fd;            /* -1 until the named file is made */
-    int dir;           /* where a named file is made */
+    int dir;           /* where a named file is made; -1 until made if named */
+    const char *dir_name; /* --dir-name: dir's name in jobs_fd, made when needed */
     const char *name;  /* the file's name in dir, or NULL: fd is given */
     long long head, tail;
     long long total;   /* everything the job wrote so far */
@@ -233,6 +233,24 @@ trim(struct output *o, long long slack)
     o->punched = end;
 }
 
+/*
+ * The job's directory, open: the one given (--dir), or else the one named
+ * by --dir-name in the jobs' directory, made (0750) the first time it is
+ * needed: for the job's first byte of output, or for an exit file no worker
+ * took from the channel. A job that writes nothing and whose end the worker
+ * hears costs no directory at all. -1 with errno set if it cannot be had.
+ */
+static int
+job_dir(struct output *o)
+{
+    if (o->dir < 0 && o->dir_name != NULL) {
+        if (mkdirat(jobs_fd, o->dir_name, 0750) < 0 && errno != EEXIST)
+            return -1;
+        o->dir = openat(jobs_fd, o->dir_name, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    }
+    return o->dir;
+}
+
 /* ``n`` more bytes of the job's output, written where they belong. */
 static void
 take(struct output *o, const char *data, size_t n)
@@ -242,7 +260,9 @@ take(struct output *o, const char *data, size_t n)
     if (o->fd < 0 && !o->write_err) {
         /* The first output of a job given a name: making the file is a
            write like any other, and fails as one (a full disk). */
-        o->fd = openat(o->dir, o->name, O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
+        int dir = job_dir(o);
+
+        o->fd = dir < 0 ? -1 : openat(dir, o->name, O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
         if (o->fd < 0) {
             o->write_err = errno;
             o->kept = 0;
@@ -424,72 +444,6 @@ own_start_time(void)
     return at != NULL ? (int64_t)strtoll(at + 1, NULL, 10) : 0;
 }
 
-/* A job's directory ``name`` in ``parent``, with exit.tmp and a block
-   allocated for it (see write_exit()): as the worker makes it
-   (worker/output.py). Returns 0, or -1 with errno set and nothing left. */
-static int
-make_job_dir(int parent, const char *name)
-{
-    int dir, fd, err;
-
-    if (mkdirat(parent, name, 0750) < 0)
-        return -1;
-    dir = openat(parent, name, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    fd = dir < 0 ? -1 : openat(dir, "exit.tmp", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
-    err = fd < 0 ? errno : posix_fallocate(fd, 0, 4096);
-    if (fd >= 0 && close(fd) < 0 && err == 0)
-        err = errno;
-    if (err != 0) {
-        if (dir >= 0)
-            (void)unlinkat(dir, "exit.tmp", 0);
-        (void)unlinkat(parent, name, AT_REMOVEDIR);
-    }
-    if (dir >= 0)
-        close(dir);
-    errno = err;
-    return err != 0 ? -1 : 0;
-}
-
-/* The directory a spare made ahead, unused: removed. */
-static void
-drop_spare_dir(void)
-{
-    int dir;
-
-    if (spare_dir[0] == '\0')
-        return;
-    dir = openat(jobs_fd, spare_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (dir >= 0) {
-        (void)unlinkat(dir, "exit.tmp", 0);
-        close(dir);
-    }
-    (void)unlinkat(jobs_fd, spare_dir, AT_REMOVEDIR);
-    spare_dir[0] = '\0';
-}
-
-/* The job's directory ``name`` in jobs_fd, opened: the spare's, renamed,
-   or else made now. -1 with errno set if it cannot be had. */
-static int
-take_job_dir(const char *name)
-{
-    int fd;
-
-    if (spare_dir[0] == '\0' ||
-        renameat2(jobs_fd, spare_dir, jobs_fd, name, RENAME_NOREPLACE) < 0) {
-        if (spare_dir[0] != '\0') {
-            say("cannot rename %s to %s: %s", spare_dir, name, strerror(errno));
-            drop_spare_dir();
-        }
-        if (make_job_dir(jobs_fd, name) < 0)
-            return -1;
-    }
-    spare_dir[0] = '\0';
-    fd = openat(jobs_fd, name, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    close(jobs_fd);
-    jobs_fd = -1;
-    return fd;
-}
-
 /* "exit" in ``dir``: written to exit.tmp, then renamed, so that a reader sees
    all of it or nothing. The worker makes exit.tmp with a block allocated
    for it when it makes the job's directory, so that the end of a job is
@@ -524,6 +478,28 @@ write_exit(int dir, const char *text, size_t len)
     return 0;
 }
 
+/*
+ * The exit record (what the exit file would hold) sent to the worker on
+ * --channel, a SOCK_SEQPACKET socket: 1 once the worker has answered that
+ * it recorded the job's end (one byte), so that no exit file is needed. 0
+ * if the worker is gone, or goes before it answers (a restart): then the
+ * exit file is written, for its next run to find.
+ */
+static int
+tell_worker(int channel, const char *text, size_t len)
+{
+    char ack;
+    ssize_t n;
+
+    if (send(channel, text, len, MSG_NOSIGNAL) != (ssize_t)len)
+        return 0;
+    do {
+        n = recv(channel, &ack, 1, 0);
+    } while (n < 0 && errno == EINTR);
+    close(channel);
+    return n == 1;
+}
+
 /* A spare's way to tell the serving keeper it took its request (spare()):
    told once the job's start is reported, so that the server's fork of the
    next spare does not compete with the start for a CPU; or at exit. */
@@ -551,7 +527,7 @@ keep(int argc, char **argv, char **envp)
     struct failure f;
     struct sigaction ign;
     int64_t start;
-    int report_fd = -1, dir_fd = -1, kill_fd = -1, has_head = 0, has_tail = 0;
+    int report_fd = -1, dir_fd = -1, kill_fd = -1, channel = -1, has_head = 0, has_tail = 0;
     const char *dir_name = NULL;
     long long drain_ms = -1;
     int pipe_fds[2], start_fds[2], pidfd, pipe_open, job_done = 0, drain_cut = 0, status;
@@ -607,6 +583,8 @@ keep(int argc, char **argv, char **envp)
             p.cgroup_fds[p.n_cgroups++] = descriptor(opt, val);
         } else if (strcmp(opt, "--cgroup-kill") == 0) {
             kill_fd = descriptor(opt, val);
+        } else if (strcmp(opt, "--channel") == 0) {
+            channel = descriptor(opt, val);
         } else if (strcmp(opt, "--uid") == 0) {
             p.uid = (long)number(opt, val, UINT_MAX - 1);
         } else if (strcmp(opt, "--gid") == 0) {
@@ -636,7 +614,6 @@ keep(int argc, char **argv, char **envp)
     start = own_start ? own_start : own_start_time();
     if (dir_name == NULL && jobs_fd >= 0) {
         /* A served job whose directory the worker made. */
-        drop_spare_dir();
         close(jobs_fd);
         jobs_fd = -1;
     }
@@ -657,9 +634,7 @@ keep(int argc, char **argv, char **envp)
     pid = -1;
     f.step = STEP_START;
     f.err = 0;
-    if (dir_name != NULL && (dir_fd = take_job_dir(dir_name)) < 0) {
-        f.err = errno;
-    } else if (pipe2(pipe_fds, O_CLOEXEC) < 0) {
+    if (pipe2(pipe_fds, O_CLOEXEC) < 0) {
         f.err = errno;
     } else if (pipe2(start_fds, O_CLOEXEC | O_NONBLOCK) < 0) {
         f.err = errno;
@@ -670,6 +645,7 @@ keep(int argc, char **argv, char **envp)
         p.stdout_fd = p.stderr_fd = pipe_fds[1];
         p.report_fd = start_fds[1];
         o.dir = dir_fd;
+        o.dir_name = dir_name;
         pid = start_job(&p, report_fd, start, &f.err);
     }
     /* The job's process reported its start itself (start_job()). The worker
@@ -777,7 +753,13 @@ keep(int argc, char **argv, char **envp)
         len += snprintf(text + len, sizeof text - (size_t)len, "start_error %d %d\n", f.step,
                         f.err);
     close(start_fds[0]);
-    return write_exit(dir_fd, text, (size_t)len) < 0 ? 1 : 0;
+    if (channel >= 0 && tell_worker(channel, text, (size_t)len))
+        return 0;
+    if (job_dir(&o) < 0) {
+        say("cannot make the job's directory for its exit file: %s", strerror(errno));
+        return 1;
+    }
+    return write_exit(o.dir, text, (size_t)len) < 0 ? 1 : 0;
 }
 
 /*
@@ -858,8 +840,8 @@ retitle(char *room, size_t size, char *const *strings)
 static int
 takes_fd(const char *opt)
 {
-    static const char *const options[] = {"--report", "--output", "--dir", "--cgroup-procs",
-                                           "--cgroup-kill"};
+    static const char *const options[] = {"--report",       "--output",      "--dir",
+                                           "--cgroup-procs", "--cgroup-kill", "--channel"};
     size_t k;
 
     for (k = 0; k < sizeof options / sizeof options[0]; k++)
@@ -965,15 +947,6 @@ spare(int sock, int took, pid_t server)
        than at the request. */
     (void)retitle(argv_room, argv_room_size, title);
     (void)retitle(env_room, env_room_size, none);
-    /* The job's directory, made now rather than at the request: on ext4 a
-       new directory and file cost 0.2-0.6 ms, which no start waits for. */
-    if (jobs_fd >= 0) {
-        snprintf(spare_dir, sizeof spare_dir, ".spare-%d", (int)getpid());
-        if (make_job_dir(jobs_fd, spare_dir) < 0) {
-            say("cannot make a job's directory ahead: %s", strerror(errno));
-            spare_dir[0] = '\0';
-        }
-    }
     own_start = own_start_time();
     self_fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
     answer = self_fd < 0 ? -errno : (int32_t)getpid();
@@ -990,7 +963,6 @@ spare(int sock, int took, pid_t server)
             continue;
         if (n <= 0) {
             /* The worker closed its end, or is gone. */
-            drop_spare_dir();
             _exit(SPARE_UNUSED);
         }
         ngot = 0;

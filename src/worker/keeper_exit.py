@@ -1,5 +1,6 @@
-"""What a job's keeper (``keeper.c``) leaves once the job has ended: the
-``exit`` file in the job's directory, and how it is read."""
+"""What a job's keeper (``keeper.c``) tells once the job has ended: the
+``exit`` file in the job's directory (or the same record sent to the worker,
+``--channel``), and how it is read."""
 
 from __future__ import annotations
 
@@ -35,21 +36,28 @@ def read_exit(job_dir: str) -> KeeperExit | None:
             raw = f.read(4096)
     except FileNotFoundError:
         return None
+    return parse_exit(raw, EXIT_FILE)
+
+
+def parse_exit(raw: bytes, what: str = "the exit record") -> KeeperExit:
+    """An exit record as the keeper writes it: its exit file, or the message
+    it sends the worker instead (``--channel``). ValueError, naming ``what``,
+    if it is not one."""
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
-        raise ValueError(f"{EXIT_FILE}: not text") from None
+        raise ValueError(f"{what}: not text") from None
     if not text.endswith("\n"):
-        raise ValueError(f"{EXIT_FILE}: not a whole file")
+        raise ValueError(f"{what}: not a whole record")
     fields: dict[str, list[int]] = {}
     for line in text.splitlines():
         key, *values = line.split(" ")
         try:
             numbers = [int(v) for v in values]
         except ValueError:
-            raise ValueError(f"{EXIT_FILE}: not a number in {line!r}") from None
+            raise ValueError(f"{what}: not a number in {line!r}") from None
         if key in fields:
-            raise ValueError(f"{EXIT_FILE}: {key} twice")
+            raise ValueError(f"{what}: {key} twice")
         fields[key] = numbers
     counts = {
         "status": 1,
@@ -60,9 +68,9 @@ def read_exit(job_dir: str) -> KeeperExit | None:
     }
     for key, numbers in fields.items():
         if counts.get(key) != len(numbers):
-            raise ValueError(f"{EXIT_FILE}: unexpected line {key!r}")
+            raise ValueError(f"{what}: unexpected line {key!r}")
     if "status" not in fields or "output_bytes" not in fields:
-        raise ValueError(f"{EXIT_FILE}: status or output_bytes missing")
+        raise ValueError(f"{what}: status or output_bytes missing")
     (status,) = fields["status"]
     error = fields.get("output_error")
     start = fields.get("start_error")

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from worker.keeper_exit import EXIT_FILE, KeeperExit, read_exit
+from worker.keeper_exit import EXIT_FILE, KeeperExit, parse_exit, read_exit
 from worker.spawn import WAIT_MAX_DELAY_S, Child, _spawn, above_stdio, available
 
 # The exit file's reader (worker.keeper_exit) belongs to this interface too.
@@ -41,6 +41,7 @@ __all__ = [
     "ServerGone",
     "keeper_available",
     "keeper_path",
+    "parse_exit",
     "read_exit",
     "spawn_kept",
     "start_failure",
@@ -94,6 +95,10 @@ class Kept:
     # The keeper's start time as it read it (linux.start_time), None if it
     # could not: with its pid, what names the keeper after a restart.
     keeper_start: int | None = None
+    # The worker's end of the keeper's channel (spawn_kept(channel=True)),
+    # the caller's to close: the job's exit record comes on it, and the
+    # keeper waits for a byte back before it exits.
+    channel: int | None = None
 
     def __post_init__(self) -> None:
         if self.keeper is not None:
@@ -118,6 +123,7 @@ def spawn_kept(
     drain_s: float,
     hold_fds: tuple[int, ...] = (),
     server: KeeperServer | None = None,
+    channel: bool = False,
 ) -> Kept:
     """Start ``argv`` as :func:`~worker.spawn.spawn` sets it up, but as the
     keeper's child.
@@ -136,10 +142,18 @@ def spawn_kept(
     exit file), a signal to the group by that id reaches no other process.
 
     ``job_dir`` is there already, unless ``make_dir`` is given: then it
-    must not be, and the keeper makes it (or takes the one its server made
-    ahead) when ``server`` makes directories where ``job_dir`` is
-    (``KeeperServer(jobs_dir=...)``), else ``make_dir(job_dir)`` makes it
-    here first. Either way it is there once this returns.
+    must not be. When ``server`` makes directories where ``job_dir`` is
+    (``KeeperServer(jobs_dir=...)``), the keeper makes it the first time it
+    needs it: for the job's first byte of output, or for its exit file; a
+    job that writes nothing and whose end is heard on the channel (below)
+    leaves none. Else ``make_dir(job_dir)`` makes it here first.
+
+    With ``channel`` and ``server``, the Kept comes with a ``channel``: the
+    keeper sends the exit record there (:func:`parse_exit`) instead of
+    writing the exit file, and waits for one byte back (the caller has
+    recorded the job's end) before it exits. If the caller closes its end
+    without that byte (it stops, or could not record), or is gone, the
+    keeper writes the exit file after all.
 
     The keeper is executed, as the worker's child, unless ``server`` is
     given: then ``server`` forks it, and the Kept that comes back has no
@@ -186,12 +200,19 @@ def spawn_kept(
         return str(fd) if server is None else f"@{passed.index(fd)}"
 
     keeper: Child | _Forked
+    ours: int | None = None  # the channel's end that is the caller's
     try:
         report_r, report_w = os.pipe()  # both close-on-exec
         opened += [report_r, report_w]
         report_w = opened[1] = above_stdio(report_w)
         passed.append(report_w)
         args = ["--report", ref(report_w)]
+        if channel and server is not None:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ours = mine.detach()
+            opened.append(theirs.detach())
+            passed.append(opened[-1])
+            args += ["--channel", ref(opened[-1])]
         if (
             make_dir is not None
             and server is not None
@@ -273,6 +294,10 @@ def spawn_kept(
         except BaseException:
             _abandon(keeper, cgroup_kill)
             raise
+    except BaseException:
+        if ours is not None:
+            os.close(ours)
+        raise
     finally:
         for fd in opened:
             os.close(fd)
@@ -292,6 +317,8 @@ def spawn_kept(
     except BaseException:
         if isinstance(keeper, _Forked):
             keeper.close()
+        if ours is not None:
+            os.close(ours)
         raise
     started = start or None
     if isinstance(keeper, _Forked):
@@ -301,6 +328,7 @@ def spawn_kept(
             keeper_pid=keeper.pid,
             pidfd=keeper.pidfd,
             keeper_start=started,
+            channel=ours,
         )
     return Kept(keeper=keeper, pid=value, keeper_start=started)
 

@@ -5,7 +5,9 @@
   (:mod:`worker.output`), not through the worker; the worker learns of new
   bytes, to wake the job's followers, from an ``IN_MODIFY`` event on the
   file (the job's directory is watched: it reports the writes of the files
-  in it, the output file among them, made only once the job writes).
+  in it, the output file among them, made only once the job writes). The
+  keeper makes the directory only then too: until it is there, its making
+  is heard of through the jobs' directory (``IN_CREATE``).
   Events of one file coalesce while unread, so a job writing fast
   costs the worker one event per turn of its reactor, not one per write.
 * :func:`spread_subdirectories`: ask ext4 to place the directories made in
@@ -24,6 +26,7 @@ import os
 import struct
 
 IN_MODIFY = 0x00000002
+IN_CREATE = 0x00000100
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 # struct inotify_event: int wd; uint32 mask, cookie, len; char name[len]
@@ -40,15 +43,17 @@ def _check(result: int, what: str) -> int:
 
 
 class Inotify:
-    """One inotify instance: watches files for writes (``IN_MODIFY``)."""
+    """One inotify instance: watches files for writes (``IN_MODIFY``), or
+    directories for what is made in them (``IN_CREATE``)."""
 
     def __init__(self) -> None:
         self.fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
 
-    def watch(self, path: str) -> int:
-        """Start watching ``path``; returns the watch descriptor."""
+    def watch(self, path: str, mask: int = IN_MODIFY) -> int:
+        """Start watching ``path``; returns the watch descriptor.
+        FileNotFoundError if there is no ``path``."""
         return _check(
-            _libc.inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY),
+            _libc.inotify_add_watch(self.fd, os.fsencode(path), mask),
             f"watching {path}",
         )
 
@@ -61,9 +66,11 @@ class Inotify:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
-    def read(self) -> set[int]:
-        """The watch descriptors with events since the last read (never blocks)."""
-        found: set[int] = set()
+    def read(self) -> dict[int, set[str]]:
+        """The watch descriptors with events since the last read, each with
+        the names the events were about (a file in a watched directory);
+        never blocks."""
+        found: dict[int, set[str]] = {}
         while True:
             try:
                 data = os.read(self.fd, 65536)
@@ -72,8 +79,12 @@ class Inotify:
             pos = 0
             while pos + _EVENT.size <= len(data):
                 wd, _mask, _cookie, length = _EVENT.unpack_from(data, pos)
-                found.add(wd)
-                pos += _EVENT.size + length
+                names = found.setdefault(wd, set())
+                start = pos + _EVENT.size
+                name = data[start : start + length].rstrip(b"\0")
+                if name:
+                    names.add(os.fsdecode(name))
+                pos = start + length
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -39,6 +39,10 @@ from worker.output import make_job_directory
 log = logging.getLogger(__name__)
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# A keeper whose channel ended without the job's exit record is exiting (its
+# descriptors close before its pidfd says it has ended): how long to wait
+# for that before its exit file is read.
+KEEPER_EXIT_S = 5.0
 # Joins the job's cgroups ($1 of them, their cgroup.procs next) before
 # anything of the job runs, then execs the job (through setpriv when it must
 # drop to the job's user). The shim's stdin is a pipe back to the worker,
@@ -187,8 +191,13 @@ class KeptProcess:
     ``keeper`` is the worker's own child when this run of the worker
     executed the keeper, None when the keeper server forked it
     (:class:`~worker.kept.KeeperServer`) or when the worker adopted the job
-    from an earlier run: then the keeper's end is known from ``pidfd`` alone. Either
-    way, the job's exit status is in the exit file the keeper writes.
+    from an earlier run: then the keeper's end is known from ``pidfd`` alone.
+
+    A job this run started through the server comes with a ``channel``: the
+    keeper sends the job's exit record there, and waits until
+    :meth:`acknowledge` says the worker recorded the end; no exit file is
+    written then. Otherwise (no channel, or it was closed first) the job's
+    exit status is in the exit file the keeper writes.
     """
 
     kept = True
@@ -203,6 +212,7 @@ class KeptProcess:
         job_dir: str,
         pidfd: int | None = None,
         keeper_start: int | None = None,
+        channel: int | None = None,
     ):
         self.pid = pid
         self.keeper_pid = keeper_pid
@@ -211,6 +221,7 @@ class KeptProcess:
         self.keeper = keeper
         self.job_dir = job_dir
         self._pidfd = pidfd if pidfd is not None else os.pidfd_open(keeper_pid)
+        self._channel = channel
         self.returncode: int | None = None
         self.exit: through_keeper.KeeperExit | None = None
         self.ended = False
@@ -256,6 +267,7 @@ class KeptProcess:
             job_dir,
         )
         proc._pidfd = -1
+        proc._channel = None
         proc.keeper_start = None
         proc.returncode, proc.exit, proc.ended = None, None, True
         proc._read_exit()
@@ -270,8 +282,9 @@ class KeptProcess:
             self.returncode = self.exit.returncode
 
     def exit_fd(self) -> int:
-        """A descriptor readable once the keeper has ended (the caller's to close)."""
-        return os.dup(self._pidfd)
+        """A descriptor readable once the job has ended: its exit record is on
+        the channel, or the keeper has ended (the caller's to close)."""
+        return os.dup(self._pidfd if self._channel is None else self._channel)
 
     def poll(self) -> int | None:
         return self.wait(0) if self._gone(0) else None
@@ -279,20 +292,63 @@ class KeptProcess:
     def _gone(self, timeout: float | None) -> bool:
         if self.ended:
             return True
-        ready, _, _ = select.select([self._pidfd], [], [], timeout)
+        fd = self._pidfd if self._channel is None else self._channel
+        ready, _, _ = select.select([fd], [], [], timeout)
         return bool(ready)
 
     def wait(self, timeout: float | None = None) -> int | None:
-        """Wait for the keeper's end; the job's exit code (None: not known)."""
+        """Wait for the job's end; its exit code (None: not known)."""
         if not self.ended:
             if not self._gone(timeout):
                 raise subprocess.TimeoutExpired(str(self.keeper_pid), timeout)
+            if self._channel is not None and self._take_record():
+                os.close(self._pidfd)
+                self.ended = True
+                return self.returncode
+            # The keeper has ended; whatever it left is in the exit file.
+            select.select([self._pidfd], [], [], KEEPER_EXIT_S)
             if self.keeper is not None:
                 self.keeper.wait()
             self.ended = True
             os.close(self._pidfd)
             self._read_exit()
         return self.returncode
+
+    def _take_record(self) -> bool:
+        """Read the exit record the keeper sent; False if the channel ended
+        without one (the keeper died, or wrote its exit file instead)."""
+        assert self._channel is not None
+        try:
+            raw = os.read(self._channel, 4096)  # one message: the whole record
+        except OSError as exc:
+            log.error("%s: reading the keeper's channel: %s", self.job_dir, exc)
+            raw = b""
+        if raw:
+            try:
+                self.exit = through_keeper.parse_exit(raw)
+            except ValueError as exc:
+                log.error("%s: the keeper's exit record: %s", self.job_dir, exc)
+            else:
+                self.returncode = self.exit.returncode
+                return True
+        self.close_channel()
+        return False
+
+    def acknowledge(self, recorded: bool) -> None:
+        """Tell the keeper the job's end is ``recorded``, or (False) leave the
+        exit file to it; either way the channel is closed."""
+        if self._channel is not None and recorded and self.exit is not None:
+            try:
+                os.write(self._channel, b"k")
+            except OSError:  # the keeper is gone: it wrote the exit file
+                pass
+        self.close_channel()
+
+    def close_channel(self) -> None:
+        """Close the channel, if any: the keeper writes the exit file instead."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            os.close(channel)
 
 
 class Spawner:
@@ -411,6 +467,7 @@ class Spawner:
                 tail_bytes=kept.tail_bytes,
                 drain_s=self.cfg.drain_timeout_s,
                 hold_fds=hold_fds,
+                channel=True,
             )
             proc = KeptProcess(
                 started.pid,
@@ -419,6 +476,7 @@ class Spawner:
                 str(kept.directory),
                 started.pidfd,
                 started.keeper_start,
+                started.channel,
             )
             proc.program = argv[0]
             return proc, None

@@ -258,12 +258,15 @@ class JobRunner:
                         "setting or give the worker the controller"
                     )
 
-    def _output(self, directory, total: int = 0) -> OutputLog | KeptOutput:
-        """The output of a job of an earlier run, by the files it left."""
+    def _output(
+        self, directory, total: int = 0, kept: bool = False
+    ) -> OutputLog | KeptOutput:
+        """The output of a job of an earlier run: ``kept`` (its record names
+        a keeper: it may still run), or else by the files it left."""
         head, tail = self.cfg.output_head_bytes, self.cfg.output_tail_bytes
-        # A kept job's keeper makes its output file only with the job's
-        # first byte; its exit file (or the room made for it) is always there.
-        if any(
+        # A kept job's keeper makes its output file only with the job's first
+        # byte, and its directory only then or for its exit file.
+        if kept or any(
             (directory / name).exists()
             for name in (DATA_NAME, EXIT_TMP_NAME, EXIT_FILE)
         ):
@@ -608,6 +611,8 @@ class JobRunner:
         if keep_jobs:
             left = [j for j in running if isinstance(j.proc, KeptProcess)]
             running = [j for j in running if j not in left]
+            for j in left:  # their keepers write exit files for the next run
+                j.proc.close_channel()
             if left:
                 log.info(
                     "leaving %d kept job(s) running for the worker's next run",
@@ -695,8 +700,10 @@ class JobRunner:
                 except OSError as exc:
                     log.error("job %s: closing its output: %s", job.record.job_id, exc)
                 r = job.seal()
+                recorded = False
                 try:
                     self._records.write(r.to_json())
+                    recorded = True
                 except OSError as exc:  # e.g. the disk is full
                     self.health.write_failed("job records", exc)
                     self._unrecorded[r.job_id] = job
@@ -710,6 +717,10 @@ class JobRunner:
                 job.cond.notify_all()
                 self._active.discard(job)
                 job.done.set()
+        if isinstance(job.proc, KeptProcess):
+            # Its keeper waits for this: recorded here, the end needs no exit
+            # file; else the keeper writes one, for a later run to read.
+            job.proc.acknowledge(recorded)
         if job.reaped:  # else once it is (_reap_later)
             self._give_back(job)
         reason = r.exit_reason

@@ -68,6 +68,11 @@ class Watcher:
         # the reactor's thread).
         self._inotify: linux.Inotify | None = None
         self._watches: dict[int, Job] = {}
+        # Kept jobs whose directory the keeper has not made yet (it does with
+        # the job's first byte), by its name; the jobs' directory is watched
+        # for its making (IN_CREATE) once one is.
+        self._awaiting: dict[str, Job] = {}
+        self._made_wd: int | None = None
 
     # -- from any thread ----------------------------------------------------------
 
@@ -150,22 +155,49 @@ class Watcher:
                 job.out_fd, functools.partial(self._job_event, job, self._on_output)
             )
         else:  # kept: its keeper writes the output file, the worker watches it
-            if self._inotify is None:
-                self._inotify = linux.Inotify()
-                self.reactor.add_reader(self._inotify.fd, self._on_growth)
-            # The directory, not the file: the keeper makes the file only
-            # with the job's first byte. Its writes of the exit file come
-            # as events too, and cost a look at the size each.
-            job.watch = self._inotify.watch(str(job.output.directory))
-            self._watches[job.watch] = job
-            self._grown(job)  # what it wrote before the watch began
+            self._watch_output(job)
         self.reactor.add_reader(
             job.exit_fd, functools.partial(self._job_event, job, self._on_exit)
         )
 
+    def _watch_output(self, job: Job) -> None:
+        """Watch a kept job's directory for its output file's growth.
+
+        The directory, not the file: the keeper makes the file only with the
+        job's first byte. Its writes of an exit file come as events too, and
+        cost a look at the size each. The keeper makes the directory itself
+        only then too: until it is there, the job waits for its IN_CREATE in
+        the jobs' directory.
+        """
+        if self._inotify is None:
+            self._inotify = linux.Inotify()
+            self.reactor.add_reader(self._inotify.fd, self._on_growth)
+        directory = job.output.directory
+        try:
+            job.watch = self._inotify.watch(str(directory))
+        except FileNotFoundError:
+            if self._made_wd is None:
+                self._made_wd = self._inotify.watch(
+                    str(directory.parent), linux.IN_CREATE
+                )
+            self._awaiting[directory.name] = job
+            try:  # made before the jobs' directory was watched?
+                job.watch = self._inotify.watch(str(directory))
+            except FileNotFoundError:
+                return  # its IN_CREATE will tell
+            del self._awaiting[directory.name]
+        self._watches[job.watch] = job
+        self._grown(job)  # what it wrote before the watch began
+
     def _on_growth(self) -> None:
         assert self._inotify is not None
-        for wd in self._inotify.read():
+        for wd, names in self._inotify.read().items():
+            if wd == self._made_wd:
+                for name in names:
+                    job = self._awaiting.pop(name, None)
+                    if job is not None and job.phase is not Phase.ENDED:
+                        self._job_event(job, self._watch_output)
+                continue
             job = self._watches.get(wd)
             if job is not None:
                 self._grown(job)
@@ -178,6 +210,8 @@ class Watcher:
                 job.cond.notify_all()
 
     def _unwatch(self, job: Job) -> None:
+        if self._awaiting.get(job.dir.name) is job:
+            del self._awaiting[job.dir.name]
         wd, job.watch = job.watch, -1
         if wd >= 0 and self._watches.pop(wd, None) is not None:
             try:

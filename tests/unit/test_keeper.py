@@ -1078,51 +1078,124 @@ def test_a_job_environment_too_big_to_show_is_not_served(tmp_path, server):
 # -- spares: keepers forked ahead, with their job's directory --------------------
 
 
-def spare_dirs(jobs: Path) -> list[str]:
-    return sorted(p.name for p in jobs.iterdir() if p.name.startswith(".spare-"))
+def spares(server: through_keeper.KeeperServer) -> list[int]:
+    """The server's spares: its children that wait for a request, as ps
+    shows them (the rest of the room for a job's arguments is NULs)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if (
+            int(fields[1]) == server.pid
+            and cmdline.rstrip(b"\0") == b"jobgate-keeper\0--spare"
+        ):
+            found.append(int(entry))
+    return found
 
 
-def spare_pid(jobs: Path, *but: int) -> int:
-    """The pid of the spare waiting in ``jobs`` (none of ``but``), from the
-    directory it made ahead."""
+def spare_pid(server: through_keeper.KeeperServer, *but: int) -> int:
+    """The pid of the spare waiting for ``server`` (none of ``but``)."""
 
     def waiting() -> list[int]:
-        pids = [int(name.split("-")[1]) for name in spare_dirs(jobs)]
-        return [pid for pid in pids if pid not in but]
+        return [pid for pid in spares(server) if pid not in but]
 
-    wait_until(waiting, what="a spare's directory")
+    wait_until(waiting, what="a spare")
     (pid,) = waiting()
     return pid
 
 
-def test_a_spare_makes_its_jobs_directory_ahead_and_names_it_at_the_start(tmp_path):
+def test_a_spare_takes_the_start_and_makes_the_directory_only_when_needed(tmp_path):
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     served = through_keeper.KeeperServer(jobs_dir=str(jobs))
     made_here: list[str] = []
     try:
-        first = spare_pid(jobs)
-        assert sorted(os.listdir(jobs / f".spare-{first}")) == ["exit.tmp"]
-        assert os.stat(jobs / f".spare-{first}" / "exit.tmp").st_blocks > 0
+        first = spare_pid(served)
+        assert os.listdir(jobs) == []  # a spare makes nothing ahead
         fifo = tmp_path / "fifo"
         os.mkfifo(fifo)
         argv = ["/bin/sh", "-c", f"read word < {fifo}; echo ok"]
         kept = served_job(served, jobs / "job-1", argv, make_dir=made_here.append)
-        # The spare that took the start is the job's keeper, and its
-        # directory the job's: none made by the caller.
+        # The spare that took the start is the job's keeper; the directory
+        # is made by neither the caller nor the keeper until the job writes.
         assert kept.keeper_pid == first and made_here == []
         assert kept.keeper_start == linux.start_time(first)  # it still runs
+        assert os.listdir(jobs) == []
         release(fifo)
         ended_by_pidfd(kept)
         assert (jobs / "job-1" / "output").read_bytes() == b"ok\n"
         assert through_keeper.read_exit(str(jobs / "job-1")).returncode == 0
-        # The next spare has a directory of its own ready.
-        spare_pid(jobs, first)
+        spare_pid(served, first)  # the next one waits
+        # A job that writes nothing gets its directory for the exit file.
+        kept = served_job(
+            served, jobs / "job-2", ["/bin/true"], make_dir=made_here.append
+        )
+        ended_by_pidfd(kept)
+        assert os.listdir(jobs / "job-2") == ["exit"]
     finally:
         served.close()
-    # A spare no job took removes its directory as the server ends.
-    assert spare_dirs(jobs) == []
-    assert sorted(os.listdir(jobs)) == ["job-1"]
+    assert sorted(os.listdir(jobs)) == ["job-1", "job-2"]
+
+
+def channel_job(
+    server: through_keeper.KeeperServer, jobs: Path, name: str, argv: list[str]
+) -> through_keeper.Kept:
+    kept = served_job(server, jobs / name, argv, make_dir=os.mkdir, channel=True)
+    assert kept.channel is not None
+    return kept
+
+
+def test_the_end_told_on_the_channel_and_taken_leaves_no_exit_file(tmp_path):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    served = through_keeper.KeeperServer(jobs_dir=str(jobs))
+    try:
+        kept = channel_job(served, jobs, "quiet", ["/bin/sh", "-c", "exit 4"])
+        select.select([kept.channel], [], [], 10)
+        ended = through_keeper.parse_exit(os.read(kept.channel, 4096))
+        assert (ended.returncode, ended.output_bytes) == (4, 0)
+        # It waits for the answer: a later run of the worker would need it.
+        assert alive(kept.keeper_pid)
+        os.write(kept.channel, b"k")
+        ended_by_pidfd(kept)
+        os.close(kept.channel)
+        assert os.listdir(jobs) == []  # no directory, no exit file: no inode
+        kept = channel_job(served, jobs, "loud", ["/bin/echo", "hi"])
+        select.select([kept.channel], [], [], 10)
+        assert through_keeper.parse_exit(os.read(kept.channel, 4096)).output_bytes == 3
+        os.write(kept.channel, b"k")
+        ended_by_pidfd(kept)
+        os.close(kept.channel)
+        assert os.listdir(jobs / "loud") == ["output"]
+    finally:
+        served.close()
+
+
+def test_an_end_nobody_takes_from_the_channel_goes_to_the_exit_file(tmp_path):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    served = through_keeper.KeeperServer(jobs_dir=str(jobs))
+    try:
+        # The worker went (a restart) while the job ran.
+        kept = channel_job(served, jobs, "left", ["/bin/sh", "-c", "sleep 0.2; exit 5"])
+        os.close(kept.channel)
+        ended_by_pidfd(kept)
+        assert through_keeper.read_exit(str(jobs / "left")).returncode == 5
+        # The worker read the end, then went before it answered.
+        kept = channel_job(served, jobs, "unanswered", ["/bin/sh", "-c", "exit 6"])
+        select.select([kept.channel], [], [], 10)
+        assert through_keeper.parse_exit(os.read(kept.channel, 4096)).returncode == 6
+        os.close(kept.channel)
+        ended_by_pidfd(kept)
+        assert through_keeper.read_exit(str(jobs / "unanswered")).returncode == 6
+    finally:
+        served.close()
 
 
 def test_a_directory_elsewhere_is_made_by_the_caller(tmp_path, server):
@@ -1146,13 +1219,13 @@ def test_a_killed_spare_is_replaced_and_a_killed_server_takes_its_spare_along(
     jobs.mkdir()
     served = through_keeper.KeeperServer(jobs_dir=str(jobs))
     try:
-        first = spare_pid(jobs)
+        first = spare_pid(served)
         os.kill(first, signal.SIGKILL)  # out of memory, say
-        spare_pid(jobs, first)  # its successor
+        spare_pid(served, first)  # its successor
         kept = served_job(served, tmp_path / "job", ["/bin/sh", "-c", "exit 4"])
         ended_by_pidfd(kept)
         assert through_keeper.read_exit(str(tmp_path / "job")).returncode == 4
-        waiting = spare_pid(jobs, kept.keeper_pid, first)
+        waiting = spare_pid(served, kept.keeper_pid, first)
         os.kill(served.pid, signal.SIGKILL)
         os.waitpid(served.pid, 0)
         served.closed = True  # reaped above

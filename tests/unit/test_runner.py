@@ -33,7 +33,7 @@ from jobgate.errors import (
 from jobgate.jobstate import ExitReason, JobState
 from worker import accounts, isolation, linux, process
 from worker.config import JobsSection
-from worker.kept import keeper_available
+from worker.kept import keeper_available, read_exit
 from worker.limits import Enforcer, Limits
 from worker.output import OutputLog
 from worker.reactor import Reactor
@@ -316,30 +316,63 @@ def test_a_job_without_output_leaves_no_directory(make_runner):
     assert sorted(p.name for p in runner.jobs_dir.iterdir()) == ["records.jsonl"]
 
 
-def test_a_kept_job_leaves_its_output_and_its_exit_in_its_directory(make_runner):
+def keeper_gone(runner: JobRunner, job_id: str) -> None:
+    """Wait for the end of the job's keeper (its server reaps it)."""
+    pid = runner._job(job_id).proc.keeper_pid
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, "the keeper did not end"
+        time.sleep(0.01)
+
+
+def test_a_kept_job_leaves_its_output_in_its_directory(make_runner):
     runner = make_runner()
     # The build makes the keeper (setup.py, make): a worker without it is a
     # broken build here, not a host to skip.
     assert runner.ops.kept, keeper_available()
     record, output = run(runner, "mixed.sh", "4")
-    directory = runner.jobs_dir / record.job_id
-    assert sorted(p.name for p in directory.iterdir()) == ["exit", "output.data"]
-    assert (directory / "output.data").read_bytes() == output
-    assert "status 1024\n" in (directory / "exit").read_text()  # exit code 4
     assert record.exit_code == 4
+    keeper_gone(runner, record.job_id)
+    # Its end came on the keeper's channel and is recorded: no exit file.
+    directory = runner.jobs_dir / record.job_id
+    assert sorted(p.name for p in directory.iterdir()) == ["output.data"]
+    assert (directory / "output.data").read_bytes() == output
 
 
-def test_a_kept_job_without_output_leaves_only_its_exit(make_runner):
-    # The keeper makes the output file with the first byte: a quiet job
-    # costs no inode for it (each one is dear on ext4 without a journal).
+def test_a_kept_job_without_output_leaves_nothing_on_disk_but_its_record(
+    make_runner,
+):
+    # The keeper makes the output file, and the directory, with the first
+    # byte: a quiet job costs no inode (each is dear on ext4 without a
+    # journal).
     runner = make_runner()
     assert runner.ops.kept, keeper_available()
     record, output = run(runner, "hello.sh")  # no args: prints nothing
     assert output == b""
     assert (record.state, record.output_bytes) == (JobState.SUCCEEDED, 0)
-    directory = runner.jobs_dir / record.job_id
-    assert sorted(p.name for p in directory.iterdir()) == ["exit"]
+    keeper_gone(runner, record.job_id)
+    assert not (runner.jobs_dir / record.job_id).exists()
     assert list(runner.read_output(record.job_id)) == []
+
+
+def test_a_kept_jobs_end_the_worker_could_not_record_goes_to_its_exit_file(
+    make_runner, monkeypatch
+):
+    runner = make_runner()
+    write = runner._records.write
+
+    def full_at_the_end(line):
+        if line.get("state") != "running":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(line)
+
+    monkeypatch.setattr(runner._records, "write", full_at_the_end)
+    record, _ = run(runner, "hello.sh")
+    assert record.exit_code == 0
+    keeper_gone(runner, record.job_id)
+    # Unanswered, the keeper wrote the end down itself, for a later run.
+    ended = read_exit(str(runner.jobs_dir / record.job_id))
+    assert ended is not None and ended.returncode == 0
 
 
 def test_kept_jobs_start_through_the_keeper_server_and_it_ends_with_the_runner(
