@@ -399,7 +399,7 @@ class Accounts:
     def _make_ahead(self, uid: int) -> str:
         """The private directory of a stocked id, made before a start takes
         it: a new directory costs a start 0.2-0.6 ms on ext4 (which is why
-        a keeper server's spare makes its job's directory ahead too), the
+        a kept job's keeper makes the job's own only if the job writes), the
         rename that names it after the job a fraction of that. Empty if it
         could not be made (the start makes it)."""
         if not self.private_tmp:

@@ -8,13 +8,13 @@
  *
  *   jobgate-keeper --report FD (--output FD | --output-name NAME) --dir FD
  *                  --head BYTES --tail BYTES --drain-ms MS
- *                  [--cgroup-procs FD]... [--cgroup-kill FD]
+ *                  [--cgroup-procs FD]... [--cgroup-kill FD] [--channel FD]
  *                  [--uid UID --gid GID] --cwd DIR -- PATH ARGV0 [ARG...]
  *
  * or, forked by a keeper the worker started once to serve it (see serve()
  * below), with the same arguments sent over a socket; there --dir-name NAME
- * may stand for --dir: the job's directory NAME, which the keeper makes (or
- * renames the one it made ahead to) in the server's --jobs-dir.
+ * may stand for --dir: the job's directory NAME in the server's --jobs-dir,
+ * which the keeper makes when it first needs it (job_dir()).
  *
  * The descriptors are open already, passed on by the worker. With
  * --output-name the output file is NAME in --dir, made (0640) when the job
@@ -62,9 +62,16 @@
  *        start_error <step> <errno>  (the program never ran: jobchild.h's
  *                                     step, and status is 127's)
  *
- * Exit status: 0 once the exit file is written; 127 if the job's process
- * could not be started; 2 for bad arguments; 1 if the exit file could not be
- * written.
+ *      With --channel (a SOCK_SEQPACKET socket the worker holds the other
+ *      end of), the same text goes to the worker as one message instead,
+ *      and the keeper waits for one byte back: the worker has recorded the
+ *      end, and no exit file is written. A worker that closes its end
+ *      first (it stops, or could not record the end) or is gone gets the
+ *      exit file after all (tell_worker()).
+ *
+ * Exit status: 0 once the end is told (the exit file written, or the worker
+ * answered); 127 if the job's process could not be started; 2 for bad
+ * arguments; 1 if the exit file could not be written.
  */
 
 #define _GNU_SOURCE
@@ -116,8 +123,7 @@ struct report {
     int64_t start; /* the keeper's own start time (/proc/self/stat), 0 if unknown */
 };
 
-/* Serving (see serve() below): the directory jobs' directories are made in,
-   and the one a spare made ahead for its job ("" if none). */
+/* Serving (see serve() below): the directory jobs' directories are made in. */
 static int jobs_fd = -1;
 /* A spare's own start time (own_start_time()), read while it waits; 0 if not
    read yet. */
@@ -445,10 +451,12 @@ own_start_time(void)
 }
 
 /* "exit" in ``dir``: written to exit.tmp, then renamed, so that a reader sees
-   all of it or nothing. The worker makes exit.tmp with a block allocated
-   for it when it makes the job's directory, so that the end of a job is
-   recorded even once the disk is full (the job's output may have filled it):
-   it is written in place, not truncated first, then cut to its length. */
+   all of it or nothing. Where the worker made the job's directory (--dir),
+   it made exit.tmp in it with a block allocated, so that the end of a job
+   is recorded even once the disk is full (the job's output may have filled
+   it): it is written in place, not truncated first, then cut to its length.
+   A directory the keeper makes has no such room: its exit file is only for
+   a worker that did not take the end from the channel. */
 static int
 write_exit(int dir, const char *text, size_t len)
 {
@@ -562,8 +570,8 @@ keep(int argc, char **argv, char **envp)
         } else if (strcmp(opt, "--dir") == 0) {
             dir_fd = descriptor(opt, val);
         } else if (strcmp(opt, "--dir-name") == 0) {
-            /* Served only: made (or the spare's renamed) in the jobs'
-               directory the server was given. */
+            /* Served only: made, when needed, in the jobs' directory the
+               server was given. */
             if (jobs_fd < 0)
                 usage("--dir-name needs a server started with --jobs-dir", NULL);
             if (val == NULL || val[0] == '\0' || val[0] == '.' || strchr(val, '/') != NULL)
@@ -771,14 +779,13 @@ keep(int argc, char **argv, char **envp)
  * is in worker/kept.py, KeeperServer).
  *
  * The serving keeper forks each job's keeper ahead, as a spare (spare()
- * below): the spare leads a session of its own, makes its job's directory
- * in DIRFD (the jobs' directory) if given one, and waits on the socket. A
+ * below): the spare leads a session of its own and waits on the socket. A
  * request is one message: decimal argc, then argc arguments as the keeper
  * takes them (without the program's name), then the job's environment,
  * each string ended by a NUL; its descriptors come with it (SCM_RIGHTS),
  * and an option that takes a descriptor names it "@I", the I-th of them.
- * "--dir-name NAME" instead of "--dir" names the job's directory in DIRFD:
- * the spare's own, renamed, or made at the start if the spare has none.
+ * "--dir-name NAME" instead of "--dir" names the job's directory in DIRFD
+ * (the jobs' directory), made once the job writes or its exit file is due.
  * The spare that reads a request answers at once: one message, { int32 pid
  * } of itself with a pidfd of itself (SCM_RIGHTS), or { -errno } alone if
  * it cannot be watched. It then keeps the job as a keeper started by the
@@ -786,7 +793,7 @@ keep(int argc, char **argv, char **envp)
  * and the serving keeper forks the next spare once the job's start is
  * reported. The serving keeper reaps its children as they end, and exits
  * once the worker's end of the socket is closed (the worker exited, or was
- * killed): the spare waiting then removes its directory and exits.
+ * killed): the spare waiting then exits.
  */
 
 #define SERVE_MAX_MESSAGE (256 * 1024)

@@ -3,11 +3,11 @@
 A job started by :func:`~worker.spawn.spawn` is the worker's child and dies
 with it (its output pipe does). :func:`spawn_kept` starts it through
 ``jobgate-keeper`` (``keeper.c``, built with the package) instead: the keeper
-is the job's parent, copies its output into a file and writes how it ended
-into another, whether or not the worker is still there to read them
-(:func:`read_exit`). It reports the start as soon as it has forked the job's
-process: a step of that process that fails, the exec included, is in the exit
-file (``start_error``), and :func:`start_failure` makes of it the OSError
+is the job's parent, copies its output into a file and tells how it ended:
+to the worker on a channel, or, with no worker there to take it, into another
+file (:func:`read_exit`). The job's process reports its start first of all: a
+step of it that fails, the exec included, is in the exit record
+(``start_error``), and :func:`start_failure` makes of it the OSError
 :func:`~worker.spawn.spawn` would have raised. The worker has the keeper
 forked by a :class:`KeeperServer` (a keeper it started once) rather than
 execute it for every job.
@@ -373,9 +373,9 @@ class KeeperServer:
     the job went from 2.36-2.43 ms per job to 2.03-2.23 ms.
 
     The server forks each keeper ahead, as a spare that waits on the socket
-    (``keeper.c``), so that the start does not wait for the fork either;
-    given ``jobs_dir``, the spare also makes its job's directory there while
-    it waits (spawn_kept's ``make_dir``). ``JobRunner.start`` went from
+    (``keeper.c``), so that the start does not wait for the fork either.
+    Given ``jobs_dir``, its keepers make jobs' directories there when they
+    need them (spawn_kept's ``make_dir``). ``JobRunner.start`` went from
     1.79-1.96 ms to 1.44-1.48 ms (p50 of ``bench.worker_micro start``, three
     pairs of runs back to back), the worker's CPU per start from 3.1-3.9 ms
     to 2.1-3.5 ms (1,000 sequential starts through HTTP, three pairs). The
@@ -399,8 +399,8 @@ class KeeperServer:
         self, answer_timeout_s: float = 10.0, jobs_dir: str | None = None
     ) -> None:
         assert keeper_available() == "", "KeeperServer without keeper_available()"
-        # Where the server's spares make jobs' directories ahead (spawn_kept's
-        # make_dir), None if they make none.
+        # Where the server's keepers make jobs' directories when they need
+        # them (spawn_kept's make_dir), None if they make none.
         self.jobs_dir = jobs_dir
         self._lock = threading.Lock()
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

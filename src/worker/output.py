@@ -254,8 +254,10 @@ def make_job_directory(directory: Path | str) -> None:
     inodes deleted lately (0.4-0.6 ms of CPU each on the bench host), and the
     output file is the keeper's to make once the job writes (bench scenario
     1, a job that writes nothing: two inodes per start instead of three).
-    A keeper server's spare makes it the same way (``make_job_dir()`` in
-    ``keeper.c``), ahead of the start.
+    This is for a keeper the worker executes; one the keeper server forked
+    makes the directory itself, only if the job writes or its end must go to
+    an exit file (``job_dir()`` in ``keeper.c``), and the worker hears of
+    the end on the job's channel: none at all for a job that writes nothing.
     """
     os.mkdir(directory, 0o750)
     fd = os.open(
@@ -273,12 +275,12 @@ def prepare_jobs_dir(jobs_dir: Path) -> None:
     """Ready ``jobs_dir`` for kept jobs' directories, before the keeper
     server starts.
 
-    The server's spares make each job's directory ahead of its start
-    (``keeper.c``), in a block group of ext4's choosing, away from where
-    inodes are freed (:func:`linux.spread_subdirectories` says what it
-    buys). One that a spare made but no job took is left when the spare was
-    killed; an earlier version of the worker left its own (``.stock-``):
-    both are removed here.
+    The keepers make jobs' directories (``keeper.c``) in a block group of
+    ext4's choosing, away from where inodes are freed
+    (:func:`linux.spread_subdirectories` says what it buys). Earlier
+    versions of the worker made them ahead of the start, as ``.spare-<pid>``
+    (the server's spares) or ``.stock-`` (a thread of the worker): what they
+    left is removed here.
     """
     linux.spread_subdirectories(str(jobs_dir))
     for prefix in (".spare-", ".stock-"):

@@ -106,7 +106,8 @@ class ProcessOps:
 
     # The keeper server (worker.kept.KeeperServer) that forks kept jobs'
     # keepers; None until the first kept start, or once it failed. Its
-    # spares make jobs' directories ahead in ``jobs_dir`` (if set before).
+    # keepers make jobs' directories in ``jobs_dir`` (if set before) when
+    # the jobs need them.
     _server: through_keeper.KeeperServer | None = None
     jobs_dir: str | None = None
     _server_failed = False
@@ -121,7 +122,7 @@ class ProcessOps:
                 return through_keeper.spawn_kept(argv, server=server, **kwargs)
             except through_keeper.ServerGone as exc:
                 if kwargs.get("make_dir") and os.path.isdir(kwargs["job_dir"]):
-                    kwargs["make_dir"] = None  # a spare made it, then failed
+                    kwargs["make_dir"] = None  # its keeper made it, then failed
                 if exc.usable:  # this start only: its keeper is executed
                     return through_keeper.spawn_kept(argv, **kwargs)
                 log.warning(

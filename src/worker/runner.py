@@ -132,8 +132,8 @@ class JobRunner:
             undo.callback(self.ops.close)  # the keeper server, once started
             if self.ops.kept:
                 prepare_jobs_dir(self.jobs_dir)
-                # Started now rather than by the first job; its spares make the
-                # jobs' directories.
+                # Started now rather than by the first job; its keepers make
+                # the jobs' directories when the jobs need them.
                 self.ops.jobs_dir = str(self.jobs_dir)
                 self.ops.keeper_server()
             self.spawner = Spawner(
