@@ -100,22 +100,9 @@ class BuildWithKeeper(build_ext):
                 extra_postargs=C_FLAGS,
                 depends=KEEPER_DEPENDS,
             )
-            try:
-                # Static: a keeper process is forked for each job and ends
-                # with it; without the dynamic loader's mappings and lazy
-                # symbol look-ups each costs less. On the bench host the
-                # keepers' CPU per start went from 0.94-1.10 to 0.74-0.98 ms
-                # (`perf record -a` during 1,000 starts, 3 runs each).
-                self.compiler.link_executable(
-                    objects,
-                    KEEPER,
-                    output_dir=str(target.parent),
-                    extra_postargs=["-static"],
-                )
-            except LinkError:  # no static C library here: dynamic will do
-                self.compiler.link_executable(
-                    objects, KEEPER, output_dir=str(target.parent)
-                )
+            self.compiler.link_executable(
+                objects, KEEPER, output_dir=str(target.parent)
+            )
         except (CCompilerError, CompileError, ExecError, LinkError) as exc:
             # Like the optional extension: the worker then runs its jobs as
             # its own children (worker.kept.keeper_available() says why).

@@ -154,6 +154,14 @@ class JobsSection:
         min=0,
         help="how long output is still read after a job's main process exits",
     )
+    keeper_idle_s: float = setting(
+        10.0,
+        min=0,
+        max=3600,
+        help="how long a job's keeper process waits, once its job is over, to "
+        "keep the next job before it exits (the next start then forks none); "
+        "0: it exits at once",
+    )
     keep_on_restart: bool = setting(
         True,
         help="jobs go on running while systemd restarts the worker (systemctl "

@@ -508,18 +508,42 @@ tell_worker(int channel, const char *text, size_t len)
     return n == 1;
 }
 
-/* A spare's way to tell the serving keeper it took its request (spare()):
-   told once the job's start is reported, so that the server's fork of the
-   next spare does not compete with the start for a CPU; or at exit. */
-static int took_fd = -1;
+/* What a served keeper tells the serving keeper on ``took`` (serve()): one
+   message each, written whole (writes this small to a pipe never mix). */
+struct news {
+    char what;   /* NEWS_TOOK, NEWS_BACK or NEWS_LEFT */
+    int32_t pid; /* the keeper's */
+};
+#define NEWS_TOOK 't' /* it took a request */
+#define NEWS_BACK 'b' /* its job is over and told: it waits for another */
+#define NEWS_LEFT 'x' /* it waited for another in vain, and exits */
 
+static int took_fd = -1;
+/* Whether NEWS_TOOK was sent for the request in hand. */
+static int took_told;
+/* Whether the job's end went to the worker, who answered (tell_worker()). */
+static int told_worker;
+
+static void
+tell_server(char what)
+{
+    struct news n;
+
+    memset(&n, 0, sizeof n);
+    n.what = what;
+    n.pid = (int32_t)getpid();
+    if (took_fd >= 0)
+        (void)!write(took_fd, &n, sizeof n);
+}
+
+/* Told once the job's start is reported, so that the server's fork of the
+   next spare does not compete with the start for a CPU; or at exit. */
 static void
 tell_took(void)
 {
-    if (took_fd >= 0) {
-        (void)!write(took_fd, "t", 1);
-        close(took_fd);
-        took_fd = -1;
+    if (!took_told) {
+        took_told = 1;
+        tell_server(NEWS_TOOK);
     }
 }
 
@@ -620,11 +644,6 @@ keep(int argc, char **argv, char **envp)
         usage("the program's path and argv[0] are needed after --", NULL);
     p.path = argv[i];
     start = own_start ? own_start : own_start_time();
-    if (dir_name == NULL && jobs_fd >= 0) {
-        /* A served job whose directory the worker made. */
-        close(jobs_fd);
-        jobs_fd = -1;
-    }
     p.argv = argv + i + 1;
     p.envp = envp;
     o.punched = o.head;
@@ -761,8 +780,10 @@ keep(int argc, char **argv, char **envp)
         len += snprintf(text + len, sizeof text - (size_t)len, "start_error %d %d\n", f.step,
                         f.err);
     close(start_fds[0]);
-    if (channel >= 0 && tell_worker(channel, text, (size_t)len))
+    if (channel >= 0 && tell_worker(channel, text, (size_t)len)) {
+        told_worker = 1;
         return 0;
+    }
     if (job_dir(&o) < 0) {
         say("cannot make the job's directory for its exit file: %s", strerror(errno));
         return 1;
@@ -771,7 +792,8 @@ keep(int argc, char **argv, char **envp)
 }
 
 /*
- * Serving: ``jobgate-keeper --serve FD [--jobs-dir DIRFD]``, FD a connected
+ * Serving: ``jobgate-keeper --serve FD [--jobs-dir DIRFD] [--idle-ms MS]``,
+ * FD a connected
  * SOCK_SEQPACKET socket to the worker. The worker starts one such keeper
  * when it starts, and asks it for each job's keeper instead of executing
  * this program once per job: a fork() of this small process costs a start
@@ -791,7 +813,8 @@ keep(int argc, char **argv, char **envp)
  * it cannot be watched. It then keeps the job as a keeper started by the
  * worker would, whatever becomes of the worker or of the serving keeper,
  * and the serving keeper forks the next spare once the job's start is
- * reported. The serving keeper reaps its children as they end, and exits
+ * reported, unless a keeper back from its job waits already (spare()). The
+ * serving keeper reaps its children as they end, and exits
  * once the worker's end of the socket is closed (the worker exited, or was
  * killed): the spare waiting then exits.
  */
@@ -857,9 +880,9 @@ takes_fd(const char *opt)
     return 0;
 }
 
-/* In the forked child: the request's arguments, their "@I" made the
-   descriptors' numbers, then keep(). Never returns. */
-static void __attribute__((noreturn))
+/* In a spare: the request's arguments, their "@I" made the descriptors'
+   numbers, then keep(). Returns what keep() returns. */
+static int
 serve_one(char *msg, size_t len, const int *fds, int nfds)
 {
     static char *args[SERVE_MAX_ARGS + 2];
@@ -907,7 +930,7 @@ serve_one(char *msg, size_t len, const int *fds, int nfds)
     if (!retitle(env_room, env_room_size, env))
         say("the job's environment does not fit in /proc/%d/environ", (int)getpid());
     (void)retitle(argv_room, argv_room_size, args);
-    exit(keep((int)argc + 1, args, env));
+    return keep((int)argc + 1, args, env);
 }
 
 /*
@@ -915,49 +938,55 @@ serve_one(char *msg, size_t len, const int *fds, int nfds)
  * so that no fork() (about 0.2 ms of the serving keeper's time on the bench
  * host) stands between the worker's request and the job's start. It leads
  * its own session already and waits on the worker's socket. The first
- * request it reads is its own: it tells the serving keeper (a byte on
- * ``took``, which then forks the next spare), answers the worker with its
- * own pid and pidfd, and keeps that request's job. A request too big to read
- * whole is answered { -EMSGSIZE } and the spare waits on. The worker's end
- * of the socket closed, it exits with SPARE_UNUSED. Until it has taken a
- * request it dies with the serving keeper (PR_SET_PDEATHSIG), so that a
- * killed server starts nothing more; from then on it is a keeper like any
- * other, whatever becomes of the server.
+ * request it reads is its own: it tells the serving keeper (NEWS_TOOK on
+ * ``took``; the server forks another spare if none is left waiting),
+ * answers the worker with its own pid and pidfd, and keeps that request's
+ * job. A request too big to read whole is answered { -EMSGSIZE } and the
+ * spare waits on. The worker's end of the socket closed, it exits with
+ * SPARE_UNUSED. While it waits it dies with the serving keeper
+ * (PR_SET_PDEATHSIG), so that a killed server starts nothing more; while it
+ * keeps a job it is a keeper like any other, whatever becomes of the server.
+ *
+ * Once its job is over and the worker has answered that it recorded the
+ * end (tell_worker()), the keeper waits for another request (NEWS_BACK), up
+ * to --idle-ms, instead of exiting: the next start then costs no fork() and
+ * no exit of a keeper (KeeperServer in worker/kept.py has the figures). It
+ * closes every descriptor its job brought first, the lock of the job's user
+ * id among them. An end that went to the exit file instead (the worker was
+ * gone) ends the keeper, as does a server gone meanwhile.
  */
 #define SPARE_UNUSED 3
+/* --idle-ms: how long a keeper back from its job waits for another (0: it
+   exits at once). */
+static int idle_ms = 10000;
 
-static void __attribute__((noreturn))
-spare(int sock, int took, pid_t server)
+/* Waits up to ``timeout_ms`` (-1: for ever) for a request and reads it into
+   ``request`` with its descriptors. Returns its length; 0 if none came in
+   time; -1 if the worker's end is closed. */
+static ssize_t
+next_request(int sock, int timeout_ms, int *got, int *ngot)
 {
     union {
         struct cmsghdr align;
         char buf[CMSG_SPACE(sizeof(int) * SERVE_MAX_FDS)];
     } control;
-    static char *const title[] = {"jobgate-keeper", "--spare", NULL};
-    static char *const none[] = {NULL};
-    int got[SERVE_MAX_FDS], ngot, self_fd;
-    int32_t answer;
     struct msghdr m;
     struct iovec iov;
     struct cmsghdr *c;
-    sigset_t all;
     ssize_t n;
 
-    sigemptyset(&all);
-    sigprocmask(SIG_SETMASK, &all, NULL);
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != server)
-        _exit(1); /* the server is gone already, or cannot be followed */
-    if (setsid() < 0)
-        say("setsid: %s", strerror(errno));
-    /* Shown by ps while it waits; the pages the request's arguments and
-       environment go to (retitle()) are copied from the server's now rather
-       than at the request. */
-    (void)retitle(argv_room, argv_room_size, title);
-    (void)retitle(env_room, env_room_size, none);
-    own_start = own_start_time();
-    self_fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
-    answer = self_fd < 0 ? -errno : (int32_t)getpid();
     for (;;) {
+        if (timeout_ms >= 0) {
+            /* Only the first of the keepers waiting reads a request; the
+               others wait on (MSG_DONTWAIT below). */
+            struct pollfd p = {.fd = sock, .events = POLLIN};
+            int ready = poll(&p, 1, timeout_ms);
+
+            if (ready < 0 && errno == EINTR)
+                continue;
+            if (ready == 0)
+                return 0;
+        }
         memset(&m, 0, sizeof m);
         iov.iov_base = request;
         iov.iov_len = SERVE_MAX_MESSAGE;
@@ -965,83 +994,188 @@ spare(int sock, int took, pid_t server)
         m.msg_iovlen = 1;
         m.msg_control = control.buf;
         m.msg_controllen = sizeof control.buf;
-        n = recvmsg(sock, &m, MSG_CMSG_CLOEXEC);
-        if (n < 0 && errno == EINTR)
+        n = recvmsg(sock, &m, MSG_CMSG_CLOEXEC | (timeout_ms >= 0 ? MSG_DONTWAIT : 0));
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
             continue;
-        if (n <= 0) {
-            /* The worker closed its end, or is gone. */
-            _exit(SPARE_UNUSED);
-        }
-        ngot = 0;
+        if (n <= 0)
+            return -1; /* the worker closed its end, or is gone */
+        *ngot = 0;
         for (c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c)) {
             if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
                 int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-                if (count > SERVE_MAX_FDS - ngot)
-                    count = SERVE_MAX_FDS - ngot;
-                memcpy(got + ngot, CMSG_DATA(c), sizeof(int) * (size_t)count);
-                ngot += count;
+                if (count > SERVE_MAX_FDS - *ngot)
+                    count = SERVE_MAX_FDS - *ngot;
+                memcpy(got + *ngot, CMSG_DATA(c), sizeof(int) * (size_t)count);
+                *ngot += count;
             }
         }
-        if (!(m.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
-            break;
+        if (!(m.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+            request[n] = '\0';
+            return n;
+        }
         {
             int32_t too_big = -EMSGSIZE;
             (void)!send(sock, &too_big, sizeof too_big, MSG_NOSIGNAL);
         }
-        while (ngot > 0)
-            close(got[--ngot]);
+        while (*ngot > 0)
+            close(got[--*ngot]);
     }
-    /* Taken: from here on it outlives the server, and the server forks the
-       next spare. A server that died meanwhile (its SIGKILL for this spare
-       may not have landed yet) starts nothing more: the request is dropped
-       unanswered, and the worker starts the job without it. */
-    prctl(PR_SET_PDEATHSIG, 0);
-    if (getppid() != server)
-        _exit(1);
-    took_fd = took;
-    atexit(tell_took);
-    request[n] = '\0';
+}
+
+/* The answer to the request taken: this keeper's pid and a pidfd of it. */
+static void
+answer_worker(int sock, int self_fd)
+{
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    int32_t answer = (int32_t)getpid();
+    struct msghdr m;
+    struct iovec iov;
+    struct cmsghdr *c;
+
     memset(&m, 0, sizeof m);
     iov.iov_base = &answer;
     iov.iov_len = sizeof answer;
     m.msg_iov = &iov;
     m.msg_iovlen = 1;
-    if (self_fd >= 0) {
-        memset(&control, 0, sizeof control);
-        m.msg_control = control.buf;
-        m.msg_controllen = CMSG_SPACE(sizeof(int));
-        c = CMSG_FIRSTHDR(&m);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &self_fd, sizeof(int));
-    }
+    memset(&control, 0, sizeof control);
+    m.msg_control = control.buf;
+    m.msg_controllen = sizeof control.buf;
+    c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &self_fd, sizeof(int));
     /* The worker may be gone already: the request is kept all the same, and
        the worker's next run finds the job again (its record). */
     while (sendmsg(sock, &m, MSG_NOSIGNAL) < 0 && errno == EINTR)
         ;
-    close(sock);
-    if (self_fd < 0) {
-        /* A keeper the worker cannot watch must not run on unseen: it has
-           not reported the job's start yet, and the worker gives it up. */
-        tell_took();
-        _exit(1);
-    }
-    close(self_fd);
-    serve_one(request, (size_t)n, got, ngot);
 }
 
-/* Whether the spare wrote on ``took_r`` that it took a request. */
-static int
-taken(int took_r)
+/* Every descriptor above 2 closed but those in ``keep`` (n of them). */
+static void
+close_all_but(const int *keep, int n)
 {
-    char bytes[16];
-    ssize_t n;
-    int any = 0;
+    unsigned int from = 3;
+    int i, lowest;
 
-    while ((n = read(took_r, bytes, sizeof bytes)) > 0)
-        any = 1;
-    return any;
+    for (;;) {
+        lowest = -1;
+        for (i = 0; i < n; i++)
+            if (keep[i] >= (int)from && (lowest < 0 || keep[i] < lowest))
+                lowest = keep[i];
+        if (lowest < 0)
+            break;
+        if ((unsigned int)lowest > from)
+            (void)syscall(SYS_close_range, from, (unsigned int)lowest - 1, 0);
+        from = (unsigned int)lowest + 1;
+    }
+    (void)syscall(SYS_close_range, from, ~0U, 0);
+}
+
+static void __attribute__((noreturn))
+spare(int sock, int took, pid_t server)
+{
+    static char *const title[] = {"jobgate-keeper", "--spare", NULL};
+    static char *const none[] = {NULL};
+    int got[SERVE_MAX_FDS], ngot = 0, self_fd, self_err, status, round;
+    sigset_t all;
+    ssize_t n;
+
+    sigemptyset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    if (setsid() < 0)
+        say("setsid: %s", strerror(errno));
+    own_start = own_start_time();
+    self_fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+    self_err = self_fd < 0 ? errno : 0;
+    took_fd = took;
+    atexit(tell_took);
+    for (round = 0;; round++) {
+        int keep[] = {sock, took_fd, jobs_fd, self_fd};
+
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != server)
+            _exit(1); /* the server is gone already, or cannot be followed */
+        /* Shown by ps while it waits; the pages the request's arguments and
+           environment go to (retitle()) are copied from the server's now
+           rather than at the request. */
+        (void)retitle(argv_room, argv_room_size, title);
+        (void)retitle(env_room, env_room_size, none);
+        if (round > 0)
+            tell_server(NEWS_BACK);
+        n = next_request(sock, round > 0 ? idle_ms : -1, got, &ngot);
+        if (n == 0) {
+            tell_server(NEWS_LEFT);
+            _exit(0);
+        }
+        if (n < 0)
+            _exit(SPARE_UNUSED);
+        /* Taken: from here on it outlives the server, and the server forks
+           another spare if none waits. A server that died meanwhile (its
+           SIGKILL for this spare may not have landed yet) starts nothing
+           more: the request is dropped unanswered, and the worker starts
+           the job without it. */
+        prctl(PR_SET_PDEATHSIG, 0);
+        if (getppid() != server)
+            _exit(1);
+        took_told = 0;
+        if (self_fd < 0) {
+            /* A keeper the worker cannot watch must not run on unseen: it
+               has not reported the job's start yet, and the worker gives it
+               up. */
+            int32_t cannot = -self_err;
+
+            (void)!send(sock, &cannot, sizeof cannot, MSG_NOSIGNAL);
+            tell_took();
+            _exit(1);
+        }
+        answer_worker(sock, self_fd);
+        status = serve_one(request, (size_t)n, got, ngot);
+        if (!told_worker || idle_ms == 0)
+            exit(status);
+        told_worker = 0;
+        close_all_but(keep, (int)(sizeof keep / sizeof keep[0]));
+    }
+}
+
+/* The served keepers waiting for a request, back from a job (NEWS_BACK). */
+#define IDLE_MAX 4096
+static pid_t idle[IDLE_MAX];
+static int n_idle;
+
+/* Whether ``pid`` was waiting; it is not any more. */
+static int
+not_idle(pid_t pid)
+{
+    int i;
+
+    for (i = 0; i < n_idle; i++) {
+        if (idle[i] == pid) {
+            idle[i] = idle[--n_idle];
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* What the served keepers told (struct news) since the last read. */
+static void
+read_news(int took_r, pid_t *spare_pid)
+{
+    struct news n;
+
+    while (read(took_r, &n, sizeof n) == (ssize_t)sizeof n) {
+        if (n.what == NEWS_BACK) {
+            if (n_idle < IDLE_MAX)
+                idle[n_idle++] = n.pid;
+        } else if (n.pid == *spare_pid) {
+            *spare_pid = -1; /* NEWS_TOOK */
+        } else {
+            (void)not_idle(n.pid);
+        }
+    }
 }
 
 static int
@@ -1067,7 +1201,7 @@ serve(int sock)
         say("signalfd: %s", strerror(errno));
         return 1;
     }
-    /* Spares write a byte here once they have taken a request. */
+    /* The served keepers' news (struct news). */
     if (pipe2(took, O_CLOEXEC | O_NONBLOCK) < 0) {
         say("pipe: %s", strerror(errno));
         return 1;
@@ -1077,7 +1211,8 @@ serve(int sock)
                                 {.fd = sig_fd, .events = POLLIN}};
         int timeout = -1;
 
-        if (spare_pid < 0) {
+        /* Always one keeper waiting: a spare, or one back from its job. */
+        if (spare_pid < 0 && n_idle == 0) {
             spare_pid = fork();
             if (spare_pid == 0) {
                 close(sig_fd);
@@ -1096,8 +1231,7 @@ serve(int sock)
                 usleep(10 * 1000);
             continue;
         }
-        if (taken(took[0]))
-            spare_pid = -1;
+        read_news(took[0], &spare_pid);
         if (fds[1].revents) {
             struct signalfd_siginfo info;
             pid_t pid;
@@ -1106,18 +1240,16 @@ serve(int sock)
             while (read(sig_fd, &info, sizeof info) > 0)
                 ;
             while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-                /* Only one spare runs at a time: a byte on took now is
-                   this one's, written before it ended. */
-                if (pid != spare_pid || taken(took[0])) {
-                    if (pid == spare_pid)
-                        spare_pid = -1;
-                    continue;
-                }
-                spare_pid = -1;
+                /* What it told before it ended is in the pipe already. */
+                read_news(took[0], &spare_pid);
+                if (pid == spare_pid)
+                    spare_pid = -1;
+                else if (!not_idle(pid))
+                    continue; /* a keeper whose job is over, or that left */
                 if (WIFEXITED(status) && WEXITSTATUS(status) == SPARE_UNUSED)
                     goto done; /* the worker's end is closed */
-                /* Killed (out of memory, say): fork another, but do not
-                   spin if every spare dies at once. */
+                /* Killed while it waited (out of memory, say): fork another
+                   if none waits, but do not spin if every one dies at once. */
                 say("a spare keeper ended before it took a request (status %d)", status);
                 if (now_ms() - failed_at > 1000)
                     failed = 0;
@@ -1139,17 +1271,23 @@ int
 main(int argc, char **argv)
 {
     if (argc >= 3 && strcmp(argv[1], "--serve") == 0) {
-        /* --serve FD [--jobs-dir FD] [ROOM]: ROOM, any text, makes argv's
-           span longer, for the forked keepers' arguments; the environment's
-           span is theirs too. */
+        /* --serve FD [--jobs-dir FD] [--idle-ms MS] [ROOM]: ROOM, any text,
+           makes argv's span longer, for the forked keepers' arguments; the
+           environment's span is theirs too. */
         int sock = descriptor(argv[1], argv[2]), rest = 3;
 
-        if (argc >= 5 && strcmp(argv[3], "--jobs-dir") == 0) {
-            jobs_fd = descriptor(argv[3], argv[4]);
-            rest = 5;
+        while (rest + 1 < argc && strncmp(argv[rest], "--", 2) == 0) {
+            if (strcmp(argv[rest], "--jobs-dir") == 0)
+                jobs_fd = descriptor(argv[rest], argv[rest + 1]);
+            else if (strcmp(argv[rest], "--idle-ms") == 0)
+                idle_ms = (int)number(argv[rest], argv[rest + 1], 3600LL * 1000);
+            else
+                usage("unknown option", argv[rest]);
+            rest += 2;
         }
         if (argc > rest + 1)
-            usage("--serve takes a descriptor, --jobs-dir and at most a room", NULL);
+            usage("--serve takes a descriptor, --jobs-dir, --idle-ms and at most a room",
+                  NULL);
         argv_room = argv[0];
         argv_room_size = span(argv);
         if (environ != NULL && environ[0] != NULL) {

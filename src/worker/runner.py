@@ -135,6 +135,7 @@ class JobRunner:
                 # Started now rather than by the first job; its keepers make
                 # the jobs' directories when the jobs need them.
                 self.ops.jobs_dir = str(self.jobs_dir)
+                self.ops.keeper_idle_s = cfg.keeper_idle_s
                 self.ops.keeper_server()
             self.spawner = Spawner(
                 cfg,

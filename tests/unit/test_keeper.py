@@ -1151,28 +1151,105 @@ def channel_job(
     return kept
 
 
+def told_and_answered(kept: through_keeper.Kept) -> through_keeper.KeeperExit:
+    """The job's end as its keeper sends it on the channel, answered."""
+    ready, _, _ = select.select([kept.channel], [], [], 10)
+    assert ready, "the end never came"
+    ended = through_keeper.parse_exit(os.read(kept.channel, 4096))
+    # It waits for the answer: a later run of the worker would need it.
+    assert alive(kept.keeper_pid)
+    os.write(kept.channel, b"k")
+    os.close(kept.channel)
+    os.close(kept.pidfd)
+    return ended
+
+
 def test_the_end_told_on_the_channel_and_taken_leaves_no_exit_file(tmp_path):
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     served = through_keeper.KeeperServer(jobs_dir=str(jobs))
     try:
         kept = channel_job(served, jobs, "quiet", ["/bin/sh", "-c", "exit 4"])
-        select.select([kept.channel], [], [], 10)
-        ended = through_keeper.parse_exit(os.read(kept.channel, 4096))
+        ended = told_and_answered(kept)
         assert (ended.returncode, ended.output_bytes) == (4, 0)
-        # It waits for the answer: a later run of the worker would need it.
-        assert alive(kept.keeper_pid)
-        os.write(kept.channel, b"k")
-        ended_by_pidfd(kept)
-        os.close(kept.channel)
+        # Answered, the keeper waits for another job instead of exiting; the
+        # server forked no spare for it.
+        # It, and the spare forked at its start:
+        wait_until(lambda: len(spares(served)) == 2, what="the keepers waiting")
+        assert kept.keeper_pid in spares(served)
         assert os.listdir(jobs) == []  # no directory, no exit file: no inode
+        first = kept.keeper_pid
         kept = channel_job(served, jobs, "loud", ["/bin/echo", "hi"])
-        select.select([kept.channel], [], [], 10)
-        assert through_keeper.parse_exit(os.read(kept.channel, 4096)).output_bytes == 3
-        os.write(kept.channel, b"k")
-        ended_by_pidfd(kept)
-        os.close(kept.channel)
+        assert told_and_answered(kept).output_bytes == 3
         assert os.listdir(jobs / "loud") == ["output"]
+        # The next starts go to the keepers waiting: no keeper is forked.
+        wait_until(lambda: len(spares(served)) == 2, what="the keepers' return")
+        kept = channel_job(served, jobs, "again", ["/bin/sh", "-c", "exit 0"])
+        assert told_and_answered(kept).returncode == 0
+        wait_until(lambda: len(spares(served)) == 2, what="the keepers' return")
+        assert first in spares(served)
+    finally:
+        served.close()
+
+
+def test_a_keeper_back_from_its_job_waits_only_so_long(tmp_path):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    served = through_keeper.KeeperServer(jobs_dir=str(jobs), idle_s=2.0)
+    try:
+        kept = channel_job(served, jobs, "one", ["/bin/true"])
+        told_and_answered(kept)
+        wait_until(lambda: kept.keeper_pid in spares(served), what="its return")
+        # Nothing to keep: it leaves, and the spare forked at its start stays.
+        wait_until(lambda: not alive(kept.keeper_pid), what="its leaving")
+        wait_until(lambda: len(spares(served)) == 1, what="the spare alone")
+        kept = channel_job(served, jobs, "two", ["/bin/sh", "-c", "exit 3"])
+        assert told_and_answered(kept).returncode == 3
+    finally:
+        served.close()
+    # With no wait at all, a keeper exits with its job, as it did before.
+    served = through_keeper.KeeperServer(jobs_dir=str(jobs), idle_s=0)
+    try:
+        kept = channel_job(served, jobs, "three", ["/bin/true"])
+        pid = kept.keeper_pid
+        told_and_answered(kept)
+        wait_until(lambda: not alive(pid), what="the keeper's end")
+    finally:
+        served.close()
+
+
+def test_a_keeper_back_from_its_job_holds_nothing_of_it(tmp_path):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    served = through_keeper.KeeperServer(jobs_dir=str(jobs))
+    lock = tmp_path / "lock"
+    lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    try:
+        kept = served_job(
+            served,
+            jobs / "job",
+            ["/bin/echo", "hi"],
+            make_dir=os.mkdir,
+            channel=True,
+            hold_fds=(lock_fd,),
+        )
+        os.close(lock_fd)  # the keeper holds the lock now
+        told_and_answered(kept)
+        wait_until(lambda: kept.keeper_pid in spares(served), what="its return")
+        # The lock of the job's user id went with the job, and so did every
+        # other descriptor of it: the output file and its directory.
+        other = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+        held = {
+            os.readlink(f"/proc/{kept.keeper_pid}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{kept.keeper_pid}/fd")
+        }
+        assert str(lock) not in held
+        assert not any(path.startswith(str(jobs / "job")) for path in held), held
     finally:
         served.close()
 

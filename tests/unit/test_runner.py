@@ -71,6 +71,9 @@ SCRIPTS = {
     "gated.sh": 'for ((i = 1; i <= ${2:-1}; i++)); do echo "before $i"; done\n'
     'read -r word < "$1"\n'
     'for ((i = 1; i <= ${2:-1}; i++)); do echo "after $i $word"; done\n',
+    # late.sh FIFO: nothing until a word comes on FIFO, then one line, then
+    # it waits for another word.
+    "late.sh": 'read -r word < "$1"\necho "late $word"\nread -r word < "$1"\n',
     # A child that ignores SIGTERM and one that does not, then waits.
     "tree.sh": 'sleep 30 &\necho "child $!"\n'
     'bash -c \'trap "" TERM; echo "stubborn $$"; exec sleep 30\' &\nwait\n',
@@ -316,11 +319,18 @@ def test_a_job_without_output_leaves_no_directory(make_runner):
     assert sorted(p.name for p in runner.jobs_dir.iterdir()) == ["records.jsonl"]
 
 
-def keeper_gone(runner: JobRunner, job_id: str) -> None:
-    """Wait for the end of the job's keeper (its server reaps it)."""
+def keeper_done(runner: JobRunner, job_id: str) -> None:
+    """Wait until the job's keeper is done with it: ended (its server reaps
+    it), or waiting for another job (``--spare`` again)."""
     pid = runner._job(job_id).proc.keeper_pid
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists():
+    while True:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            return
+        if cmdline.rstrip(b"\0") == b"jobgate-keeper\0--spare":
+            return
         assert time.monotonic() < deadline, "the keeper did not end"
         time.sleep(0.01)
 
@@ -332,7 +342,7 @@ def test_a_kept_job_leaves_its_output_in_its_directory(make_runner):
     assert runner.ops.kept, keeper_available()
     record, output = run(runner, "mixed.sh", "4")
     assert record.exit_code == 4
-    keeper_gone(runner, record.job_id)
+    keeper_done(runner, record.job_id)
     # Its end came on the keeper's channel and is recorded: no exit file.
     directory = runner.jobs_dir / record.job_id
     assert sorted(p.name for p in directory.iterdir()) == ["output.data"]
@@ -350,7 +360,7 @@ def test_a_kept_job_without_output_leaves_nothing_on_disk_but_its_record(
     record, output = run(runner, "hello.sh")  # no args: prints nothing
     assert output == b""
     assert (record.state, record.output_bytes) == (JobState.SUCCEEDED, 0)
-    keeper_gone(runner, record.job_id)
+    keeper_done(runner, record.job_id)
     assert not (runner.jobs_dir / record.job_id).exists()
     assert list(runner.read_output(record.job_id)) == []
 
@@ -369,7 +379,7 @@ def test_a_kept_jobs_end_the_worker_could_not_record_goes_to_its_exit_file(
     monkeypatch.setattr(runner._records, "write", full_at_the_end)
     record, _ = run(runner, "hello.sh")
     assert record.exit_code == 0
-    keeper_gone(runner, record.job_id)
+    keeper_done(runner, record.job_id)
     # Unanswered, the keeper wrote the end down itself, for a later run.
     ended = read_exit(str(runner.jobs_dir / record.job_id))
     assert ended is not None and ended.returncode == 0
@@ -723,6 +733,33 @@ def test_follow_ends_when_the_job_ends(make_runner, fifos):
     assert not follower.is_alive(), "follow did not return after the job ended"
     assert result["data"] == b"before 1\nafter 1 go\n"
     assert runner.get(record.job_id).state is JobState.SUCCEEDED
+
+
+def test_a_follower_of_a_quiet_job_hears_its_first_byte(make_runner, fifos):
+    # A kept job's directory is made with its first byte: until then the
+    # worker hears of it through the jobs' directory.
+    runner = make_runner()
+    gate = fifos()
+    record, _ = runner.start("bash", "late.sh", [str(gate)])
+    assert not (runner.jobs_dir / record.job_id).exists()
+    got = threading.Event()
+
+    def first_chunk() -> None:
+        for _, data, _ in runner.read_output(record.job_id, follow=True):
+            if data:
+                got.set()
+                return
+
+    follower = threading.Thread(target=first_chunk)
+    follower.start()
+    time.sleep(0.2)  # the follower waits on the job's condition by now
+    release(gate)
+    # It runs on: only the making of its directory can have told.
+    assert got.wait(10), "the follower never heard of the output"
+    follower.join(10)
+    assert runner.get(record.job_id).state is JobState.RUNNING
+    release(gate)
+    assert follow(runner, record.job_id) == b"late go\n"
 
 
 def test_read_without_follow_returns_what_exists_of_a_running_job(make_runner, fifos):
