@@ -1110,12 +1110,21 @@ def spare_pid(server: through_keeper.KeeperServer, *but: int) -> int:
     return pid
 
 
-def test_a_spare_takes_the_start_and_makes_the_directory_only_when_needed(tmp_path):
+@contextlib.contextmanager
+def serving(tmp_path: Path, **kw) -> Iterator[tuple[Path, through_keeper.KeeperServer]]:
+    """A keeper server whose keepers make jobs' directories in ``jobs``."""
     jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    served = through_keeper.KeeperServer(jobs_dir=str(jobs))
-    made_here: list[str] = []
+    jobs.mkdir(exist_ok=True)
+    served = through_keeper.KeeperServer(jobs_dir=str(jobs), **kw)
     try:
+        yield jobs, served
+    finally:
+        served.close()
+
+
+def test_a_spare_takes_the_start_and_makes_the_directory_only_when_needed(tmp_path):
+    made_here: list[str] = []
+    with serving(tmp_path) as (jobs, served):
         first = spare_pid(served)
         assert os.listdir(jobs) == []  # a spare makes nothing ahead
         fifo = tmp_path / "fifo"
@@ -1138,8 +1147,6 @@ def test_a_spare_takes_the_start_and_makes_the_directory_only_when_needed(tmp_pa
         )
         ended_by_pidfd(kept)
         assert os.listdir(jobs / "job-2") == ["exit"]
-    finally:
-        served.close()
     assert sorted(os.listdir(jobs)) == ["job-1", "job-2"]
 
 
@@ -1165,16 +1172,12 @@ def told_and_answered(kept: through_keeper.Kept) -> through_keeper.KeeperExit:
 
 
 def test_the_end_told_on_the_channel_and_taken_leaves_no_exit_file(tmp_path):
-    jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    served = through_keeper.KeeperServer(jobs_dir=str(jobs))
-    try:
+    with serving(tmp_path) as (jobs, served):
         kept = channel_job(served, jobs, "quiet", ["/bin/sh", "-c", "exit 4"])
         ended = told_and_answered(kept)
         assert (ended.returncode, ended.output_bytes) == (4, 0)
-        # Answered, the keeper waits for another job instead of exiting; the
-        # server forked no spare for it.
-        # It, and the spare forked at its start:
+        # Answered, the keeper waits for another job instead of exiting,
+        # beside the spare forked at its start:
         wait_until(lambda: len(spares(served)) == 2, what="the keepers waiting")
         assert kept.keeper_pid in spares(served)
         assert os.listdir(jobs) == []  # no directory, no exit file: no inode
@@ -1188,15 +1191,10 @@ def test_the_end_told_on_the_channel_and_taken_leaves_no_exit_file(tmp_path):
         assert told_and_answered(kept).returncode == 0
         wait_until(lambda: len(spares(served)) == 2, what="the keepers' return")
         assert first in spares(served)
-    finally:
-        served.close()
 
 
 def test_a_keeper_back_from_its_job_waits_only_so_long(tmp_path):
-    jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    served = through_keeper.KeeperServer(jobs_dir=str(jobs), idle_s=2.0)
-    try:
+    with serving(tmp_path, idle_s=2.0) as (jobs, served):
         kept = channel_job(served, jobs, "one", ["/bin/true"])
         told_and_answered(kept)
         wait_until(lambda: kept.keeper_pid in spares(served), what="its return")
@@ -1205,27 +1203,19 @@ def test_a_keeper_back_from_its_job_waits_only_so_long(tmp_path):
         wait_until(lambda: len(spares(served)) == 1, what="the spare alone")
         kept = channel_job(served, jobs, "two", ["/bin/sh", "-c", "exit 3"])
         assert told_and_answered(kept).returncode == 3
-    finally:
-        served.close()
     # With no wait at all, a keeper exits with its job, as it did before.
-    served = through_keeper.KeeperServer(jobs_dir=str(jobs), idle_s=0)
-    try:
+    with serving(tmp_path, idle_s=0) as (jobs, served):
         kept = channel_job(served, jobs, "three", ["/bin/true"])
         pid = kept.keeper_pid
         told_and_answered(kept)
         wait_until(lambda: not alive(pid), what="the keeper's end")
-    finally:
-        served.close()
 
 
 def test_a_keeper_back_from_its_job_holds_nothing_of_it(tmp_path):
-    jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    served = through_keeper.KeeperServer(jobs_dir=str(jobs))
     lock = tmp_path / "lock"
     lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_EX)
-    try:
+    with serving(tmp_path) as (jobs, served):
         kept = served_job(
             served,
             jobs / "job",
@@ -1250,15 +1240,10 @@ def test_a_keeper_back_from_its_job_holds_nothing_of_it(tmp_path):
         }
         assert str(lock) not in held
         assert not any(path.startswith(str(jobs / "job")) for path in held), held
-    finally:
-        served.close()
 
 
 def test_an_end_nobody_takes_from_the_channel_goes_to_the_exit_file(tmp_path):
-    jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    served = through_keeper.KeeperServer(jobs_dir=str(jobs))
-    try:
+    with serving(tmp_path) as (jobs, served):
         # The worker went (a restart) while the job ran.
         kept = channel_job(served, jobs, "left", ["/bin/sh", "-c", "sleep 0.2; exit 5"])
         os.close(kept.channel)
@@ -1271,8 +1256,6 @@ def test_an_end_nobody_takes_from_the_channel_goes_to_the_exit_file(tmp_path):
         os.close(kept.channel)
         ended_by_pidfd(kept)
         assert through_keeper.read_exit(str(jobs / "unanswered")).returncode == 6
-    finally:
-        served.close()
 
 
 def test_a_directory_elsewhere_is_made_by_the_caller(tmp_path, server):
@@ -1292,10 +1275,7 @@ def test_a_directory_elsewhere_is_made_by_the_caller(tmp_path, server):
 def test_a_killed_spare_is_replaced_and_a_killed_server_takes_its_spare_along(
     tmp_path,
 ):
-    jobs = tmp_path / "jobs"
-    jobs.mkdir()
-    served = through_keeper.KeeperServer(jobs_dir=str(jobs))
-    try:
+    with serving(tmp_path) as (jobs, served):
         first = spare_pid(served)
         os.kill(first, signal.SIGKILL)  # out of memory, say
         spare_pid(served, first)  # its successor
@@ -1309,5 +1289,3 @@ def test_a_killed_spare_is_replaced_and_a_killed_server_takes_its_spare_along(
         # The spare dies with its server (it has no job yet): nothing takes
         # a start any more.
         wait_until(lambda: not alive(waiting), what="the spare's end")
-    finally:
-        served.close()
