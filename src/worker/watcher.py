@@ -173,19 +173,13 @@ class Watcher:
             self._inotify = linux.Inotify()
             self.reactor.add_reader(self._inotify.fd, self._on_growth)
         directory = job.output.directory
+        if self._made_wd is None:  # first: a making after it is heard of
+            self._made_wd = self._inotify.watch(str(directory.parent), linux.IN_CREATE)
         try:
             job.watch = self._inotify.watch(str(directory))
         except FileNotFoundError:
-            if self._made_wd is None:
-                self._made_wd = self._inotify.watch(
-                    str(directory.parent), linux.IN_CREATE
-                )
-            self._awaiting[directory.name] = job
-            try:  # made before the jobs' directory was watched?
-                job.watch = self._inotify.watch(str(directory))
-            except FileNotFoundError:
-                return  # its IN_CREATE will tell
-            del self._awaiting[directory.name]
+            self._awaiting[directory.name] = job  # its IN_CREATE will tell
+            return
         self._watches[job.watch] = job
         self._grown(job)  # what it wrote before the watch began
 
