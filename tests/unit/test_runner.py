@@ -71,9 +71,9 @@ SCRIPTS = {
     "gated.sh": 'for ((i = 1; i <= ${2:-1}; i++)); do echo "before $i"; done\n'
     'read -r word < "$1"\n'
     'for ((i = 1; i <= ${2:-1}; i++)); do echo "after $i $word"; done\n',
-    # late.sh FIFO: nothing until a word comes on FIFO, then one line, then
-    # it waits for another word.
-    "late.sh": 'read -r word < "$1"\necho "late $word"\nread -r word < "$1"\n',
+    # late.sh FIFO FIFO2: nothing until a word comes on FIFO, then one line,
+    # then it waits for a word on FIFO2.
+    "late.sh": 'read -r word < "$1"\necho "late $word"\nread -r word < "$2"\n',
     # A child that ignores SIGTERM and one that does not, then waits.
     "tree.sh": 'sleep 30 &\necho "child $!"\n'
     'bash -c \'trap "" TERM; echo "stubborn $$"; exec sleep 30\' &\nwait\n',
@@ -739,8 +739,8 @@ def test_a_follower_of_a_quiet_job_hears_its_first_byte(make_runner, fifos):
     # A kept job's directory is made with its first byte: until then the
     # worker hears of it through the jobs' directory.
     runner = make_runner()
-    gate = fifos()
-    record, _ = runner.start("bash", "late.sh", [str(gate)])
+    gate, end = fifos(), fifos()
+    record, _ = runner.start("bash", "late.sh", [str(gate), str(end)])
     assert not (runner.jobs_dir / record.job_id).exists()
     got = threading.Event()
 
@@ -758,8 +758,9 @@ def test_a_follower_of_a_quiet_job_hears_its_first_byte(make_runner, fifos):
     assert got.wait(10), "the follower never heard of the output"
     follower.join(10)
     assert runner.get(record.job_id).state is JobState.RUNNING
-    release(gate)
+    release(end)
     assert follow(runner, record.job_id) == b"late go\n"
+    assert runner.get(record.job_id).state is JobState.SUCCEEDED
 
 
 def test_read_without_follow_returns_what_exists_of_a_running_job(make_runner, fifos):
