@@ -126,8 +126,11 @@ def test_slow_and_idle_clients_starve_nobody(front):
             s.close()
 
 
-def test_connections_over_the_cap_are_refused_at_once_with_json(front):
+def over_the_cap(front) -> tuple[int, str, float]:
+    """Hold more connections than both processes take, then send 20 starts;
+    how many were refused, their idempotency key, and the seconds it took."""
     held = []
+    opened = time.monotonic()
     try:
         # Enough for both processes, whichever takes which connection.
         for _ in range(2 * MAX_CONNECTIONS + 50):
@@ -153,10 +156,21 @@ def test_connections_over_the_cap_are_refused_at_once_with_json(front):
                 refused += 1
                 assert headers["retry-after"].isdigit()
                 assert "[http].max_connections" in json.loads(data)["description"]
-        assert refused > 0
+        return refused, key, time.monotonic() - opened
     finally:
         for s in held:
             s.close()
+
+
+def test_connections_over_the_cap_are_refused_at_once_with_json(front):
+    for _ in range(3):
+        refused, key, took = over_the_cap(front)
+        # The held connections are idle, and the server closes them once
+        # their request deadline passes: on a machine slow enough to take
+        # longer than that, nothing was over the cap any more. Again, then.
+        if refused or took < REQUEST_TIMEOUT_S:
+            break
+    assert refused > 0
     # None of the refused starts ran.
     time.sleep(0.5)
     _, _, data = Api(front).get("/v1/workers/worker-1/jobs")
